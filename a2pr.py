@@ -1,0 +1,1087 @@
+"""A2PR: Adaptive Advantage-guided Policy Regularization for offline RL, in one file.
+
+A2PR (Liu et al., ICML 2024, arXiv 2405.19909) is TD3+BC with a smarter behaviour-cloning term. An
+advantage-weighted VAE learns to generate the dataset's *better* actions; for every state the actor is pulled
+towards whichever of {dataset action, VAE action} has the larger advantage Q(s,a) - V(s), and only in states where
+that advantage is positive (the adaptive gate). On low-quality data this keeps TD3+BC's safety where the data is
+good and frees the policy where it is not. Algorithm contract: A2PR_SPEC.md (its numbered steps are cited as
+"spec 1..4" below). Default behaviour follows the released implementation, which produced the paper's numbers.
+
+    python a2pr.py                                   # built-in Pendulum dataset, CPU, a few minutes
+    python a2pr.py --env hopper-medium-v2 --cuda     # D4RL data and the published per-task preset
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import dataclasses
+import difflib
+import json
+import math
+import os
+import signal
+import sys
+import tempfile
+import time
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Arguments
+# ----------------------------------------------------------------------------------------------------------------
+def _arg(default, help: str, **meta):
+    """A dataclass field whose metadata is its --help line (CleanRL keeps help in docstrings; we need no tyro)."""
+    return field(default=default, metadata={"help": help, **meta})
+
+
+@dataclass
+class Args:
+    # --- experiment ---
+    env: str = _arg("pendulum-mostly-random-v0", "dataset name (see README: built-in pendulum-*, D4RL names)")
+    seed: int = _arg(0, "seed of the agent (weights, batches, noise); the dataset has its own --dataset-seed")
+    num_seeds: int = _arg(1, "train K independent agents (seeds seed..seed+K-1) as one batched computation")
+    cuda: bool = _arg(False, "train on the GPU; stops at once if none is visible")
+    preset: str = _arg("auto", "hyperparameter preset: auto (by --env), spec, pendulum-cpu or a D4RL dataset name")
+    total_steps: int | None = _arg(None, "gradient steps (spec: 1,000,000)")
+    # --- data ---
+    dataset_seed: int = _arg(0, "seed that generates a built-in dataset (same data for every agent seed)")
+    data_dir: str | None = _arg(None, "where built-in datasets are cached (default $A2PR_DATA_DIR or ~/.cache/a2pr)")
+    normalize_states: bool = _arg(True, "normalise states with the dataset's mean and std + 1e-3 (spec)",
+                                  negatable=True)
+    reward_scale: float = _arg(1.0, "r' = reward_scale * r + reward_shift (off by default; for sparse tasks)")
+    reward_shift: float = _arg(0.0, "see --reward-scale")
+    # --- algorithm (spec step numbers in brackets) ---
+    batch_size: int | None = _arg(None, "transitions per gradient step (spec: 256)")
+    discount: float | None = _arg(None, "gamma, the discount [1,2] (spec: 0.99; presets may say 0.995)")
+    tau: float = _arg(0.005, "tau, soft target-update rate [4]")
+    alpha: float | None = _arg(None, "alpha, weight of Q in the actor loss: lambda = alpha / mean|Q| [4] (2.5)")
+    bc_weight: float | None = _arg(None, "weight of the behaviour constraint when the gate is on [4] (1.0)",
+                                   aliases=("--mask",))
+    vae_weight: float | None = _arg(None, "weight of reconstruction on positive-advantage samples [3] (1.0)")
+    eps_a: float = _arg(0.0, "epsilon_A, advantage threshold of the adaptive gate [4]")
+    policy_freq: int = _arg(2, "actor and target update every this many steps [4]")
+    policy_noise: float = _arg(0.2, "sigma of the target-policy smoothing noise, times max action [1]")
+    noise_clip: float = _arg(0.5, "clip of the smoothing noise, times max action [1]")
+    actor_lr: float = _arg(3e-4, "Adam learning rate of the actor")
+    critic_lr: float = _arg(3e-4, "Adam learning rate of the twin critics")
+    value_lr: float = _arg(3e-4, "Adam learning rate of V")
+    vae_lr: float = _arg(1e-3, "Adam learning rate of the VAE (the released code uses Adam's default 1e-3)")
+    actor_hidden: int | None = _arg(None, "actor hidden width (spec: 256)")
+    actor_layers: int = _arg(3, "actor hidden layers")
+    critic_hidden: int | None = _arg(None, "hidden width of each critic (spec: 256)")
+    critic_layers: int = _arg(4, "hidden layers of each critic")
+    value_hidden: int | None = _arg(None, "V hidden width (spec: 256)")
+    value_layers: int = _arg(4, "V hidden layers")
+    vae_hidden: int | None = _arg(None, "VAE encoder and decoder hidden width (spec: 750)")
+    vae_layers: int = _arg(2, "hidden layers of the VAE encoder and of its decoder")
+    bc_target: str = _arg("select", "ablation: select (A2PR), data (dataset action, TD3+BC-like), vae (VAE always)",
+                          choices=("select", "data", "vae"))
+    gate: str = _arg("adaptive", "ablation: adaptive (A2PR) or always (constraint in every state)",
+                     choices=("adaptive", "always"))
+    # --- evaluation ---
+    eval_freq: int | None = _arg(None, "evaluate every this many steps (spec: 5,000)")
+    eval_episodes: int = _arg(10, "deterministic episodes per evaluation")
+    eval_obs_noise: float = _arg(0.0, "std of Gaussian noise added to evaluation observations (robustness test)")
+    # --- logging and checkpoints ---
+    save_dir: str = _arg("runs", "parent folder of run folders")
+    run_name: str | None = _arg(None, "run folder name (default: ENV__seedS__TIME)")
+    log_freq: int | None = _arg(None, "fetch metrics, print progress and write the CSV every this many steps")
+    save_freq: int | None = _arg(None, "write a checkpoint every this many steps (default: --eval-freq)")
+    resume: str | None = _arg(None, "continue the run in this folder from its checkpoint")
+    tensorboard: bool = _arg(False, "also log to TensorBoard (needs the tensorboard package)")
+    wandb: bool = _arg(False, "also log to Weights & Biases (needs the wandb package)")
+    wandb_project: str = _arg("a2pr", "wandb project name")
+    quiet: bool = _arg(False, "print only the final summary")
+
+
+# Spec defaults for the fields that presets may change (None above means "preset, else this").
+SPEC_DEFAULTS = dict(total_steps=1_000_000, batch_size=256, discount=0.99, alpha=2.5, bc_weight=1.0,
+                     vae_weight=1.0, actor_hidden=256, critic_hidden=256, value_hidden=256, vae_hidden=750,
+                     eval_freq=5000, log_freq=1000)
+
+# Published per-task settings of the released code: (alpha, vae_weight, bc_weight, discount). Spec table.
+D4RL_PRESETS = {
+    "hopper-random-v2": (2.5, 1.5, 1.5, 0.995),
+    "hopper-medium-v2": (2.5, 1.0, 0.4, 0.995),
+    "hopper-medium-replay-v2": (2.5, 1.5, 0.5, 0.99),
+    "hopper-medium-expert-v2": (2.5, 1.0, 4.0, 0.99),
+    "halfcheetah-medium-v2": (40.0, 1.0, 1.0, 0.99),
+    "halfcheetah-medium-replay-v2": (40.0, 1.5, 0.8, 0.995),
+    "halfcheetah-medium-expert-v2": (40.0, 1.0, 10.0, 0.99),
+    "walker2d-medium-v2": (2.5, 1.5, 1.0, 0.99),
+    "walker2d-medium-replay-v2": (2.5, 1.5, 1.2, 0.995),
+    "walker2d-medium-expert-v2": (2.5, 1.0, 0.8, 0.99),
+}
+PRESETS: dict[str, dict] = {
+    "spec": {},
+    # Pendulum is a 3-dim toy: narrow networks learn it in seconds, so a 2-core CPU run takes ~2-3 minutes.
+    "pendulum-cpu": dict(total_steps=15_000, batch_size=256, actor_hidden=64, critic_hidden=64, value_hidden=64,
+                         vae_hidden=128, eval_freq=1000, log_freq=500),
+    **{name: dict(alpha=p[0], vae_weight=p[1], bc_weight=p[2], discount=p[3]) for name, p in D4RL_PRESETS.items()},
+}
+
+
+class A2PRError(Exception):
+    """A problem the user can fix; the command line prints it as one line, without a traceback."""
+
+
+def auto_preset(env: str) -> str:
+    if env in D4RL_PRESETS:
+        return env
+    if env.startswith("pendulum-"):
+        return "pendulum-cpu"
+    return "spec"
+
+
+def resolve_args(args: Args) -> tuple[Args, dict[str, str]]:
+    """Fill the preset-controlled fields left as None: explicit value > preset > spec default."""
+    preset = auto_preset(args.env) if args.preset == "auto" else args.preset
+    if preset not in PRESETS:
+        close = difflib.get_close_matches(preset, PRESETS, n=3)
+        raise A2PRError(f"unknown preset '{preset}'; known: auto, {', '.join(PRESETS)}"
+                        + (f" (did you mean {', '.join(close)}?)" if close else ""))
+    out, source = dataclasses.replace(args, preset=preset), {}
+    for name, default in SPEC_DEFAULTS.items():
+        if getattr(args, name) is not None:
+            source[name] = "flag"
+        elif name in PRESETS[preset]:
+            setattr(out, name, PRESETS[preset][name])
+            source[name] = f"preset {preset}"
+        else:
+            setattr(out, name, default)
+            source[name] = "spec default"
+    if out.save_freq is None:
+        out.save_freq = out.eval_freq
+    validate_args(out)
+    return out, source
+
+
+def validate_args(a: Args) -> None:
+    """One clear line per mistake, before any work is done."""
+    positive = ["total_steps", "batch_size", "num_seeds", "policy_freq", "actor_hidden", "actor_layers",
+                "critic_hidden", "critic_layers", "value_hidden", "value_layers", "vae_hidden", "vae_layers",
+                "eval_freq", "eval_episodes", "log_freq", "save_freq"]
+    for name in positive:
+        v = getattr(a, name)
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            raise A2PRError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
+    for name in ["actor_lr", "critic_lr", "value_lr", "vae_lr", "alpha"]:
+        v = getattr(a, name)
+        if not (math.isfinite(v) and v > 0):
+            raise A2PRError(f"--{name.replace('_', '-')} must be a positive number, got {v!r}")
+    for name in ["bc_weight", "vae_weight", "policy_noise", "noise_clip", "eval_obs_noise"]:
+        v = getattr(a, name)
+        if not (math.isfinite(v) and v >= 0):
+            raise A2PRError(f"--{name.replace('_', '-')} must be a number >= 0, got {v!r}")
+    if not (0.0 <= a.discount < 1.0):
+        raise A2PRError(f"--discount must be in [0, 1), got {a.discount!r}")
+    if not (0.0 < a.tau <= 1.0):
+        raise A2PRError(f"--tau must be in (0, 1], got {a.tau!r}")
+    if not math.isfinite(a.eps_a):
+        raise A2PRError(f"--eps-a must be a finite number, got {a.eps_a!r}")
+    if a.bc_target not in ("select", "data", "vae"):
+        raise A2PRError(f"--bc-target must be select, data or vae, got {a.bc_target!r}")
+    if a.gate not in ("adaptive", "always"):
+        raise A2PRError(f"--gate must be adaptive or always, got {a.gate!r}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data: registry, built-in datasets, D4RL-layout HDF5 reader, normalisation, device-resident sampler
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class Dataset:
+    """Transitions in D4RL's Q-learning convention plus what evaluation needs to read a score."""
+    name: str
+    env_id: str                      # gymnasium id used for evaluation
+    observations: np.ndarray         # (N, obs_dim) float32
+    actions: np.ndarray              # (N, act_dim) float32, in the env's own units
+    rewards: np.ndarray              # (N,) float32
+    next_observations: np.ndarray    # (N, obs_dim) float32
+    terminals: np.ndarray            # (N,) float32, 1 only on a true terminal (never on a time-out)
+    ref_min_score: float             # return of a random policy
+    ref_max_score: float             # return of an expert policy
+    episode_returns: np.ndarray      # returns of the dataset's episodes (for the dataset's own average score)
+    action_low: np.ndarray
+    action_high: np.ndarray
+    source: str = ""                 # where the data came from, printed at start
+
+
+BUILTIN_DATASETS = {
+    # name: (fraction of expert episodes, fraction of random actions inside the other episodes)
+    "pendulum-random-v0": "uniform random torques",
+    "pendulum-medium-v0": "scripted swing-up controller that takes a random torque 70% of the time",
+    "pendulum-expert-v0": "scripted energy-pumping swing-up with a PD balancer",
+    "pendulum-mostly-random-v0": "95% random episodes + 5% expert episodes, mixed trajectory-wise",
+}
+BUILTIN_EPISODES = 200          # 200 episodes x 200 steps = 40,000 rows per built-in dataset
+BUILTIN_VERSION = 1             # bump when generation changes, so stale caches are never read
+
+
+def pendulum_expert_action(obs: np.ndarray) -> float:
+    """Energy-pumping swing-up, PD balance near the top. Pendulum-v1: theta'' = 15 sin(theta) + 3 u."""
+    cos_th, sin_th, th_dot = float(obs[0]), float(obs[1]), float(obs[2])
+    if cos_th > 0.8:  # near upright: PD on the angle; closed loop theta'' = -15 theta - 6 theta'
+        u = -(10.0 * math.atan2(sin_th, cos_th) + 2.0 * th_dot)
+    else:  # pump energy E = th_dot^2/2 + 15 cos(theta) towards the upright value 15
+        energy = 0.5 * th_dot * th_dot + 15.0 * cos_th
+        u = 2.0 * math.copysign(1.0, (15.0 - energy) * th_dot + 1e-6)
+    return float(np.clip(u, -2.0, 2.0))
+
+
+def _rollout_pendulum(policy: str, n_episodes: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Run a scripted policy on gymnasium's Pendulum-v1 and return rows in D4RL's HDF5 layout."""
+    import gymnasium as gym
+
+    env = gym.make("Pendulum-v1")
+    rows: dict[str, list] = {k: [] for k in ("observations", "actions", "rewards", "terminals", "timeouts")}
+    for _ in range(n_episodes):
+        obs, _ = env.reset(seed=int(rng.integers(2**31 - 1)))
+        done = False
+        while not done:
+            if policy == "random" or (policy == "medium" and rng.random() < 0.7):
+                u = float(rng.uniform(-2.0, 2.0))
+            else:
+                u = pendulum_expert_action(obs)
+            nxt, r, term, trunc, _ = env.step(np.array([u], dtype=np.float32))
+            for k, v in zip(rows, (obs, [u], r, term, trunc)):
+                rows[k].append(v)
+            obs, done = nxt, term or trunc
+    env.close()
+    return {k: np.asarray(v, dtype=np.float32 if k in ("observations", "actions", "rewards") else bool)
+            for k, v in rows.items()}
+
+
+def _episode_returns(rewards: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """Sum rewards per episode; an episode ends at a terminal or time-out (or at the end of the file)."""
+    cut = np.flatnonzero(ends) + 1
+    if len(cut) == 0 or cut[-1] != len(rewards):
+        cut = np.append(cut, len(rewards))
+    return np.add.reduceat(rewards.astype(np.float64), np.concatenate([[0], cut[:-1]]))
+
+
+def make_builtin_dataset(name: str, seed: int) -> tuple[dict[str, np.ndarray], dict]:
+    """Generate a built-in Pendulum dataset (rows + attributes) from a seed; no network, no training."""
+    rng = np.random.default_rng([seed, BUILTIN_VERSION])
+    kind = name.split("-")[1] if name != "pendulum-mostly-random-v0" else "mix"
+    if kind == "mix":  # trajectory-wise mix: whole episodes, 95 % random then 5 % expert
+        n_expert = BUILTIN_EPISODES // 20
+        parts = [_rollout_pendulum("random", BUILTIN_EPISODES - n_expert, rng),
+                 _rollout_pendulum("expert", n_expert, rng)]
+        rows = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    else:
+        rows = _rollout_pendulum(kind, BUILTIN_EPISODES, rng)
+    # Reference returns as D4RL defines them: a random policy and the expert, averaged over 100 episodes each.
+    ref_rng = np.random.default_rng([seed, BUILTIN_VERSION, 1])
+    ref = {}
+    for policy in ("random", "expert"):
+        r = _rollout_pendulum(policy, 100, ref_rng)
+        ref[policy] = float(_episode_returns(r["rewards"], r["timeouts"] | r["terminals"]).mean())
+    attrs = dict(env_id="Pendulum-v1", ref_min_score=ref["random"], ref_max_score=ref["expert"],
+                 generator=f"a2pr built-in v{BUILTIN_VERSION}, seed {seed}", description=BUILTIN_DATASETS[name])
+    return rows, attrs
+
+
+def write_d4rl_hdf5(path: Path, rows: dict[str, np.ndarray], attrs: dict) -> None:
+    """Write rows in D4RL's HDF5 layout atomically: a temp file in the same folder, renamed when complete."""
+    import h5py
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".part")
+    os.close(fd)
+    try:
+        with h5py.File(tmp, "w") as f:
+            for k, v in rows.items():
+                f.create_dataset(k, data=v)
+            for k, v in attrs.items():
+                f.attrs[k] = v
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+D4RL_KEYS = ("observations", "actions", "rewards", "terminals", "timeouts")
+
+
+def read_d4rl_hdf5(path: Path) -> tuple[dict[str, np.ndarray], dict]:
+    """Read a D4RL-layout HDF5 file, checking that it is complete and sane (one-line errors naming the file)."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            missing = [k for k in D4RL_KEYS if k not in f]
+            if missing:
+                raise A2PRError(f"{path}: not a D4RL dataset file, missing keys {missing}")
+            rows = {k: f[k][()] for k in D4RL_KEYS}
+            attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+    except OSError as e:
+        raise A2PRError(f"{path}: cannot read the HDF5 file ({e}); delete it and let it be made again") from None
+    n = len(rows["observations"])
+    if n == 0:
+        raise A2PRError(f"{path}: the dataset is empty")
+    if rows["observations"].ndim != 2 or rows["actions"].ndim != 2:
+        raise A2PRError(f"{path}: observations and actions must be 2-D arrays")
+    for k in D4RL_KEYS:
+        rows[k] = rows[k].reshape(n, -1) if k in ("observations", "actions") else rows[k].reshape(-1)
+        if len(rows[k]) != n:
+            raise A2PRError(f"{path}: '{k}' has {len(rows[k])} rows but observations has {n}")
+    for k in ("observations", "actions", "rewards"):
+        rows[k] = rows[k].astype(np.float32)
+        if not np.isfinite(rows[k]).all():
+            raise A2PRError(f"{path}: '{k}' contains NaN or inf values")
+    rows["terminals"] = rows["terminals"].astype(bool)
+    rows["timeouts"] = rows["timeouts"].astype(bool)
+    return rows, attrs
+
+
+def qlearning_transitions(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """D4RL's qlearning_dataset convention: next state = next row; rows cut by a time-out are dropped, not
+    marked terminal (their next state is unknown), and so is the file's last row."""
+    keep = ~rows["timeouts"][:-1]
+    idx = np.flatnonzero(keep)
+    return dict(observations=rows["observations"][idx], actions=rows["actions"][idx],
+                rewards=rows["rewards"][idx], next_observations=rows["observations"][idx + 1],
+                terminals=rows["terminals"][idx].astype(np.float32))
+
+
+def data_dir(args: Args) -> Path:
+    return Path(args.data_dir or os.environ.get("A2PR_DATA_DIR") or Path.home() / ".cache" / "a2pr")
+
+
+def unknown_dataset_error(name: str) -> A2PRError:
+    known = list(BUILTIN_DATASETS)
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.4)
+    return A2PRError(f"unknown dataset '{name}'" + (f"; closest: {', '.join(close)}" if close else "")
+                     + f"; built-in (offline): {', '.join(BUILTIN_DATASETS)}")
+
+
+def load_dataset(args: Args, log=print) -> Dataset:
+    """Resolve --env to rows in D4RL layout, then to transitions (the single path for every source)."""
+    if args.env in BUILTIN_DATASETS:
+        path = data_dir(args) / f"{args.env}-seed{args.dataset_seed}-v{BUILTIN_VERSION}.hdf5"
+        if not path.exists():
+            t0 = time.time()
+            rows, attrs = make_builtin_dataset(args.env, args.dataset_seed)
+            write_d4rl_hdf5(path, rows, attrs)
+            log(f"generated {args.env} ({len(rows['rewards']):,} rows) in {time.time() - t0:.1f}s -> {path}")
+        rows, attrs = read_d4rl_hdf5(path)
+        source = f"built-in, {path}"
+    else:
+        raise unknown_dataset_error(args.env)
+    env_id = attrs["env_id"]
+    space = eval_env_action_space(env_id)
+    tr = qlearning_transitions(rows)
+    if len(tr["rewards"]) == 0:
+        raise A2PRError(f"{path}: no usable transitions (every row is a time-out)")
+    return Dataset(name=args.env, env_id=env_id, **tr, ref_min_score=float(attrs["ref_min_score"]),
+                   ref_max_score=float(attrs["ref_max_score"]),
+                   episode_returns=_episode_returns(rows["rewards"], rows["terminals"] | rows["timeouts"]),
+                   action_low=space.low.astype(np.float32), action_high=space.high.astype(np.float32),
+                   source=source)
+
+
+def eval_env_action_space(env_id: str):
+    import gymnasium as gym
+
+    try:
+        env = gym.make(env_id)
+    except Exception as e:
+        raise A2PRError(f"cannot make the evaluation env '{env_id}' ({type(e).__name__}: {e})") from None
+    space = env.action_space
+    env.close()
+    return space
+
+
+def normalized_score(ret, ref_min: float, ref_max: float):
+    """D4RL's normalised score: 0 = random policy, 100 = expert."""
+    return 100.0 * (np.asarray(ret, dtype=np.float64) - ref_min) / (ref_max - ref_min)
+
+
+def to_unit_actions(a: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """Env bounds -> [-1, 1]. The released code scales by max_action, which is only right for symmetric bounds."""
+    return np.clip(2.0 * (a - low) / (high - low) - 1.0, -1.0, 1.0).astype(np.float32)
+
+
+def to_env_actions(a: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    return (low + 0.5 * (a + 1.0) * (high - low)).astype(np.float32)
+
+
+@dataclass
+class DeviceData:
+    """Normalised transitions resident on the training device; batches are gathered there (no host copies)."""
+    obs: torch.Tensor
+    act: torch.Tensor
+    rew: torch.Tensor
+    next_obs: torch.Tensor
+    done: torch.Tensor
+    obs_mean: np.ndarray
+    obs_std: np.ndarray
+
+    def __len__(self):
+        return self.obs.shape[0]
+
+
+def prepare_data(ds: Dataset, args: Args, device: torch.device, stats=None) -> DeviceData:
+    if stats is not None:
+        mean, std = stats
+    elif args.normalize_states:
+        mean, std = ds.observations.mean(0), ds.observations.std(0) + 1e-3  # spec: std + 1e-3
+    else:
+        mean, std = np.zeros(ds.observations.shape[1]), np.ones(ds.observations.shape[1])
+    mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+
+    def put(x):
+        return torch.as_tensor(np.ascontiguousarray(x, dtype=np.float32), device=device)
+
+    return DeviceData(obs=put((ds.observations - mean) / std),
+                      act=put(to_unit_actions(ds.actions, ds.action_low, ds.action_high)),
+                      rew=put(args.reward_scale * ds.rewards + args.reward_shift),
+                      next_obs=put((ds.next_observations - mean) / std), done=put(ds.terminals),
+                      obs_mean=mean, obs_std=std)
+
+
+def sample_batch(data: DeviceData, batch_size: int, gens: list[torch.Generator]):
+    """One batch per agent seed, each from that seed's own generator: tensors of shape (K, B, ...)."""
+    idx = torch.stack([torch.randint(len(data), (batch_size,), generator=g, device=data.obs.device)
+                       for g in gens])
+    return data.obs[idx], data.act[idx], data.rew[idx], data.next_obs[idx], data.done[idx]
+
+
+def randn(gens: list[torch.Generator], shape, device) -> torch.Tensor:
+    """Standard normal noise of shape (K, *shape), seed k drawing from its own stream."""
+    return torch.stack([torch.randn(shape, generator=g, device=device) for g in gens])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Networks. Every layer carries a leading ensemble dimension, so K seeds train as one batched computation and the
+# twin critics are one batched pair; K = 1 is the ordinary single agent.
+# ----------------------------------------------------------------------------------------------------------------
+class EnsembleLinear(nn.Module):
+    """n independent linear layers applied to inputs of shape (n, B, in): y[i] = x[i] @ W[i] + b[i]."""
+
+    def __init__(self, n: int, d_in: int, d_out: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n, d_in, d_out))
+        self.bias = nn.Parameter(torch.empty(n, 1, d_out))
+
+    def forward(self, x: torch.Tensor, members: slice = slice(None)) -> torch.Tensor:
+        return torch.baddbmm(self.bias[members], x, self.weight[members])
+
+
+def mlp(n: int, d_in: int, hidden: int, layers: int, d_out: int) -> nn.Sequential:
+    dims = [d_in] + [hidden] * layers
+    mods: list[nn.Module] = []
+    for a, b in zip(dims[:-1], dims[1:]):
+        mods += [EnsembleLinear(n, a, b), nn.ReLU()]
+    return nn.Sequential(*mods, EnsembleLinear(n, dims[-1], d_out))
+
+
+def run_mlp(net: nn.Sequential, x: torch.Tensor, members: slice = slice(None)) -> torch.Tensor:
+    for m in net:
+        x = m(x, members) if isinstance(m, EnsembleLinear) else m(x)
+    return x
+
+
+class Actor(nn.Module):
+    """pi(s) in [-1, 1]^act_dim (the env's bounds are applied outside the networks)."""
+
+    def __init__(self, k, obs_dim, act_dim, hidden, layers):
+        super().__init__()
+        self.net = mlp(k, obs_dim, hidden, layers, act_dim)
+
+    def forward(self, s):
+        return torch.tanh(self.net(s))
+
+
+class TwinCritic(nn.Module):
+    """Q1 and Q2 as one ensemble of 2K members (seed k owns members 2k and 2k+1): one batched forward."""
+
+    def __init__(self, k, obs_dim, act_dim, hidden, layers):
+        super().__init__()
+        self.net = mlp(2 * k, obs_dim + act_dim, hidden, layers, 1)
+
+    def forward(self, s, a):
+        x = torch.cat([s, a], -1).repeat_interleave(2, dim=0)  # (2K, B, d): each seed's input to both critics
+        q = self.net(x).squeeze(-1)
+        return q[0::2], q[1::2]
+
+    def q1(self, s, a):
+        return run_mlp(self.net, torch.cat([s, a], -1), slice(0, None, 2)).squeeze(-1)
+
+
+class ValueNet(nn.Module):
+    def __init__(self, k, obs_dim, hidden, layers):
+        super().__init__()
+        self.net = mlp(k, obs_dim, hidden, layers, 1)
+
+    def forward(self, s):
+        return self.net(s).squeeze(-1)
+
+
+class VAE(nn.Module):
+    """Conditional VAE over actions (BCQ's): encoder (s,a) -> (mu, log sigma), decoder (s,z) -> action."""
+
+    def __init__(self, k, obs_dim, act_dim, hidden, layers):
+        super().__init__()
+        self.latent_dim = 2 * act_dim  # spec: latent = 2 x action dim
+        self.encoder = mlp(k, obs_dim + act_dim, hidden, layers, 2 * self.latent_dim)  # mu and log sigma heads
+        self.decoder = mlp(k, obs_dim + self.latent_dim, hidden, layers, act_dim)
+
+    def forward(self, s, a, noise):
+        mean, log_std = self.encoder(torch.cat([s, a], -1)).chunk(2, -1)
+        log_std = log_std.clamp(-4, 15)
+        z = mean + log_std.exp() * noise  # reparameterised sample: gradients reach s, a and the encoder
+        return self.decode(s, z), mean, log_std
+
+    def decode(self, s, z):
+        return torch.tanh(self.decoder(torch.cat([s, z], -1)))
+
+
+class Agent(nn.Module):
+    """All networks of K agents; target copies for the actor and critics only (spec)."""
+
+    def __init__(self, seeds: list[int], obs_dim: int, act_dim: int, a: Args):
+        super().__init__()
+        k = len(seeds)
+        self.actor = Actor(k, obs_dim, act_dim, a.actor_hidden, a.actor_layers)
+        self.critic = TwinCritic(k, obs_dim, act_dim, a.critic_hidden, a.critic_layers)
+        self.value = ValueNet(k, obs_dim, a.value_hidden, a.value_layers)
+        self.vae = VAE(k, obs_dim, act_dim, a.vae_hidden, a.vae_layers)
+        init_ensemble(self, seeds)
+        self.actor_target = copy.deepcopy(self.actor).requires_grad_(False)
+        self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
+
+
+@torch.no_grad()
+def init_ensemble(module: nn.Module, seeds: list[int]) -> None:
+    """PyTorch's nn.Linear default init, U(+-1/sqrt(fan_in)), drawn per seed from that seed's own generator, so
+    agent k of a K-seed run starts exactly like a single run with seed k."""
+    layers = [m for m in module.modules() if isinstance(m, EnsembleLinear)]
+    for k, seed in enumerate(seeds):
+        g = torch.Generator().manual_seed(seed)
+        for lin in layers:
+            per = lin.weight.shape[0] // len(seeds)
+            bound = 1.0 / math.sqrt(lin.weight.shape[1])
+            for p in (lin.weight, lin.bias):
+                p[k * per:(k + 1) * per].uniform_(-bound, bound, generator=g)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Losses: pure functions, one per spec step. Tensors carry a leading seed dimension K; each returns per-seed (K,)
+# values so that summing over K gives every seed exactly its own gradient.
+# ----------------------------------------------------------------------------------------------------------------
+def td_target(critic_target: TwinCritic, r, s2, a2, d, discount: float) -> torch.Tensor:
+    """Spec 1: y = r + gamma (1 - d) min(Q1', Q2')(s', a')."""
+    q1, q2 = critic_target(s2, a2)
+    return r + discount * (1.0 - d) * torch.min(q1, q2)
+
+
+def critic_loss(critic: TwinCritic, s, a, y) -> torch.Tensor:
+    """Spec 1: MSE(Q1(s,a), y) + MSE(Q2(s,a), y)."""
+    q1, q2 = critic(s, a)
+    return ((q1 - y) ** 2).mean(-1) + ((q2 - y) ** 2).mean(-1)
+
+
+def value_loss(v, y, y2) -> torch.Tensor:
+    """Spec 2: MSE(V(s), min(y, y2)) where y2 uses the just-updated online critics."""
+    return ((v - torch.min(y, y2)) ** 2).mean(-1)
+
+
+def vae_loss(recon, a, mean, log_std, weight) -> torch.Tensor:
+    """Spec 3: mean(w (a_hat - a)^2) + 0.5 KL, KL = -0.5 mean(1 + log sigma^2 - mu^2 - sigma^2)."""
+    rec = (weight.unsqueeze(-1) * (recon - a) ** 2).mean((-2, -1))
+    kl = -0.5 * (1.0 + 2.0 * log_std - mean ** 2 - (2.0 * log_std).exp()).mean((-2, -1))
+    return rec + 0.5 * kl
+
+
+def vae_sample_weight(q1_data, v, vae_weight: float) -> torch.Tensor:
+    """Spec 3: w = vae_weight where Q1(s,a) > V(s), else 0 (the VAE learns only the better actions)."""
+    return vae_weight * (q1_data > v).to(q1_data.dtype)
+
+
+def select_bc_target(adv_vae, adv_data, vae_action, data_action, bc_weight: float, eps_a: float,
+                     bc_target: str = "select", gate: str = "adaptive"):
+    """Spec 4: advantage selection and the adaptive gate, for each state of the batch.
+
+    target = VAE action where A_vae >= A_data (ties go to the VAE), else the dataset action;
+    gate   = bc_weight where A_vae >= eps_A or A_data > eps_A, else 0: a state where neither candidate has an
+             advantage above eps_A gets no behaviour constraint at all (the released code's logical OR).
+    The ablations replace one of the two rules. Returns (target, gate, use_vae).
+    """
+    if bc_target == "select":
+        use_vae = adv_vae >= adv_data
+    else:
+        use_vae = torch.full_like(adv_vae, bc_target == "vae", dtype=torch.bool)
+    target = torch.where(use_vae.unsqueeze(-1), vae_action, data_action)
+    on = (adv_vae >= eps_a) | (adv_data > eps_a) if gate == "adaptive" else torch.ones_like(use_vae)
+    return target, bc_weight * on.to(adv_vae.dtype), use_vae
+
+
+def actor_loss(q_pi, pi, target, gate, alpha: float):
+    """Spec 4: -lambda mean Q1(s, pi) + mean(gate (pi - target)^2), lambda = alpha / mean|Q1(s, pi)| detached.
+    Returns (loss, bc term)."""
+    lmbda = alpha / q_pi.abs().mean(-1).detach()
+    bc = (gate.unsqueeze(-1) * (pi - target) ** 2).mean((-2, -1))
+    return -lmbda * q_pi.mean(-1) + bc, bc
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One gradient step
+# ----------------------------------------------------------------------------------------------------------------
+class Optimizers:
+    def __init__(self, agent: Agent, a: Args):
+        def adam(module, lr):
+            # fused Adam is one kernel per step on CPU and CUDA; results equal the for-loop Adam's
+            return torch.optim.Adam(module.parameters(), lr=lr, fused=True)
+
+        self.critic = adam(agent.critic, a.critic_lr)
+        self.value = adam(agent.value, a.value_lr)
+        self.vae = adam(agent.vae, a.vae_lr)
+        self.actor = adam(agent.actor, a.actor_lr)
+
+    def all(self) -> dict[str, torch.optim.Optimizer]:
+        return dict(critic=self.critic, value=self.value, vae=self.vae, actor=self.actor)
+
+
+def _step(opt: torch.optim.Optimizer, loss: torch.Tensor, params=None) -> None:
+    """Backward and Adam step. With params, gradients are computed for those parameters only (the actor step must
+    not touch the critics or the VAE, whose parameters the actor loss also reaches)."""
+    if params is None:
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+    else:
+        for p, g in zip(params, torch.autograd.grad(loss, params)):
+            p.grad = g
+    opt.step()
+
+
+def update(agent: Agent, opt: Optimizers, batch, step: int, a: Args, gens: list[torch.Generator]) -> dict:
+    """One A2PR gradient step (spec 1-4) on a batch of shape (K, B, ...); returns per-seed metric tensors.
+    `step` counts from 1; the actor and the targets move when step % policy_freq == 0 (as in TD3)."""
+    s, act, r, s2, d = batch
+    dev = s.device
+    # 1. Critics: TD3 target with clipped policy-smoothing noise (max action = 1 in the networks' units).
+    with torch.no_grad():
+        noise = (randn(gens, act.shape[1:], dev) * a.policy_noise).clamp(-a.noise_clip, a.noise_clip)
+        a2 = (agent.actor_target(s2) + noise).clamp(-1.0, 1.0)
+        y = td_target(agent.critic_target, r, s2, a2, d, a.discount)
+    l_critic = critic_loss(agent.critic, s, act, y)
+    _step(opt.critic, l_critic.sum())
+    # One forward of the just-updated critics gives Q1(s,a) (spec 3 and 4) and min Q(s',a') for y2 (spec 2).
+    with torch.no_grad():
+        q1_both, q2_both = agent.critic(torch.cat([s, s2], 1), torch.cat([act, a2], 1))
+        n = s.shape[1]
+        q1_data = q1_both[:, :n]
+        y2 = r + a.discount * (1.0 - d) * torch.min(q1_both[:, n:], q2_both[:, n:])
+    # 2. Value: V(s) evaluated once before its own step; v is reused by spec 3 and 4.
+    v_pred = agent.value(s)
+    v = v_pred.detach()
+    l_value = value_loss(v_pred, y, y2)
+    _step(opt.value, l_value.sum())
+    # 3. Advantage-weighted VAE: reconstruct dataset actions only where Q1(s,a) > V(s).
+    w = vae_sample_weight(q1_data, v, a.vae_weight)
+    recon, mean, log_std = agent.vae(s, act, randn(gens, (n, agent.vae.latent_dim), dev))
+    l_vae = vae_loss(recon, act, mean, log_std, w)
+    _step(opt.vae, l_vae.sum())
+    out = dict(critic=l_critic.detach(), value=l_value.detach(), vae=l_vae.detach(), q=q1_data.mean(-1),
+               vae_weight_fraction=(w > 0).float().mean(-1))
+    # 4. Actor, delayed: advantage selection between the VAE's and the dataset's action, adaptive gate.
+    if step % a.policy_freq == 0:
+        pi = agent.actor(s)
+        q_pi = agent.critic.q1(s, pi)
+        # p_hat = VAE reconstruction of the policy action; not detached, so (pi - p_hat)^2 also moves pi through
+        # the VAE (the released code does this; the paper's prose treats the target as fixed).
+        p_hat, _, _ = agent.vae(s, pi, randn(gens, (n, agent.vae.latent_dim), dev))
+        with torch.no_grad():
+            adv_vae = agent.critic.q1(s, p_hat) - v
+            adv_data = q1_data - v
+        target, gate, use_vae = select_bc_target(adv_vae, adv_data, p_hat, act, a.bc_weight, a.eps_a,
+                                                 a.bc_target, a.gate)
+        l_actor, l_bc = actor_loss(q_pi, pi, target, gate, a.alpha)
+        _step(opt.actor, l_actor.sum(), list(agent.actor.parameters()))
+        # Soft target updates, only on actor steps: theta' <- tau theta + (1 - tau) theta'.
+        with torch.no_grad():
+            for net, targ in ((agent.actor, agent.actor_target), (agent.critic, agent.critic_target)):
+                torch._foreach_lerp_(list(targ.parameters()), list(net.parameters()), a.tau)
+        out.update(actor=l_actor.detach(), bc=l_bc.detach(), gate_fraction=(gate > 0).float().mean(-1),
+                   vae_target_fraction=use_vae.float().mean(-1))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluation
+# ----------------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate(actor: Actor, env_id: str, obs_mean, obs_std, action_low, action_high, episodes: int, seed: int,
+             obs_noise: float = 0.0, device="cpu") -> np.ndarray:
+    """Deterministic returns, shape (K, episodes): agent k plays its own env; episode e of every evaluation uses
+    env seed `seed + e`, so evaluations are comparable across steps and reproducible on resume."""
+    import gymnasium as gym
+
+    k = actor.net[0].weight.shape[0]
+    envs = [gym.make(env_id) for _ in range(k)]
+    noise_rng = np.random.default_rng([seed, 12345])
+    returns = np.zeros((k, episodes))
+    for e in range(episodes):
+        obs = np.stack([env.reset(seed=seed + e)[0] for env in envs]).astype(np.float32)
+        alive = np.ones(k, dtype=bool)
+        while alive.any():
+            o = obs + obs_noise * noise_rng.standard_normal(obs.shape) if obs_noise > 0 else obs
+            x = torch.as_tensor(((o - obs_mean) / obs_std)[:, None, :], dtype=torch.float32, device=device)
+            act = to_env_actions(actor(x)[:, 0].cpu().numpy(), action_low, action_high)
+            for i in np.flatnonzero(alive):
+                nxt, r, term, trunc, _ = envs[i].step(act[i])
+                obs[i] = nxt
+                returns[i, e] += r
+                alive[i] = not (term or trunc)
+    for env in envs:
+        env.close()
+    return returns
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints and result files: written atomically, so an interruption never leaves a half-written file.
+# ----------------------------------------------------------------------------------------------------------------
+def atomic_write(path: Path, write) -> None:
+    """Call write(tmp_path), then rename over `path` (rename is atomic on POSIX and Windows)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+METRICS = ["critic", "value", "vae", "q", "vae_weight_fraction", "actor", "bc", "gate_fraction", "vae_target_fraction"]
+LOSS_NAMES = ("critic", "value", "vae", "actor", "bc")
+ACTOR_METRICS = ("actor", "bc", "gate_fraction", "vae_target_fraction")  # measured on actor steps only
+CSV_COLUMNS = (["step", "time_s"] + [f"losses/{m}" for m in ("critic", "value", "vae", "actor", "bc")]
+               + ["charts/q_mean", "charts/vae_weight_fraction", "charts/gate_fraction", "charts/vae_target_fraction", "charts/SPS",
+                  "eval/return_mean", "eval/normalized_score_mean", "eval/normalized_score_std"])
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    def w(tmp):
+        with open(tmp, "w", newline="") as f:
+            wr = csv.DictWriter(f, fieldnames=CSV_COLUMNS + sorted({k for r in rows for k in r} - set(CSV_COLUMNS)))
+            wr.writeheader()
+            wr.writerows(rows)
+    atomic_write(path, w)
+
+
+def plot_curves(path: Path, history: list[dict], dataset_score: float, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ev = [r for r in history if r.get("eval/normalized_score_mean") not in (None, "")]
+    tr = [r for r in history if r.get("charts/gate_fraction") not in (None, "")]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
+    seed_cols = sorted(k for k in (ev[0] if ev else {}) if k.startswith("eval/normalized_score_seed"))
+    for c in seed_cols:
+        ax1.plot([r["step"] for r in ev], [r[c] for r in ev], lw=0.8, alpha=0.5)
+    ax1.plot([r["step"] for r in ev], [r["eval/normalized_score_mean"] for r in ev], lw=2, label="A2PR")
+    ax1.axhline(dataset_score, ls="--", c="gray", label="dataset average")
+    ax1.set(xlabel="gradient step", ylabel="normalised score", title=title)
+    ax1.legend()
+    ax2.plot([r["step"] for r in tr], [r["charts/gate_fraction"] for r in tr], label="gate on (constrained)")
+    ax2.plot([r["step"] for r in tr], [r["charts/vae_target_fraction"] for r in tr], label="target from VAE")
+    ax2.set(xlabel="gradient step", ylabel="fraction of states", ylim=(-0.02, 1.02), title="advantage selection")
+    ax2.legend()
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------------------------
+def _fmt_time(s: float) -> str:
+    s = int(max(s, 0))
+    return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+class _StopFlag:
+    """Ctrl-C sets a flag that the loop checks between updates, so the checkpoint is never taken mid-update.
+    A second Ctrl-C interrupts at once."""
+
+    def __init__(self):
+        self.set, self._old = False, None
+
+    def __enter__(self):
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, *_):
+        if self.set:
+            raise KeyboardInterrupt
+        self.set = True
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+
+def make_device(a: Args) -> torch.device:
+    if a.cuda:
+        if not torch.cuda.is_available():
+            raise A2PRError("--cuda was given but PyTorch sees no CUDA GPU (torch.cuda.is_available() is False); "
+                            "install a CUDA build of torch or drop --cuda to train on the CPU")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def _load_checkpoint(run_dir: Path) -> dict:
+    path = run_dir / "checkpoint.pt"
+    if not path.exists():
+        raise A2PRError(f"--resume {run_dir}: no checkpoint.pt there; give the folder of a run that saved one")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # a truncated or foreign file
+        raise A2PRError(f"{path}: cannot be read as an a2pr checkpoint ({type(e).__name__}: {e})") from None
+
+
+def train(args: Args) -> dict:
+    """Train A2PR and return a summary: final and best normalised scores (mean over seeds and per seed), the
+    dataset's own average score, and the paths of the run folder, CSV, plot and checkpoint."""
+    ckpt = None
+    if args.resume:
+        run_dir = Path(args.resume)
+        ckpt = _load_checkpoint(run_dir)
+        saved = Args(**ckpt["args"])
+        # The checkpoint's settings win so that the run continues unchanged; only the length and device may change.
+        args = dataclasses.replace(saved, resume=args.resume, cuda=args.cuda, quiet=args.quiet,
+                                   total_steps=args.total_steps or saved.total_steps)
+    args, source = resolve_args(args)
+    log = (lambda *m, **k: None) if args.quiet else print
+    device = make_device(args)
+    if args.tensorboard or args.wandb:
+        _check_trackers(args)
+    seeds = [args.seed + i for i in range(args.num_seeds)]
+
+    ds = load_dataset(args, log)
+    stats = (np.asarray(ckpt["obs_mean"]), np.asarray(ckpt["obs_std"])) if ckpt else None
+    data = prepare_data(ds, args, device, stats)
+    obs_dim, act_dim = ds.observations.shape[1], ds.actions.shape[1]
+    dataset_score = float(normalized_score(ds.episode_returns, ds.ref_min_score, ds.ref_max_score).mean())
+
+    torch.manual_seed(args.seed)
+    agent = Agent(seeds, obs_dim, act_dim, args).to(device)
+    opt = Optimizers(agent, args)
+    gens = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+    history: list[dict] = []
+    step, best = 0, np.full(len(seeds), -np.inf)
+    if ckpt:
+        agent.load_state_dict(ckpt["agent"])
+        for name, o in opt.all().items():
+            o.load_state_dict(ckpt["optimizers"][name])
+        for g, st in zip(gens, ckpt["rng"]):
+            g.set_state(st)
+        step, best, history = ckpt["step"], np.asarray(ckpt["best"]), ckpt["history"]
+    run_dir = Path(args.resume) if args.resume else Path(args.save_dir) / (
+        args.run_name or f"{args.env.replace('/', '_')}__seed{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    paths = dict(run_dir=run_dir, csv=run_dir / "metrics.csv", png=run_dir / "learning_curve.png",
+                 checkpoint=run_dir / "checkpoint.pt", summary=run_dir / "summary.json")
+
+    log(f"A2PR on {ds.name} ({len(data):,} transitions, obs {obs_dim}, act {act_dim}; {ds.source}); "
+        f"eval env {ds.env_id}; device {device}; seeds {seeds}")
+    log(f"dataset average normalised score: {dataset_score:.1f}")
+    log("settings: " + ", ".join(f"{k}={getattr(args, k)} ({source[k]})" for k in SPEC_DEFAULTS)
+        + f", eps_a={args.eps_a}, policy_freq={args.policy_freq}, bc_target={args.bc_target}, gate={args.gate}")
+    if ckpt:
+        log(f"resuming {run_dir} at step {step:,}")
+    writers = _open_trackers(args, run_dir)
+
+    def save_checkpoint():
+        state = dict(args=dataclasses.asdict(args), agent=agent.state_dict(),
+                     optimizers={k: o.state_dict() for k, o in opt.all().items()},
+                     rng=[g.get_state() for g in gens], step=step, best=best.tolist(), history=history,
+                     obs_mean=data.obs_mean, obs_std=data.obs_std, env_id=ds.env_id, dataset=ds.name,
+                     action_low=ds.action_low, action_high=ds.action_high,
+                     ref_scores=(ds.ref_min_score, ds.ref_max_score))
+        atomic_write(paths["checkpoint"], lambda tmp: torch.save(state, tmp))
+
+    # Metrics are summed on the device and fetched every log_freq steps: no host sync inside the loop.
+    acc = {m: torch.zeros(len(seeds), device=device) for m in METRICS}
+    counts = {"critic": 0, "actor": 0}
+    first_bad = torch.full((len(METRICS),), -1, dtype=torch.long, device=device)
+    step_t = torch.tensor(step, device=device)
+    t_start, t_window, steps_window = time.time(), time.time(), 0
+    last_score = float("nan")
+
+    with _StopFlag() as stop:
+        while step < args.total_steps:
+            batch = sample_batch(data, args.batch_size, gens)
+            step += 1
+            step_t += 1
+            m = update(agent, opt, batch, step, args, gens)
+            for key, val in m.items():
+                acc[key] += val
+            vals = torch.stack([m[k] if k in m else torch.zeros_like(m["critic"]) for k in METRICS]).sum(-1)
+            first_bad = torch.where(~torch.isfinite(vals) & (first_bad < 0), step_t, first_bad)
+            counts["critic"] += 1
+            counts["actor"] += "actor" in m
+            steps_window += 1
+            boundary = [step % args.log_freq == 0, step % args.eval_freq == 0, step % args.save_freq == 0,
+                        step == args.total_steps, stop.set]
+            if not any(boundary):
+                continue
+            # Host boundary: fetch metrics once, stop on a non-finite loss before anything is written.
+            bad = first_bad.cpu()
+            if (bad >= 0).any():
+                i = int(torch.argmin(torch.where(bad >= 0, bad, bad.max() + 1)))
+                last = (f"the last good checkpoint ({paths['checkpoint']}) was kept"
+                        if paths["checkpoint"].exists() else "no checkpoint had been written yet")
+                raise A2PRError(f"non-finite {METRICS[i]} loss at step {int(bad[i])}; the run stopped and {last}. "
+                                "Lower the learning rates or check the data's scale.")
+            row: dict = {"step": step, "time_s": round(time.time() - t_start, 2)}
+            if counts["critic"]:
+                host = dict(zip(METRICS, torch.stack([acc[k] for k in METRICS]).mean(-1).tolist()))
+                for k in METRICS:
+                    n = counts["actor"] if k in ACTOR_METRICS else counts["critic"]
+                    if n:
+                        col = {"q": "charts/q_mean"}.get(k, f"losses/{k}" if k in LOSS_NAMES else f"charts/{k}")
+                        row[col] = host[k] / n
+            sps = steps_window / max(time.time() - t_window, 1e-9)
+            row["charts/SPS"] = round(sps, 1)
+            if step % args.eval_freq == 0 or step == args.total_steps:
+                rets = evaluate(agent.actor, ds.env_id, data.obs_mean, data.obs_std, ds.action_low,
+                                ds.action_high, args.eval_episodes, seed=args.seed + 10_000,
+                                obs_noise=args.eval_obs_noise, device=device)
+                scores = normalized_score(rets, ds.ref_min_score, ds.ref_max_score).mean(1)  # per seed
+                best = np.maximum(best, scores)
+                last_score = float(scores.mean())
+                row.update({"eval/return_mean": float(rets.mean()), "eval/normalized_score_mean": last_score,
+                            "eval/normalized_score_std": float(scores.std())})
+                if len(seeds) > 1:
+                    row.update({f"eval/normalized_score_seed{s}": float(v) for s, v in zip(seeds, scores)})
+            history.append(row)
+            for w in writers:
+                w(row)
+            for k in acc:
+                acc[k].zero_()
+            counts = {"critic": 0, "actor": 0}
+            if step % args.save_freq == 0 or step == args.total_steps or stop.set:
+                save_checkpoint()
+            if step % args.log_freq == 0 or step == args.total_steps or stop.set:
+                write_csv(paths["csv"], history)
+                left = (args.total_steps - step) / max(sps, 1e-9)
+                log(f"step {step:>9,}/{args.total_steps:,} | {sps:7.1f} steps/s | score {last_score:6.1f} "
+                    f"(best {float(best.mean()):6.1f}) | critic {row.get('losses/critic', float('nan')):.3g} "
+                    f"gate {row.get('charts/gate_fraction', float('nan')):.2f} "
+                    f"vae-target {row.get('charts/vae_target_fraction', float('nan')):.2f} | left {_fmt_time(left)}")
+            t_window, steps_window = time.time(), 0
+            if stop.set:
+                break
+
+    interrupted = step < args.total_steps
+    final = [r for r in history if "eval/normalized_score_mean" in r]
+    final_scores = ([final[-1].get(f"eval/normalized_score_seed{s}", final[-1]["eval/normalized_score_mean"])
+                     for s in seeds] if final else [float("nan")] * len(seeds))
+    summary = dict(env=args.env, seeds=seeds, steps=step, interrupted=interrupted,
+                   final_score=float(np.mean(final_scores)), final_score_std=float(np.std(final_scores)),
+                   best_score=float(best.mean()), final_scores=[float(x) for x in final_scores],
+                   best_scores=best.tolist(), dataset_score=dataset_score,
+                   **{k: str(v) for k, v in paths.items()})
+    atomic_write(paths["summary"], lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
+    if history and final:
+        plot_curves(paths["png"], history, dataset_score, f"A2PR on {ds.name}")
+    if interrupted:
+        log(f"interrupted at step {step:,}; checkpoint saved. Continue with: python a2pr.py --resume {run_dir}")
+    else:
+        log(f"done: final score {summary['final_score']:.1f} +- {summary['final_score_std']:.1f}, best "
+            f"{summary['best_score']:.1f}, dataset average {dataset_score:.1f} ({_fmt_time(time.time() - t_start)}); "
+            f"results in {run_dir}")
+    return summary
+
+
+def _check_trackers(a: Args) -> None:
+    import importlib.util
+
+    if a.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise A2PRError("--tensorboard needs the tensorboard package: pip install tensorboard")
+    if a.wandb and importlib.util.find_spec("wandb") is None:
+        raise A2PRError("--wandb needs the wandb package: pip install wandb")
+
+
+def _open_trackers(a: Args, run_dir: Path) -> list:
+    """Optional TensorBoard / wandb sinks; each is a function of a metrics row."""
+    sinks = []
+    if a.tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+
+        tb = SummaryWriter(str(run_dir / "tensorboard"))
+        sinks.append(lambda row: [tb.add_scalar(k, v, row["step"]) for k, v in row.items() if k != "step"])
+    if a.wandb:
+        import wandb
+
+        wandb.init(project=a.wandb_project, name=run_dir.name, config=dataclasses.asdict(a), resume="allow")
+        sinks.append(lambda row: wandb.log({k: v for k, v in row.items() if k != "step"}, step=row["step"]))
+    return sinks
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------------------
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not a usage dump
+        self.exit(2, f"a2pr.py: error: {message} (see python a2pr.py --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line, built from Args: one flag per field, its help line from the field's metadata."""
+    p = _Parser(prog="a2pr.py", description=__doc__.split("\n\n")[0],
+                formatter_class=lambda prog: argparse.HelpFormatter(prog, max_help_position=30, width=120))
+    hints = typing.get_type_hints(Args)
+    for f in dataclasses.fields(Args):
+        flags = ["--" + f.name.replace("_", "-"), *f.metadata.get("aliases", ())]
+        typ = hints[f.name]
+        kw = dict(dest=f.name, help=f.metadata["help"], default=f.default)
+        if typ is bool:
+            kw["action"] = argparse.BooleanOptionalAction if f.metadata.get("negatable") else "store_true"
+        else:
+            base = next((t for t in typing.get_args(typ) if t is not type(None)), typ)
+            kw.update(type=base, metavar=f.name.split("_")[-1].upper())
+            if "choices" in f.metadata:
+                kw["choices"] = f.metadata["choices"]
+        p.add_argument(*flags, **kw)
+    return p
+
+
+def parse_args(argv=None) -> Args:
+    return Args(**vars(build_parser().parse_args(argv)))
+
+
+def main(argv=None) -> int:
+    try:
+        args = parse_args(argv)
+        train(args)
+    except A2PRError as e:
+        print(f"a2pr.py: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("a2pr.py: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
