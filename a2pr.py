@@ -810,6 +810,15 @@ def plot_curves(path: Path, history: list[dict], dataset_score: float, title: st
 # ----------------------------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------------------------
+def history_last_score(history: list[dict]) -> float:
+    scores = [r["eval/normalized_score_mean"] for r in history if "eval/normalized_score_mean" in r]
+    return scores[-1] if scores else float("nan")
+
+
+def _finite_or_none(x):
+    return float(x) if np.isfinite(x) else None
+
+
 def _fmt_time(s: float) -> str:
     s = int(max(s, 0))
     return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
@@ -910,22 +919,36 @@ def train(args: Args) -> dict:
         log(f"resuming {run_dir} at step {step:,}")
     writers = _open_trackers(args, run_dir)
 
+    # Metrics are summed on the device and fetched at host boundaries: no host sync inside the loop.
+    acc = torch.zeros(len(METRICS), len(seeds), device=device)
+    counts = {"critic": 0, "actor": 0}
+    if ckpt:
+        acc.copy_(ckpt["metric_sums"])
+        counts = dict(ckpt["metric_counts"])
+    first_bad = torch.full((len(METRICS),), -1, dtype=torch.long, device=device)
+    step_t = torch.tensor(step, device=device)
+    t_start, t_window, steps_window = time.time(), time.time(), 0
+    last_score = history_last_score(history)
+
     def save_checkpoint():
         state = dict(args=dataclasses.asdict(args), agent=agent.state_dict(),
                      optimizers={k: o.state_dict() for k, o in opt.all().items()},
                      rng=[g.get_state() for g in gens], step=step, best=best.tolist(), history=history,
+                     metric_sums=acc.cpu(), metric_counts=counts,
                      obs_mean=data.obs_mean, obs_std=data.obs_std, env_id=ds.env_id, dataset=ds.name,
                      action_low=ds.action_low, action_high=ds.action_high,
                      ref_scores=(ds.ref_min_score, ds.ref_max_score))
         atomic_write(paths["checkpoint"], lambda tmp: torch.save(state, tmp))
 
-    # Metrics are summed on the device and fetched every log_freq steps: no host sync inside the loop.
-    acc = {m: torch.zeros(len(seeds), device=device) for m in METRICS}
-    counts = {"critic": 0, "actor": 0}
-    first_bad = torch.full((len(METRICS),), -1, dtype=torch.long, device=device)
-    step_t = torch.tensor(step, device=device)
-    t_start, t_window, steps_window = time.time(), time.time(), 0
-    last_score = float("nan")
+    def check_finite():
+        """Stop on the first non-finite loss, before anything is written, keeping the last good checkpoint."""
+        bad = first_bad.cpu()
+        if (bad >= 0).any():
+            i = int(torch.argmin(torch.where(bad >= 0, bad, bad.max() + 1)))
+            last = (f"the last good checkpoint ({paths['checkpoint']}) was kept"
+                    if paths["checkpoint"].exists() else "no checkpoint had been written yet")
+            raise A2PRError(f"non-finite {METRICS[i]} loss at step {int(bad[i])}; the run stopped and {last}. "
+                            "Lower the learning rates or check the data's scale.")
 
     with _StopFlag() as stop:
         while step < args.total_steps:
@@ -933,62 +956,53 @@ def train(args: Args) -> dict:
             step += 1
             step_t += 1
             m = update(agent, opt, batch, step, args, gens)
-            for key, val in m.items():
-                acc[key] += val
-            vals = torch.stack([m[k] if k in m else torch.zeros_like(m["critic"]) for k in METRICS]).sum(-1)
-            first_bad = torch.where(~torch.isfinite(vals) & (first_bad < 0), step_t, first_bad)
+            vals = torch.stack([m[k] if k in m else torch.zeros_like(m["critic"]) for k in METRICS])
+            acc += vals
+            first_bad = torch.where(~torch.isfinite(vals.sum(-1)) & (first_bad < 0), step_t, first_bad)
             counts["critic"] += 1
             counts["actor"] += "actor" in m
             steps_window += 1
-            boundary = [step % args.log_freq == 0, step % args.eval_freq == 0, step % args.save_freq == 0,
-                        step == args.total_steps, stop.set]
-            if not any(boundary):
+            is_eval = step % args.eval_freq == 0 or step == args.total_steps
+            is_log = is_eval or step % args.log_freq == 0
+            is_save = step % args.save_freq == 0 or step == args.total_steps
+            if not (is_log or is_save or stop.set):
                 continue
-            # Host boundary: fetch metrics once, stop on a non-finite loss before anything is written.
-            bad = first_bad.cpu()
-            if (bad >= 0).any():
-                i = int(torch.argmin(torch.where(bad >= 0, bad, bad.max() + 1)))
-                last = (f"the last good checkpoint ({paths['checkpoint']}) was kept"
-                        if paths["checkpoint"].exists() else "no checkpoint had been written yet")
-                raise A2PRError(f"non-finite {METRICS[i]} loss at step {int(bad[i])}; the run stopped and {last}. "
-                                "Lower the learning rates or check the data's scale.")
-            row: dict = {"step": step, "time_s": round(time.time() - t_start, 2)}
-            if counts["critic"]:
-                host = dict(zip(METRICS, torch.stack([acc[k] for k in METRICS]).mean(-1).tolist()))
+            check_finite()
+            if is_log:  # one row of the CSV: window means of the losses, and the evaluation when due
+                row: dict = {"step": step, "time_s": round(time.time() - t_start, 2)}
+                means = dict(zip(METRICS, acc.mean(-1).tolist()))
                 for k in METRICS:
                     n = counts["actor"] if k in ACTOR_METRICS else counts["critic"]
                     if n:
                         col = {"q": "charts/q_mean"}.get(k, f"losses/{k}" if k in LOSS_NAMES else f"charts/{k}")
-                        row[col] = host[k] / n
-            sps = steps_window / max(time.time() - t_window, 1e-9)
-            row["charts/SPS"] = round(sps, 1)
-            if step % args.eval_freq == 0 or step == args.total_steps:
-                rets = evaluate(agent.actor, ds.env_id, data.obs_mean, data.obs_std, ds.action_low,
-                                ds.action_high, args.eval_episodes, seed=args.seed + 10_000,
-                                obs_noise=args.eval_obs_noise, device=device)
-                scores = normalized_score(rets, ds.ref_min_score, ds.ref_max_score).mean(1)  # per seed
-                best = np.maximum(best, scores)
-                last_score = float(scores.mean())
-                row.update({"eval/return_mean": float(rets.mean()), "eval/normalized_score_mean": last_score,
-                            "eval/normalized_score_std": float(scores.std())})
-                if len(seeds) > 1:
-                    row.update({f"eval/normalized_score_seed{s}": float(v) for s, v in zip(seeds, scores)})
-            history.append(row)
-            for w in writers:
-                w(row)
-            for k in acc:
-                acc[k].zero_()
-            counts = {"critic": 0, "actor": 0}
-            if step % args.save_freq == 0 or step == args.total_steps or stop.set:
-                save_checkpoint()
-            if step % args.log_freq == 0 or step == args.total_steps or stop.set:
+                        row[col] = means[k] / n
+                sps = steps_window / max(time.time() - t_window, 1e-9)
+                row["charts/SPS"] = round(sps, 1)
+                if is_eval:
+                    rets = evaluate(agent.actor, ds.env_id, data.obs_mean, data.obs_std, ds.action_low,
+                                    ds.action_high, args.eval_episodes, seed=args.seed + 10_000,
+                                    obs_noise=args.eval_obs_noise, device=device)
+                    scores = normalized_score(rets, ds.ref_min_score, ds.ref_max_score).mean(1)  # per seed
+                    best = np.maximum(best, scores)
+                    last_score = float(scores.mean())
+                    row.update({"eval/return_mean": float(rets.mean()), "eval/normalized_score_mean": last_score,
+                                "eval/normalized_score_std": float(scores.std())})
+                    if len(seeds) > 1:
+                        row.update({f"eval/normalized_score_seed{s}": float(v) for s, v in zip(seeds, scores)})
+                history.append(row)
+                for w in writers:
+                    w(row)
+                acc.zero_()
+                counts = {"critic": 0, "actor": 0}
                 write_csv(paths["csv"], history)
                 left = (args.total_steps - step) / max(sps, 1e-9)
                 log(f"step {step:>9,}/{args.total_steps:,} | {sps:7.1f} steps/s | score {last_score:6.1f} "
                     f"(best {float(best.mean()):6.1f}) | critic {row.get('losses/critic', float('nan')):.3g} "
                     f"gate {row.get('charts/gate_fraction', float('nan')):.2f} "
                     f"vae-target {row.get('charts/vae_target_fraction', float('nan')):.2f} | left {_fmt_time(left)}")
-            t_window, steps_window = time.time(), 0
+                t_window, steps_window = time.time(), 0
+            if is_save or stop.set:  # on Ctrl-C the window's partial sums are saved too: resume is exact
+                save_checkpoint()
             if stop.set:
                 break
 
@@ -998,17 +1012,18 @@ def train(args: Args) -> dict:
                      for s in seeds] if final else [float("nan")] * len(seeds))
     summary = dict(env=args.env, seeds=seeds, steps=step, interrupted=interrupted,
                    final_score=float(np.mean(final_scores)), final_score_std=float(np.std(final_scores)),
-                   best_score=float(best.mean()), final_scores=[float(x) for x in final_scores],
-                   best_scores=best.tolist(), dataset_score=dataset_score,
+                   best_score=_finite_or_none(best.mean()), final_scores=[float(x) for x in final_scores],
+                   best_scores=[_finite_or_none(b) for b in best], dataset_score=dataset_score,
                    **{k: str(v) for k, v in paths.items()})
     atomic_write(paths["summary"], lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
     if history and final:
         plot_curves(paths["png"], history, dataset_score, f"A2PR on {ds.name}")
     if interrupted:
-        log(f"interrupted at step {step:,}; checkpoint saved. Continue with: python a2pr.py --resume {run_dir}")
+        print(f"interrupted at step {step:,}; checkpoint saved. Continue with: python a2pr.py --resume {run_dir}",
+              file=sys.stderr)  # shown even with --quiet: it is how the user gets their run back
     else:
         log(f"done: final score {summary['final_score']:.1f} +- {summary['final_score_std']:.1f}, best "
-            f"{summary['best_score']:.1f}, dataset average {dataset_score:.1f} ({_fmt_time(time.time() - t_start)}); "
+            f"{float(best.mean()):.1f}, dataset average {dataset_score:.1f} ({_fmt_time(time.time() - t_start)}); "
             f"results in {run_dir}")
     return summary
 
