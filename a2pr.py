@@ -58,18 +58,18 @@ class Args:
                                   negatable=True)
     reward_scale: float = _arg(1.0, "r' = reward_scale * r + reward_shift (off by default; for sparse tasks)")
     reward_shift: float = _arg(0.0, "see --reward-scale")
-    # --- algorithm (spec step numbers in brackets) ---
+    # --- algorithm ---
     batch_size: int | None = _arg(None, "transitions per gradient step (spec: 256)")
-    discount: float | None = _arg(None, "gamma, the discount [1,2] (spec: 0.99; presets may say 0.995)")
-    tau: float = _arg(0.005, "tau, soft target-update rate [4]")
-    alpha: float | None = _arg(None, "alpha, weight of Q in the actor loss: lambda = alpha / mean|Q| [4] (2.5)")
-    bc_weight: float | None = _arg(None, "weight of the behaviour constraint when the gate is on [4] (1.0)",
+    discount: float | None = _arg(None, "gamma, the discount (spec 1,2; default 0.99, some presets 0.995)")
+    tau: float = _arg(0.005, "tau, soft target-update rate (spec 4)")
+    alpha: float | None = _arg(None, "alpha, weight of Q in the actor loss: lambda = alpha / mean|Q| (spec 4; default 2.5)")
+    bc_weight: float | None = _arg(None, "weight of the behaviour constraint when the gate is on (spec 4; default 1.0)",
                                    aliases=("--mask",))
-    vae_weight: float | None = _arg(None, "weight of reconstruction on positive-advantage samples [3] (1.0)")
-    eps_a: float = _arg(0.0, "epsilon_A, advantage threshold of the adaptive gate [4]")
-    policy_freq: int = _arg(2, "actor and target update every this many steps [4]")
-    policy_noise: float = _arg(0.2, "sigma of the target-policy smoothing noise, times max action [1]")
-    noise_clip: float = _arg(0.5, "clip of the smoothing noise, times max action [1]")
+    vae_weight: float | None = _arg(None, "weight of reconstruction on positive-advantage samples (spec 3; default 1.0)")
+    eps_a: float = _arg(0.0, "epsilon_A, advantage threshold of the adaptive gate (spec 4)")
+    policy_freq: int = _arg(2, "actor and target update every this many steps (spec 4)")
+    policy_noise: float = _arg(0.2, "sigma of the target-policy smoothing noise, times max action (spec 1)")
+    noise_clip: float = _arg(0.5, "clip of the smoothing noise, times max action (spec 1)")
     actor_lr: float = _arg(3e-4, "Adam learning rate of the actor")
     critic_lr: float = _arg(3e-4, "Adam learning rate of the twin critics")
     value_lr: float = _arg(3e-4, "Adam learning rate of V")
@@ -95,7 +95,7 @@ class Args:
     run_name: str | None = _arg(None, "run folder name (default: ENV__seedS__TIME)")
     log_freq: int | None = _arg(None, "fetch metrics, print progress and write the CSV every this many steps")
     save_freq: int | None = _arg(None, "write a checkpoint every this many steps (default: --eval-freq)")
-    resume: str | None = _arg(None, "continue the run in this folder from its checkpoint")
+    resume: str | None = _arg(None, "continue the run in this folder from its checkpoint", metavar="DIR")
     tensorboard: bool = _arg(False, "also log to TensorBoard (needs the tensorboard package)")
     wandb: bool = _arg(False, "also log to Weights & Biases (needs the wandb package)")
     wandb_project: str = _arg("a2pr", "wandb project name")
@@ -290,22 +290,17 @@ def make_builtin_dataset(name: str, seed: int) -> tuple[dict[str, np.ndarray], d
 
 
 def write_d4rl_hdf5(path: Path, rows: dict[str, np.ndarray], attrs: dict) -> None:
-    """Write rows in D4RL's HDF5 layout atomically: a temp file in the same folder, renamed when complete."""
+    """Write rows in D4RL's HDF5 layout, atomically (see atomic_write)."""
     import h5py
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".part")
-    os.close(fd)
-    try:
+    def write(tmp):
         with h5py.File(tmp, "w") as f:
             for k, v in rows.items():
                 f.create_dataset(k, data=v)
             for k, v in attrs.items():
                 f.attrs[k] = v
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+
+    atomic_write(Path(path), write)
 
 
 D4RL_KEYS = ("observations", "actions", "rewards", "terminals", "timeouts")
@@ -663,56 +658,84 @@ def _step(opt: torch.optim.Optimizer, loss: torch.Tensor, params=None) -> None:
     opt.step()
 
 
+def critic_step(agent: Agent, opt: Optimizers, s, act, r, s2, d, smoothing_noise, a: Args):
+    """Spec 1: TD3 target with clipped policy-smoothing noise (max action = 1 in the networks' units), one Adam
+    step on both critics. Returns (y, a', per-seed loss)."""
+    with torch.no_grad():
+        noise = (smoothing_noise * a.policy_noise).clamp(-a.noise_clip, a.noise_clip)
+        a2 = (agent.actor_target(s2) + noise).clamp(-1.0, 1.0)
+        y = td_target(agent.critic_target, r, s2, a2, d, a.discount)
+    loss = critic_loss(agent.critic, s, act, y)
+    _step(opt.critic, loss.sum())
+    return y, a2, loss.detach()
+
+
+def value_step(agent: Agent, opt: Optimizers, s, y, y2):
+    """Spec 2: V(s) is evaluated once, before its own step; that value v is reused by spec 3 and 4."""
+    v_pred = agent.value(s)
+    loss = value_loss(v_pred, y, y2)
+    _step(opt.value, loss.sum())
+    return v_pred.detach(), loss.detach()
+
+
+def vae_step(agent: Agent, opt: Optimizers, s, act, q1_data, v, latent_noise, a: Args):
+    """Spec 3: the VAE reconstructs dataset actions only where Q1(s,a) > V(s)."""
+    w = vae_sample_weight(q1_data, v, a.vae_weight)
+    recon, mean, log_std = agent.vae(s, act, latent_noise)
+    loss = vae_loss(recon, act, mean, log_std, w)
+    _step(opt.vae, loss.sum())
+    return w, loss.detach()
+
+
+def actor_objective(agent: Agent, s, act, q1_data, v, latent_noise, a: Args):
+    """Spec 4: the actor loss with advantage selection and the adaptive gate. Returns (per-seed loss, parts)."""
+    pi = agent.actor(s)
+    q_pi = agent.critic.q1(s, pi)
+    # p_hat = the VAE's reconstruction of the policy action. Not detached, as in the released code: the behaviour
+    # term (pi - p_hat)^2 then also moves pi through the VAE (the paper's prose treats the target as fixed).
+    p_hat, _, _ = agent.vae(s, pi, latent_noise)
+    with torch.no_grad():  # the advantages only choose; no gradient flows through the choice
+        adv_vae = agent.critic.q1(s, p_hat) - v
+        adv_data = q1_data - v
+    target, gate, use_vae = select_bc_target(adv_vae, adv_data, p_hat, act, a.bc_weight, a.eps_a, a.bc_target,
+                                             a.gate)
+    loss, bc = actor_loss(q_pi, pi, target, gate, a.alpha)
+    return loss, dict(pi=pi, p_hat=p_hat, target=target, gate=gate, use_vae=use_vae, bc=bc)
+
+
+def actor_step(agent: Agent, opt: Optimizers, s, act, q1_data, v, latent_noise, a: Args) -> dict:
+    """Spec 4: one Adam step on the actor only, then the soft target updates."""
+    loss, parts = actor_objective(agent, s, act, q1_data, v, latent_noise, a)
+    _step(opt.actor, loss.sum(), list(agent.actor.parameters()))
+    soft_update(agent, a.tau)
+    return dict(actor=loss.detach(), bc=parts["bc"].detach(), gate_fraction=(parts["gate"] > 0).float().mean(-1),
+                vae_target_fraction=parts["use_vae"].float().mean(-1))
+
+
+@torch.no_grad()
+def soft_update(agent: Agent, tau: float) -> None:
+    """theta' <- tau theta + (1 - tau) theta', for the actor and the critics (only on actor steps)."""
+    for net, targ in ((agent.actor, agent.actor_target), (agent.critic, agent.critic_target)):
+        torch._foreach_lerp_(list(targ.parameters()), list(net.parameters()), tau)
+
+
 def update(agent: Agent, opt: Optimizers, batch, step: int, a: Args, gens: list[torch.Generator]) -> dict:
     """One A2PR gradient step (spec 1-4) on a batch of shape (K, B, ...); returns per-seed metric tensors.
     `step` counts from 1; the actor and the targets move when step % policy_freq == 0 (as in TD3)."""
     s, act, r, s2, d = batch
-    dev = s.device
-    # 1. Critics: TD3 target with clipped policy-smoothing noise (max action = 1 in the networks' units).
-    with torch.no_grad():
-        noise = (randn(gens, act.shape[1:], dev) * a.policy_noise).clamp(-a.noise_clip, a.noise_clip)
-        a2 = (agent.actor_target(s2) + noise).clamp(-1.0, 1.0)
-        y = td_target(agent.critic_target, r, s2, a2, d, a.discount)
-    l_critic = critic_loss(agent.critic, s, act, y)
-    _step(opt.critic, l_critic.sum())
+    n, dev = s.shape[1], s.device
+    y, a2, l_critic = critic_step(agent, opt, s, act, r, s2, d, randn(gens, act.shape[1:], dev), a)
     # One forward of the just-updated critics gives Q1(s,a) (spec 3 and 4) and min Q(s',a') for y2 (spec 2).
     with torch.no_grad():
         q1_both, q2_both = agent.critic(torch.cat([s, s2], 1), torch.cat([act, a2], 1))
-        n = s.shape[1]
         q1_data = q1_both[:, :n]
         y2 = r + a.discount * (1.0 - d) * torch.min(q1_both[:, n:], q2_both[:, n:])
-    # 2. Value: V(s) evaluated once before its own step; v is reused by spec 3 and 4.
-    v_pred = agent.value(s)
-    v = v_pred.detach()
-    l_value = value_loss(v_pred, y, y2)
-    _step(opt.value, l_value.sum())
-    # 3. Advantage-weighted VAE: reconstruct dataset actions only where Q1(s,a) > V(s).
-    w = vae_sample_weight(q1_data, v, a.vae_weight)
-    recon, mean, log_std = agent.vae(s, act, randn(gens, (n, agent.vae.latent_dim), dev))
-    l_vae = vae_loss(recon, act, mean, log_std, w)
-    _step(opt.vae, l_vae.sum())
-    out = dict(critic=l_critic.detach(), value=l_value.detach(), vae=l_vae.detach(), q=q1_data.mean(-1),
+    v, l_value = value_step(agent, opt, s, y, y2)
+    w, l_vae = vae_step(agent, opt, s, act, q1_data, v, randn(gens, (n, agent.vae.latent_dim), dev), a)
+    out = dict(critic=l_critic, value=l_value, vae=l_vae, q=q1_data.mean(-1),
                vae_weight_fraction=(w > 0).float().mean(-1))
-    # 4. Actor, delayed: advantage selection between the VAE's and the dataset's action, adaptive gate.
     if step % a.policy_freq == 0:
-        pi = agent.actor(s)
-        q_pi = agent.critic.q1(s, pi)
-        # p_hat = VAE reconstruction of the policy action; not detached, so (pi - p_hat)^2 also moves pi through
-        # the VAE (the released code does this; the paper's prose treats the target as fixed).
-        p_hat, _, _ = agent.vae(s, pi, randn(gens, (n, agent.vae.latent_dim), dev))
-        with torch.no_grad():
-            adv_vae = agent.critic.q1(s, p_hat) - v
-            adv_data = q1_data - v
-        target, gate, use_vae = select_bc_target(adv_vae, adv_data, p_hat, act, a.bc_weight, a.eps_a,
-                                                 a.bc_target, a.gate)
-        l_actor, l_bc = actor_loss(q_pi, pi, target, gate, a.alpha)
-        _step(opt.actor, l_actor.sum(), list(agent.actor.parameters()))
-        # Soft target updates, only on actor steps: theta' <- tau theta + (1 - tau) theta'.
-        with torch.no_grad():
-            for net, targ in ((agent.actor, agent.actor_target), (agent.critic, agent.critic_target)):
-                torch._foreach_lerp_(list(targ.parameters()), list(net.parameters()), a.tau)
-        out.update(actor=l_actor.detach(), bc=l_bc.detach(), gate_fraction=(gate > 0).float().mean(-1),
-                   vae_target_fraction=use_vae.float().mean(-1))
+        out.update(actor_step(agent, opt, s, act, q1_data, v, randn(gens, (n, agent.vae.latent_dim), dev), a))
     return out
 
 
@@ -750,6 +773,10 @@ def evaluate(actor: Actor, env_id: str, obs_mean, obs_std, action_low, action_hi
 # ----------------------------------------------------------------------------------------------------------------
 # Checkpoints and result files: written atomically, so an interruption never leaves a half-written file.
 # ----------------------------------------------------------------------------------------------------------------
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 def atomic_write(path: Path, write) -> None:
     """Call write(tmp_path), then rename over `path` (rename is atomic on POSIX and Windows)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -759,6 +786,7 @@ def atomic_write(path: Path, write) -> None:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; results get the user's usual permissions
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -857,6 +885,38 @@ def make_device(a: Args) -> torch.device:
     return torch.device("cpu")
 
 
+def build_learner(args: Args, obs_dim: int, act_dim: int, device, ckpt: dict | None = None):
+    """Networks, optimisers and one random stream per seed; restored from a checkpoint when one is given."""
+    seeds = [args.seed + i for i in range(args.num_seeds)]
+    agent = Agent(seeds, obs_dim, act_dim, args).to(device)
+    opt = Optimizers(agent, args)
+    gens = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+    if ckpt:
+        agent.load_state_dict(ckpt["agent"])
+        for name, o in opt.all().items():
+            o.load_state_dict(ckpt["optimizers"][name])
+        for g, st in zip(gens, ckpt["rng"]):
+            g.set_state(st)
+    return agent, opt, gens
+
+
+def load_policy(run_dir: str | Path, device="cpu", seed_index: int = 0):
+    """The trained policy of a run as a function: raw env observation -> env action (normalisation included)."""
+    ckpt = _load_checkpoint(Path(run_dir))
+    args = Args(**ckpt["args"])
+    agent, _, _ = build_learner(args, len(ckpt["obs_mean"]), len(ckpt["action_low"]), device, ckpt)
+    mean, std, low, high = ckpt["obs_mean"], ckpt["obs_std"], ckpt["action_low"], ckpt["action_high"]
+
+    @torch.no_grad()
+    def policy(obs: np.ndarray) -> np.ndarray:
+        x = torch.as_tensor((np.asarray(obs, np.float32) - mean) / std, device=device)
+        x = x.reshape(1, -1, len(mean)).expand(args.num_seeds, -1, -1)
+        return to_env_actions(agent.actor(x)[seed_index].cpu().numpy(), low, high).reshape(
+            *np.shape(obs)[:-1], len(low))
+
+    return policy
+
+
 def _load_checkpoint(run_dir: Path) -> dict:
     path = run_dir / "checkpoint.pt"
     if not path.exists():
@@ -891,19 +951,11 @@ def train(args: Args) -> dict:
     obs_dim, act_dim = ds.observations.shape[1], ds.actions.shape[1]
     dataset_score = float(normalized_score(ds.episode_returns, ds.ref_min_score, ds.ref_max_score).mean())
 
-    torch.manual_seed(args.seed)
-    agent = Agent(seeds, obs_dim, act_dim, args).to(device)
-    opt = Optimizers(agent, args)
-    gens = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+    agent, opt, gens = build_learner(args, obs_dim, act_dim, device, ckpt)
     history: list[dict] = []
     step, best = 0, np.full(len(seeds), -np.inf)
     if ckpt:
-        agent.load_state_dict(ckpt["agent"])
-        for name, o in opt.all().items():
-            o.load_state_dict(ckpt["optimizers"][name])
-        for g, st in zip(gens, ckpt["rng"]):
-            g.set_state(st)
-        step, best, history = ckpt["step"], np.asarray(ckpt["best"]), ckpt["history"]
+        step, best, history = ckpt["step"], np.asarray(ckpt["best"], dtype=float), ckpt["history"]
     run_dir = Path(args.resume) if args.resume else Path(args.save_dir) / (
         args.run_name or f"{args.env.replace('/', '_')}__seed{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}")
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -1069,12 +1121,13 @@ def build_parser() -> argparse.ArgumentParser:
     for f in dataclasses.fields(Args):
         flags = ["--" + f.name.replace("_", "-"), *f.metadata.get("aliases", ())]
         typ = hints[f.name]
-        kw = dict(dest=f.name, help=f.metadata["help"], default=f.default)
+        shown = "" if f.default is None or typ is bool or str(f.default) in f.metadata["help"] else f" (default {f.default})"
+        kw = dict(dest=f.name, help=f.metadata["help"] + shown, default=f.default)
         if typ is bool:
             kw["action"] = argparse.BooleanOptionalAction if f.metadata.get("negatable") else "store_true"
         else:
             base = next((t for t in typing.get_args(typ) if t is not type(None)), typ)
-            kw.update(type=base, metavar=f.name.split("_")[-1].upper())
+            kw.update(type=base, metavar=f.metadata.get("metavar", f.name.split("_")[-1].upper()))
             if "choices" in f.metadata:
                 kw["choices"] = f.metadata["choices"]
         p.add_argument(*flags, **kw)
