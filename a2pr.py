@@ -18,14 +18,20 @@ import copy
 import csv
 import dataclasses
 import difflib
+import functools
+import http.client
 import json
 import math
 import os
+import re
 import signal
+import socket
 import sys
 import tempfile
 import time
 import typing
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,15 +51,22 @@ def _arg(default, help: str, **meta):
 @dataclass
 class Args:
     # --- experiment ---
-    env: str = _arg("pendulum-mostly-random-v0", "dataset name (see README: built-in pendulum-*, D4RL names)")
+    env: str = _arg("pendulum-mostly-random-v0", "dataset: built-in pendulum-*, D4RL name, Minari id or .hdf5 file")
     seed: int = _arg(0, "seed of the agent (weights, batches, noise); the dataset has its own --dataset-seed")
     num_seeds: int = _arg(1, "train K independent agents (seeds seed..seed+K-1) as one batched computation")
     cuda: bool = _arg(False, "train on the GPU; stops at once if none is visible")
     preset: str = _arg("auto", "hyperparameter preset: auto (by --env), spec, pendulum-cpu or a D4RL dataset name")
     total_steps: int | None = _arg(None, "gradient steps (spec: 1,000,000)")
     # --- data ---
-    dataset_seed: int = _arg(0, "seed that generates a built-in dataset (same data for every agent seed)")
-    data_dir: str | None = _arg(None, "where built-in datasets are cached (default $A2PR_DATA_DIR or ~/.cache/a2pr)")
+    mix: str | None = _arg(None, "NAME:FRACTION: mix whole trajectories of NAME into --env, e.g. hopper-expert-v2:0.01",
+                           metavar="NAME:FRAC")
+    dataset_seed: int = _arg(0, "seed of built-in datasets and of --mix sampling (same data for every agent seed)")
+    eval_env: str | None = _arg(None, "gymnasium id to evaluate in, for a local .hdf5 file (default: from the file)",
+                                metavar="ID")
+    ref_scores: str | None = _arg(None, "MIN,MAX reference returns for the normalised score, if the data has none")
+    download_timeout: float = _arg(10.0, "seconds to wait for a connection or for the next block of a download")
+    data_dir: str | None = _arg(None, "where built-in datasets are cached (default $A2PR_DATA_DIR or ~/.cache/a2pr)",
+                                metavar="DIR")
     normalize_states: bool = _arg(True, "normalise states with the dataset's mean and std + 1e-3 (spec)",
                                   negatable=True)
     reward_scale: float = _arg(1.0, "r' = reward_scale * r + reward_shift (off by default; for sparse tasks)")
@@ -185,6 +198,8 @@ def validate_args(a: Args) -> None:
         raise A2PRError(f"--discount must be in [0, 1), got {a.discount!r}")
     if not (0.0 < a.tau <= 1.0):
         raise A2PRError(f"--tau must be in (0, 1], got {a.tau!r}")
+    if not (math.isfinite(a.download_timeout) and a.download_timeout > 0):
+        raise A2PRError(f"--download-timeout must be a positive number of seconds, got {a.download_timeout!r}")
     if not math.isfinite(a.eps_a):
         raise A2PRError(f"--eps-a must be a finite number, got {a.eps_a!r}")
     if a.bc_target not in ("select", "data", "vae"):
@@ -200,7 +215,7 @@ def validate_args(a: Args) -> None:
 class Dataset:
     """Transitions in D4RL's Q-learning convention plus what evaluation needs to read a score."""
     name: str
-    env_id: str                      # gymnasium id used for evaluation
+    env_id: typing.Any               # gymnasium id (or EnvSpec, for Minari) used for evaluation
     observations: np.ndarray         # (N, obs_dim) float32
     actions: np.ndarray              # (N, act_dim) float32, in the env's own units
     rewards: np.ndarray              # (N,) float32
@@ -212,6 +227,7 @@ class Dataset:
     action_low: np.ndarray
     action_high: np.ndarray
     source: str = ""                 # where the data came from, printed at start
+    notice: str = ""                 # a warning to print with every result (e.g. not the D4RL data)
 
 
 BUILTIN_DATASETS = {
@@ -259,14 +275,6 @@ def _rollout_pendulum(policy: str, n_episodes: int, rng: np.random.Generator) ->
             for k, v in rows.items()}
 
 
-def _episode_returns(rewards: np.ndarray, ends: np.ndarray) -> np.ndarray:
-    """Sum rewards per episode; an episode ends at a terminal or time-out (or at the end of the file)."""
-    cut = np.flatnonzero(ends) + 1
-    if len(cut) == 0 or cut[-1] != len(rewards):
-        cut = np.append(cut, len(rewards))
-    return np.add.reduceat(rewards.astype(np.float64), np.concatenate([[0], cut[:-1]]))
-
-
 def make_builtin_dataset(name: str, seed: int) -> tuple[dict[str, np.ndarray], dict]:
     """Generate a built-in Pendulum dataset (rows + attributes) from a seed; no network, no training."""
     rng = np.random.default_rng([seed, BUILTIN_VERSION])
@@ -283,7 +291,7 @@ def make_builtin_dataset(name: str, seed: int) -> tuple[dict[str, np.ndarray], d
     ref = {}
     for policy in ("random", "expert"):
         r = _rollout_pendulum(policy, 100, ref_rng)
-        ref[policy] = float(_episode_returns(r["rewards"], r["timeouts"] | r["terminals"]).mean())
+        ref[policy] = float(episode_returns(r).mean())
     attrs = dict(env_id="Pendulum-v1", ref_min_score=ref["random"], ref_max_score=ref["expert"],
                  generator=f"a2pr built-in v{BUILTIN_VERSION}, seed {seed}", description=BUILTIN_DATASETS[name])
     return rows, attrs
@@ -351,45 +359,631 @@ def data_dir(args: Args) -> Path:
     return Path(args.data_dir or os.environ.get("A2PR_DATA_DIR") or Path.home() / ".cache" / "a2pr")
 
 
-def unknown_dataset_error(name: str) -> A2PRError:
-    known = list(BUILTIN_DATASETS)
-    close = difflib.get_close_matches(name, known, n=3, cutoff=0.4)
-    return A2PRError(f"unknown dataset '{name}'" + (f"; closest: {', '.join(close)}" if close else "")
-                     + f"; built-in (offline): {', '.join(BUILTIN_DATASETS)}")
+# ----------------------------------------------------------------------------------------------------------------
+# D4RL registry (MuJoCo locomotion v2). URLs and reference returns as in D4RL's d4rl/infos.py and
+# d4rl/gym_mujoco/__init__.py: gym_mujoco_v2/<env>_<kind with '_' for '-'>-v2.hdf5, cached under the URL's basename.
+# ----------------------------------------------------------------------------------------------------------------
+D4RL_BASE_URL = "http://rail.eecs.berkeley.edu/datasets/offline_rl/gym_mujoco_v2"
+D4RL_KINDS = ("random", "medium", "medium-replay", "medium-expert", "expert", "full-replay")
+ANT_D4RL_ENV_ID = "a2pr/AntD4RL-v4"  # Ant-v4 whose 84 contact-force dims are zero, as in D4RL's ant-v2 files
+D4RL_FAMILIES = {
+    # family: (evaluation env id, obs dim, act dim, ref_min_score (random policy), ref_max_score (expert))
+    "hopper": ("Hopper-v4", 11, 3, -20.272305, 3234.3),
+    "halfcheetah": ("HalfCheetah-v4", 17, 6, -280.178953, 12135.0),
+    "walker2d": ("Walker2d-v4", 17, 6, 1.629008, 4592.3),
+    "ant": (ANT_D4RL_ENV_ID, 111, 8, -325.6, 3879.7),
+}
 
 
-def load_dataset(args: Args, log=print) -> Dataset:
-    """Resolve --env to rows in D4RL layout, then to transitions (the single path for every source)."""
-    if args.env in BUILTIN_DATASETS:
-        path = data_dir(args) / f"{args.env}-seed{args.dataset_seed}-v{BUILTIN_VERSION}.hdf5"
-        if not path.exists():
-            t0 = time.time()
-            rows, attrs = make_builtin_dataset(args.env, args.dataset_seed)
-            write_d4rl_hdf5(path, rows, attrs)
-            log(f"generated {args.env} ({len(rows['rewards']):,} rows) in {time.time() - t0:.1f}s -> {path}")
-        rows, attrs = read_d4rl_hdf5(path)
-        source = f"built-in, {path}"
-    else:
-        raise unknown_dataset_error(args.env)
-    env_id = attrs["env_id"]
-    space = eval_env_action_space(env_id)
-    tr = qlearning_transitions(rows)
-    if len(tr["rewards"]) == 0:
-        raise A2PRError(f"{path}: no usable transitions (every row is a time-out)")
-    return Dataset(name=args.env, env_id=env_id, **tr, ref_min_score=float(attrs["ref_min_score"]),
-                   ref_max_score=float(attrs["ref_max_score"]),
-                   episode_returns=_episode_returns(rows["rewards"], rows["terminals"] | rows["timeouts"]),
-                   action_low=space.low.astype(np.float32), action_high=space.high.astype(np.float32),
-                   source=source)
+@dataclasses.dataclass(frozen=True)
+class D4RLEntry:
+    name: str            # hopper-medium-replay-v2
+    family: str          # hopper
+    url: str             # .../gym_mujoco_v2/hopper_medium_replay-v2.hdf5
+    env_id: str          # gymnasium id used for evaluation
+    obs_dim: int
+    act_dim: int
+    ref_min_score: float
+    ref_max_score: float
+
+    @property
+    def filename(self) -> str:  # D4RL caches a file under its URL's basename
+        return self.url.rsplit("/", 1)[1]
 
 
-def eval_env_action_space(env_id: str):
+D4RL_DATASETS: dict[str, D4RLEntry] = {
+    f"{fam}-{kind}-v2": D4RLEntry(f"{fam}-{kind}-v2", fam, f"{D4RL_BASE_URL}/{fam}_{kind.replace('-', '_')}-v2.hdf5",
+                                  *info)
+    for fam, info in D4RL_FAMILIES.items() for kind in D4RL_KINDS
+}
+
+MINARI_MUJOCO_NOTICE = ("Minari's mujoco/* datasets are not the D4RL data; do not compare these scores with "
+                        "D4RL tables")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluation env for D4RL's ant: D4RL's ant-v2 files were collected with mujoco-py on MuJoCo 2.x, where the 84
+# contact-force observations (cfrc_ext) are never computed and stay 0 (and so does the contact cost in the reward).
+# Ant-v4 with use_contact_forces=True has 111 dims too, but real, non-zero forces and a contact cost: a different
+# input distribution from the data. This env gives the data's distribution: Ant-v4 defaults + 84 zeros.
+# ----------------------------------------------------------------------------------------------------------------
+@functools.cache
+def _d4rl_ant_class():
+    from gymnasium.envs.mujoco.ant_v4 import AntEnv
+    from gymnasium.spaces import Box
+
+    class D4RLAntEnv(AntEnv):
+        def __init__(self, **kwargs):
+            kwargs["use_contact_forces"] = False
+            super().__init__(**kwargs)
+            self.observation_space = Box(-np.inf, np.inf, (111,), np.float64)
+
+        def _get_obs(self):
+            return np.concatenate([super()._get_obs(), np.zeros(84)])
+
+    return D4RLAntEnv
+
+
+def make_d4rl_ant_env(**kwargs):
+    return _d4rl_ant_class()(**kwargs)
+
+
+def register_a2pr_envs() -> None:
+    """Register a2pr's own evaluation envs with gymnasium (idempotent); call before gym.make on a saved env id."""
     import gymnasium as gym
 
+    if ANT_D4RL_ENV_ID not in gym.registry:
+        gym.register(ANT_D4RL_ENV_ID, entry_point=make_d4rl_ant_env, max_episode_steps=1000)
+
+
+def env_label(env_id) -> str:
+    return env_id if isinstance(env_id, str) else getattr(env_id, "id", str(env_id))
+
+
+def env_dims(env_id, where: str) -> tuple[int, int]:
+    """(obs dim, act dim) of an evaluation env; one-line error if it cannot be made or is not continuous."""
+    import gymnasium as gym
+
+    register_a2pr_envs()
     try:
         env = gym.make(env_id)
     except Exception as e:
-        raise A2PRError(f"cannot make the evaluation env '{env_id}' ({type(e).__name__}: {e})") from None
+        raise A2PRError(f"{where}: cannot make the evaluation env '{env_label(env_id)}' ({type(e).__name__}: {e})") \
+            from None
+    obs_space, act_space = env.observation_space, env.action_space
+    env.close()
+    if not isinstance(act_space, gym.spaces.Box) or not isinstance(obs_space, gym.spaces.Box):
+        raise A2PRError(f"{where}: the evaluation env '{env_label(env_id)}' must have Box observations and actions "
+                        f"(has {type(obs_space).__name__} / {type(act_space).__name__})")
+    return int(np.prod(obs_space.shape)), int(np.prod(act_space.shape))
+
+
+def check_dims(rows: dict, obs_dim: int, act_dim: int, where: str, against: str) -> None:
+    got_obs, got_act = rows["observations"].shape[1], rows["actions"].shape[1]
+    if (got_obs, got_act) != (obs_dim, act_dim):
+        raise A2PRError(f"{where}: the data has observation dim {got_obs} and action dim {got_act}, but {against} "
+                        f"has {obs_dim} and {act_dim}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rows -> transitions, rows validation, episodes
+# ----------------------------------------------------------------------------------------------------------------
+def rows_to_transitions(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Transitions from rows. Rows that carry next_observations (Minari: N+1 observations per N steps) keep every
+    step, including the last step of a time-limited episode (its next state is known, terminal = 0). Rows without
+    it follow D4RL's qlearning_dataset convention (next state = next row, time-out rows dropped)."""
+    if "next_observations" not in rows:
+        return qlearning_transitions(rows)
+    return dict(observations=rows["observations"], actions=rows["actions"], rewards=rows["rewards"],
+                next_observations=rows["next_observations"], terminals=rows["terminals"].astype(np.float32))
+
+
+def validate_rows(rows: dict[str, np.ndarray], where: str) -> dict[str, np.ndarray]:
+    """The checks read_d4rl_hdf5 does on a file, for rows built in memory (Minari, mixes)."""
+    n = len(rows["rewards"])
+    if n == 0:
+        raise A2PRError(f"{where}: the dataset is empty")
+    for k in ("observations", "actions", "next_observations"):
+        if k in rows and (rows[k].ndim != 2 or len(rows[k]) != n):
+            raise A2PRError(f"{where}: '{k}' has shape {rows[k].shape}, expected ({n}, dim)")
+    for k in ("terminals", "timeouts"):
+        if rows[k].shape != (n,):
+            raise A2PRError(f"{where}: '{k}' has shape {rows[k].shape}, expected ({n},)")
+    for k in ("observations", "actions", "rewards", "next_observations"):
+        if k in rows and not np.isfinite(rows[k]).all():
+            raise A2PRError(f"{where}: '{k}' contains NaN or inf values")
+    return rows
+
+
+def episode_bounds(rows: dict[str, np.ndarray]) -> np.ndarray:
+    """(n_episodes, 2) [start, stop) row ranges: an episode ends at a terminal or time-out, or at the end of the
+    rows (a trailing partial episode, which `_close_episodes` marks as timed out)."""
+    n = len(rows["rewards"])
+    stops = np.flatnonzero(rows["terminals"] | rows["timeouts"]) + 1
+    if len(stops) == 0 or stops[-1] != n:
+        stops = np.append(stops, n)
+    starts = np.concatenate([[0], stops[:-1]])
+    return np.stack([starts, stops], axis=1)
+
+
+def episode_returns(rows: dict[str, np.ndarray]) -> np.ndarray:
+    """The return of every episode in the rows (for a dataset's own average score)."""
+    return np.add.reduceat(rows["rewards"].astype(np.float64), episode_bounds(rows)[:, 0])
+
+
+def _close_episodes(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Mark the last row as a time-out if it ends nothing, so that episodes can be moved around safely."""
+    if not (rows["terminals"][-1] or rows["timeouts"][-1]):
+        rows = dict(rows, timeouts=rows["timeouts"].copy())
+        rows["timeouts"][-1] = True
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Download: streamed to DEST.<pid>.part with a timeout and a progress bar, validated, then renamed.
+# ----------------------------------------------------------------------------------------------------------------
+def _progress(label: str, done: int, total: int | None, t0: float, state: dict, final: bool = False) -> None:
+    """Plain-text progress on stderr: redrawn in place on a terminal, one line per 10% otherwise."""
+    tty = sys.stderr.isatty()
+    now = time.time()
+    pct = 100.0 * done / total if total else None
+    if not final:
+        if tty and now - state.get("t", 0.0) < 0.2:
+            return
+        if not tty and (pct is None or int(pct // 10) <= state.get("decile", -1)):
+            return
+    state["t"], state["decile"] = now, int(pct // 10) if pct is not None else -1
+    speed = done / max(now - t0, 1e-9) / 1e6
+    size = f"{done / 1e6:.1f}/{total / 1e6:.1f} MB" if total else f"{done / 1e6:.1f} MB"
+    line = f"  downloading {label}: " + (f"{pct:5.1f}% " if pct is not None else "") + f"{size} {speed:.1f} MB/s"
+    sys.stderr.write(("\r" + line + ("\n" if final else "")) if tty else line + "\n")
+    sys.stderr.flush()
+
+
+def download_file(url: str, dest: Path, validate, timeout: float = 10.0, offline_hint: str = ""):
+    """Download url to dest and return validate(part_path)'s result. The bytes go to DEST.<pid>.part, which is
+    renamed to dest only once complete (Content-Length matched) and valid, and removed on any failure (also
+    Ctrl-C): dest is never half-written or corrupt. Connection and stalled reads give up after `timeout` s."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(f"{dest.name}.{os.getpid()}.part")
+    where = f"put the file there by hand (e.g. wget -O {dest} {url}) and run again"
+
+    def fail(reason: str) -> A2PRError:
+        return A2PRError(f"cannot download {url} ({reason}); {where}" + (f", {offline_hint}" if offline_hint else ""))
+
+    try:
+        try:
+            resp = urllib.request.urlopen(url, timeout=timeout)
+        except urllib.error.HTTPError as e:
+            raise fail(f"HTTP {e.code} {e.reason}") from None
+        except urllib.error.URLError as e:
+            r = e.reason
+            raise fail(f"timed out after {timeout:g}s" if isinstance(r, TimeoutError) else
+                       f"{type(r).__name__}: {r}" if isinstance(r, BaseException) else str(r)) from None
+        except (OSError, ValueError, http.client.HTTPException) as e:
+            raise fail(f"timed out after {timeout:g}s" if isinstance(e, TimeoutError) else
+                       f"{type(e).__name__}: {e}") from None
+        total = int(resp.headers.get("Content-Length") or 0) or None
+        done, t0, state = 0, time.time(), {}
+        try:
+            with resp, open(part, "wb") as f:
+                while chunk := resp.read(1 << 20):
+                    f.write(chunk)
+                    done += len(chunk)
+                    _progress(dest.name, done, total, t0, state)
+        except TimeoutError:
+            raise fail(f"no data for {timeout:g}s after {done:,} bytes; the partial file was removed") from None
+        except (OSError, http.client.HTTPException) as e:
+            raise fail(f"interrupted after {done:,} bytes ({type(e).__name__}); the partial file was removed") \
+                from None
+        _progress(dest.name, done, total, t0, state, final=True)
+        if total is not None and done != total:
+            raise fail(f"incomplete: {done:,} of {total:,} bytes; the partial file was removed")
+        try:
+            result = validate(part)
+        except A2PRError as e:
+            reason = str(e).replace(str(part) + ": ", "").replace("; delete it and let it be made again", "")
+            raise A2PRError(f"the file downloaded from {url} is not a valid dataset ({reason}); nothing was saved "
+                            f"at {dest}") from None
+        os.replace(part, dest)
+        return result
+    finally:
+        if part.exists():
+            part.unlink()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sources
+# ----------------------------------------------------------------------------------------------------------------
+def d4rl_cache_dir() -> Path:
+    """D4RL's own cache: $D4RL_DATASET_DIR, else ~/.d4rl/datasets (d4rl/offline_env.py)."""
+    return Path(os.environ.get("D4RL_DATASET_DIR") or Path.home() / ".d4rl" / "datasets").expanduser()
+
+
+def d4rl_url(entry: D4RLEntry) -> str:
+    """The published URL, or the same file name under $A2PR_D4RL_MIRROR (a mirror; the tests' local server)."""
+    mirror = os.environ.get("A2PR_D4RL_MIRROR")
+    return f"{mirror.rstrip('/')}/{entry.filename}" if mirror else entry.url
+
+
+def _offline_hint() -> str:
+    return f"or use a built-in dataset that works offline: {', '.join(BUILTIN_DATASETS)}"
+
+
+def load_d4rl(name: str, args: Args, log=print) -> tuple[dict, dict]:
+    entry = D4RL_DATASETS[name]
+    path = d4rl_cache_dir() / entry.filename
+    against = f"{name} ({entry.env_id})"
+
+    def read_checked(p: Path) -> dict:
+        rows, _ = read_d4rl_hdf5(p)
+        check_dims(rows, entry.obs_dim, entry.act_dim, str(p), against)
+        return rows
+
+    if path.exists():
+        rows = read_checked(path)
+        how = "cached"
+    else:
+        url = d4rl_url(entry)
+        log(f"downloading {name} from {url} -> {path}")
+        rows = download_file(url, path, read_checked, timeout=args.download_timeout,
+                             offline_hint=_offline_hint())
+        how = "downloaded"
+    attrs = dict(env_id=entry.env_id, ref_min_score=entry.ref_min_score, ref_max_score=entry.ref_max_score,
+                 source=f"D4RL {name}, {how}, {path}")
+    return rows, attrs
+
+
+def _d4rl_family_of(text: str) -> str | None:
+    """'hopper_medium-v2.hdf5' -> hopper; 'antmaze_...' -> None (ant must be followed by _ or -)."""
+    m = re.match(r"(halfcheetah|hopper|walker2d|ant)[_-]", text.lower())
+    return m.group(1) if m else None
+
+
+def _parse_ref_scores(text, where: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(x) for x in str(text).split(","))
+    except ValueError:
+        raise A2PRError(f"{where}: --ref-scores must be MIN,MAX (two numbers), got {text!r}") from None
+    if not (math.isfinite(lo) and math.isfinite(hi) and hi != lo):
+        raise A2PRError(f"{where}: --ref-scores must be two different finite numbers, got {text!r}")
+    return lo, hi
+
+
+def load_local_file(path_text: str, args: Args, log=print) -> tuple[dict, dict]:
+    """A D4RL-layout HDF5 file. Eval env: --eval-env, else the file's env_id attribute, else its name
+    (hopper_medium-v2.hdf5 -> Hopper-v4). Reference returns: --ref-scores, else the file's attributes, else the
+    D4RL family of the eval env."""
+    path = Path(path_text).expanduser()
+    if not path.is_file():
+        raise A2PRError(f"{path}: file not found")
+    rows, fattrs = read_d4rl_hdf5(path)
+    family = _d4rl_family_of(path.name)
+    if args.eval_env:
+        env_id, how = args.eval_env, "--eval-env"
+    elif fattrs.get("env_id"):
+        env_id, how = str(fattrs["env_id"]), "the file's env_id attribute"
+    elif family:
+        env_id, how = D4RL_FAMILIES[family][0], f"the file name ({family})"
+    else:
+        raise A2PRError(f"{path}: cannot tell which env to evaluate in (no env_id attribute, and the name does not "
+                        f"start with {', '.join(D4RL_FAMILIES)}); pass --eval-env ID, e.g. --eval-env Hopper-v4")
+    obs_dim, act_dim = env_dims(env_id, str(path))
+    check_dims(rows, obs_dim, act_dim, str(path), f"the evaluation env {env_id} (from {how})")
+    by_env = {v[0]: v for v in D4RL_FAMILIES.values()}
+    if args.ref_scores:
+        ref = _parse_ref_scores(args.ref_scores, str(path))
+    elif "ref_min_score" in fattrs and "ref_max_score" in fattrs:
+        ref = (float(fattrs["ref_min_score"]), float(fattrs["ref_max_score"]))
+    elif env_id in by_env:
+        ref = by_env[env_id][3:5]
+    else:
+        raise A2PRError(f"{path}: no reference returns for the normalised score (the file has no ref_min_score/"
+                        f"ref_max_score attributes and {env_id} is not a D4RL env); pass --ref-scores MIN,MAX")
+    return rows, dict(env_id=env_id, ref_min_score=ref[0], ref_max_score=ref[1],
+                      source=f"file {path}, evaluated in {env_id} (from {how})")
+
+
+def load_builtin(name: str, args: Args, log=print) -> tuple[dict, dict]:
+    """a2pr's existing built-in path (generate once, then read the cached file)."""
+    seed = args.dataset_seed
+    path = data_dir(args) / f"{name}-seed{seed}-v{BUILTIN_VERSION}.hdf5"
+    if not path.exists():
+        t0 = time.time()
+        rows, attrs = make_builtin_dataset(name, seed)
+        write_d4rl_hdf5(path, rows, attrs)
+        log(f"generated {name} ({len(rows['rewards']):,} rows) in {time.time() - t0:.1f}s -> {path}")
+    rows, attrs = read_d4rl_hdf5(path)
+    return rows, dict(env_id=attrs["env_id"], ref_min_score=float(attrs["ref_min_score"]),
+                      ref_max_score=float(attrs["ref_max_score"]), source=f"built-in, {path}")
+
+
+# --- Minari ------------------------------------------------------------------------------------------------------
+MINARI_ID = re.compile(r"^[\w.-]+(/[\w.-]+)*-v\d+$")
+
+
+def minari_local_path(dataset_id: str) -> Path:
+    """Where minari.load_dataset looks (minari/storage/datasets_root_dir.py), without importing minari."""
+    root = os.environ.get("MINARI_DATASETS_PATH") or Path.home() / ".minari" / "datasets"
+    return Path(root) / dataset_id
+
+
+def flatten_observations(obs, space, where: str) -> np.ndarray:
+    """(T, ...) arrays -> (T, d) float32, in the order gymnasium.spaces.flatten uses (Dict: its key order)."""
+    import gymnasium as gym
+
+    if isinstance(space, gym.spaces.Box):
+        a = np.asarray(obs, dtype=np.float32)
+        return a.reshape(len(a), -1)
+    if isinstance(space, gym.spaces.Dict):
+        return np.concatenate([flatten_observations(obs[k], s, where) for k, s in space.spaces.items()], axis=1)
+    if isinstance(space, gym.spaces.Tuple):
+        return np.concatenate([flatten_observations(o, s, where) for o, s in zip(obs, space.spaces)], axis=1)
+    raise A2PRError(f"{where}: unsupported observation space {type(space).__name__} (a2pr needs Box, or a Dict/"
+                    f"Tuple of Boxes, which it flattens)")
+
+
+def minari_episodes_to_rows(episodes, observation_space, where: str) -> dict[str, np.ndarray]:
+    """Minari episodes (N+1 observations for N steps) -> rows with explicit next_observations. The last step of an
+    episode that is neither terminated nor truncated (data collection stopped) is marked as a time-out, so that
+    every episode's end is visible in terminals | timeouts."""
+    parts: dict[str, list] = {k: [] for k in ("observations", "next_observations", "actions", "rewards",
+                                              "terminals", "timeouts")}
+    for ep in episodes:
+        n = len(ep.rewards)
+        if n == 0:
+            continue
+        obs = flatten_observations(ep.observations, observation_space, where)
+        if len(obs) != n + 1:
+            raise A2PRError(f"{where}: episode {ep.id} has {len(obs)} observations for {n} steps (expected {n + 1})")
+        term = np.asarray(ep.terminations, dtype=bool).reshape(n)
+        trunc = np.asarray(ep.truncations, dtype=bool).reshape(n).copy()
+        trunc[-1] |= not term[-1]
+        parts["observations"].append(obs[:-1])
+        parts["next_observations"].append(obs[1:])
+        parts["actions"].append(np.asarray(ep.actions, dtype=np.float32).reshape(n, -1))
+        parts["rewards"].append(np.asarray(ep.rewards, dtype=np.float32).reshape(n))
+        parts["terminals"].append(term)
+        parts["timeouts"].append(trunc & ~term)
+    if not parts["rewards"]:
+        raise A2PRError(f"{where}: the dataset is empty (no episode with at least one step)")
+    return validate_rows({k: np.concatenate(v) for k, v in parts.items()}, where)
+
+
+def _missing_requirement(requirements) -> str | None:
+    """The first pip requirement (from Minari metadata) whose package is not installed at all."""
+    import importlib.metadata
+
+    from packaging.requirements import InvalidRequirement, Requirement
+
+    for text in requirements or []:
+        try:
+            name = Requirement(text).name
+        except InvalidRequirement:
+            continue
+        for candidate in (name, name.replace("-", "_"), name.replace("_", "-")):
+            try:
+                importlib.metadata.version(candidate)
+                break
+            except importlib.metadata.PackageNotFoundError:
+                continue
+        else:
+            return name
+    return None
+
+
+def _needs_package_error(dataset_id: str, package: str) -> A2PRError:
+    package = "gymnasium-robotics" if package.replace("_", "-") == "gymnasium-robotics" else package
+    return A2PRError(f"Minari dataset {dataset_id} needs the {package} package for its environment: "
+                     f"pip install {package}")
+
+
+def minari_eval_spec(ds, dataset_id: str):
+    """The dataset's evaluation env as an EnvSpec that gymnasium.make accepts again (evaluation makes one env per
+    agent): recover_environment(eval_env=True), plus FlattenObservation for Dict/Tuple observations, then .spec
+    (gymnasium records wrappers in spec.additional_wrappers and re-applies them in make)."""
+    import gymnasium as gym
+
+    missing = _missing_requirement(ds.storage.metadata.get("requirements"))
+    if missing:
+        raise _needs_package_error(dataset_id, missing)
+    try:
+        env = ds.recover_environment(eval_env=True)
+    except ModuleNotFoundError as e:
+        raise _needs_package_error(dataset_id, (e.name or str(e)).split(".")[0]) from None
+    except Exception as e:
+        if "gymnasium_robotics" in str(e):
+            raise _needs_package_error(dataset_id, "gymnasium-robotics") from None
+        raise A2PRError(f"cannot make the evaluation env of Minari dataset {dataset_id} ({type(e).__name__}: {e})") \
+            from None
+    if not isinstance(env.observation_space, gym.spaces.Box):
+        env = gym.wrappers.FlattenObservation(env)
+    spec = env.spec
+    env.close()
+    return spec
+
+
+def load_minari(dataset_id: str, args: Args, log=print) -> tuple[dict, dict]:
+    try:
+        import minari
+    except ImportError:
+        raise A2PRError(f"'{dataset_id}' looks like a Minari dataset id, which needs the minari package: "
+                        f"pip install minari") from None
+    where = f"Minari dataset {dataset_id}"
+    try:
+        ds = minari.load_dataset(dataset_id, download=False)
+    except FileNotFoundError:
+        log(f"downloading Minari dataset {dataset_id} -> {minari_local_path(dataset_id)}")
+        old = socket.getdefaulttimeout()
+        socket.setdefaulttimeout(args.download_timeout)
+        try:
+            ds = minari.load_dataset(dataset_id, download=True)
+        except Exception as e:
+            raise A2PRError(f"cannot download {where} ({type(e).__name__}: {e}); check the id (minari list remote) "
+                            f"and your connection, or put it under {minari_local_path(dataset_id)} "
+                            f"(MINARI_DATASETS_PATH), {_offline_hint()}") from None
+        finally:
+            socket.setdefaulttimeout(old)
+    except Exception as e:  # unsupported version, corrupt metadata
+        raise A2PRError(f"cannot load {where} ({type(e).__name__}: {e})") from None
+    meta = ds.storage.metadata
+    import gymnasium as gym
+
+    if not isinstance(ds.action_space, gym.spaces.Box):
+        raise A2PRError(f"{where}: a2pr needs continuous (Box) actions, the dataset has {ds.action_space}")
+    try:
+        rows = minari_episodes_to_rows(ds.iterate_episodes(), ds.observation_space, where)
+    except A2PRError:
+        raise
+    except Exception as e:  # a truncated or corrupt data file
+        raise A2PRError(f"{where}: cannot read its data at {ds.storage.data_path} ({type(e).__name__}: {e}); "
+                        f"delete that folder and download it again") from None
+    spec = minari_eval_spec(ds, dataset_id)
+    if args.ref_scores:
+        ref = _parse_ref_scores(args.ref_scores, where)
+    elif meta.get("ref_min_score") is not None and meta.get("ref_max_score") is not None:
+        ref = (float(meta["ref_min_score"]), float(meta["ref_max_score"]))
+    else:
+        raise A2PRError(f"{where} has no ref_min_score/ref_max_score in its metadata, so its normalised score is "
+                        f"undefined; pass --ref-scores MIN,MAX")
+    obs_dim, act_dim = env_dims(spec, where)
+    check_dims(rows, obs_dim, act_dim, where, f"its evaluation env {spec.id}")
+    attrs = dict(env_id=spec, ref_min_score=ref[0], ref_max_score=ref[1],
+                 source=f"Minari {dataset_id} ({len(rows['rewards']):,} steps), {ds.storage.data_path}")
+    if dataset_id.startswith("mujoco/"):
+        attrs["notice"] = MINARI_MUJOCO_NOTICE
+    return rows, attrs
+
+
+# --- mixes -------------------------------------------------------------------------------------------------------
+def parse_mix(text: str) -> tuple[str, float]:
+    """'hopper-expert-v2:0.01' -> ('hopper-expert-v2', 0.01). The name is anything --env accepts; the fraction is
+    the share of the mixed data's transitions that come from it, 0 < f < 1 ('1%' also accepted)."""
+    name, sep, frac = str(text).rpartition(":")
+    try:
+        f = float(frac[:-1]) / 100 if frac.endswith("%") else float(frac)
+    except ValueError:
+        f = float("nan")
+    if not sep or not name or not (0.0 < f < 1.0):
+        raise A2PRError(f"--mix must be NAME:FRACTION with 0 < FRACTION < 1, e.g. hopper-expert-v2:0.01, got {text!r}")
+    return name, f
+
+
+def sample_episodes(rows: dict, target: int, rng: np.random.Generator) -> tuple[np.ndarray, int]:
+    """Row indices of whole episodes drawn uniformly with replacement until they hold >= target rows (the last
+    one is kept whole, so the overshoot is under one episode); returns (indices, number of episodes)."""
+    bounds = episode_bounds(rows)
+    chosen, count = [], 0
+    while count < target:
+        s, e = bounds[rng.integers(len(bounds))]
+        chosen.append(np.arange(s, e))
+        count += e - s
+    return (np.concatenate(chosen) if chosen else np.zeros(0, dtype=np.int64)), len(chosen)
+
+
+def mix_rows(base: dict, good: dict, fraction: float, seed: int) -> tuple[dict, dict]:
+    """Trajectory-wise mix as in the paper's low-quality-data experiments: T = len(good) rows in total (the good
+    dataset's size); round(fraction * T) rows (half up, at least one episode) drawn as whole episodes of `good`,
+    the rest as whole episodes of `base`, both with replacement, reproducible from `seed`. Base episodes first."""
+    if set(base) != set(good):
+        raise A2PRError("--mix: the two sources have different layouts (one has explicit next observations, e.g. "
+                        "Minari, the other not); mix sources of the same kind")
+    base, good = _close_episodes(base), _close_episodes(good)
+    total = len(good["rewards"])
+    n_good = max(1, math.floor(fraction * total + 0.5))
+    rng = np.random.default_rng([seed, 2024])
+    idx_base, k_base = sample_episodes(base, total - n_good, rng)
+    idx_good, k_good = sample_episodes(good, n_good, rng)
+    rows = {k: np.concatenate([base[k][idx_base], good[k][idx_good]]) for k in base}
+    info = dict(total_target=total, good_target=n_good, good_rows=len(idx_good), base_rows=len(idx_base),
+                good_episodes=k_good, base_episodes=k_base)
+    return rows, info
+
+
+# --- entry point -------------------------------------------------------------------------------------------------
+def source_kind(name: str) -> str:
+    """builtin | d4rl | file | minari, or raise the unknown-name error."""
+    if name in BUILTIN_DATASETS:
+        return "builtin"
+    if name in D4RL_DATASETS:
+        return "d4rl"
+    if name.lower().endswith((".hdf5", ".h5")) or os.path.isfile(name):
+        return "file"
+    if ("/" in name and MINARI_ID.match(name)) or (minari_local_path(name) / "data").is_dir():
+        return "minari"
+    raise unknown_name_error(name)
+
+
+def unknown_name_error(name: str) -> A2PRError:
+    known = list(BUILTIN_DATASETS) + list(D4RL_DATASETS)
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+    return A2PRError(f"unknown dataset '{name}'" + (f"; closest: {', '.join(close)}" if close else "")
+                     + "; --env takes a D4RL name (hopper-medium-v2), a Minari id (mujoco/hopper/medium-v0), "
+                     f"a .hdf5 file, or a built-in dataset (offline): {', '.join(BUILTIN_DATASETS)}")
+
+
+LOADERS = dict(builtin=load_builtin, d4rl=load_d4rl, file=load_local_file, minari=load_minari)
+
+
+def load_one(name: str, args: Args, log=print) -> tuple[dict, dict]:
+    kind = source_kind(name)
+    rows, attrs = LOADERS[kind](name, args, log)
+    attrs["kind"] = kind
+    if "notice" in attrs:
+        log(f"NOTICE: {attrs['notice']}")
+    return rows, attrs
+
+
+def load_rows(env_name: str, args: Args, log=print) -> tuple[dict[str, np.ndarray], dict]:
+    """--env (and --mix) -> (rows, attrs). rows: D4RL row layout (+ next_observations for Minari); attrs: env_id
+    (gymnasium id or EnvSpec), ref_min_score, ref_max_score, source, kind, optionally notice and mix."""
+    register_a2pr_envs()
+    rows, attrs = load_one(env_name, args, log)
+    mix = args.mix
+    if mix:
+        good_name, fraction = parse_mix(mix)
+        try:
+            good, gattrs = load_one(good_name, args, log)
+        except A2PRError as e:
+            raise A2PRError(f"--mix {mix}: {e}") from None
+        if env_label(gattrs["env_id"]) != env_label(attrs["env_id"]) or \
+                good["observations"].shape[1] != rows["observations"].shape[1] or \
+                good["actions"].shape[1] != rows["actions"].shape[1]:
+            raise A2PRError(f"--mix: {good_name} is for {env_label(gattrs['env_id'])} "
+                            f"(obs {good['observations'].shape[1]}, act {good['actions'].shape[1]}) but {env_name} "
+                            f"is for {env_label(attrs['env_id'])} (obs {rows['observations'].shape[1]}, act "
+                            f"{rows['actions'].shape[1]}); mix two datasets of the same env")
+        seed = args.dataset_seed
+        rows, info = mix_rows(rows, good, fraction, seed)
+        attrs = dict(attrs, mix=info, source=(
+            f"mix of {env_name} ({info['base_rows']:,} rows, {info['base_episodes']} episodes) and {good_name} "
+            f"({info['good_rows']:,} rows, {info['good_episodes']} episodes; target {fraction:g} of "
+            f"{info['total_target']:,}), dataset seed {seed}"))
+    return validate_rows(rows, env_name), attrs
+
+
+def load_dataset(args: Args, log=print) -> Dataset:
+    """--env (and --mix) -> transitions and what evaluation needs: the single path for every source."""
+    rows, attrs = load_rows(args.env, args, log)
+    env_id = attrs["env_id"]
+    space = eval_env_action_space(env_id)
+    tr = rows_to_transitions(rows)
+    if len(tr["rewards"]) == 0:
+        raise A2PRError(f"{args.env}: no usable transitions (every row is a time-out)")
+    return Dataset(name=args.env + (f" + {args.mix}" if args.mix else ""), env_id=env_id, **tr,
+                   ref_min_score=float(attrs["ref_min_score"]), ref_max_score=float(attrs["ref_max_score"]),
+                   episode_returns=episode_returns(rows), action_low=space.low.astype(np.float32),
+                   action_high=space.high.astype(np.float32), source=attrs["source"], notice=attrs.get("notice", ""))
+
+
+def eval_env_action_space(env_id):
+    import gymnasium as gym
+
+    register_a2pr_envs()
+    try:
+        env = gym.make(env_id)
+    except Exception as e:
+        raise A2PRError(f"cannot make the evaluation env '{env_label(env_id)}' ({type(e).__name__}: {e})") from None
     space = env.action_space
     env.close()
     return space
@@ -749,6 +1343,7 @@ def evaluate(actor: Actor, env_id: str, obs_mean, obs_std, action_low, action_hi
     env seed `seed + e`, so evaluations are comparable across steps and reproducible on resume."""
     import gymnasium as gym
 
+    register_a2pr_envs()
     k = actor.net[0].weight.shape[0]
     envs = [gym.make(env_id) for _ in range(k)]
     noise_rng = np.random.default_rng([seed, 12345])
@@ -963,7 +1558,7 @@ def train(args: Args) -> dict:
                  checkpoint=run_dir / "checkpoint.pt", summary=run_dir / "summary.json")
 
     log(f"A2PR on {ds.name} ({len(data):,} transitions, obs {obs_dim}, act {act_dim}; {ds.source}); "
-        f"eval env {ds.env_id}; device {device}; seeds {seeds}")
+        f"eval env {env_label(ds.env_id)}; device {device}; seeds {seeds}")
     log(f"dataset average normalised score: {dataset_score:.1f}")
     log("settings: " + ", ".join(f"{k}={getattr(args, k)} ({source[k]})" for k in SPEC_DEFAULTS)
         + f", eps_a={args.eps_a}, policy_freq={args.policy_freq}, bc_target={args.bc_target}, gate={args.gate}")
@@ -1077,6 +1672,8 @@ def train(args: Args) -> dict:
         log(f"done: final score {summary['final_score']:.1f} +- {summary['final_score_std']:.1f}, best "
             f"{float(best.mean()):.1f}, dataset average {dataset_score:.1f} ({_fmt_time(time.time() - t_start)}); "
             f"results in {run_dir}")
+    if ds.notice:
+        log(f"NOTICE: {ds.notice}")
     return summary
 
 

@@ -3,18 +3,26 @@
 from __future__ import annotations
 
 import csv
+import http.server
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import warnings
 from pathlib import Path
 
+import gymnasium as gym
+import h5py
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 # Tests never write into the user's home: matplotlib's cache and a2pr's dataset cache go to a temporary folder.
 _TMP = Path(tempfile.mkdtemp(prefix="a2pr-tests-"))
@@ -22,8 +30,34 @@ os.environ.setdefault("MPLCONFIGDIR", str(_TMP / "mpl"))
 os.environ["A2PR_DATA_DIR"] = str(_TMP / "data")
 
 import a2pr  # noqa: E402
+from a2pr import A2PRError, load_rows, rows_to_transitions, write_d4rl_hdf5  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
+LOOPBACK = ("127.0.0.1", "localhost")
+
+
+@pytest.fixture(autouse=True)
+def isolate(tmp_path, monkeypatch):
+    """No network beyond loopback, and nothing written outside tmp_path: HOME, the D4RL cache, the Minari root and
+    the working directory (MuJoCo writes MUJOCO_LOG.TXT there) all point into it."""
+    real_getaddrinfo, real_connect = socket.getaddrinfo, socket.socket.connect
+
+    def getaddrinfo(host, *a, **k):
+        if host not in LOOPBACK and host is not None:
+            raise OSError(f"test blocked a DNS lookup of {host}")
+        return real_getaddrinfo(host, *a, **k)
+
+    def connect(self, address):
+        if isinstance(address, tuple) and address[0] not in LOOPBACK:
+            raise OSError(f"test blocked a connection to {address}")
+        return real_connect(self, address)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    for var, sub in [("HOME", "home"), ("D4RL_DATASET_DIR", "d4rl"), ("MINARI_DATASETS_PATH", "minari")]:
+        monkeypatch.setenv(var, str(tmp_path / sub))
+    monkeypatch.delenv("A2PR_D4RL_MIRROR", raising=False)
+    monkeypatch.chdir(tmp_path)
 
 
 def tiny(tmp_path, **kw) -> a2pr.Args:
@@ -256,3 +290,553 @@ def test_eval_obs_noise_changes_returns_and_zero_noise_is_deterministic(tmp_path
     noisy = a2pr.evaluate(agent.actor, **ev, obs_noise=0.5)
     np.testing.assert_array_equal(clean1, clean2)
     assert not np.allclose(clean1, noisy)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data sources: D4RL names (cache and download), Minari ids, local files, mixes, bad input
+# ----------------------------------------------------------------------------------------------------------------
+def args(**kw):
+    return a2pr.Args(**{"download_timeout": 2.0, **kw})
+
+
+def quiet(*_a, **_k):
+    pass
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Synthetic data
+# ----------------------------------------------------------------------------------------------------------------
+def make_rows(lengths, obs_dim=11, act_dim=3, reward=0.0, seed=0, terminal_every=0):
+    """D4RL rows: one episode per length; time-out at its end, or a terminal for every `terminal_every`-th."""
+    rng = np.random.default_rng(seed)
+    n = int(sum(lengths))
+    rows = dict(observations=rng.standard_normal((n, obs_dim)).astype(np.float32),
+                actions=rng.uniform(-1, 1, (n, act_dim)).astype(np.float32),
+                rewards=np.full(n, reward, dtype=np.float32),
+                terminals=np.zeros(n, dtype=bool), timeouts=np.zeros(n, dtype=bool))
+    ends = np.cumsum(lengths) - 1
+    for i, e in enumerate(ends):
+        if terminal_every and i % terminal_every == 0:
+            rows["terminals"][e] = True
+        else:
+            rows["timeouts"][e] = True
+    return rows
+
+
+def d4rl_file(name, rows, attrs=None) -> Path:
+    path = a2pr.d4rl_cache_dir() / a2pr.D4RL_DATASETS[name].filename
+    write_d4rl_hdf5(path, rows, attrs or {})
+    return path
+
+
+def file_bytes(tmp_path, rows) -> bytes:
+    p = tmp_path / "src.hdf5"
+    write_d4rl_hdf5(p, rows, {})
+    return p.read_bytes()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Registry facts
+# ----------------------------------------------------------------------------------------------------------------
+def test_registry_urls_dims_and_refs():
+    assert len(a2pr.D4RL_DATASETS) == 4 * 6
+    base = "http://rail.eecs.berkeley.edu/datasets/offline_rl/gym_mujoco_v2/"
+    assert a2pr.D4RL_DATASETS["hopper-medium-v2"].url == base + "hopper_medium-v2.hdf5"
+    assert a2pr.D4RL_DATASETS["walker2d-medium-replay-v2"].url == base + "walker2d_medium_replay-v2.hdf5"
+    assert a2pr.D4RL_DATASETS["halfcheetah-medium-expert-v2"].filename == "halfcheetah_medium_expert-v2.hdf5"
+    assert a2pr.D4RL_DATASETS["ant-full-replay-v2"].filename == "ant_full_replay-v2.hdf5"
+    e = a2pr.D4RL_DATASETS["ant-random-v2"]
+    assert (e.obs_dim, e.act_dim, e.ref_min_score, e.ref_max_score) == (111, 8, -325.6, 3879.7)
+    e = a2pr.D4RL_DATASETS["walker2d-expert-v2"]
+    assert (e.env_id, e.obs_dim, e.act_dim, e.ref_min_score, e.ref_max_score) == ("Walker2d-v4", 17, 6, 1.629008,
+                                                                                   4592.3)
+
+
+@pytest.mark.parametrize("family", list(a2pr.D4RL_FAMILIES))
+def test_eval_env_dims_match_d4rl(family):
+    env_id, obs_dim, act_dim = a2pr.D4RL_FAMILIES[family][:3]
+    assert a2pr.env_dims(env_id, "test") == (obs_dim, act_dim)
+
+
+def test_d4rl_ant_env_is_ant_v4_with_zero_contact_forces():
+    a2pr.register_a2pr_envs()
+    assert gym.make("Ant-v4").observation_space.shape == (27,)
+    assert gym.make("Ant-v4", use_contact_forces=True).observation_space.shape == (111,)
+    ours, ref = gym.make(a2pr.ANT_D4RL_ENV_ID), gym.make("Ant-v4")
+    o, _ = ours.reset(seed=3)
+    r, _ = ref.reset(seed=3)
+    assert o.shape == (111,) and not o[27:].any() and np.array_equal(o[:27], r)
+    a = ours.action_space.sample()
+    o2, rew, *_ = ours.step(a)
+    r2, rew_ref, *_ = ref.step(a)
+    assert np.array_equal(o2[:27], r2) and rew == rew_ref and ours.spec.max_episode_steps == 1000
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# D4RL names: cache, download
+# ----------------------------------------------------------------------------------------------------------------
+def test_d4rl_name_from_cache():
+    rows = make_rows([30] * 4)
+    path = d4rl_file("hopper-medium-v2", rows)
+    got, attrs = load_rows("hopper-medium-v2", args(), quiet)
+    assert attrs["env_id"] == "Hopper-v4" and attrs["kind"] == "d4rl"
+    assert (attrs["ref_min_score"], attrs["ref_max_score"]) == (-20.272305, 3234.3)
+    assert str(path) in attrs["source"] and "cached" in attrs["source"]
+    np.testing.assert_array_equal(got["observations"], rows["observations"])
+    tr = rows_to_transitions(got)
+    assert len(tr["rewards"]) == 120 - 4  # the time-out rows are dropped (D4RL's qlearning_dataset)
+
+
+def test_d4rl_cached_file_with_wrong_dims():
+    path = d4rl_file("hopper-medium-v2", make_rows([10], obs_dim=12))
+    with pytest.raises(A2PRError, match=r"observation dim 12 .* has 11 and 3") as e:
+        load_rows("hopper-medium-v2", args(), quiet)
+    assert str(path) in str(e.value)
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    files: dict[str, bytes] = {}
+    mode = "full"
+    hits: list[str] = []
+
+    def do_GET(self):
+        name = self.path.rsplit("/", 1)[-1]
+        self.hits.append(name)
+        if name not in self.files:
+            self.send_error(404)
+            return
+        data = self.files[name]
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if self.mode == "cut":  # the connection drops half-way
+            self.wfile.write(data[: len(data) // 2])
+            self.wfile.flush()
+            self.close_connection = True
+            return
+        self.wfile.write(data)
+
+    def log_message(self, *a):
+        pass
+
+
+@pytest.fixture
+def server(monkeypatch):
+    handler = type("H", (_Handler,), dict(files={}, mode="full", hits=[]))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    handler.port = httpd.server_address[1]
+    monkeypatch.setenv("A2PR_D4RL_MIRROR", f"http://127.0.0.1:{handler.port}/datasets")
+    yield handler
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def leftovers(d: Path):
+    return sorted(p.name for p in d.glob("*.part")) if d.exists() else []
+
+
+def test_download_success_then_cached(server, tmp_path, capsys):
+    rows = make_rows([200] * 20)
+    server.files["hopper_medium-v2.hdf5"] = file_bytes(tmp_path, rows)
+    got, attrs = load_rows("hopper-medium-v2", args(), quiet)
+    final = a2pr.d4rl_cache_dir() / "hopper_medium-v2.hdf5"
+    assert final.is_file() and leftovers(final.parent) == [] and "downloaded" in attrs["source"]
+    assert "100.0%" in capsys.readouterr().err  # the plain-text progress bar
+    np.testing.assert_array_equal(got["actions"], rows["actions"])
+    server.files.clear()
+    got2, attrs2 = load_rows("hopper-medium-v2", args(), quiet)  # now from the cache: no request
+    assert "cached" in attrs2["source"] and server.hits == ["hopper_medium-v2.hdf5"]
+
+
+def test_download_interrupted_leaves_nothing(server, tmp_path):
+    server.files["hopper_random-v2.hdf5"] = file_bytes(tmp_path, make_rows([200] * 20))
+    server.mode = "cut"
+    with pytest.raises(A2PRError, match="incomplete|interrupted") as e:
+        load_rows("hopper-random-v2", args(), quiet)
+    final = a2pr.d4rl_cache_dir() / "hopper_random-v2.hdf5"
+    assert not final.exists() and leftovers(final.parent) == []
+    assert str(final) in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("payload, match", [("garbage", "not a valid dataset"), ("dims", "observation dim 17")])
+def test_download_invalid_file_is_not_kept(server, tmp_path, payload, match):
+    data = b"\x89HDF\r\n" + b"x" * 5000 if payload == "garbage" else file_bytes(tmp_path, make_rows([50], 17, 6))
+    server.files["hopper_expert-v2.hdf5"] = data
+    with pytest.raises(A2PRError, match=match):
+        load_rows("hopper-expert-v2", args(), quiet)
+    final = a2pr.d4rl_cache_dir() / "hopper_expert-v2.hdf5"
+    assert not final.exists() and leftovers(final.parent) == []
+
+
+def test_download_ctrl_c_removes_part(tmp_path, server):
+    server.files["x.hdf5"] = b"abc"
+    dest = tmp_path / "cache" / "x.hdf5"
+
+    def validate(_):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        a2pr.download_file(f"http://127.0.0.1:{server.port}/x.hdf5", dest, validate, timeout=2)
+    assert not dest.exists() and leftovers(dest.parent) == []
+
+
+def test_server_that_never_answers_times_out(monkeypatch):
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # connections complete in the backlog, but nothing is ever sent back
+    monkeypatch.setenv("A2PR_D4RL_MIRROR", f"http://127.0.0.1:{silent.getsockname()[1]}")
+    t0 = time.time()
+    try:
+        with pytest.raises(A2PRError, match=r"timed out after 1s|no data for 1s"):
+            load_rows("walker2d-medium-v2", args(download_timeout=1.0), quiet)
+    finally:
+        silent.close()
+    assert time.time() - t0 < 5
+    assert leftovers(a2pr.d4rl_cache_dir()) == []
+
+
+def test_unreachable_host_fails_fast_with_one_line(monkeypatch):
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there now
+    monkeypatch.setenv("A2PR_D4RL_MIRROR", f"http://127.0.0.1:{port}/d4rl")
+    t0 = time.time()
+    with pytest.raises(A2PRError) as e:
+        load_rows("halfcheetah-medium-replay-v2", args(), quiet)
+    msg = str(e.value)
+    assert time.time() - t0 < 3 and "\n" not in msg
+    assert f"http://127.0.0.1:{port}/d4rl/halfcheetah_medium_replay-v2.hdf5" in msg
+    assert str(a2pr.d4rl_cache_dir() / "halfcheetah_medium_replay-v2.hdf5") in msg
+    assert "pendulum-mostly-random-v0" in msg and "Connection" in msg
+
+
+def test_real_d4rl_url_is_never_contacted_in_tests():
+    with pytest.raises(A2PRError, match="rail.eecs.berkeley.edu.*blocked"):  # the isolation fixture works
+        load_rows("ant-medium-v2", args(), quiet)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Minari
+# ----------------------------------------------------------------------------------------------------------------
+def minari_dataset(dataset_id, episodes, env="Hopper-v4", eval_env=None, ref=(-20.0, 3000.0), **kw):
+    import minari
+    from minari.data_collector.episode_buffer import EpisodeBuffer
+
+    buffers = [EpisodeBuffer(id=i, observations=e["obs"], actions=e["act"], rewards=list(e["rew"]),
+                             terminations=list(e["term"]), truncations=list(e["trunc"])) for i, e in
+               enumerate(episodes)]
+    extra = dict(ref_min_score=ref[0], ref_max_score=ref[1]) if ref else {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return minari.create_dataset_from_buffers(dataset_id, buffers, env=env, eval_env=eval_env,
+                                                  algorithm_name="test", author="test", author_email="t@t",
+                                                  code_permalink="none", description="test", **extra, **kw)
+
+
+def episodes(lengths, ends, obs_dim=11, act_dim=3, seed=0):
+    """ends[i] in {'term', 'trunc', 'none'}: how episode i stops."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for n, end in zip(lengths, ends):
+        out.append(dict(obs=rng.standard_normal((n + 1, obs_dim)).astype(np.float32),
+                        act=rng.uniform(-1, 1, (n, act_dim)).astype(np.float32),
+                        rew=rng.standard_normal(n).astype(np.float32),
+                        term=[False] * (n - 1) + [end == "term"], trunc=[False] * (n - 1) + [end == "trunc"]))
+    return out
+
+
+@pytest.fixture
+def no_minari_download(monkeypatch):
+    import minari.storage.local as local
+
+    calls = []
+
+    def fake(dataset_id, *a, **k):
+        calls.append(dataset_id)
+        raise ConnectionError("no network in tests")
+
+    monkeypatch.setattr(local.hosting, "download_dataset", fake)
+    return calls
+
+
+def test_minari_local_dataset_rows_next_obs_eval_env_and_notice(no_minari_download):
+    eps = episodes([5, 6, 7], ["term", "trunc", "none"])
+    minari_dataset("mujoco/hopper/test-v0", eps)
+    logged = []
+    rows, attrs = load_rows("mujoco/hopper/test-v0", args(), logged.append)
+    assert no_minari_download == []  # local: nothing downloaded
+    assert attrs["kind"] == "minari" and attrs["notice"] == a2pr.MINARI_MUJOCO_NOTICE
+    assert any(a2pr.MINARI_MUJOCO_NOTICE in m for m in logged)
+    assert (attrs["ref_min_score"], attrs["ref_max_score"]) == (-20.0, 3000.0)
+    # rows: one per step; every step becomes a transition whose next state is the true next observation
+    tr = rows_to_transitions(rows)
+    assert len(tr["rewards"]) == 18
+    np.testing.assert_array_equal(tr["observations"], np.concatenate([e["obs"][:-1] for e in eps]))
+    np.testing.assert_array_equal(tr["next_observations"], np.concatenate([e["obs"][1:] for e in eps]))
+    np.testing.assert_array_equal(rows["terminals"].nonzero()[0], [4])
+    np.testing.assert_array_equal(rows["timeouts"].nonzero()[0], [10, 17])  # truncated + stopped episodes
+    np.testing.assert_array_equal(tr["terminals"], rows["terminals"].astype(np.float32))
+    # the eval env is an EnvSpec that gymnasium.make accepts again, once per agent
+    spec = attrs["env_id"]
+    envs = [gym.make(spec) for _ in range(2)]
+    assert all(e.observation_space.shape == (11,) and e.spec.id == "Hopper-v4" for e in envs)
+
+
+def test_minari_eval_env_is_the_datasets_eval_env():
+    minari_dataset("D4RL/hopper/evalenv-v0", episodes([4], ["term"]), eval_env="Hopper-v5")
+    _, attrs = load_rows("D4RL/hopper/evalenv-v0", args(), quiet)
+    assert attrs["env_id"].id == "Hopper-v5" and "notice" not in attrs
+
+
+class DictObsEnv(gym.Env):
+    """A goal-conditioned toy env with Dict observations (like antmaze/pointmaze)."""
+    observation_space = gym.spaces.Dict({"observation": gym.spaces.Box(-1, 1, (4,)),
+                                         "desired_goal": gym.spaces.Box(-1, 1, (2,)),
+                                         "achieved_goal": gym.spaces.Box(-1, 1, (2,))})
+    action_space = gym.spaces.Box(-1, 1, (2,))
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        return self.observation_space.sample(), {}
+
+    def step(self, action):
+        return self.observation_space.sample(), 0.0, False, False, {}
+
+
+def test_minari_dict_observations_are_flattened_like_gymnasium():
+    spec = gym.envs.registration.EnvSpec("DictObs-v0", entry_point="test_a2pr:DictObsEnv",
+                                         max_episode_steps=10)
+    rng = np.random.default_rng(1)
+    n = 6
+    obs = {k: rng.standard_normal((n + 1, s.shape[0])).astype(np.float32)
+           for k, s in DictObsEnv.observation_space.spaces.items()}
+    ep = dict(obs=obs, act=rng.uniform(-1, 1, (n, 2)).astype(np.float32), rew=np.zeros(n, np.float32),
+              term=[False] * n, trunc=[False] * (n - 1) + [True])
+    minari_dataset("test/dictobs/goal-v0", [ep], env=spec)
+    rows, attrs = load_rows("test/dictobs/goal-v0", args(), quiet)
+    space = DictObsEnv.observation_space
+    expect = np.stack([gym.spaces.flatten(space, {k: v[t] for k, v in obs.items()}) for t in range(n + 1)])
+    np.testing.assert_allclose(rows["observations"], expect[:-1])
+    np.testing.assert_allclose(rows["next_observations"], expect[1:])
+    env = gym.make(attrs["env_id"])
+    assert env.observation_space.shape == (8,) and env.reset(seed=0)[0].shape == (8,)
+
+
+ROBOTICS_SPEC = dict(id="AntMaze_UMaze-v4", entry_point="gymnasium_robotics.envs.maze.ant_maze_v4:AntMazeEnv",
+                     max_episode_steps=700)
+
+
+@pytest.mark.parametrize("with_requirements", [True, False])
+def test_minari_robotics_env_without_gymnasium_robotics(with_requirements):
+    import importlib.util
+
+    if importlib.util.find_spec("gymnasium_robotics"):
+        pytest.skip("gymnasium-robotics is installed here")
+    spec = gym.envs.registration.EnvSpec(**ROBOTICS_SPEC)
+    name = f"D4RL/antmaze/umaze{int(with_requirements)}-v1"
+    minari_dataset(name, episodes([5], ["trunc"], obs_dim=11, act_dim=3), env=None, eval_env=spec, ref=None,
+                   observation_space=gym.spaces.Box(-np.inf, np.inf, (11,)), action_space=gym.spaces.Box(-1, 1, (3,)),
+                   requirements=["gymnasium-robotics>=1.2.4"] if with_requirements else None)
+    with pytest.raises(A2PRError, match=r"needs the gymnasium-robotics package .*pip install gymnasium-robotics$"):
+        load_rows(name, args(), quiet)
+
+
+def test_minari_not_local_tries_download_and_fails_in_one_line(no_minari_download):
+    with pytest.raises(A2PRError) as e:
+        load_rows("D4RL/pen/human-v2", args(), quiet)
+    msg = str(e.value)
+    assert no_minari_download == ["D4RL/pen/human-v2"] and "\n" not in msg
+    assert "D4RL/pen/human-v2" in msg and "no network in tests" in msg and "pendulum-random-v0" in msg
+
+
+def test_minari_without_reference_scores():
+    minari_dataset("mujoco/hopper/noref-v0", episodes([4], ["term"]), ref=None)
+    with pytest.raises(A2PRError, match="no ref_min_score/ref_max_score.*--ref-scores"):
+        load_rows("mujoco/hopper/noref-v0", args(), quiet)
+    _, attrs = load_rows("mujoco/hopper/noref-v0", args(ref_scores="0,100"), quiet)
+    assert (attrs["ref_min_score"], attrs["ref_max_score"]) == (0.0, 100.0)
+
+
+def test_minari_nan_and_dimension_mismatch():
+    eps = episodes([4], ["term"])
+    eps[0]["rew"][2] = np.nan
+    minari_dataset("mujoco/hopper/nan-v0", eps)
+    with pytest.raises(A2PRError, match=r"Minari dataset mujoco/hopper/nan-v0: 'rewards' contains NaN"):
+        load_rows("mujoco/hopper/nan-v0", args(), quiet)
+    minari_dataset("mujoco/hopper/dims-v0", episodes([4], ["term"], obs_dim=12), env=None, eval_env="Hopper-v4",
+                   observation_space=gym.spaces.Box(-np.inf, np.inf, (12,)), action_space=gym.spaces.Box(-1, 1, (3,)))
+    with pytest.raises(A2PRError, match=r"mujoco/hopper/dims-v0: the data has observation dim 12 .* Hopper-v4"):
+        load_rows("mujoco/hopper/dims-v0", args(), quiet)
+
+
+def test_minari_corrupt_data_file():
+    d = minari_dataset("mujoco/hopper/broken-v0", episodes([30] * 5, ["term"] * 5))
+    data = Path(d.storage.data_path) / "main_data.hdf5"
+    data.write_bytes(data.read_bytes()[:2000])
+    with pytest.raises(A2PRError, match="mujoco/hopper/broken-v0") as e:
+        load_rows("mujoco/hopper/broken-v0", args(), quiet)
+    assert "\n" not in str(e.value)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Local files
+# ----------------------------------------------------------------------------------------------------------------
+def test_local_file_eval_env_from_name(tmp_path):
+    p = tmp_path / "data" / "walker2d_medium-v2.hdf5"
+    write_d4rl_hdf5(p, make_rows([20] * 3, 17, 6), {})
+    rows, attrs = load_rows(str(p), args(), quiet)
+    assert attrs["env_id"] == "Walker2d-v4" and attrs["ref_max_score"] == 4592.3 and attrs["kind"] == "file"
+    assert "file name" in attrs["source"]
+
+
+def test_local_file_eval_env_from_flag_attrs_and_errors(tmp_path):
+    p = tmp_path / "mydata.hdf5"
+    write_d4rl_hdf5(p, make_rows([20] * 3), {})
+    with pytest.raises(A2PRError, match=r"mydata.hdf5: cannot tell which env .* --eval-env"):
+        load_rows(str(p), args(), quiet)
+    _, attrs = load_rows(str(p), args(eval_env="Hopper-v4"), quiet)
+    assert attrs["env_id"] == "Hopper-v4" and attrs["ref_min_score"] == -20.272305
+    with pytest.raises(A2PRError, match=r"mydata.hdf5: the data has observation dim 11 .* HalfCheetah-v4"):
+        load_rows(str(p), args(eval_env="HalfCheetah-v4"), quiet)
+    p2 = tmp_path / "pend.hdf5"
+    write_d4rl_hdf5(p2, make_rows([20] * 3, 3, 1), {})
+    with pytest.raises(A2PRError, match="no reference returns.*--ref-scores"):
+        load_rows(str(p2), args(eval_env="Pendulum-v1"), quiet)
+    _, attrs = load_rows(str(p2), args(eval_env="Pendulum-v1", ref_scores="-1200,-150"), quiet)
+    assert (attrs["ref_min_score"], attrs["ref_max_score"]) == (-1200.0, -150.0)
+    write_d4rl_hdf5(p2, make_rows([20] * 3, 3, 1), dict(env_id="Pendulum-v1", ref_min_score=-1000.0,
+                                                        ref_max_score=-100.0))
+    _, attrs = load_rows(str(p2), args(), quiet)  # a2pr's own files carry env_id and reference returns
+    assert attrs["env_id"] == "Pendulum-v1" and attrs["ref_max_score"] == -100.0
+    with pytest.raises(A2PRError, match=r"no_such\.hdf5: file not found"):
+        load_rows(str(tmp_path / "no_such.hdf5"), args(), quiet)
+    with pytest.raises(A2PRError, match=r"bad_env.hdf5: cannot make the evaluation env 'Nope-v9'"):
+        write_d4rl_hdf5(tmp_path / "bad_env.hdf5", make_rows([5]), {})
+        load_rows(str(tmp_path / "bad_env.hdf5"), args(eval_env="Nope-v9"), quiet)
+
+
+def _bad_file(tmp_path, kind) -> Path:
+    p = tmp_path / f"hopper_{kind}.hdf5"
+    rows = make_rows([20] * 50)
+    if kind == "truncated":
+        write_d4rl_hdf5(p, rows, {})
+        p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+    elif kind == "garbage":
+        p.write_bytes(b"this is not an HDF5 file" * 100)
+    elif kind == "missing":
+        with h5py.File(p, "w") as f:
+            for k in ("observations", "actions", "rewards", "terminals"):
+                f.create_dataset(k, data=rows[k])
+    elif kind == "nan":
+        rows["observations"][7, 3] = np.inf
+        write_d4rl_hdf5(p, rows, {})
+    elif kind == "empty":
+        write_d4rl_hdf5(p, {k: v[:0] for k, v in rows.items()}, {})
+    elif kind == "dims":
+        write_d4rl_hdf5(p, make_rows([20], act_dim=4), {})
+    return p
+
+
+@pytest.mark.parametrize("kind, match", [
+    ("truncated", "cannot read the HDF5 file"), ("garbage", "cannot read the HDF5 file"),
+    ("missing", r"missing keys \['timeouts'\]"), ("nan", "'observations' contains NaN or inf"),
+    ("empty", "the dataset is empty"), ("dims", r"action dim 4, but the evaluation env Hopper-v4")])
+def test_bad_files_one_line_naming_the_file(tmp_path, kind, match):
+    p = _bad_file(tmp_path, kind)
+    with pytest.raises(A2PRError, match=match) as e:
+        load_rows(str(p), args(), quiet)
+    assert str(p) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_builtin_dataset_from_cache(tmp_path):
+    rows = make_rows([200] * 3, 3, 1)
+    path = tmp_path / "a2pr" / "pendulum-random-v0-seed0-v1.hdf5"
+    write_d4rl_hdf5(path, rows, dict(env_id="Pendulum-v1", ref_min_score=-1200.0, ref_max_score=-150.0))
+    got, attrs = load_rows("pendulum-random-v0", args(data_dir=str(tmp_path / "a2pr")), quiet)
+    assert attrs["kind"] == "builtin" and attrs["env_id"] == "Pendulum-v1" and str(path) in attrs["source"]
+    assert len(got["rewards"]) == 600
+
+
+@pytest.mark.parametrize("name, close", [("hoper-medium-v2", "hopper-medium-v2"),
+                                         ("hopper-medium-v0", "hopper-medium-v2"),
+                                         ("halfcheetah-medium_expert-v2", "halfcheetah-medium-expert-v2"),
+                                         ("pendulum-random", "pendulum-random-v0")])
+def test_unknown_names_list_closest(name, close):
+    with pytest.raises(A2PRError, match="unknown dataset") as e:
+        load_rows(name, args(), quiet)
+    msg = str(e.value)
+    assert close in msg.split("closest:")[1].split(";")[0] and "\n" not in msg
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Mixes
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def random_and_expert():
+    rng = np.random.default_rng(5)
+    d4rl_file("hopper-random-v2", make_rows(list(rng.integers(5, 21, 300)), reward=0.0, seed=1, terminal_every=2))
+    d4rl_file("hopper-expert-v2", make_rows([50] * 100, reward=1.0, seed=2))
+    d4rl_file("walker2d-expert-v2", make_rows([50] * 4, 17, 6, reward=1.0))
+
+
+def count(rows):
+    b = a2pr.episode_bounds(rows)
+    good = np.array([rows["rewards"][s] == 1.0 for s, _ in b])
+    lens = b[:, 1] - b[:, 0]
+    return int(good.sum()), int(lens[good].sum()), int((~good).sum()), int(lens[~good].sum())
+
+
+def test_mix_proportions(random_and_expert):
+    rows, attrs = load_rows("hopper-random-v2", args(mix="hopper-expert-v2:0.1"), quiet)
+    n_good_eps, n_good, n_base_eps, n_base = count(rows)
+    assert (n_good_eps, n_good) == (10, 500)  # 10 % of the expert set's 5,000 rows = 10 whole episodes
+    assert 4500 <= n_base < 4500 + 20  # the rest: whole random episodes (overshoot < one episode)
+    assert attrs["mix"]["good_rows"] == 500 and attrs["mix"]["base_rows"] == n_base
+    assert attrs["env_id"] == "Hopper-v4" and "mix of hopper-random-v2" in attrs["source"]
+    rows1, _ = load_rows("hopper-random-v2", args(mix="hopper-expert-v2:1%"), quiet)
+    assert count(rows1)[:2] == (1, 50)  # 1 % of 5,000 = 50 rows = one expert episode
+
+
+def test_mix_reproducible_and_seeded(random_and_expert):
+    a, _ = load_rows("hopper-random-v2", args(mix="hopper-expert-v2:0.1", dataset_seed=3), quiet)
+    b, _ = load_rows("hopper-random-v2", args(mix="hopper-expert-v2:0.1", dataset_seed=3), quiet)
+    c, _ = load_rows("hopper-random-v2", args(mix="hopper-expert-v2:0.1", dataset_seed=4), quiet)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert len(a["rewards"]) != len(c["rewards"]) or not np.array_equal(a["observations"], c["observations"])
+
+
+@pytest.mark.parametrize("mix, match", [("hopper-expert-v2", "NAME:FRACTION"), ("hopper-expert-v2:0", "0 < FRACTION"),
+                                        ("hopper-expert-v2:1.5", "0 < FRACTION"), (":0.1", "NAME:FRACTION"),
+                                        ("hopper-expert-v2:abc", "NAME:FRACTION"),
+                                        ("walker2d-expert-v2:0.1", "same env"),
+                                        ("hoper-expert-v2:0.1", "closest: hopper-expert-v2")])
+def test_mix_errors(random_and_expert, mix, match):
+    with pytest.raises(A2PRError, match=match):
+        load_rows("hopper-random-v2", args(mix=mix), quiet)
+
+
+@settings(max_examples=40, deadline=None)
+@given(base_lens=st.lists(st.integers(1, 15), min_size=1, max_size=12),
+       good_lens=st.lists(st.integers(1, 15), min_size=1, max_size=12),
+       fraction=st.floats(0.01, 0.99), seed=st.integers(0, 2**16))
+def test_mix_invariants(base_lens, good_lens, fraction, seed):
+    base = make_rows(base_lens, 2, 1, reward=0.0, seed=seed)
+    base["timeouts"][-1] = False  # a trailing partial episode, as at the end of some D4RL files
+    good = make_rows(good_lens, 2, 1, reward=1.0, seed=seed + 1, terminal_every=2)
+    rows, info = a2pr.mix_rows(base, good, fraction, seed)
+    total, target = sum(good_lens), max(1, int(np.floor(fraction * sum(good_lens) + 0.5)))
+    assert target <= info["good_rows"] < target + max(good_lens)
+    assert total - target <= info["base_rows"] < total - target + max(base_lens) or total - target <= 0
+    n_good_eps, n_good, _, n_base = count(rows)
+    assert (n_good, n_base) == (info["good_rows"], info["base_rows"])
+    # every episode in the mix is a whole source episode, ended by a terminal or a time-out
+    assert rows["terminals"][-1] or rows["timeouts"][-1]
+    src_good = {good["observations"][s:e].tobytes() for s, e in a2pr.episode_bounds(good)}
+    src_base = {base["observations"][s:e].tobytes() for s, e in a2pr.episode_bounds(base)}
+    for s, e in a2pr.episode_bounds(rows):
+        assert rows["observations"][s:e].tobytes() in (src_good if rows["rewards"][s] == 1.0 else src_base)
+    again, _ = a2pr.mix_rows(base, good, fraction, seed)
+    assert all(np.array_equal(again[k], rows[k]) for k in rows)
