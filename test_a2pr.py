@@ -840,3 +840,24 @@ def test_mix_invariants(base_lens, good_lens, fraction, seed):
         assert rows["observations"][s:e].tobytes() in (src_good if rows["rewards"][s] == 1.0 else src_base)
     again, _ = a2pr.mix_rows(base, good, fraction, seed)
     assert all(np.array_equal(again[k], rows[k]) for k in rows)
+
+
+def test_d4rl_name_trains_end_to_end_with_its_preset_and_eval_env(tmp_path):
+    """The user's command, minus the GPU: hopper-medium-v2 from the D4RL cache, the published preset, evaluation
+    in Hopper-v4 with D4RL's reference returns."""
+    d4rl_file("hopper-medium-v2", make_rows([50] * 10, reward=1.0))
+    s = a2pr.train(tiny(tmp_path, env="hopper-medium-v2", total_steps=20, eval_freq=20, log_freq=10))
+    ck = checkpoint(s["run_dir"])
+    assert ck["env_id"] == "Hopper-v4" and ck["ref_scores"] == (-20.272305, 3234.3)
+    assert (ck["args"]["bc_weight"], ck["args"]["discount"], ck["args"]["preset"]) == (0.4, 0.995, "hopper-medium-v2")
+    assert s["dataset_score"] == pytest.approx(a2pr.normalized_score(50.0, -20.272305, 3234.3))
+    assert np.isfinite(s["final_score"])
+
+
+def test_mix_flag_end_to_end_from_the_command_line(tmp_path):
+    d4rl_file("hopper-random-v2", make_rows([40] * 50, reward=0.0, seed=1))
+    d4rl_file("hopper-expert-v2", make_rows([100] * 20, reward=1.0, seed=2))
+    ds_ = a2pr.load_dataset(args(env="hopper-random-v2", mix="hopper-expert-v2:0.1"), log=quiet)
+    returns = ds_.episode_returns
+    assert (returns == 100).sum() == 2 and len(returns) == 2 + 45  # 200 of 2,000 rows expert, 1,800 random
+    assert "mix of hopper-random-v2" in ds_.source
