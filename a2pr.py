@@ -113,6 +113,12 @@ class Args:
     wandb: bool = _arg(False, "also log to Weights & Biases (needs the wandb package)")
     wandb_project: str = _arg("a2pr", "wandb project name")
     quiet: bool = _arg(False, "print only the final summary")
+    # --- benchmarks (no dataset, no env) ---
+    benchmark: str | None = _arg(None, "time the real update on synthetic data (update) or loading a 1M-row D4RL "
+                                 "file (data); prints one JSON line", choices=("update", "data"), metavar="WHAT")
+    bench_steps: int = _arg(200, "timed updates of --benchmark update, after 20 warm-up updates")
+    bench_dims: str = _arg("11,3", "OBS,ACT dims of the synthetic data of --benchmark update (hopper: 11,3)",
+                           metavar="OBS,ACT")
 
 
 # Spec defaults for the fields that presets may change (None above means "preset, else this").
@@ -1703,6 +1709,81 @@ def _open_trackers(a: Args, run_dir: Path) -> list:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Benchmarks
+# ----------------------------------------------------------------------------------------------------------------
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def benchmark_update(args: Args) -> dict:
+    """Steps/s of the real `update` (sampling included) on synthetic data of the given dims, after a warm-up."""
+    args = resolve_args(dataclasses.replace(args, preset="spec" if args.preset == "auto" else args.preset))[0]
+    device = make_device(args)
+    try:
+        obs_dim, act_dim = (int(x) for x in args.bench_dims.split(","))
+    except ValueError:
+        raise A2PRError(f"--bench-dims must be OBS,ACT (two integers), got {args.bench_dims!r}") from None
+    g = torch.Generator().manual_seed(0)
+    n = 100_000
+    data = DeviceData(obs=torch.randn(n, obs_dim, generator=g).to(device),
+                      act=torch.rand(n, act_dim, generator=g).mul(2).sub(1).to(device),
+                      rew=torch.randn(n, generator=g).to(device),
+                      next_obs=torch.randn(n, obs_dim, generator=g).to(device),
+                      done=(torch.rand(n, generator=g) < 0.01).float().to(device),
+                      obs_mean=np.zeros(obs_dim), obs_std=np.ones(obs_dim))
+    agent, opt, gens = build_learner(args, obs_dim, act_dim, device)
+    step = 0
+
+    def run(k):
+        nonlocal step
+        for _ in range(k):
+            step += 1
+            m = update(agent, opt, sample_batch(data, args.batch_size, gens), step, args, gens)
+        _sync(device)
+        return m
+
+    run(20)
+    t0 = time.perf_counter()
+    run(args.bench_steps)
+    dt = time.perf_counter() - t0
+    return dict(benchmark="update", device=str(device) if device.type == "cpu" else torch.cuda.get_device_name(),
+                steps_per_s=round(args.bench_steps / dt, 2),
+                agent_steps_per_s=round(args.num_seeds * args.bench_steps / dt, 2),
+                num_seeds=args.num_seeds, batch_size=args.batch_size, obs_dim=obs_dim, act_dim=act_dim,
+                sizes=dict(actor=args.actor_hidden, critic=args.critic_hidden, value=args.value_hidden,
+                           vae=args.vae_hidden), torch=torch.__version__, threads=torch.get_num_threads())
+
+
+def benchmark_data(args: Args) -> dict:
+    """Seconds to read a 1M-row hopper-shaped D4RL-layout file (written to a temporary folder first), make its
+    transitions, and normalise them onto the device."""
+    device = make_device(args)
+    rng = np.random.default_rng(0)
+    n, ep = 1_000_000, 1000
+    rows = dict(observations=rng.standard_normal((n, 11), dtype=np.float32),
+                actions=rng.uniform(-1, 1, (n, 3)).astype(np.float32), rewards=rng.standard_normal(n, np.float32),
+                terminals=np.zeros(n, bool), timeouts=(np.arange(n) % ep) == ep - 1)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "hopper_medium-v2.hdf5"
+        write_d4rl_hdf5(path, rows, {})
+        t0 = time.perf_counter()
+        read, _ = read_d4rl_hdf5(path)
+        t1 = time.perf_counter()
+        tr = rows_to_transitions(read)
+        t2 = time.perf_counter()
+        ds = Dataset(name="bench", env_id="Hopper-v4", **tr, ref_min_score=0.0, ref_max_score=1.0,
+                     episode_returns=episode_returns(read), action_low=-np.ones(3, np.float32),
+                     action_high=np.ones(3, np.float32))
+        prepare_data(ds, resolve_args(args)[0], device)
+        _sync(device)
+        t3 = time.perf_counter()
+    return dict(benchmark="data", device=str(device), rows=n, transitions=len(tr["rewards"]),
+                read_s=round(t1 - t0, 3), transitions_s=round(t2 - t1, 3), to_device_s=round(t3 - t2, 3),
+                total_s=round(t3 - t0, 3))
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------------------------
 class _Parser(argparse.ArgumentParser):
@@ -1738,7 +1819,10 @@ def parse_args(argv=None) -> Args:
 def main(argv=None) -> int:
     try:
         args = parse_args(argv)
-        train(args)
+        if args.benchmark:
+            print(json.dumps((benchmark_update if args.benchmark == "update" else benchmark_data)(args)))
+        else:
+            train(args)
     except A2PRError as e:
         print(f"a2pr.py: error: {e}", file=sys.stderr)
         return 2

@@ -861,3 +861,15 @@ def test_mix_flag_end_to_end_from_the_command_line(tmp_path):
     returns = ds_.episode_returns
     assert (returns == 100).sum() == 2 and len(returns) == 2 + 45  # 200 of 2,000 rows expert, 1,800 random
     assert "mix of hopper-random-v2" in ds_.source
+
+
+@pytest.mark.parametrize("what", ["update", "data"])
+def test_benchmark_modes_print_one_json_line(what):
+    extra = ["--bench-steps", "3", "--actor-hidden", "8", "--critic-hidden", "8", "--value-hidden", "8",
+             "--vae-hidden", "8", "--batch-size", "16"] if what == "update" else []
+    r = run_cli("--benchmark", what, *extra)
+    assert r.returncode == 0, r.stderr
+    (line,) = r.stdout.strip().splitlines()
+    out = json.loads(line)
+    assert out["benchmark"] == what and out["device"] == "cpu"
+    assert out["steps_per_s"] > 0 if what == "update" else out["transitions"] == 999_000
