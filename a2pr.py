@@ -75,10 +75,10 @@ class Args:
     batch_size: int | None = _arg(None, "transitions per gradient step (spec: 256)")
     discount: float | None = _arg(None, "gamma, the discount (spec 1,2; default 0.99, some presets 0.995)")
     tau: float = _arg(0.005, "tau, soft target-update rate (spec 4)")
-    alpha: float | None = _arg(None, "alpha, weight of Q in the actor loss: lambda = alpha / mean|Q| (spec 4; default 2.5)")
+    alpha: float | None = _arg(None, "alpha: actor loss weighs Q by lambda = alpha / mean|Q| (spec 4; default 2.5)")
     bc_weight: float | None = _arg(None, "weight of the behaviour constraint when the gate is on (spec 4; default 1.0)",
                                    aliases=("--mask",))
-    vae_weight: float | None = _arg(None, "weight of reconstruction on positive-advantage samples (spec 3; default 1.0)")
+    vae_weight: float | None = _arg(None, "weight of VAE reconstruction where Q(s,a) > V(s) (spec 3; default 1.0)")
     eps_a: float = _arg(0.0, "epsilon_A, advantage threshold of the adaptive gate (spec 4)")
     policy_freq: int = _arg(2, "actor and target update every this many steps (spec 4)")
     policy_noise: float = _arg(0.2, "sigma of the target-policy smoothing noise, times max action (spec 1)")
@@ -1398,7 +1398,8 @@ METRICS = ["critic", "value", "vae", "q", "vae_weight_fraction", "actor", "bc", 
 LOSS_NAMES = ("critic", "value", "vae", "actor", "bc")
 ACTOR_METRICS = ("actor", "bc", "gate_fraction", "vae_target_fraction")  # measured on actor steps only
 CSV_COLUMNS = (["step", "time_s"] + [f"losses/{m}" for m in ("critic", "value", "vae", "actor", "bc")]
-               + ["charts/q_mean", "charts/vae_weight_fraction", "charts/gate_fraction", "charts/vae_target_fraction", "charts/SPS",
+               + ["charts/q_mean", "charts/vae_weight_fraction", "charts/gate_fraction", "charts/vae_target_fraction",
+                  "charts/SPS",
                   "eval/return_mean", "eval/normalized_score_mean", "eval/normalized_score_std"])
 
 
@@ -1799,7 +1800,8 @@ def build_parser() -> argparse.ArgumentParser:
     for f in dataclasses.fields(Args):
         flags = ["--" + f.name.replace("_", "-"), *f.metadata.get("aliases", ())]
         typ = hints[f.name]
-        shown = "" if f.default is None or typ is bool or str(f.default) in f.metadata["help"] else f" (default {f.default})"
+        hide = f.default is None or typ is bool or str(f.default) in f.metadata["help"]
+        shown = "" if hide else f" (default {f.default})"
         kw = dict(dest=f.name, help=f.metadata["help"] + shown, default=f.default)
         if typ is bool:
             kw["action"] = argparse.BooleanOptionalAction if f.metadata.get("negatable") else "store_true"
