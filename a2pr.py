@@ -1202,6 +1202,22 @@ def vae_sample_weight(q1_data, v, vae_weight: float) -> torch.Tensor:
     return vae_weight * (q1_data > v).to(q1_data.dtype)
 
 
+def actor_loss(q_pi, pi, target, gate, alpha: float):
+    """Spec 4: -lambda mean Q1(s, pi) + mean(gate (pi - target)^2), lambda = alpha / mean|Q1(s, pi)| detached.
+    Returns (loss, bc term)."""
+    lmbda = alpha / q_pi.abs().mean(-1).detach()
+    bc = (gate.unsqueeze(-1) * (pi - target) ** 2).mean((-2, -1))
+    return -lmbda * q_pi.mean(-1) + bc, bc
+
+
+def prefer_generated(adv_gen, adv_data):
+    """THE selection rule: prefer the generated action where A(s, a_G) >= A(s, a_D); ties go to a_G.
+
+    Plain `>=` so the same function serves numpy arrays here and torch tensors in `select_bc_target`.
+    """
+    return adv_gen >= adv_data
+
+
 def select_bc_target(adv_vae, adv_data, vae_action, data_action, bc_weight: float, eps_a: float,
                      bc_target: str = "select", gate: str = "adaptive"):
     """Spec 4: advantage selection and the adaptive gate, for each state of the batch.
@@ -1212,7 +1228,7 @@ def select_bc_target(adv_vae, adv_data, vae_action, data_action, bc_weight: floa
     The ablations replace one of the two rules. Returns (target, gate, use_vae).
     """
     if bc_target == "select":
-        use_vae = adv_vae >= adv_data
+        use_vae = prefer_generated(adv_vae, adv_data)  # the same rule as the tabular theory below
     else:
         use_vae = torch.full_like(adv_vae, bc_target == "vae", dtype=torch.bool)
     target = torch.where(use_vae.unsqueeze(-1), vae_action, data_action)
@@ -1220,12 +1236,66 @@ def select_bc_target(adv_vae, adv_data, vae_action, data_action, bc_weight: floa
     return target, bc_weight * on.to(adv_vae.dtype), use_vae
 
 
-def actor_loss(q_pi, pi, target, gate, alpha: float):
-    """Spec 4: -lambda mean Q1(s, pi) + mean(gate (pi - target)^2), lambda = alpha / mean|Q1(s, pi)| detached.
-    Returns (loss, bc term)."""
-    lmbda = alpha / q_pi.abs().mean(-1).detach()
-    bc = (gate.unsqueeze(-1) * (pi - target) ** 2).mean((-2, -1))
-    return -lmbda * q_pi.mean(-1) + bc, bc
+# ----------------------------------------------------------------------------------------------------------------
+# The same selection rule on a finite MDP (spec, "What the theory promises"): augmented_behaviour_policy applies
+# prefer_generated exactly as select_bc_target does above. Exact float64 linear solves, no sampling, so the promises
+# (improvement, robustness, bounded gap) are tested exactly. Shapes: P (S, A, S) with P[s, a, s'] the transition
+# probability, R (S, A), a policy (S, A) with rows on the simplex, rho (S,) the initial distribution.
+# ----------------------------------------------------------------------------------------------------------------
+def augmented_behaviour_policy(beta, gen, adv, eps_a: float = 0.0,
+                               prefer: typing.Callable = prefer_generated) -> np.ndarray:
+    """The augmented behaviour policy pi~(a|s), exactly, from beta (S, A), generator gen (S, A) and advantages adv.
+
+    Draw a_D ~ beta(.|s) and a_G ~ gen(.|s) independently; keep a_G if prefer(adv[s, a_G], adv[s, a_D]), else a_D;
+    if the kept action's advantage is not > eps_a, fall back to a_D. pi~(a|s) sums the probability
+    beta(a_D|s) gen(a_G|s) of every pair (a_D, a_G) whose outcome is a. `prefer` exists for negative controls only.
+    Where the deep update differs: when neither candidate clears eps_A, the theory plays a_D while the deep gate
+    drops the constraint (the policy is free there), and A_vae == eps_A counts as "on" in the deep gate.
+    """
+    beta, gen, adv = (np.asarray(x, dtype=np.float64) for x in (beta, gen, adv))
+    pair = beta[:, :, None] * gen[:, None, :]                # (S, a_D, a_G): probability of drawing the pair
+    adv_d, adv_g = adv[:, :, None], adv[:, None, :]
+    # Keeping a_D and falling back both give a_D, so a_G is played exactly when it is kept and clears eps_a.
+    play_gen = prefer(adv_g, adv_d) & (adv_g > eps_a)
+    return (pair * play_gen).sum(1) + (pair * ~play_gen).sum(2)
+
+
+def policy_transition_matrix(P, pi) -> np.ndarray:
+    """P_pi[s, s'] = sum_a pi(a|s) P[s, a, s'], the state-to-state chain that pi induces."""
+    return np.einsum("sa,sat->st", np.asarray(pi, dtype=np.float64), np.asarray(P, dtype=np.float64))
+
+
+def policy_evaluation(P, R, pi, gamma: float) -> tuple[np.ndarray, np.ndarray]:
+    """(V, Q) of pi: V solves (I - gamma P_pi) V = R_pi with R_pi(s) = sum_a pi(a|s) R(s, a); Q = R + gamma P V."""
+    R = np.asarray(R, dtype=np.float64)
+    R_pi = (np.asarray(pi, dtype=np.float64) * R).sum(1)
+    V = np.linalg.solve(np.eye(len(R_pi)) - gamma * policy_transition_matrix(P, pi), R_pi)
+    Q = R + gamma * np.asarray(P, dtype=np.float64) @ V
+    return V, Q
+
+
+def advantage(P, R, pi, gamma: float) -> np.ndarray:
+    """A^pi(s, a) = Q^pi(s, a) - V^pi(s), defined for every action, including those pi never takes."""
+    V, Q = policy_evaluation(P, R, pi, gamma)
+    return Q - V[:, None]
+
+
+def performance(P, R, pi, gamma: float, rho) -> float:
+    """J(pi) = rho . V^pi, the expected discounted return from the initial distribution."""
+    return float(np.asarray(rho, dtype=np.float64) @ policy_evaluation(P, R, pi, gamma)[0])
+
+
+def discounted_state_distribution(P, pi, gamma: float, rho) -> np.ndarray:
+    """d^pi = (1 - gamma) rho^T (I - gamma P_pi)^-1; it sums to 1 because P_pi's rows do."""
+    P_pi = policy_transition_matrix(P, pi)
+    # Solve the transposed system rather than inverting: d^T (I - gamma P_pi) = (1 - gamma) rho^T.
+    x = np.linalg.solve((np.eye(len(P_pi)) - gamma * P_pi).T, np.asarray(rho, dtype=np.float64))
+    return (1.0 - gamma) * x
+
+
+def total_variation(p, q) -> np.ndarray:
+    """TV(p(.|s), q(.|s)) = 0.5 sum_a |p(a|s) - q(a|s)|, one value per state (last axis = actions)."""
+    return 0.5 * np.abs(np.asarray(p, dtype=np.float64) - np.asarray(q, dtype=np.float64)).sum(-1)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import tempfile
 import threading
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import gymnasium as gym
@@ -28,6 +29,11 @@ from hypothesis import strategies as st
 _TMP = Path(tempfile.mkdtemp(prefix="a2pr-tests-"))
 os.environ.setdefault("MPLCONFIGDIR", str(_TMP / "mpl"))
 os.environ["A2PR_DATA_DIR"] = str(_TMP / "data")
+
+# Hypothesis profiles: "ci" (default) keeps the suite to a few minutes on 2 cores; "thorough" searches much harder.
+settings.register_profile("ci", max_examples=30, deadline=None)
+settings.register_profile("thorough", max_examples=1000, deadline=None)
+settings.load_profile(os.environ.get("A2PR_HYPOTHESIS_PROFILE", "ci"))
 
 import a2pr  # noqa: E402
 from a2pr import A2PRError, load_rows, rows_to_transitions, write_d4rl_hdf5  # noqa: E402
@@ -818,7 +824,7 @@ def test_mix_errors(random_and_expert, mix, match):
         load_rows("hopper-random-v2", args(mix=mix), quiet)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(deadline=None)
 @given(base_lens=st.lists(st.integers(1, 15), min_size=1, max_size=12),
        good_lens=st.lists(st.integers(1, 15), min_size=1, max_size=12),
        fraction=st.floats(0.01, 0.99), seed=st.integers(0, 2**16))
@@ -873,3 +879,280 @@ def test_benchmark_modes_print_one_json_line(what):
     out = json.loads(line)
     assert out["benchmark"] == what and out["device"] == "cpu"
     assert out["steps_per_s"] > 0 if what == "update" else out["transitions"] == 999_000
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The theory on finite MDPs, exactly (spec, "What the theory promises")
+# ----------------------------------------------------------------------------------------------------------------
+TOL = 1e-9
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Random MDPs: hypothesis draws sizes, gamma and a seed; numpy's default_rng builds the arrays (fast, shrinks well)
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class Problem:
+    P: np.ndarray      # (S, A, S) transition probabilities
+    R: np.ndarray      # (S, A) rewards in [-1, 1]
+    rho: np.ndarray    # (S,) initial distribution
+    gamma: float
+    beta: np.ndarray   # (S, A) behaviour policy, some actions with zero mass
+    gen: np.ndarray    # (S, A) generator, supp gen ⊆ supp beta
+    rng: np.random.Generator  # for any further draws (noise, other policies) in the test
+
+    @property
+    def adv_beta(self) -> np.ndarray:
+        return a2pr.advantage(self.P, self.R, self.beta, self.gamma)
+
+    def J(self, pi) -> float:
+        return a2pr.performance(self.P, self.R, pi, self.gamma, self.rho)
+
+
+def random_support(rng, S, A, p_keep, inside=None):
+    """Boolean (S, A) mask, each action kept with prob p_keep (within `inside`), >= 1 action per state."""
+    allowed = np.ones((S, A), bool) if inside is None else inside
+    mask = (rng.random((S, A)) < p_keep) & allowed
+    for s in range(S):
+        if not mask[s].any():
+            mask[s, rng.choice(np.flatnonzero(allowed[s]))] = True
+    return mask
+
+
+def random_policy(rng, mask):
+    """A policy supported exactly on `mask`; the gamma shape varies how peaked the rows are."""
+    w = (rng.gamma(rng.choice([0.2, 1.0, 5.0]), size=mask.shape) + 1e-3) * mask
+    return w / w.sum(1, keepdims=True)
+
+
+def random_mdp(rng, S, A, duplicate_action=False):
+    """P rows on the simplex (Dirichlet(0.5): often near-sparse), R ~ U[-1, 1], rho ~ Dirichlet(1)."""
+    P = rng.dirichlet(np.full(S, 0.5), size=(S, A))
+    R = rng.uniform(-1.0, 1.0, (S, A))
+    if duplicate_action:  # actions 0 and 1 identical: their advantages tie exactly, exercising ties to a_G
+        P[:, 1], R[:, 1] = P[:, 0], R[:, 0]
+    return P, R, rng.dirichlet(np.ones(S))
+
+
+def make_problem(seed, S, A, gamma, duplicate_action=False) -> Problem:
+    rng = np.random.default_rng(seed)
+    P, R, rho = random_mdp(rng, S, A, duplicate_action)
+    beta_support = random_support(rng, S, A, p_keep=rng.uniform(0.3, 0.9))
+    gen_support = random_support(rng, S, A, p_keep=rng.uniform(0.2, 1.0), inside=beta_support)
+    return Problem(P, R, rho, gamma, random_policy(rng, beta_support), random_policy(rng, gen_support), rng)
+
+
+@st.composite
+def problems(draw) -> Problem:
+    return make_problem(seed=draw(st.integers(0, 2**32 - 1)), S=draw(st.integers(2, 10)), A=draw(st.integers(2, 5)),
+                        gamma=draw(st.floats(0.5, 0.99)), duplicate_action=draw(st.booleans()))
+
+
+eps_values = st.one_of(st.just(0.0), st.floats(-0.5, 0.5))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The building blocks are what they claim to be
+# ---------------------------------------------------------------------------------------------------------------
+def test_prefer_generated_same_rule_on_numpy_and_torch():
+    gen, data = [0.0, 1.0, -2.0, 0.5], [0.0, 0.5, -1.0, 0.5]
+    expected = [True, True, False, True]  # ties (entries 0 and 3) go to the generated action
+    assert a2pr.prefer_generated(np.array(gen), np.array(data)).tolist() == expected
+    assert a2pr.prefer_generated(torch.tensor(gen), torch.tensor(data)).tolist() == expected
+
+
+def test_total_variation_per_state_by_hand():
+    p = np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.0], [0.2, 0.3, 0.5]])
+    q = np.array([[0.0, 1.0, 0.0], [0.0, 0.5, 0.5], [0.2, 0.3, 0.5]])
+    np.testing.assert_allclose(a2pr.total_variation(p, q), [1.0, 0.5, 0.0])  # disjoint, half shifted, equal
+
+
+@given(problems())
+@settings(deadline=None)
+def test_policy_evaluation_satisfies_bellman_equations(pb):
+    V, Q = a2pr.policy_evaluation(pb.P, pb.R, pb.beta, pb.gamma)
+    np.testing.assert_allclose(Q, pb.R + pb.gamma * np.einsum("sat,t->sa", pb.P, V), atol=TOL)
+    np.testing.assert_allclose(V, (pb.beta * Q).sum(1), atol=TOL)  # V = E_beta Q: beta's advantage averages to 0
+
+
+@given(problems())
+@settings(deadline=None)
+def test_discounted_state_distribution_is_the_discounted_occupancy(pb):
+    d = a2pr.discounted_state_distribution(pb.P, pb.beta, pb.gamma, pb.rho)
+    P_beta = a2pr.policy_transition_matrix(pb.P, pb.beta)
+    assert np.all(d >= -TOL) and abs(d.sum() - 1.0) < TOL
+    np.testing.assert_allclose(d, (1 - pb.gamma) * pb.rho + pb.gamma * d @ P_beta, atol=TOL)  # its fixed point
+
+
+@given(problems(), eps_values)
+@settings(deadline=None)
+def test_augmented_policy_is_a_distribution(pb, eps_a):
+    pi = a2pr.augmented_behaviour_policy(pb.beta, pb.gen, pb.adv_beta, eps_a)
+    assert pi.shape == pb.beta.shape and np.all(pi >= 0.0)
+    np.testing.assert_allclose(pi.sum(1), 1.0, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Improvement: E_{pi~} A^beta >= 0 in every state, V^{pi~} >= V^beta, supp pi~ ⊆ supp beta
+# ---------------------------------------------------------------------------------------------------------------
+@given(problems(), eps_values)
+@settings(deadline=None)
+def test_improvement_expected_advantage_nonnegative_in_every_state(pb, eps_a):
+    adv = pb.adv_beta
+    pi = a2pr.augmented_behaviour_policy(pb.beta, pb.gen, adv, eps_a)
+    assert np.all((pi * adv).sum(1) >= -TOL)
+
+
+@given(problems(), eps_values)
+@settings(deadline=None)
+def test_improvement_value_dominates_behaviour_in_every_state(pb, eps_a):
+    pi = a2pr.augmented_behaviour_policy(pb.beta, pb.gen, pb.adv_beta, eps_a)
+    V_pi, _ = a2pr.policy_evaluation(pb.P, pb.R, pi, pb.gamma)
+    V_beta, _ = a2pr.policy_evaluation(pb.P, pb.R, pb.beta, pb.gamma)
+    assert np.all(V_pi >= V_beta - TOL)
+
+
+@given(problems(), eps_values)
+@settings(deadline=None)
+def test_augmented_policy_support_inside_behaviour_support(pb, eps_a):
+    pi = a2pr.augmented_behaviour_policy(pb.beta, pb.gen, pb.adv_beta, eps_a)
+    assert np.all(pi[pb.beta == 0.0] == 0.0)  # exactly zero, not merely small: no out-of-distribution action
+
+
+@given(problems(), st.floats(0.0, 0.5))
+@settings(deadline=None)
+def test_threshold_above_every_advantage_gives_back_beta(pb, margin):
+    adv = pb.adv_beta
+    pi = a2pr.augmented_behaviour_policy(pb.beta, pb.gen, adv, eps_a=adv.max() + margin)
+    np.testing.assert_allclose(pi, pb.beta, atol=1e-12)  # nothing clears eps_A, so every draw falls back to a_D
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Performance-difference identity: J(pi) - J(beta) = 1/(1-gamma) sum_s d^pi(s) sum_a pi(a|s) A^beta(s, a)
+# ---------------------------------------------------------------------------------------------------------------
+def assert_performance_difference_identity(pb, pi):
+    lhs = pb.J(pi) - pb.J(pb.beta)
+    d_pi = a2pr.discounted_state_distribution(pb.P, pi, pb.gamma, pb.rho)
+    rhs = d_pi @ (pi * pb.adv_beta).sum(1) / (1.0 - pb.gamma)
+    assert abs(lhs - rhs) <= 1e-8 * max(1.0, abs(pb.J(pi)), abs(pb.J(pb.beta)))
+
+
+@given(problems(), eps_values)
+@settings(deadline=None)
+def test_performance_difference_identity_for_augmented_policy(pb, eps_a):
+    assert_performance_difference_identity(pb, a2pr.augmented_behaviour_policy(pb.beta, pb.gen, pb.adv_beta, eps_a))
+
+
+@given(problems())
+@settings(deadline=None)
+def test_performance_difference_identity_for_arbitrary_policy(pb):
+    assert_performance_difference_identity(pb, random_policy(pb.rng, np.ones_like(pb.beta, dtype=bool)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Robustness and bounded gap
+# ---------------------------------------------------------------------------------------------------------------
+@given(problems(), eps_values, st.floats(0.0, 0.5))
+@settings(deadline=None)
+def test_robustness_to_advantage_errors(pb, eps_a, delta):
+    adv_hat = pb.adv_beta + pb.rng.uniform(-delta, delta, pb.beta.shape)  # |adv_hat - A^beta| <= delta
+    pi_hat = a2pr.augmented_behaviour_policy(pb.beta, pb.gen, adv_hat, eps_a)
+    assert pb.J(pi_hat) >= pb.J(pb.beta) - 2.0 * delta / (1.0 - pb.gamma) - TOL
+
+
+@given(problems(), eps_values, st.floats(0.0, 1.0))
+@settings(deadline=None)
+def test_bounded_gap_for_policies_near_augmented_policy(pb, eps_a, weight):
+    pi_tilde = a2pr.augmented_behaviour_policy(pb.beta, pb.gen, pb.adv_beta, eps_a)
+    pi = (1.0 - weight) * pi_tilde + weight * random_policy(pb.rng, np.ones_like(pb.beta, dtype=bool))
+    max_adv = np.abs(a2pr.advantage(pb.P, pb.R, pi_tilde, pb.gamma)).max()
+    max_tv = a2pr.total_variation(pi, pi_tilde).max()
+    assert abs(pb.J(pi) - pb.J(pi_tilde)) <= 2.0 * max_adv * max_tv / (1.0 - pb.gamma) + TOL
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Hand-made one-state examples: the selection, ties, fall-back and support, worked out pair by pair
+# ---------------------------------------------------------------------------------------------------------------
+def one_state(beta, gen, adv, eps_a=0.0):
+    return a2pr.augmented_behaviour_policy(np.array([beta]), np.array([gen]), np.array([adv]), eps_a)[0]
+
+
+def test_hand_generated_action_replaces_worse_data_action():
+    # a_G = 1 always. a_D = 0 (p .5): A 1 >= -1 and 1 > 0 -> play a1. a_D = 1 (p .5): tie -> a1.
+    # Action 2 has the largest advantage but beta never takes it, so it must keep zero mass.
+    np.testing.assert_allclose(one_state([0.5, 0.5, 0.0], [0.0, 1.0, 0.0], [-1.0, 1.0, 5.0]), [0.0, 1.0, 0.0])
+
+
+def test_hand_tie_goes_to_generated_action():
+    # Equal advantages 0.3 > 0: a_D = 0 (p .5) ties with a_G = 1 -> a1 (ties go to a_G); a_D = 1 -> a1.
+    # A rule sending ties to a_D would give beta = [.5, .5] back.
+    np.testing.assert_allclose(one_state([0.5, 0.5], [0.0, 1.0], [0.3, 0.3]), [0.0, 1.0])
+
+
+def test_hand_fall_back_when_kept_advantage_not_above_threshold():
+    # beta = [.5, .25, .25], a_G = 1 always, A = [-.4, -.2, 1] (E_beta A = -.2 - .05 + .25 = 0).
+    # eps_A = 0: a_D = 0 (p .5): keep a1 (-.2 >= -.4), but -.2 is not > 0 -> fall back to a0.
+    #            a_D = 1 (p .25): tie -> a1, not > 0 -> fall back to a_D = a1.  a_D = 2 (p .25): -.2 < 1 -> a2.
+    #            => pi~ = [.5, .25, .25] = beta.
+    beta, gen, adv = [0.5, 0.25, 0.25], [0.0, 1.0, 0.0], [-0.4, -0.2, 1.0]
+    np.testing.assert_allclose(one_state(beta, gen, adv, eps_a=0.0), [0.5, 0.25, 0.25])
+    # eps_A = -.3: now -.2 > -.3, so the a_D = 0 draws play a1 => pi~ = [0, .75, .25] (E A = -.15 + .25 = .1 >= 0).
+    np.testing.assert_allclose(one_state(beta, gen, adv, eps_a=-0.3), [0.0, 0.75, 0.25])
+    # eps_A = -.2 exactly: -.2 is not > -.2, the threshold is strict => beta again.
+    np.testing.assert_allclose(one_state(beta, gen, adv, eps_a=-0.2), [0.5, 0.25, 0.25])
+
+
+def test_hand_positive_threshold_blocks_a_better_generated_action():
+    # beta = [.5, .5, 0], a_G = 1 always, A = [-1, 1, 0], eps_A = 1: a1 beats a0 but 1 is not > 1 -> fall back.
+    # Every draw returns a_D => pi~ = beta = [.5, .5, 0]. With eps_A = .99, 1 > .99 -> pi~ = [0, 1, 0].
+    beta, gen, adv = [0.5, 0.5, 0.0], [0.0, 1.0, 0.0], [-1.0, 1.0, 0.0]
+    np.testing.assert_allclose(one_state(beta, gen, adv, eps_a=1.0), [0.5, 0.5, 0.0])
+    np.testing.assert_allclose(one_state(beta, gen, adv, eps_a=0.99), [0.0, 1.0, 0.0])
+
+
+def test_hand_stochastic_generator_sums_over_all_pairs():
+    # beta = gen = [.5, .5, 0], A = [-1, 1, 0]; the four pairs (a_D, a_G), each p .25:
+    #   (0, 0) tie, keep a0, -1 not > 0 -> fall back a0;  (0, 1) 1 >= -1 and 1 > 0 -> a1;
+    #   (1, 0) -1 < 1 -> a1;                               (1, 1) tie -> a1.
+    # => pi~ = [.25, .75, 0].
+    np.testing.assert_allclose(one_state([0.5, 0.5, 0.0], [0.5, 0.5, 0.0], [-1.0, 1.0, 0.0]), [0.25, 0.75, 0.0])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Negative controls: the tests can tell a wrong selection rule from the right one
+# ---------------------------------------------------------------------------------------------------------------
+def seeded_search(condition, n_seeds=200, S=4, A=3, gamma=0.9):
+    """First problem among seeds 0..n_seeds-1 satisfying `condition`, or None (deterministic)."""
+    for seed in range(n_seeds):
+        pb = make_problem(seed, S, A, gamma)
+        if condition(pb):
+            return pb
+    return None
+
+
+def test_negative_control_always_generated_action_can_be_worse_than_beta():
+    def generator_alone_hurts(pb):
+        pi_tilde = a2pr.augmented_behaviour_policy(pb.beta, pb.gen, pb.adv_beta)
+        return pb.J(pb.gen) < pb.J(pb.beta) - 1e-3 and pb.J(pi_tilde) >= pb.J(pb.beta) - TOL
+
+    pb = seeded_search(generator_alone_hurts)
+    assert pb is not None, "no MDP found where following the generator alone loses to beta"
+    assert np.any((pb.gen * pb.adv_beta).sum(1) < -1e-3)  # the improvement test would have caught pi = gen
+
+
+def test_negative_control_flipped_rule_breaks_improvement():
+    def flipped(adv_gen, adv_data):
+        return adv_gen <= adv_data  # deliberately wrong: prefers the generated action when it is *worse*
+
+    def flipped_rule_hurts(pb):
+        adv = pb.adv_beta
+        wrong = a2pr.augmented_behaviour_policy(pb.beta, pb.gen, adv, prefer=flipped)
+        return np.any((wrong * adv).sum(1) < -1e-3)
+
+    pb = seeded_search(flipped_rule_hurts)
+    assert pb is not None, "no MDP found where the flipped comparison violates improvement"
+    right = a2pr.augmented_behaviour_policy(pb.beta, pb.gen, pb.adv_beta)  # the real rule on the same MDP is fine
+    assert np.all((right * pb.adv_beta).sum(1) >= -TOL)
+
+
+if __name__ == "__main__":
+    raise SystemExit(pytest.main([__file__, "-q"]))
