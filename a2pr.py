@@ -55,6 +55,8 @@ class Args:
     seed: int = _arg(0, "seed of the agent (weights, batches, noise); the dataset has its own --dataset-seed")
     num_seeds: int = _arg(1, "train K independent agents (seeds seed..seed+K-1) as one batched computation")
     cuda: bool = _arg(False, "train on the GPU; stops at once if none is visible")
+    compile: bool = _arg(False, "run the update through torch.compile (opt-in; compiling takes a minute or more)")
+    cuda_graphs: bool = _arg(False, "with --cuda: replay the whole update as CUDA graphs (fastest on a GPU)")
     preset: str = _arg("auto", "hyperparameter preset: auto (by --env), spec, pendulum-cpu or a D4RL dataset name")
     total_steps: int | None = _arg(None, "gradient steps (spec: 1,000,000)")
     # --- data ---
@@ -1304,8 +1306,9 @@ def total_variation(p, q) -> np.ndarray:
 class Optimizers:
     def __init__(self, agent: Agent, a: Args):
         def adam(module, lr):
-            # fused Adam is one kernel per step on CPU and CUDA; results equal the for-loop Adam's
-            return torch.optim.Adam(module.parameters(), lr=lr, fused=True)
+            # fused Adam is one kernel per step on CPU and CUDA; capturable keeps its step counter on the GPU so
+            # that a CUDA graph can replay it
+            return torch.optim.Adam(module.parameters(), lr=lr, fused=True, capturable=a.cuda_graphs)
 
         self.critic = adam(agent.critic, a.critic_lr)
         self.value = adam(agent.value, a.value_lr)
@@ -1389,24 +1392,97 @@ def soft_update(agent: Agent, tau: float) -> None:
         torch._foreach_lerp_(list(targ.parameters()), list(net.parameters()), tau)
 
 
-def update(agent: Agent, opt: Optimizers, batch, step: int, a: Args, gens: list[torch.Generator]) -> dict:
-    """One A2PR gradient step (spec 1-4) on a batch of shape (K, B, ...); returns per-seed metric tensors.
-    `step` counts from 1; the actor and the targets move when step % policy_freq == 0 (as in TD3)."""
+def draw_noise(gens: list[torch.Generator], batch, latent_dim: int, actor_turn: bool) -> dict:
+    """All the randomness of one update, drawn outside it (so update_core can be compiled or graph-captured): the
+    policy-smoothing noise (spec 1), the VAE's latent noise (spec 3), and on actor steps the latent noise of the
+    VAE's reconstruction of the policy action (spec 4). Seed k draws from its own stream."""
+    act = batch[1]
+    n, dev = act.shape[1], act.device
+    noise = dict(smoothing=randn(gens, act.shape[1:], dev), vae=randn(gens, (n, latent_dim), dev))
+    if actor_turn:
+        noise["actor"] = randn(gens, (n, latent_dim), dev)
+    return noise
+
+
+def update_core(agent: Agent, opt: Optimizers, batch, noise: dict, actor_turn: bool, a: Args) -> dict:
+    """Spec 1-4 on a batch of shape (K, B, ...) with pre-drawn noise; per-seed metric tensors of shape (K,).
+    No randomness and no host synchronisation inside: the same code runs eagerly, compiled, or as a CUDA graph."""
     s, act, r, s2, d = batch
-    n, dev = s.shape[1], s.device
-    y, a2, l_critic = critic_step(agent, opt, s, act, r, s2, d, randn(gens, act.shape[1:], dev), a)
+    n = s.shape[1]
+    y, a2, l_critic = critic_step(agent, opt, s, act, r, s2, d, noise["smoothing"], a)
     # One forward of the just-updated critics gives Q1(s,a) (spec 3 and 4) and min Q(s',a') for y2 (spec 2).
     with torch.no_grad():
         q1_both, q2_both = agent.critic(torch.cat([s, s2], 1), torch.cat([act, a2], 1))
         q1_data = q1_both[:, :n]
         y2 = r + a.discount * (1.0 - d) * torch.min(q1_both[:, n:], q2_both[:, n:])
     v, l_value = value_step(agent, opt, s, y, y2)
-    w, l_vae = vae_step(agent, opt, s, act, q1_data, v, randn(gens, (n, agent.vae.latent_dim), dev), a)
+    w, l_vae = vae_step(agent, opt, s, act, q1_data, v, noise["vae"], a)
     out = dict(critic=l_critic, value=l_value, vae=l_vae, q=q1_data.mean(-1),
                vae_weight_fraction=(w > 0).float().mean(-1))
-    if step % a.policy_freq == 0:
-        out.update(actor_step(agent, opt, s, act, q1_data, v, randn(gens, (n, agent.vae.latent_dim), dev), a))
+    if actor_turn:
+        out.update(actor_step(agent, opt, s, act, q1_data, v, noise["actor"], a))
     return out
+
+
+def update(agent: Agent, opt: Optimizers, batch, step: int, a: Args, gens: list[torch.Generator]) -> dict:
+    """One A2PR gradient step (spec 1-4) on a batch of shape (K, B, ...); returns per-seed metric tensors.
+    `step` counts from 1; the actor and the targets move when step % policy_freq == 0 (as in TD3)."""
+    actor_turn = step % a.policy_freq == 0
+    return update_core(agent, opt, batch, draw_noise(gens, batch, agent.vae.latent_dim, actor_turn), actor_turn, a)
+
+
+class Updater:
+    """Sample a batch and run one update, in one of three equivalent ways: eagerly (default), through
+    torch.compile (--compile), or by replaying CUDA graphs of the whole update (--cuda-graphs: one graph for critic
+    steps and one for actor steps, captured after a few eager warm-up steps). Sampling and noise stay outside the
+    graph, on the device, drawn from the per-seed generators exactly as the eager path draws them."""
+
+    WARMUP = 4  # eager steps before capture: cuBLAS handles and Adam's state must exist before a graph is recorded
+
+    def __init__(self, agent: Agent, opt: Optimizers, data: DeviceData, gens: list[torch.Generator], a: Args):
+        self.agent, self.opt, self.data, self.gens, self.a = agent, opt, data, gens, a
+        self.core = torch.compile(update_core) if a.compile else update_core
+        self.graphs: dict[bool, tuple] = {}
+        self.eager_steps = 0
+
+    def __call__(self, step: int) -> dict:
+        a = self.a
+        actor_turn = step % a.policy_freq == 0
+        batch = sample_batch(self.data, a.batch_size, self.gens)
+        noise = draw_noise(self.gens, batch, self.agent.vae.latent_dim, actor_turn)
+        if not a.cuda_graphs:
+            return self.core(self.agent, self.opt, batch, noise, actor_turn, a)
+        if actor_turn not in self.graphs and self.eager_steps < self.WARMUP:
+            self.eager_steps += 1
+            return self._on_side_stream(batch, noise, actor_turn)
+        if actor_turn not in self.graphs:
+            self.graphs[actor_turn] = self._capture(batch, noise, actor_turn)
+        graph, static_batch, static_noise, out = self.graphs[actor_turn]
+        for dst, src in zip(static_batch, batch):
+            dst.copy_(src)
+        for k in static_noise:
+            static_noise[k].copy_(noise[k])
+        graph.replay()
+        return {k: v.clone() for k, v in out.items()}  # the graph's outputs are overwritten by the next replay
+
+    def _on_side_stream(self, batch, noise, actor_turn):
+        """Warm-up steps are real training steps, run on a side stream as CUDA graph capture requires."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            out = self.core(self.agent, self.opt, batch, noise, actor_turn, self.a)
+        torch.cuda.current_stream().wait_stream(side)
+        return out
+
+    def _capture(self, batch, noise, actor_turn):
+        static_batch = tuple(x.clone() for x in batch)
+        static_noise = {k: v.clone() for k, v in noise.items()}
+        for o in self.opt.all().values():
+            o.zero_grad(set_to_none=True)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):  # records, does not run: the caller replays it for this very step
+            out = self.core(self.agent, self.opt, static_batch, static_noise, actor_turn, self.a)
+        return graph, static_batch, static_noise, out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1549,6 +1625,8 @@ class _StopFlag:
 
 
 def make_device(a: Args) -> torch.device:
+    if a.cuda_graphs and not a.cuda:
+        raise A2PRError("--cuda-graphs needs --cuda (CUDA graphs exist only on a GPU)")
     if a.cuda:
         if not torch.cuda.is_available():
             raise A2PRError("--cuda was given but PyTorch sees no CUDA GPU (torch.cuda.is_available() is False); "
@@ -1624,6 +1702,7 @@ def train(args: Args) -> dict:
     dataset_score = float(normalized_score(ds.episode_returns, ds.ref_min_score, ds.ref_max_score).mean())
 
     agent, opt, gens = build_learner(args, obs_dim, act_dim, device, ckpt)
+    updater = Updater(agent, opt, data, gens, args)
     history: list[dict] = []
     step, best = 0, np.full(len(seeds), -np.inf)
     if ckpt:
@@ -1676,10 +1755,9 @@ def train(args: Args) -> dict:
 
     with _StopFlag() as stop:
         while step < args.total_steps:
-            batch = sample_batch(data, args.batch_size, gens)
             step += 1
             step_t += 1
-            m = update(agent, opt, batch, step, args, gens)
+            m = updater(step)
             vals = torch.stack([m[k] if k in m else torch.zeros_like(m["critic"]) for k in METRICS])
             acc += vals
             first_bad = torch.where(~torch.isfinite(vals.sum(-1)) & (first_bad < 0), step_t, first_bad)
@@ -1804,13 +1882,14 @@ def benchmark_update(args: Args) -> dict:
                       done=(torch.rand(n, generator=g) < 0.01).float().to(device),
                       obs_mean=np.zeros(obs_dim), obs_std=np.ones(obs_dim))
     agent, opt, gens = build_learner(args, obs_dim, act_dim, device)
+    updater = Updater(agent, opt, data, gens, args)
     step = 0
 
     def run(k):
         nonlocal step
         for _ in range(k):
             step += 1
-            m = update(agent, opt, sample_batch(data, args.batch_size, gens), step, args, gens)
+            m = updater(step)
         _sync(device)
         return m
 

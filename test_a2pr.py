@@ -1156,3 +1156,72 @@ def test_negative_control_flipped_rule_breaks_improvement():
 
 if __name__ == "__main__":
     raise SystemExit(pytest.main([__file__, "-q"]))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Speed paths give the same results: K seeds as one computation, torch.compile, CUDA graphs
+# ----------------------------------------------------------------------------------------------------------------
+def synthetic_data(obs_dim=5, act_dim=2, n=4000, device="cpu") -> a2pr.DeviceData:
+    g = torch.Generator().manual_seed(0)
+    return a2pr.DeviceData(obs=torch.randn(n, obs_dim, generator=g).to(device),
+                           act=(torch.rand(n, act_dim, generator=g) * 2 - 1).to(device),
+                           rew=torch.randn(n, generator=g).to(device),
+                           next_obs=torch.randn(n, obs_dim, generator=g).to(device),
+                           done=(torch.rand(n, generator=g) < 0.05).float().to(device),
+                           obs_mean=np.zeros(obs_dim), obs_std=np.ones(obs_dim))
+
+
+def small_args(**kw) -> a2pr.Args:
+    return a2pr.resolve_args(a2pr.Args(actor_hidden=32, critic_hidden=32, value_hidden=32, vae_hidden=32,
+                                       batch_size=64, total_steps=100, **kw))[0]
+
+
+def run_updates(args, data, steps, device="cpu"):
+    agent, opt, gens = a2pr.build_learner(args, data.obs.shape[1], data.act.shape[1], device)
+    updater = a2pr.Updater(agent, opt, data, gens, args)
+    return agent, [updater(step) for step in range(1, steps + 1)]
+
+
+def test_seed_k_of_a_multi_seed_run_matches_the_single_seed_run():
+    """--num-seeds K trains K independent agents as one batched computation: agent k follows exactly the path of a
+    single run with seed+k (float tolerance: the batched matmuls may round differently)."""
+    data, k_seeds = synthetic_data(), 3
+    multi, m_multi = run_updates(small_args(seed=7, num_seeds=k_seeds), data, 100)
+    for k in range(k_seeds):
+        single, m_single = run_updates(small_args(seed=7 + k), data, 100)
+        for step, (mm, ms) in enumerate(zip(m_multi, m_single), 1):
+            assert mm.keys() == ms.keys()
+            for name in ms:
+                assert torch.allclose(mm[name][k], ms[name][0], rtol=1e-4, atol=1e-5), (k, step, name)
+        multi_params = multi.state_dict()
+        for name, p in single.state_dict().items():
+            per = multi_params[name].shape[0] // k_seeds
+            assert torch.allclose(multi_params[name][k * per:(k + 1) * per], p, rtol=1e-4, atol=1e-5), (k, name)
+
+
+@pytest.mark.slow
+def test_compiled_update_gives_the_eager_losses():
+    """--compile: same losses and parameters as eager on the same batches and noise (absolute tolerance 1e-5 in
+    float32; inductor fuses elementwise ops, which changes rounding only)."""
+    data = synthetic_data()
+    eager, m_eager = run_updates(small_args(), data, 4)
+    comp, m_comp = run_updates(small_args(compile=True), data, 4)
+    for me, mc in zip(m_eager, m_comp):
+        for name in me:
+            assert torch.allclose(me[name], mc[name], rtol=1e-5, atol=1e-5), name
+    for p, q in zip(eager.parameters(), comp.parameters()):
+        assert torch.allclose(p, q, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_update_gives_the_eager_losses():
+    """--cuda-graphs: replaying the captured update gives the eager losses on the GPU (tolerance 1e-4: cuBLAS may
+    pick other kernels inside a graph)."""
+    data = synthetic_data(device="cuda")
+    eager, m_eager = run_updates(small_args(cuda=True), data, 12, "cuda")
+    graph, m_graph = run_updates(small_args(cuda=True, cuda_graphs=True), data, 12, "cuda")
+    for step, (me, mg) in enumerate(zip(m_eager, m_graph), 1):
+        for name in me:
+            assert torch.allclose(me[name], mg[name], rtol=1e-4, atol=1e-4), (step, name)
+    for p, q in zip(eager.parameters(), graph.parameters()):
+        assert torch.allclose(p, q, rtol=1e-4, atol=1e-4)
