@@ -1753,60 +1753,65 @@ def train(args: Args) -> dict:
             raise A2PRError(f"non-finite {METRICS[i]} loss at step {int(bad[i])}; the run stopped and {last}. "
                             "Lower the learning rates or check the data's scale.")
 
-    with _StopFlag() as stop:
-        while step < args.total_steps:
-            step += 1
-            step_t += 1
-            m = updater(step)
-            vals = torch.stack([m[k] if k in m else torch.zeros_like(m["critic"]) for k in METRICS])
-            acc += vals
-            first_bad = torch.where(~torch.isfinite(vals.sum(-1)) & (first_bad < 0), step_t, first_bad)
-            counts["critic"] += 1
-            counts["actor"] += "actor" in m
-            steps_window += 1
-            is_eval = step % args.eval_freq == 0 or step == args.total_steps
-            is_log = is_eval or step % args.log_freq == 0
-            is_save = step % args.save_freq == 0 or step == args.total_steps
-            if not (is_log or is_save or stop.set):
-                continue
-            check_finite()
-            if is_log:  # one row of the CSV: window means of the losses, and the evaluation when due
-                row: dict = {"step": step, "time_s": round(time.time() - t_start, 2)}
-                means = dict(zip(METRICS, acc.mean(-1).tolist()))
-                for k in METRICS:
-                    n = counts["actor"] if k in ACTOR_METRICS else counts["critic"]
-                    if n:
-                        col = {"q": "charts/q_mean"}.get(k, f"losses/{k}" if k in LOSS_NAMES else f"charts/{k}")
-                        row[col] = means[k] / n
-                sps = steps_window / max(time.time() - t_window, 1e-9)
-                row["charts/SPS"] = round(sps, 1)
-                if is_eval:
-                    rets = evaluate(agent.actor, ds.env_id, data.obs_mean, data.obs_std, ds.action_low,
-                                    ds.action_high, args.eval_episodes, seed=args.seed + 10_000,
-                                    obs_noise=args.eval_obs_noise, device=device)
-                    scores = normalized_score(rets, ds.ref_min_score, ds.ref_max_score).mean(1)  # per seed
-                    best = np.maximum(best, scores)
-                    last_score = float(scores.mean())
-                    row.update({"eval/return_mean": float(rets.mean()), "eval/normalized_score_mean": last_score,
-                                "eval/normalized_score_std": float(scores.std())})
-                    if len(seeds) > 1:
-                        row.update({f"eval/normalized_score_seed{s}": float(v) for s, v in zip(seeds, scores)})
-                history.append(row)
-                for w in writers:
-                    w(row)
-                acc.zero_()
-                counts = {"critic": 0, "actor": 0}
-                write_csv(paths["csv"], history)
-                left = (args.total_steps - step) / max(sps, 1e-9)
-                log(f"step {step:>9,}/{args.total_steps:,} | {sps:7.1f} steps/s | score {last_score:6.1f} "
-                    f"(best {float(best.mean()):6.1f}) | critic {row.get('losses/critic', float('nan')):.3g} "
-                    f"gate {row.get('charts/gate_fraction', float('nan')):.2f} "
-                    f"vae-target {row.get('charts/vae_target_fraction', float('nan')):.2f} | left {_fmt_time(left)}")
-                t_window, steps_window = time.time(), 0
-            if is_save or stop.set:  # on Ctrl-C the window's partial sums are saved too: resume is exact
-                save_checkpoint()
-            if stop.set:
-                break
+    try:
+        with _StopFlag() as stop:
+            while step < args.total_steps:
+                step += 1
+                step_t += 1
+                m = updater(step)
+                vals = torch.stack([m[k] if k in m else torch.zeros_like(m["critic"]) for k in METRICS])
+                acc += vals
+                first_bad = torch.where(~torch.isfinite(vals.sum(-1)) & (first_bad < 0), step_t, first_bad)
+                counts["critic"] += 1
+                counts["actor"] += "actor" in m
+                steps_window += 1
+                is_eval = step % args.eval_freq == 0 or step == args.total_steps
+                is_log = is_eval or step % args.log_freq == 0
+                is_save = step % args.save_freq == 0 or step == args.total_steps
+                if not (is_log or is_save or stop.set):
+                    continue
+                check_finite()
+                if is_log:  # one row of the CSV: window means of the losses, and the evaluation when due
+                    row: dict = {"step": step, "time_s": round(time.time() - t_start, 2)}
+                    means = dict(zip(METRICS, acc.mean(-1).tolist()))
+                    for k in METRICS:
+                        n = counts["actor"] if k in ACTOR_METRICS else counts["critic"]
+                        if n:
+                            col = {"q": "charts/q_mean"}.get(k, f"losses/{k}" if k in LOSS_NAMES else f"charts/{k}")
+                            row[col] = means[k] / n
+                    sps = steps_window / max(time.time() - t_window, 1e-9)
+                    row["charts/SPS"] = round(sps, 1)
+                    if is_eval:
+                        rets = evaluate(agent.actor, ds.env_id, data.obs_mean, data.obs_std, ds.action_low,
+                                        ds.action_high, args.eval_episodes, seed=args.seed + 10_000,
+                                        obs_noise=args.eval_obs_noise, device=device)
+                        scores = normalized_score(rets, ds.ref_min_score, ds.ref_max_score).mean(1)  # per seed
+                        best = np.maximum(best, scores)
+                        last_score = float(scores.mean())
+                        row.update({"eval/return_mean": float(rets.mean()), "eval/normalized_score_mean": last_score,
+                                    "eval/normalized_score_std": float(scores.std())})
+                        if len(seeds) > 1:
+                            row.update({f"eval/normalized_score_seed{s}": float(v) for s, v in zip(seeds, scores)})
+                    history.append(row)
+                    for log_row, _ in writers:
+                        log_row(row)
+                    acc.zero_()
+                    counts = {"critic": 0, "actor": 0}
+                    write_csv(paths["csv"], history)
+                    left = (args.total_steps - step) / max(sps, 1e-9)
+                    log(f"step {step:>9,}/{args.total_steps:,} | {sps:7.1f} steps/s | score {last_score:6.1f} "
+                        f"(best {float(best.mean()):6.1f}) | critic {row.get('losses/critic', float('nan')):.3g} "
+                        f"gate {row.get('charts/gate_fraction', float('nan')):.2f} "
+                        f"vae-target {row.get('charts/vae_target_fraction', float('nan')):.2f} | left {_fmt_time(left)}")
+                    t_window, steps_window = time.time(), 0
+                if is_save or stop.set:  # on Ctrl-C the window's partial sums are saved too: resume is exact
+                    save_checkpoint()
+                if stop.set:
+                    break
+
+    finally:
+        for _, close in writers:
+            close()
 
     interrupted = step < args.total_steps
     final = [r for r in history if "eval/normalized_score_mean" in r]
@@ -1841,19 +1846,21 @@ def _check_trackers(a: Args) -> None:
         raise A2PRError("--wandb needs the wandb package: pip install wandb")
 
 
-def _open_trackers(a: Args, run_dir: Path) -> list:
-    """Optional TensorBoard / wandb sinks; each is a function of a metrics row."""
+def _open_trackers(a: Args, run_dir: Path) -> list[tuple]:
+    """Optional TensorBoard / wandb sinks, each a (log(row), close()) pair."""
     sinks = []
     if a.tensorboard:
         from torch.utils.tensorboard import SummaryWriter
 
         tb = SummaryWriter(str(run_dir / "tensorboard"))
-        sinks.append(lambda row: [tb.add_scalar(k, v, row["step"]) for k, v in row.items() if k != "step"])
+        sinks.append((lambda row: [tb.add_scalar(k, v, row["step"]) for k, v in row.items() if k != "step"],
+                      tb.close))
     if a.wandb:
         import wandb
 
-        wandb.init(project=a.wandb_project, name=run_dir.name, config=dataclasses.asdict(a), resume="allow")
-        sinks.append(lambda row: wandb.log({k: v for k, v in row.items() if k != "step"}, step=row["step"]))
+        run = wandb.init(project=a.wandb_project, name=run_dir.name, config=dataclasses.asdict(a), resume="allow")
+        sinks.append((lambda row: run.log({k: v for k, v in row.items() if k != "step"}, step=row["step"]),
+                      run.finish))
     return sinks
 
 
