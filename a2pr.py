@@ -1645,15 +1645,19 @@ def build_learner(args: Args, obs_dim: int, act_dim: int, device, ckpt: dict | N
         agent.load_state_dict(ckpt["agent"])
         for name, o in opt.all().items():
             o.load_state_dict(ckpt["optimizers"][name])
-        for g, st in zip(gens, ckpt["rng"]):
-            g.set_state(st)
+        if ckpt.get("device", "cpu") == torch.device(device).type:
+            for g, st in zip(gens, ckpt["rng"]):
+                g.set_state(st)
+        else:  # CPU and CUDA generators have different states: continue with fresh streams, seeded by the step
+            for g, s in zip(gens, seeds):
+                g.manual_seed(s * 1_000_003 + ckpt["step"])
     return agent, opt, gens
 
 
 def load_policy(run_dir: str | Path, device="cpu", seed_index: int = 0):
     """The trained policy of a run as a function: raw env observation -> env action (normalisation included)."""
     ckpt = _load_checkpoint(Path(run_dir))
-    args = Args(**ckpt["args"])
+    args = args_from_checkpoint(ckpt)
     agent, _, _ = build_learner(args, len(ckpt["obs_mean"]), len(ckpt["action_low"]), device, ckpt)
     mean, std, low, high = ckpt["obs_mean"], ckpt["obs_std"], ckpt["action_low"], ckpt["action_high"]
 
@@ -1667,14 +1671,27 @@ def load_policy(run_dir: str | Path, device="cpu", seed_index: int = 0):
     return policy
 
 
+def args_from_checkpoint(ckpt: dict) -> Args:
+    """The run's settings; keys this version does not know (a newer a2pr) are reported, not a crash."""
+    known = {f.name for f in dataclasses.fields(Args)}
+    unknown = sorted(set(ckpt["args"]) - known)
+    if unknown:
+        print(f"note: ignoring checkpoint settings this a2pr.py does not know: {', '.join(unknown)}", file=sys.stderr)
+    return Args(**{k: v for k, v in ckpt["args"].items() if k in known})
+
+
 def _load_checkpoint(run_dir: Path) -> dict:
     path = run_dir / "checkpoint.pt"
     if not path.exists():
         raise A2PRError(f"--resume {run_dir}: no checkpoint.pt there; give the folder of a run that saved one")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # a truncated or foreign file
         raise A2PRError(f"{path}: cannot be read as an a2pr checkpoint ({type(e).__name__}: {e})") from None
+    needed = {"args", "agent", "optimizers", "rng", "step", "obs_mean", "obs_std", "history"}
+    if not isinstance(ckpt, dict) or not needed <= ckpt.keys():
+        raise A2PRError(f"{path}: not an a2pr checkpoint (it lacks {sorted(needed - set(ckpt or {}))})")
+    return ckpt
 
 
 def train(args: Args) -> dict:
@@ -1684,7 +1701,11 @@ def train(args: Args) -> dict:
     if args.resume:
         run_dir = Path(args.resume)
         ckpt = _load_checkpoint(run_dir)
-        saved = Args(**ckpt["args"])
+        saved = args_from_checkpoint(ckpt)
+        if ckpt.get("device", "cpu") != ("cuda" if args.cuda else "cpu"):
+            print(f"note: the checkpoint was written on {ckpt.get('device', 'cpu')}; continuing on the other device "
+                  "with fresh random streams, so the run will not be bit-identical to an uninterrupted one",
+                  file=sys.stderr)
         # The checkpoint's settings win so that the run continues unchanged; only the length and device may change.
         args = dataclasses.replace(saved, resume=args.resume, cuda=args.cuda, quiet=args.quiet,
                                    total_steps=args.total_steps or saved.total_steps)
@@ -1736,7 +1757,7 @@ def train(args: Args) -> dict:
     def save_checkpoint():
         state = dict(args=dataclasses.asdict(args), agent=agent.state_dict(),
                      optimizers={k: o.state_dict() for k, o in opt.all().items()},
-                     rng=[g.get_state() for g in gens], step=step, best=best.tolist(), history=history,
+                     rng=[g.get_state() for g in gens], device=device.type, step=step, best=best.tolist(), history=history,
                      metric_sums=acc.cpu(), metric_counts=counts,
                      obs_mean=data.obs_mean, obs_std=data.obs_std, env_id=ds.env_id, dataset=ds.name,
                      action_low=ds.action_low, action_high=ds.action_high,

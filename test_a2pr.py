@@ -1225,3 +1225,14 @@ def test_cuda_graph_update_gives_the_eager_losses():
             assert torch.allclose(me[name], mg[name], rtol=1e-4, atol=1e-4), (step, name)
     for p, q in zip(eager.parameters(), graph.parameters()):
         assert torch.allclose(p, q, rtol=1e-4, atol=1e-4)
+
+
+def test_resume_errors_are_one_line(tmp_path):
+    with pytest.raises(A2PRError, match="no checkpoint.pt there"):
+        a2pr.train(a2pr.Args(resume=str(tmp_path)))
+    (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(A2PRError, match="cannot be read as an a2pr checkpoint"):
+        a2pr.train(a2pr.Args(resume=str(tmp_path)))
+    torch.save({"weights": torch.zeros(1)}, tmp_path / "checkpoint.pt")
+    with pytest.raises(A2PRError, match="not an a2pr checkpoint"):
+        a2pr.train(a2pr.Args(resume=str(tmp_path)))
