@@ -1008,7 +1008,8 @@ def to_unit_actions(a: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndar
 
 
 def to_env_actions(a: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
-    return (low + 0.5 * (a + 1.0) * (high - low)).astype(np.float32)
+    """[-1, 1] -> env bounds; clipped because float32 rounding can put a saturated action one ulp outside."""
+    return np.clip(low + 0.5 * (a + 1.0) * (high - low), low, high).astype(np.float32)
 
 
 @dataclass

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import http.server
 import json
+import math
 import os
 import signal
 import socket
@@ -22,7 +24,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 # Tests never write into the user's home: matplotlib's cache and a2pr's dataset cache go to a temporary folder.
@@ -1236,3 +1238,699 @@ def test_resume_errors_are_one_line(tmp_path):
     torch.save({"weights": torch.zeros(1)}, tmp_path / "checkpoint.pt")
     with pytest.raises(A2PRError, match="not an a2pr checkpoint"):
         a2pr.train(a2pr.Args(resume=str(tmp_path)))
+
+
+# ================================================================================================================
+# Losses, shapes, gradient routing, advantage selection and gate, trainer contracts (issue: the property suite)
+# ================================================================================================================
+CPU = torch.device("cpu")
+NOOP_LOG = lambda *a, **k: None  # noqa: E731
+
+
+def tiny_args(**kw) -> a2pr.Args:
+    base = dict(actor_hidden=8, critic_hidden=8, value_hidden=8, vae_hidden=8, batch_size=4, total_steps=10)
+    base.update(kw)
+    return a2pr.resolve_args(a2pr.Args(**base))[0]
+
+
+def random_batch(k: int, b: int, obs_dim: int, act_dim: int, seed: int = 0):
+    """(s, a, r, s', d) of shape (K, B, ...), actions in [-1, 1], d in {0, 1}."""
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(k, b, obs_dim, generator=g)
+    a = torch.rand(k, b, act_dim, generator=g) * 2 - 1
+    r = torch.randn(k, b, generator=g)
+    s2 = torch.randn(k, b, obs_dim, generator=g)
+    d = (torch.rand(k, b, generator=g) < 0.2).float()
+    return s, a, r, s2, d
+
+
+def noise(*shape, seed: int = 1) -> torch.Tensor:
+    """Standard normal noise from its own generator (tests do not touch torch's global random state)."""
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in module.named_parameters()}
+
+
+def constant_net(seq: torch.nn.Sequential, out_bias) -> None:
+    """All weights and biases 0, the output layer's bias set: the network outputs out_bias for every input."""
+    with torch.no_grad():
+        for p in seq.parameters():
+            p.zero_()
+        last = seq[-1]
+        last.bias.copy_(torch.as_tensor(out_bias, dtype=torch.float32).reshape(last.bias.shape))
+
+
+# ================================================================================================================
+# 1. Losses and shapes
+# ================================================================================================================
+dims = dict(k=st.integers(1, 3), b=st.integers(1, 6), obs_dim=st.integers(1, 5), act_dim=st.integers(1, 3))
+
+
+@settings(deadline=None)
+@given(**dims, seed=st.integers(0, 2**16))
+def test_networks_and_losses_have_spec_shapes_and_finite_per_seed_values(k, b, obs_dim, act_dim, seed):
+    args = tiny_args()
+    agent = a2pr.Agent(list(range(seed, seed + k)), obs_dim, act_dim, args)
+    s, a, r, s2, d = random_batch(k, b, obs_dim, act_dim, seed)
+    latent = agent.vae.latent_dim
+    assert latent == 2 * act_dim  # spec: latent size = 2 x action dim
+
+    pi = agent.actor(s * 100)  # large inputs saturate tanh: still inside [-1, 1]
+    assert pi.shape == (k, b, act_dim) and pi.dtype == torch.float32
+    assert pi.abs().max() <= 1.0
+    q1, q2 = agent.critic(s, a)
+    assert q1.shape == q2.shape == (k, b) and q1.dtype == torch.float32
+    torch.testing.assert_close(agent.critic.q1(s, a), q1)
+    assert agent.value(s).shape == (k, b)
+    z_noise = noise(k, b, latent, seed=seed)
+    recon, mean, log_std = agent.vae(s, a, z_noise)
+    assert recon.shape == (k, b, act_dim) and recon.abs().max() <= 1.0
+    assert mean.shape == log_std.shape == (k, b, latent)
+    assert log_std.min() >= -4 and log_std.max() <= 15
+    assert agent.vae.decode(s, z_noise).shape == (k, b, act_dim)
+
+    y = a2pr.td_target(agent.critic_target, r, s2, agent.actor_target(s2), d, 0.99)
+    assert y.shape == (k, b)
+    w = a2pr.vae_sample_weight(q1, agent.value(s), 1.0)
+    assert w.shape == (k, b)
+    losses = [a2pr.critic_loss(agent.critic, s, a, y), a2pr.value_loss(agent.value(s), y, y * 0.5),
+              a2pr.vae_loss(recon, a, mean, log_std, w), *a2pr.actor_loss(q1, pi, a, w, 2.5)]
+    for loss in losses:
+        assert loss.shape == (k,) and loss.dtype == torch.float32 and torch.isfinite(loss).all()
+    obj, parts = a2pr.actor_objective(agent, s, a, q1.detach(), agent.value(s).detach(), z_noise, args)
+    assert obj.shape == (k,) and torch.isfinite(obj).all()
+    assert parts["target"].shape == (k, b, act_dim) and parts["gate"].shape == (k, b)
+    assert parts["use_vae"].dtype == torch.bool
+
+
+@pytest.mark.parametrize("k, b, obs_dim, act_dim", [(1, 1, 1, 1), (3, 5, 4, 2)])
+def test_update_returns_finite_per_seed_metrics(k, b, obs_dim, act_dim):
+    args = tiny_args(num_seeds=k, batch_size=b)
+    agent, opt, gens = a2pr.build_learner(args, obs_dim, act_dim, CPU)
+    out = a2pr.update(agent, opt, random_batch(k, b, obs_dim, act_dim), 2, args, gens)  # step 2: actor step too
+    assert {"critic", "value", "vae", "actor", "bc"} <= out.keys()
+    for name, v in out.items():
+        assert v.shape == (k,) and torch.isfinite(v).all(), name
+
+
+bound_pairs = st.tuples(st.floats(-5, 5), st.floats(0.5, 10)).map(lambda p: (p[0], p[0] + p[1]))  # low < high
+
+
+@settings(deadline=None)
+@given(bounds=st.lists(bound_pairs, min_size=1, max_size=4), data=st.data())
+def test_env_actions_stay_inside_asymmetric_bounds_and_round_trip(bounds, data):
+    low = np.array([lo for lo, _ in bounds], np.float32)
+    high = np.array([hi for _, hi in bounds], np.float32)
+    n = data.draw(st.integers(1, 8))
+    unit = np.array(data.draw(st.lists(st.floats(-1, 1, width=32), min_size=n * len(low), max_size=n * len(low))),
+                    np.float32).reshape(n, len(low))
+    unit = np.concatenate([unit, np.full((1, len(low)), -1.0, np.float32), np.ones((1, len(low)), np.float32)])
+    # (+-1 included: a saturated tanh actor outputs exactly 1.0)
+    env = a2pr.to_env_actions(unit, low, high)
+    assert env.dtype == np.float32 and env.shape == unit.shape
+    assert (env >= low).all() and (env <= high).all()
+    np.testing.assert_allclose(a2pr.to_unit_actions(env, low, high), unit, rtol=0, atol=1e-5)
+    # the ends and the middle of [-1, 1] go to low, high and the midpoint: asymmetric bounds are not max_action * a
+    ends = a2pr.to_env_actions(np.array([[-1.0] * len(low), [1.0] * len(low), [0.0] * len(low)], np.float32),
+                               low, high)
+    np.testing.assert_allclose(ends, np.stack([low, high, (low + high) / 2]), rtol=1e-6, atol=1e-5)
+
+
+def test_saturated_action_maps_inside_asymmetric_bounds():
+    # found by the property test above: 1.0 mapped to 3.696042 > high (float32 rounding of low + (high - low))
+    low, high = np.array([-0.8872743], np.float32), np.array([3.6960418], np.float32)
+    env = a2pr.to_env_actions(np.array([[1.0], [-1.0]], np.float32), low, high)
+    assert (env >= low).all() and (env <= high).all()
+
+
+def test_td_target_hand_computed():
+    agent = a2pr.Agent([0], 2, 1, tiny_args())
+    constant_net(agent.critic_target.net, [2.0, -1.0])  # Q1' = 2, Q2' = -1 everywhere
+    r, d = torch.tensor([[1.0, 0.5]]), torch.tensor([[0.0, 1.0]])
+    y = a2pr.td_target(agent.critic_target, r, torch.zeros(1, 2, 2), torch.zeros(1, 2, 1), d, 0.9)
+    # y0 = 1 + 0.9 * (1 - 0) * min(2, -1) = 1 - 0.9 = 0.1;  y1 = 0.5 + 0.9 * (1 - 1) * (-1) = 0.5
+    torch.testing.assert_close(y, torch.tensor([[0.1, 0.5]]))
+
+
+def test_critic_loss_hand_computed():
+    agent = a2pr.Agent([0], 2, 1, tiny_args())
+    constant_net(agent.critic.net, [2.0, -1.0])  # Q1 = 2, Q2 = -1 everywhere
+    y = torch.tensor([[0.1, 0.5]])
+    loss = a2pr.critic_loss(agent.critic, torch.zeros(1, 2, 2), torch.zeros(1, 2, 1), y)
+    # MSE(Q1, y) = ((2 - 0.1)^2 + (2 - 0.5)^2) / 2 = (3.61 + 2.25) / 2 = 2.93
+    # MSE(Q2, y) = ((-1 - 0.1)^2 + (-1 - 0.5)^2) / 2 = (1.21 + 2.25) / 2 = 1.73;  sum = 4.66
+    torch.testing.assert_close(loss, torch.tensor([4.66]))
+
+
+def test_value_loss_hand_computed():
+    agent = a2pr.Agent([0], 2, 1, tiny_args())
+    constant_net(agent.value.net, [0.5])  # V = 0.5 everywhere
+    v = agent.value(torch.zeros(1, 2, 2))
+    loss = a2pr.value_loss(v, torch.tensor([[0.1, 0.5]]), torch.tensor([[0.3, -0.5]]))
+    # min(y, y2) = [0.1, -0.5];  ((0.5 - 0.1)^2 + (0.5 + 0.5)^2) / 2 = (0.16 + 1.0) / 2 = 0.58
+    torch.testing.assert_close(loss, torch.tensor([0.58]))
+
+
+def test_vae_loss_hand_computed():
+    recon = torch.tensor([[[0.5], [0.0]]])
+    act = torch.tensor([[[0.0], [1.0]]])
+    mean = torch.tensor([[[0.0, 0.0], [1.0, 0.0]]])
+    log_std = torch.tensor([[[0.0, 0.0], [0.0, math.log(2.0)]]])
+    weight = torch.tensor([[2.0, 0.0]])
+    loss = a2pr.vae_loss(recon, act, mean, log_std, weight)
+    # reconstruction: mean(w (recon - a)^2) = (2 * 0.25 + 0 * 1) / 2 = 0.25
+    # 1 + log sigma^2 - mu^2 - sigma^2 per element: 0, 0, (1 + 0 - 1 - 1) = -1, (1 + 2 ln 2 - 0 - 4) = -1.6137056
+    # KL = -0.5 * (-1 - 1.6137056) / 4 = 0.3267132;  loss = 0.25 + 0.5 * 0.3267132 = 0.4133566
+    torch.testing.assert_close(loss, torch.tensor([0.4133566]))
+
+
+def test_vae_forward_with_constant_networks():
+    agent = a2pr.Agent([0], 2, 1, tiny_args())
+    constant_net(agent.vae.encoder, [0.3, -0.2, 20.0, -9.0])  # mu = (0.3, -0.2), log sigma = (20, -9) before clamp
+    constant_net(agent.vae.decoder, [math.atanh(0.25)])
+    recon, mean, log_std = agent.vae(torch.zeros(1, 3, 2), torch.zeros(1, 3, 1), noise(1, 3, 2))
+    torch.testing.assert_close(recon, torch.full((1, 3, 1), 0.25))
+    torch.testing.assert_close(mean, torch.tensor([0.3, -0.2]).expand(1, 3, 2))
+    torch.testing.assert_close(log_std, torch.tensor([15.0, -4.0]).expand(1, 3, 2))  # clamped to [-4, 15]
+
+
+def test_actor_loss_hand_computed():
+    q_pi = torch.tensor([[1.0, -3.0]])
+    pi = torch.tensor([[[0.5], [0.5]]])
+    target = torch.tensor([[[0.0], [1.0]]])
+    gate = torch.tensor([[1.0, 0.0]])
+    loss, bc = a2pr.actor_loss(q_pi, pi, target, gate, alpha=2.5)
+    # lambda = 2.5 / mean|Q| = 2.5 / 2 = 1.25;  -lambda mean Q = -1.25 * (-1) = 1.25
+    # bc = mean(gate (pi - target)^2) = (1 * 0.25 + 0 * 0.25) / 2 = 0.125;  loss = 1.375
+    torch.testing.assert_close(bc, torch.tensor([0.125]))
+    torch.testing.assert_close(loss, torch.tensor([1.375]))
+
+
+def test_actor_objective_hand_computed():
+    args = tiny_args(alpha=2.5, bc_weight=2.0)
+    agent = a2pr.Agent([0], 2, 1, args)
+    constant_net(agent.actor.net, [math.atanh(0.5)])       # pi = 0.5
+    constant_net(agent.critic.net, [2.0, 7.0])              # Q1 = 2 everywhere (Q2 is not used by the actor)
+    constant_net(agent.vae.decoder, [math.atanh(-0.5)])     # p_hat = -0.5
+    act = torch.tensor([[[0.0], [1.0], [-1.0]]])
+    v = torch.tensor([[1.0, 1.0, 3.0]])
+    q1_data = torch.tensor([[1.5, 2.5, 1.0]])
+    loss, parts = a2pr.actor_objective(agent, torch.zeros(1, 3, 2), act, q1_data, v, noise(1, 3, 2), args)
+    # A_vae = Q1(s, p_hat) - v = [1, 1, -1];  A_data = q1_data - v = [0.5, 1.5, -2]
+    # target: [p_hat (1 >= 0.5), a = 1.0 (1 < 1.5), p_hat (-1 >= -2)] = [-0.5, 1.0, -0.5]
+    # gate: [on (A_vae 1 >= 0), on, off (-1 < 0 and -2 <= 0)] * bc_weight = [2, 2, 0]
+    # bc = mean(gate (0.5 - target)^2) = (2 * 1 + 2 * 0.25 + 0 * 1) / 3 = 0.8333333
+    # lambda = 2.5 / |2| = 1.25; -lambda * mean Q1(s, pi) = -2.5;  loss = -2.5 + 0.8333333 = -1.6666667
+    torch.testing.assert_close(parts["target"], torch.tensor([[[-0.5], [1.0], [-0.5]]]))
+    torch.testing.assert_close(parts["gate"], torch.tensor([[2.0, 2.0, 0.0]]))
+    torch.testing.assert_close(parts["bc"], torch.tensor([0.8333333]))
+    torch.testing.assert_close(loss, torch.tensor([-1.6666667]))
+
+
+def _step_fixture(seed=0, k=2, b=8, obs_dim=3, act_dim=2):
+    args = tiny_args(num_seeds=k, seed=seed, batch_size=b)
+    agent, opt, gens = a2pr.build_learner(args, obs_dim, act_dim, CPU)
+    with torch.no_grad():  # move the online nets away from their targets, so a soft update is visible
+        for i, p in enumerate(list(agent.actor.parameters()) + list(agent.critic.parameters())):
+            p.add_(0.1 * noise(*p.shape, seed=i))
+    s, a, r, s2, d = random_batch(k, b, obs_dim, act_dim, seed)
+    with torch.no_grad():
+        q1_data, v = agent.critic.q1(s, a), agent.value(s)
+    return args, agent, opt, (s, a, r, s2, d), q1_data, v
+
+
+NETS = ("actor", "critic", "value", "vae", "actor_target", "critic_target")
+
+
+@pytest.mark.parametrize("step, moves", [("critic", "critic"), ("value", "value"), ("vae", "vae")])
+def test_each_step_moves_only_its_own_network(step, moves):
+    args, agent, opt, (s, a, r, s2, d), q1_data, v = _step_fixture()
+    before = {n: snapshot(getattr(agent, n)) for n in NETS}
+    k, b = s.shape[:2]
+    if step == "critic":
+        a2pr.critic_step(agent, opt, s, a, r, s2, d, noise(k, b, a.shape[-1]), args)
+    elif step == "value":
+        a2pr.value_step(agent, opt, s, r, r + 1.0)
+    else:
+        a2pr.vae_step(agent, opt, s, a, q1_data, v, noise(k, b, agent.vae.latent_dim), args)
+    for n in NETS:
+        after = snapshot(getattr(agent, n))
+        same = all(torch.equal(before[n][p], after[p]) for p in after)
+        assert same == (n != moves), n
+
+
+def test_actor_loss_reaches_critic_and_vae_but_actor_step_moves_only_actor_and_targets():
+    args, agent, opt, (s, a, _, _, _), q1_data, v = _step_fixture()
+    latent = noise(*s.shape[:2], agent.vae.latent_dim)
+    loss, _ = a2pr.actor_objective(agent, s, a, q1_data, v, latent, args)
+    reached = torch.autograd.grad(loss.sum(), list(agent.critic.parameters()) + list(agent.vae.parameters()),
+                                  allow_unused=True)
+    assert any(g is not None and g.abs().sum() > 0 for g in reached)  # so the step below must filter them out
+
+    before = {n: snapshot(getattr(agent, n)) for n in NETS}
+    a2pr.actor_step(agent, opt, s, a, q1_data, v, latent, args)
+    after = {n: snapshot(getattr(agent, n)) for n in NETS}
+    for n in ("critic", "value", "vae"):
+        assert all(torch.equal(before[n][p], after[n][p]) for p in after[n]), n
+    assert any(not torch.equal(before["actor"][p], after["actor"][p]) for p in after["actor"])
+    tau = args.tau
+    for online, target in (("actor", "actor_target"), ("critic", "critic_target")):
+        moved = False
+        for p in after[target]:
+            expected = before[target][p] + tau * (after[online][p] - before[target][p])
+            torch.testing.assert_close(after[target][p], expected, rtol=0, atol=1e-7)
+            moved |= not torch.equal(after[target][p], before[target][p])
+        assert moved, target
+
+
+def test_soft_update_moves_targets_by_tau():
+    _, agent, *_ = _step_fixture()
+    before = {n: snapshot(getattr(agent, n)) for n in NETS}
+    a2pr.soft_update(agent, 0.25)
+    for online, target in (("actor", "actor_target"), ("critic", "critic_target")):
+        for p, t in snapshot(getattr(agent, target)).items():
+            torch.testing.assert_close(t, 0.75 * before[target][p] + 0.25 * before[online][p], rtol=0, atol=1e-6)
+
+
+def test_policy_action_reconstruction_passes_gradient_into_the_actor():
+    args = tiny_args(num_seeds=1, bc_target="vae", gate="always")  # every sample is pulled towards p_hat
+    _, agent, _, (s, a, _, _, _), q1_data, v = _step_fixture(k=1)
+    loss, parts = a2pr.actor_objective(agent, s, a, q1_data, v, noise(1, s.shape[1], agent.vae.latent_dim), args)
+    pi, p_hat, gate = parts["pi"], parts["p_hat"], parts["gate"]
+    dphat_dpi = torch.autograd.grad(p_hat.sum(), pi, retain_graph=True)[0]
+    assert dphat_dpi.abs().max() > 0
+
+    grad_with = torch.autograd.grad(loss.sum(), pi, retain_graph=True)[0]
+    bc_detached = (gate.unsqueeze(-1) * (pi - p_hat.detach()) ** 2).mean((-2, -1))
+    torch.testing.assert_close(bc_detached, parts["bc"].detach())  # same value, different gradient
+    grad_detached = torch.autograd.grad((loss - parts["bc"] + bc_detached).sum(), pi)[0]
+    assert not torch.allclose(grad_with, grad_detached)
+
+
+# ================================================================================================================
+# 2. Advantage selection and the adaptive gate
+# ================================================================================================================
+grid = st.integers(-8, 8).map(lambda i: i / 4)  # exact in float32, so ties (A_vae == A_data == eps_A) happen often
+
+
+@st.composite
+def selection_cases(draw):
+    k, b, act_dim = draw(st.integers(1, 2)), draw(st.integers(1, 6)), draw(st.integers(1, 3))
+    n = k * b
+    q_vae, q_data, v = (draw(st.lists(grid, min_size=n, max_size=n)) for _ in range(3))
+    acts = st.lists(st.floats(-1, 1, width=32), min_size=n * act_dim, max_size=n * act_dim)
+    vae_action = draw(acts)
+    data_action = vae_action if draw(st.booleans()) else draw(acts)  # equal candidate actions, half the time
+    # eps_A: float32 values (compared exactly like the tensors); half the time equal to one of the A_data, so the
+    # tie A_data == eps_A (gate off unless A_vae >= eps_A) is exercised
+    adv_data = [q - w for q, w in zip(q_data, v)]
+    eps = draw(st.sampled_from(adv_data) if draw(st.booleans()) else st.one_of(grid, st.floats(-2, 2, width=32)))
+    bc_weight = draw(st.sampled_from([0.5, 1.0, 2.5]))  # exact in float32
+
+    def t(x, *shape):
+        return torch.tensor(x, dtype=torch.float32).reshape(*shape)
+
+    return dict(q_vae=t(q_vae, k, b), q_data=t(q_data, k, b), v=t(v, k, b), vae_action=t(vae_action, k, b, act_dim),
+                data_action=t(data_action, k, b, act_dim), eps=eps, bc_weight=bc_weight)
+
+
+def check_selection(case, bc_target: str, gate_mode: str) -> None:
+    """select_bc_target against the spec's rule, written out element by element."""
+    adv_vae, adv_data = case["q_vae"] - case["v"], case["q_data"] - case["v"]
+    target, gate, use_vae = a2pr.select_bc_target(adv_vae, adv_data, case["vae_action"], case["data_action"],
+                                                  case["bc_weight"], case["eps"], bc_target, gate_mode)
+    k, b = adv_vae.shape
+    assert target.shape == case["vae_action"].shape and gate.shape == use_vae.shape == (k, b)
+    for i in range(k):
+        for j in range(b):
+            av, ad = float(adv_vae[i, j]), float(adv_data[i, j])
+            want_vae = {"select": av >= ad, "data": False, "vae": True}[bc_target]
+            want_on = gate_mode == "always" or av >= case["eps"] or ad > case["eps"]
+            assert bool(use_vae[i, j]) == want_vae
+            src = case["vae_action"] if want_vae else case["data_action"]
+            assert torch.equal(target[i, j], src[i, j])  # exactly that action, no blending
+            assert float(gate[i, j]) == (case["bc_weight"] if want_on else 0.0)
+
+
+@settings(deadline=None)
+@given(case=selection_cases())
+def test_selection_and_gate_follow_the_spec_rule_elementwise(case):
+    check_selection(case, "select", "adaptive")
+
+
+@settings(deadline=None)
+@given(case=selection_cases(), bc_target=st.sampled_from(["select", "data", "vae"]),
+       gate_mode=st.sampled_from(["adaptive", "always"]))
+def test_ablation_flags_replace_only_their_own_rule(case, bc_target, gate_mode):
+    check_selection(case, bc_target, gate_mode)
+
+
+# rows: (A_vae, A_data, eps_A, target is VAE action?, gate on?)
+HAND_CASES = [
+    (1.0, 0.5, 0.0, True, True),      # VAE better, positive
+    (0.5, 1.0, 0.0, False, True),     # data better, positive
+    (0.3, 0.3, 0.0, True, True),      # tie goes to the VAE action
+    (0.0, 0.0, 0.0, True, True),      # tie at eps_A: A_vae >= eps_A switches the gate on
+    (-1.0, 0.0, 0.0, False, False),   # A_data == eps_A is not > eps_A: no constraint
+    (-0.5, -0.2, 0.0, False, False),  # both negative: no constraint, data action kept as target
+    (-0.2, -0.5, 0.0, True, False),   # both negative, VAE better: still no constraint
+    (0.2, -3.0, 0.0, True, True),     # only the VAE action has an advantage
+    (-3.0, 0.2, 0.0, False, True),    # only the data action has an advantage
+    (0.5, 0.4, 0.5, True, True),      # A_vae == eps_A > 0: on
+    (0.3, 0.5, 0.5, False, False),    # A_data == eps_A > 0, A_vae below: off
+    (0.4, 0.6, 0.5, False, True),     # A_data > eps_A: on
+    (-0.6, -0.5, -0.5, False, False), # negative threshold, A_data == eps_A: off
+]
+
+
+@pytest.mark.parametrize("adv_vae, adv_data, eps, vae_target, on", HAND_CASES)
+def test_selection_and_gate_hand_cases(adv_vae, adv_data, eps, vae_target, on):
+    vae_action, data_action = torch.tensor([[[0.25]]]), torch.tensor([[[-0.75]]])
+    target, gate, use_vae = a2pr.select_bc_target(torch.tensor([[adv_vae]]), torch.tensor([[adv_data]]),
+                                                  vae_action, data_action, 1.5, eps)
+    assert bool(use_vae) == vae_target
+    assert float(target) == (0.25 if vae_target else -0.75)
+    assert float(gate) == (1.5 if on else 0.0)
+
+
+def test_equal_candidate_actions_give_that_action_whatever_the_advantages():
+    same = torch.tensor([[[0.1, -0.2], [0.3, 0.4]]])
+    target, _, _ = a2pr.select_bc_target(torch.tensor([[1.0, -1.0]]), torch.tensor([[-1.0, 1.0]]), same,
+                                         same.clone(), 1.0, 0.0)
+    assert torch.equal(target, same)
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_all_positive_advantages_gate_everywhere_all_negative_nowhere(sign):
+    g = torch.Generator().manual_seed(3)
+    adv_vae = sign * (torch.rand(2, 16, generator=g) + 0.01)
+    adv_data = sign * (torch.rand(2, 16, generator=g) + 0.01)
+    _, gate, use_vae = a2pr.select_bc_target(adv_vae, adv_data, torch.ones(2, 16, 1), -torch.ones(2, 16, 1),
+                                             0.7, 0.0)
+    assert torch.equal(gate, torch.full((2, 16), 0.7 if sign > 0 else 0.0))
+    assert torch.equal(use_vae, adv_vae >= adv_data)
+
+
+@settings(deadline=None)
+@given(k=st.integers(1, 2), data=st.data(), vae_weight=st.sampled_from([0.0, 0.5, 1.0, 1.5]))
+def test_vae_weight_is_vae_weight_exactly_where_q1_above_v(k, data, vae_weight):
+    b = data.draw(st.integers(1, 8))
+    q1 = torch.tensor(data.draw(st.lists(grid, min_size=k * b, max_size=k * b))).reshape(k, b)
+    v = torch.tensor(data.draw(st.lists(grid, min_size=k * b, max_size=k * b))).reshape(k, b)
+    w = a2pr.vae_sample_weight(q1, v, vae_weight)
+    assert w.shape == (k, b) and w.dtype == torch.float32
+    for i in range(k):
+        for j in range(b):  # ties (Q1 == V) get weight 0: only strictly better actions are learned
+            assert float(w[i, j]) == (vae_weight if float(q1[i, j]) > float(v[i, j]) else 0.0)
+
+
+def test_vae_weight_hand_cases_tie_gets_zero():
+    w = a2pr.vae_sample_weight(torch.tensor([[1.0, 0.5, 0.5]]), torch.tensor([[0.5, 0.5, 1.0]]), 1.5)
+    # Q1 > V -> 1.5;  Q1 == V -> 0 (not strictly better);  Q1 < V -> 0
+    assert torch.equal(w, torch.tensor([[1.5, 0.0, 0.0]]))
+
+
+def learner_with_split_advantages(vae_weight: float):
+    """A fresh learner and batch where V is a constant at the median of Q1(s, a), per seed: about half of the batch
+    has Q1(s, a) > V(s), so the VAE weight is neither all zero nor all on."""
+    args = tiny_args(num_seeds=2, batch_size=32, vae_weight=vae_weight)
+    agent, opt, gens = a2pr.build_learner(args, 3, 2, CPU)
+    batch = random_batch(2, 32, 3, 2, seed=5)
+    with torch.no_grad():
+        median_q1 = agent.critic.q1(batch[0], batch[1]).median(-1).values
+        agent.value.net[-1].weight.zero_()
+        agent.value.net[-1].bias.copy_(median_q1.reshape(2, 1, 1))
+    return args, agent, opt, gens, batch
+
+
+def test_update_gives_vae_loss_the_weight_from_updated_q1_and_pre_step_v(monkeypatch):
+    args, agent, opt, gens, batch = learner_with_split_advantages(vae_weight=1.5)
+    s, a = batch[0], batch[1]
+    with torch.no_grad():
+        v_before = agent.value(s)
+    seen = []
+    real = a2pr.vae_loss
+
+    def recording_vae_loss(recon, act, mean, log_std, weight):
+        seen.append(weight.clone())
+        return real(recon, act, mean, log_std, weight)
+
+    monkeypatch.setattr(a2pr, "vae_loss", recording_vae_loss)
+    a2pr.update(agent, opt, batch, 1, args, gens)  # step 1: no actor step, the critic is the just-updated one
+    with torch.no_grad():
+        q1_after = agent.critic.q1(s, a)
+    (w,) = seen
+    torch.testing.assert_close(w, 1.5 * (q1_after > v_before).float(), rtol=0, atol=0)
+    assert 0 < (w > 0).float().mean() < 1  # both kinds of sample present, so the check means something
+
+
+def test_vae_update_with_zero_weight_is_a_kl_only_adam_step():
+    args, agent, opt, gens, batch = learner_with_split_advantages(vae_weight=0.0)
+    s, a = batch[0], batch[1]
+    vae_ref = copy.deepcopy(agent.vae)
+    before = snapshot(agent.vae)
+    a2pr.update(agent, opt, batch, 1, args, gens)
+
+    # Hand-built: the KL term alone, 0.5 * KL with KL = -0.5 mean(1 + log sigma^2 - mu^2 - sigma^2), one Adam step.
+    ref_opt = torch.optim.Adam(vae_ref.parameters(), lr=args.vae_lr)
+    mean, log_std = vae_ref.encoder(torch.cat([s, a], -1)).chunk(2, -1)
+    log_std = log_std.clamp(-4, 15)
+    kl = -0.5 * (1 + 2 * log_std - mean ** 2 - (2 * log_std).exp()).mean((-2, -1))
+    (0.5 * kl).sum().backward()
+    ref_opt.step()
+    for (name, p), (_, p_ref) in zip(agent.vae.named_parameters(), vae_ref.named_parameters()):
+        torch.testing.assert_close(p, p_ref, rtol=0, atol=1e-6, msg=name)
+        if name.startswith("decoder."):  # no reconstruction gradient: the decoder does not move at all
+            assert torch.equal(p, before[name]), name
+        else:  # the KL term moves the encoder
+            assert not torch.equal(p, before[name]), name
+
+
+def test_vae_update_with_positive_weight_moves_the_decoder():
+    args, agent, opt, gens, batch = learner_with_split_advantages(vae_weight=1.0)
+    dec_before = snapshot(agent.vae.decoder)
+    a2pr.update(agent, opt, batch, 1, args, gens)
+    assert any(not torch.equal(p, dec_before[n]) for n, p in agent.vae.decoder.named_parameters())
+
+
+# ================================================================================================================
+# 4. Contracts of the trainer
+# ================================================================================================================
+N_STEPS = 21  # the restored run's next step (22) is an actor step: actor, targets and all four optimisers move
+
+
+@pytest.fixture(scope="module", autouse=True)
+def private_home(tmp_path_factory):
+    """Nothing written into the real HOME (matplotlib's cache, for instance) by the module-scoped runs."""
+    home = tmp_path_factory.mktemp("home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HOME", str(home))
+        mp.setenv("MPLCONFIGDIR", str(home / "mpl"))
+        yield
+
+
+@pytest.fixture(scope="module")
+def pendulum_data_dir(tmp_path_factory):
+    """The built-in dataset, generated once for the module."""
+    d = str(tmp_path_factory.mktemp("data"))
+    a2pr.load_dataset(a2pr.Args(env="pendulum-mostly-random-v0", data_dir=d), log=NOOP_LOG)
+    return d
+
+
+def tiny_run_args(save_dir, data_dir, **kw) -> a2pr.Args:
+    base = dict(env="pendulum-mostly-random-v0", data_dir=data_dir, total_steps=20, batch_size=16, actor_hidden=8,
+                critic_hidden=8, value_hidden=8, vae_hidden=8, eval_freq=10, log_freq=10, eval_episodes=1,
+                save_dir=str(save_dir), run_name="r", quiet=True)
+    base.update(kw)
+    return a2pr.Args(**base)
+
+
+def train_recording_evaluations(args):
+    """train(args), recording the actor and the normalisation statistics of every evaluate call."""
+    calls = []
+    real = a2pr.evaluate
+
+    def recording(actor, env_id, obs_mean, obs_std, *rest, **kw):
+        calls.append(dict(actor=actor, obs_mean=np.array(obs_mean), obs_std=np.array(obs_std)))
+        return real(actor, env_id, obs_mean, obs_std, *rest, **kw)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(a2pr, "evaluate", recording)
+        summary = a2pr.train(args)
+    return summary, calls
+
+
+def load_ckpt(run_dir) -> dict:
+    return torch.load(Path(run_dir) / "checkpoint.pt", map_location="cpu", weights_only=False)
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory, pendulum_data_dir):
+    save = tmp_path_factory.mktemp("runs")
+    return train_recording_evaluations(tiny_run_args(save, pendulum_data_dir, total_steps=N_STEPS, run_name="n"))
+
+
+def test_loaded_policy_acts_exactly_like_the_in_memory_actor(short_run):
+    summary, calls = short_run
+    actor, mean, std = calls[-1]["actor"], calls[-1]["obs_mean"], calls[-1]["obs_std"]
+    ck = load_ckpt(summary["run_dir"])
+    policy = a2pr.load_policy(summary["run_dir"])
+    obs = np.random.default_rng(0).uniform([-1, -1, -8], [1, 1, 8], size=(6, 3)).astype(np.float32)
+    with torch.no_grad():
+        unit = actor(torch.as_tensor((obs - mean) / std)[None])[0].numpy()
+    expected = a2pr.to_env_actions(unit, ck["action_low"], ck["action_high"])
+    np.testing.assert_array_equal(policy(obs), expected)
+    np.testing.assert_array_equal(policy(obs[2]), expected[2])  # one observation -> one action
+    assert (expected >= -2).all() and (expected <= 2).all()     # Pendulum's torque bounds
+
+
+def test_restored_checkpoint_plus_one_update_equals_the_longer_run(short_run, pendulum_data_dir, tmp_path):
+    summary, _ = short_run
+    longer = a2pr.train(tiny_run_args(tmp_path, pendulum_data_dir, total_steps=N_STEPS + 1, run_name="n1"))
+    ck, ck_longer = load_ckpt(summary["run_dir"]), load_ckpt(longer["run_dir"])
+    assert ck["step"] == N_STEPS and ck_longer["step"] == N_STEPS + 1
+
+    args = a2pr.Args(**ck["args"])
+    ds = a2pr.load_dataset(args, log=NOOP_LOG)
+    data = a2pr.prepare_data(ds, args, CPU, stats=(ck["obs_mean"], ck["obs_std"]))
+    agent, opt, gens = a2pr.build_learner(args, ds.observations.shape[1], ds.actions.shape[1], CPU, ck)
+    out = a2pr.update(agent, opt, a2pr.sample_batch(data, args.batch_size, gens), N_STEPS + 1, args, gens)
+    assert "actor" in out  # the step checked includes the actor and the target updates
+
+    state, want = agent.state_dict(), ck_longer["agent"]
+    assert state.keys() == want.keys()
+    for name in want:
+        assert torch.equal(state[name], want[name]), name
+    for g, st_ in zip(gens, ck_longer["rng"]):
+        assert torch.equal(g.get_state(), st_)
+
+
+def test_normalisation_stats_come_from_the_data_and_reach_evaluation_and_checkpoint(short_run, pendulum_data_dir):
+    summary, calls = short_run
+    ck = load_ckpt(summary["run_dir"])
+    ds = a2pr.load_dataset(a2pr.Args(**ck["args"]), log=NOOP_LOG)
+    obs = ds.observations.astype(np.float64)
+    want_mean, want_std = obs.mean(0), obs.std(0) + 1e-3  # spec: mean, std + 1e-3
+    assert len(calls) == 3  # steps 10, 20 and the last step, 21
+    for call in calls:
+        np.testing.assert_allclose(call["obs_mean"], want_mean, rtol=1e-4, atol=1e-5)  # float32 statistics
+        np.testing.assert_allclose(call["obs_std"], want_std, rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(ck["obs_mean"], calls[-1]["obs_mean"])
+    np.testing.assert_array_equal(ck["obs_std"], calls[-1]["obs_std"])
+
+
+def test_evaluate_feeds_the_actor_normalised_observations():
+    import gymnasium as gym
+
+    actor = a2pr.Actor(1, 3, 1, 8, 2)
+    a2pr.init_ensemble(actor, [0])
+    seen = []
+    actor.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].clone()))
+    mean, std = np.array([0.1, -0.2, 0.3], np.float32), np.array([2.0, 0.5, 4.0], np.float32)
+    a2pr.evaluate(actor, "Pendulum-v1", mean, std, np.array([-2.0], np.float32), np.array([2.0], np.float32),
+                  episodes=1, seed=123)
+    env = gym.make("Pendulum-v1")
+    first_obs = env.reset(seed=123)[0]
+    env.close()
+    torch.testing.assert_close(seen[0], torch.as_tensor((first_obs - mean) / std, dtype=torch.float32)[None, None])
+
+
+def _index_data(n: int) -> a2pr.DeviceData:
+    """Row i holds i in every field, so a sampled row's fields reveal whether they came from one index."""
+    col = torch.arange(n, dtype=torch.float32)
+    return a2pr.DeviceData(obs=col[:, None].repeat(1, 2), act=col[:, None], rew=col, next_obs=col[:, None] + 0.5,
+                           done=col, obs_mean=np.zeros(2), obs_std=np.ones(2))
+
+
+@settings(deadline=None)
+@given(n=st.integers(1, 60), batch=st.integers(1, 40), seeds=st.lists(st.integers(0, 2**31), min_size=1, max_size=3))
+def test_sampler_draws_valid_aligned_indices_reproducibly(n, batch, seeds):
+    data = _index_data(n)
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    states = [g.get_state() for g in gens]
+    s, a, r, s2, d = a2pr.sample_batch(data, batch, gens)
+    assert s.shape == (len(seeds), batch, 2) and r.shape == d.shape == (len(seeds), batch)
+    idx = r
+    assert (idx >= 0).all() and (idx < n).all() and torch.equal(idx, idx.round())
+    assert torch.equal(s[..., 0], idx) and torch.equal(a[..., 0], idx) and torch.equal(s2[..., 0], idx + 0.5)
+    assert torch.equal(d, idx)
+    for g, st_ in zip(gens, states):
+        g.set_state(st_)
+    assert torch.equal(a2pr.sample_batch(data, batch, gens)[2], idx)  # same generator state -> same batch
+    # each seed's batch depends only on its own generator
+    for k, seed in enumerate(seeds):
+        alone = a2pr.sample_batch(data, batch, [torch.Generator().manual_seed(seed)])[2]
+        assert torch.equal(alone[0], idx[k])
+
+
+def test_sampler_different_seed_gives_different_batch():
+    data = _index_data(1000)
+    a = a2pr.sample_batch(data, 32, [torch.Generator().manual_seed(0)])[2]
+    b = a2pr.sample_batch(data, 32, [torch.Generator().manual_seed(1)])[2]
+    assert not torch.equal(a, b)
+
+
+@st.composite
+def episode_rows(draw):
+    """D4RL row layout: episodes end in a terminal or a time-out; the last may be cut off with neither flag.
+    Observation row = (episode id, step index); action and reward = row index."""
+    n_eps = draw(st.integers(1, 8))
+    ends = [draw(st.sampled_from(["terminal", "timeout"])) for _ in range(n_eps)]
+    if draw(st.booleans()):
+        ends[-1] = "cut"
+    lengths = [draw(st.integers(1, 6)) for _ in range(n_eps)]
+    obs, term, tout = [], [], []
+    for e, (length, end) in enumerate(zip(lengths, ends)):
+        for t in range(length):
+            obs.append((e, t))
+            term.append(end == "terminal" and t == length - 1)
+            tout.append(end == "timeout" and t == length - 1)
+    n = len(obs)
+    rows = dict(observations=np.array(obs, np.float32), actions=np.arange(n, dtype=np.float32)[:, None],
+                rewards=np.arange(n, dtype=np.float32), terminals=np.array(term), timeouts=np.array(tout))
+    return rows, lengths
+
+
+@settings(deadline=None)
+@given(case=episode_rows(), seed=st.integers(0, 2**16))
+def test_transitions_and_sampled_batches_never_cross_episode_boundaries(case, seed):
+    rows, lengths = case
+    n = len(rows["rewards"])
+    starts = np.cumsum([0] + lengths[:-1])
+    np.testing.assert_array_equal(a2pr.episode_bounds(rows), np.stack([starts, starts + lengths], 1))
+
+    tr = a2pr.qlearning_transitions(rows)
+    kept = tr["rewards"].astype(int)  # row index of every transition
+    # every row becomes a transition except time-out rows (next state unknown) and the file's last row
+    np.testing.assert_array_equal(kept, [i for i in range(n - 1) if not rows["timeouts"][i]])
+    np.testing.assert_array_equal(tr["actions"][:, 0], kept)
+    np.testing.assert_array_equal(tr["terminals"], rows["terminals"][kept].astype(np.float32))
+    assume(len(kept) > 0)
+
+    ds = a2pr.Dataset(name="t", env_id="none", **tr, ref_min_score=0.0, ref_max_score=1.0,
+                      episode_returns=np.zeros(1), action_low=np.zeros(1, np.float32),
+                      action_high=np.full(1, 1000.0, np.float32))
+    data = a2pr.prepare_data(ds, tiny_args(), CPU, stats=(np.zeros(2), np.ones(2)))
+    s, _, _, s2, d = a2pr.sample_batch(data, 64, [torch.Generator().manual_seed(seed)])
+    for obs, nxt, done in [(tr["observations"], tr["next_observations"], tr["terminals"]),
+                           (s[0].numpy(), s2[0].numpy(), d[0].numpy())]:
+        for (e, t), (e2, t2), dn in zip(obs, nxt, done):
+            if dn:  # a true terminal: the last step of an episode that ended in a terminal (its s' is unused)
+                assert t == lengths[int(e)] - 1
+            else:
+                assert (e2, t2) == (e, t + 1)  # same episode, next step
+
+
+@settings(deadline=None)
+@given(case=episode_rows())
+def test_rows_with_next_observations_keep_time_out_steps_as_non_terminal(case):
+    """Minari layout (next_observations given): every step is a transition, time-outs included, none terminal."""
+    rows, _ = case
+    rows = dict(rows, next_observations=rows["observations"] + np.float32([0, 1]))
+    tr = a2pr.rows_to_transitions(rows)
+    np.testing.assert_array_equal(tr["rewards"], rows["rewards"])
+    np.testing.assert_array_equal(tr["next_observations"], rows["next_observations"])
+    np.testing.assert_array_equal(tr["terminals"], rows["terminals"].astype(np.float32))
+    assert not tr["terminals"][rows["timeouts"]].any()
