@@ -1374,7 +1374,8 @@ def actor_objective(agent: Agent, s, act, q1_data, v, latent_noise, a: Args):
     target, gate, use_vae = select_bc_target(adv_vae, adv_data, p_hat, act, a.bc_weight, a.eps_a, a.bc_target,
                                              a.gate)
     loss, bc = actor_loss(q_pi, pi, target, gate, a.alpha)
-    return loss, dict(pi=pi, p_hat=p_hat, target=target, gate=gate, use_vae=use_vae, bc=bc)
+    return loss, dict(pi=pi, p_hat=p_hat, adv_vae=adv_vae, adv_data=adv_data, target=target, gate=gate,
+                      use_vae=use_vae, bc=bc)
 
 
 def actor_step(agent: Agent, opt: Optimizers, s, act, q1_data, v, latent_noise, a: Args) -> dict:
@@ -1560,14 +1561,12 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 
 
 def plot_curves(path: Path, history: list[dict], dataset_score: float, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: a run never changes a notebook's plotting backend
 
     ev = [r for r in history if r.get("eval/normalized_score_mean") not in (None, "")]
     tr = [r for r in history if r.get("charts/gate_fraction") not in (None, "")]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
+    fig = Figure(figsize=(11, 3.8))
+    ax1, ax2 = fig.subplots(1, 2)
     seed_cols = sorted(k for k in (ev[0] if ev else {}) if k.startswith("eval/normalized_score_seed"))
     for c in seed_cols:
         ax1.plot([r["step"] for r in ev], [r[c] for r in ev], lw=0.8, alpha=0.5)
@@ -1581,7 +1580,6 @@ def plot_curves(path: Path, history: list[dict], dataset_score: float, title: st
     ax2.legend()
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1655,19 +1653,27 @@ def build_learner(args: Args, obs_dim: int, act_dim: int, device, ckpt: dict | N
     return agent, opt, gens
 
 
-def load_policy(run_dir: str | Path, device="cpu", seed_index: int = 0):
-    """The trained policy of a run as a function: raw env observation -> env action (normalisation included)."""
+def load_run(run_dir: str | Path, device="cpu") -> dict:
+    """What a run left in its checkpoint, rebuilt: settings, networks, optimisers and random streams (ready to
+    continue), the state normalisation, the evaluation env and the metrics history."""
     ckpt = _load_checkpoint(Path(run_dir))
     args = args_from_checkpoint(ckpt)
-    agent, _, _ = build_learner(args, len(ckpt["obs_mean"]), len(ckpt["action_low"]), device, ckpt)
-    mean, std, low, high = ckpt["obs_mean"], ckpt["obs_std"], ckpt["action_low"], ckpt["action_high"]
+    agent, opt, gens = build_learner(args, len(ckpt["obs_mean"]), len(ckpt["action_low"]), device, ckpt)
+    keys = ("step", "obs_mean", "obs_std", "action_low", "action_high", "env_id", "history", "ref_scores")
+    return dict(args=args, agent=agent, opt=opt, gens=gens, **{k: ckpt.get(k) for k in keys})
+
+
+def load_policy(run_dir: str | Path, device="cpu", seed_index: int = 0):
+    """The trained policy of a run as a function: raw env observation -> env action (normalisation included)."""
+    run = load_run(run_dir, device)
+    actor, k = run["agent"].actor, run["args"].num_seeds
+    mean, std, low, high = run["obs_mean"], run["obs_std"], run["action_low"], run["action_high"]
 
     @torch.no_grad()
     def policy(obs: np.ndarray) -> np.ndarray:
         x = torch.as_tensor((np.asarray(obs, np.float32) - mean) / std, device=device)
-        x = x.reshape(1, -1, len(mean)).expand(args.num_seeds, -1, -1)
-        return to_env_actions(agent.actor(x)[seed_index].cpu().numpy(), low, high).reshape(
-            *np.shape(obs)[:-1], len(low))
+        x = x.reshape(1, -1, len(mean)).expand(k, -1, -1)
+        return to_env_actions(actor(x)[seed_index].cpu().numpy(), low, high).reshape(*np.shape(obs)[:-1], len(low))
 
     return policy
 
