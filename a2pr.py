@@ -210,6 +210,8 @@ def validate_args(a: Args) -> None:
         raise A2PRError(f"--download-timeout must be a positive number of seconds, got {a.download_timeout!r}")
     if not math.isfinite(a.eps_a):
         raise A2PRError(f"--eps-a must be a finite number, got {a.eps_a!r}")
+    if a.compile and a.cuda_graphs:  # each is checked against eager on its own; together they are not yet verified
+        raise A2PRError("use --compile or --cuda-graphs, not both (the combination is not verified yet)")
     if a.bc_target not in ("select", "data", "vae"):
         raise A2PRError(f"--bc-target must be select, data or vae, got {a.bc_target!r}")
     if a.gate not in ("adaptive", "always"):

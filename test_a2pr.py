@@ -205,6 +205,8 @@ def test_cuda_without_gpu_stops_at_once_with_a_clear_message(tmp_path):
     (["--preset", "hopper-medum-v2"], "unknown preset 'hopper-medum-v2'"),
     (["--discount", "1.5"], "--discount must be in [0, 1)"),
     (["--bc-target", "best"], "argument --bc-target: invalid choice: 'best'"),
+    (["--cuda-graphs"], "--cuda-graphs needs --cuda"),
+    (["--mix", "pendulum-expert-v0"], "--mix must be NAME:FRACTION"),
 ])
 def test_bad_flags_get_one_line_errors(tmp_path, argv, expect):
     r = run_cli(*argv, "--save-dir", str(tmp_path), "--total-steps", "10")
