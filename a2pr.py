@@ -1636,9 +1636,14 @@ def make_device(a: Args) -> torch.device:
     return torch.device("cpu")
 
 
+def agent_seeds(args: Args) -> list[int]:
+    """The K agents of a run are seeds seed, seed+1, ..., seed+K-1."""
+    return [args.seed + i for i in range(args.num_seeds)]
+
+
 def build_learner(args: Args, obs_dim: int, act_dim: int, device, ckpt: dict | None = None):
     """Networks, optimisers and one random stream per seed; restored from a checkpoint when one is given."""
-    seeds = [args.seed + i for i in range(args.num_seeds)]
+    seeds = agent_seeds(args)
     agent = Agent(seeds, obs_dim, act_dim, args).to(device)
     opt = Optimizers(agent, args)
     gens = [torch.Generator(device=device).manual_seed(s) for s in seeds]
@@ -1723,7 +1728,7 @@ def train(args: Args) -> dict:
     device = make_device(args)
     if args.tensorboard or args.wandb:
         _check_trackers(args)
-    seeds = [args.seed + i for i in range(args.num_seeds)]
+    seeds = agent_seeds(args)
 
     ds = load_dataset(args, log)
     stats = (np.asarray(ckpt["obs_mean"]), np.asarray(ckpt["obs_std"])) if ckpt else None
