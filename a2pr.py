@@ -337,22 +337,19 @@ def read_d4rl_hdf5(path: Path) -> tuple[dict[str, np.ndarray], dict]:
             attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
     except OSError as e:
         raise A2PRError(f"{path}: cannot read the HDF5 file ({e}); delete it and let it be made again") from None
-    n = len(rows["observations"])
-    if n == 0:
-        raise A2PRError(f"{path}: the dataset is empty")
     if rows["observations"].ndim != 2 or rows["actions"].ndim != 2:
         raise A2PRError(f"{path}: observations and actions must be 2-D arrays")
+    n = len(rows["observations"])
+    for k in ("rewards", "terminals", "timeouts"):
+        rows[k] = rows[k].reshape(-1)
     for k in D4RL_KEYS:
-        rows[k] = rows[k].reshape(n, -1) if k in ("observations", "actions") else rows[k].reshape(-1)
         if len(rows[k]) != n:
             raise A2PRError(f"{path}: '{k}' has {len(rows[k])} rows but observations has {n}")
     for k in ("observations", "actions", "rewards"):
         rows[k] = rows[k].astype(np.float32)
-        if not np.isfinite(rows[k]).all():
-            raise A2PRError(f"{path}: '{k}' contains NaN or inf values")
     rows["terminals"] = rows["terminals"].astype(bool)
     rows["timeouts"] = rows["timeouts"].astype(bool)
-    return rows, attrs
+    return validate_rows(rows, str(path)), attrs  # empty, NaN/inf: the same checks as for rows made in memory
 
 
 def qlearning_transitions(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -450,8 +447,9 @@ def env_label(env_id) -> str:
     return env_id if isinstance(env_id, str) else getattr(env_id, "id", str(env_id))
 
 
-def env_dims(env_id, where: str) -> tuple[int, int]:
-    """(obs dim, act dim) of an evaluation env; one-line error if it cannot be made or is not continuous."""
+def env_spaces(env_id, where: str):
+    """(observation space, action space) of an evaluation env; one-line error if it cannot be made or is not
+    continuous."""
     import gymnasium as gym
 
     register_a2pr_envs()
@@ -465,6 +463,12 @@ def env_dims(env_id, where: str) -> tuple[int, int]:
     if not isinstance(act_space, gym.spaces.Box) or not isinstance(obs_space, gym.spaces.Box):
         raise A2PRError(f"{where}: the evaluation env '{env_label(env_id)}' must have Box observations and actions "
                         f"(has {type(obs_space).__name__} / {type(act_space).__name__})")
+    return obs_space, act_space
+
+
+def env_dims(env_id, where: str) -> tuple[int, int]:
+    """(obs dim, act dim) of an evaluation env."""
+    obs_space, act_space = env_spaces(env_id, where)
     return int(np.prod(obs_space.shape)), int(np.prod(act_space.shape))
 
 
@@ -489,7 +493,7 @@ def rows_to_transitions(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def validate_rows(rows: dict[str, np.ndarray], where: str) -> dict[str, np.ndarray]:
-    """The checks read_d4rl_hdf5 does on a file, for rows built in memory (Minari, mixes)."""
+    """Sanity checks shared by every source (files, Minari, mixes): non-empty, consistent shapes, finite values."""
     n = len(rows["rewards"])
     if n == 0:
         raise A2PRError(f"{where}: the dataset is empty")
@@ -976,7 +980,7 @@ def load_dataset(args: Args, log=print) -> Dataset:
     """--env (and --mix) -> transitions and what evaluation needs: the single path for every source."""
     rows, attrs = load_rows(args.env, args, log)
     env_id = attrs["env_id"]
-    space = eval_env_action_space(env_id)
+    _, space = env_spaces(env_id, args.env)
     tr = rows_to_transitions(rows)
     if len(tr["rewards"]) == 0:
         raise A2PRError(f"{args.env}: no usable transitions (every row is a time-out)")
@@ -984,19 +988,6 @@ def load_dataset(args: Args, log=print) -> Dataset:
                    ref_min_score=float(attrs["ref_min_score"]), ref_max_score=float(attrs["ref_max_score"]),
                    episode_returns=episode_returns(rows), action_low=space.low.astype(np.float32),
                    action_high=space.high.astype(np.float32), source=attrs["source"], notice=attrs.get("notice", ""))
-
-
-def eval_env_action_space(env_id):
-    import gymnasium as gym
-
-    register_a2pr_envs()
-    try:
-        env = gym.make(env_id)
-    except Exception as e:
-        raise A2PRError(f"cannot make the evaluation env '{env_label(env_id)}' ({type(e).__name__}: {e})") from None
-    space = env.action_space
-    env.close()
-    return space
 
 
 def normalized_score(ret, ref_min: float, ref_max: float):
@@ -1771,7 +1762,8 @@ def train(args: Args) -> dict:
     def save_checkpoint():
         state = dict(args=dataclasses.asdict(args), agent=agent.state_dict(),
                      optimizers={k: o.state_dict() for k, o in opt.all().items()},
-                     rng=[g.get_state() for g in gens], device=device.type, step=step, best=best.tolist(), history=history,
+                     rng=[g.get_state() for g in gens], device=device.type, step=step, best=best.tolist(),
+                     history=history,
                      metric_sums=acc.cpu(), metric_counts=counts,
                      obs_mean=data.obs_mean, obs_std=data.obs_std, env_id=ds.env_id, dataset=ds.name,
                      action_low=ds.action_low, action_high=ds.action_high,
@@ -1837,13 +1829,13 @@ def train(args: Args) -> dict:
                     log(f"step {step:>9,}/{args.total_steps:,} | {sps:7.1f} steps/s | score {last_score:6.1f} "
                         f"(best {float(best.mean()):6.1f}) | critic {row.get('losses/critic', float('nan')):.3g} "
                         f"gate {row.get('charts/gate_fraction', float('nan')):.2f} "
-                        f"vae-target {row.get('charts/vae_target_fraction', float('nan')):.2f} | left {_fmt_time(left)}")
+                        f"vae-target {row.get('charts/vae_target_fraction', float('nan')):.2f} "
+                        f"| left {_fmt_time(left)}")
                     t_window, steps_window = time.time(), 0
                 if is_save or stop.set:  # on Ctrl-C the window's partial sums are saved too: resume is exact
                     save_checkpoint()
                 if stop.set:
                     break
-
     finally:
         for _, close in writers:
             close()
