@@ -1899,6 +1899,17 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
+def synthetic_data(obs_dim: int, act_dim: int, n: int, device="cpu") -> DeviceData:
+    """Random transitions already on the device (unit actions, 1 % terminals): for benchmarks and tests."""
+    g = torch.Generator().manual_seed(0)
+    return DeviceData(obs=torch.randn(n, obs_dim, generator=g).to(device),
+                      act=torch.rand(n, act_dim, generator=g).mul(2).sub(1).to(device),
+                      rew=torch.randn(n, generator=g).to(device),
+                      next_obs=torch.randn(n, obs_dim, generator=g).to(device),
+                      done=(torch.rand(n, generator=g) < 0.01).float().to(device),
+                      obs_mean=np.zeros(obs_dim), obs_std=np.ones(obs_dim))
+
+
 def benchmark_update(args: Args) -> dict:
     """Steps/s of the real `update` (sampling included) on synthetic data of the given dims, after a warm-up."""
     args = resolve_args(dataclasses.replace(args, preset="spec" if args.preset == "auto" else args.preset))[0]
@@ -1907,14 +1918,7 @@ def benchmark_update(args: Args) -> dict:
         obs_dim, act_dim = (int(x) for x in args.bench_dims.split(","))
     except ValueError:
         raise A2PRError(f"--bench-dims must be OBS,ACT (two integers), got {args.bench_dims!r}") from None
-    g = torch.Generator().manual_seed(0)
-    n = 100_000
-    data = DeviceData(obs=torch.randn(n, obs_dim, generator=g).to(device),
-                      act=torch.rand(n, act_dim, generator=g).mul(2).sub(1).to(device),
-                      rew=torch.randn(n, generator=g).to(device),
-                      next_obs=torch.randn(n, obs_dim, generator=g).to(device),
-                      done=(torch.rand(n, generator=g) < 0.01).float().to(device),
-                      obs_mean=np.zeros(obs_dim), obs_std=np.ones(obs_dim))
+    data = synthetic_data(obs_dim, act_dim, 100_000, device)
     agent, opt, gens = build_learner(args, obs_dim, act_dim, device)
     updater = Updater(agent, opt, data, gens, args)
     step = 0

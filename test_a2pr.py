@@ -1166,13 +1166,7 @@ if __name__ == "__main__":
 # Speed paths give the same results: K seeds as one computation, torch.compile, CUDA graphs
 # ----------------------------------------------------------------------------------------------------------------
 def synthetic_data(obs_dim=5, act_dim=2, n=4000, device="cpu") -> a2pr.DeviceData:
-    g = torch.Generator().manual_seed(0)
-    return a2pr.DeviceData(obs=torch.randn(n, obs_dim, generator=g).to(device),
-                           act=(torch.rand(n, act_dim, generator=g) * 2 - 1).to(device),
-                           rew=torch.randn(n, generator=g).to(device),
-                           next_obs=torch.randn(n, obs_dim, generator=g).to(device),
-                           done=(torch.rand(n, generator=g) < 0.05).float().to(device),
-                           obs_mean=np.zeros(obs_dim), obs_std=np.ones(obs_dim))
+    return a2pr.synthetic_data(obs_dim, act_dim, n, device)
 
 
 def small_args(**kw) -> a2pr.Args:
