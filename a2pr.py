@@ -1642,6 +1642,8 @@ def build_learner(args: Args, obs_dim: int, act_dim: int, device, ckpt: dict | N
         agent.load_state_dict(ckpt["agent"])
         for name, o in opt.all().items():
             o.load_state_dict(ckpt["optimizers"][name])
+            for group in o.param_groups:  # a loaded state carries the saving run's flag; this run's mode wins
+                group["capturable"] = args.cuda_graphs
         if ckpt.get("device", "cpu") == torch.device(device).type:
             for g, st in zip(gens, ckpt["rng"]):
                 g.set_state(st)
@@ -1711,8 +1713,10 @@ def train(args: Args) -> dict:
             print(f"note: the checkpoint was written on {ckpt.get('device', 'cpu')}; continuing on the other device "
                   "with fresh random streams, so the run will not be bit-identical to an uninterrupted one",
                   file=sys.stderr)
-        # The checkpoint's settings win so that the run continues unchanged; only the length and device may change.
-        args = dataclasses.replace(saved, resume=args.resume, cuda=args.cuda, quiet=args.quiet,
+        # The checkpoint's settings win so that the run continues unchanged; the length may change, and how the
+        # update executes (device, --compile, --cuda-graphs) follows this command line, so a GPU run can go on here.
+        args = dataclasses.replace(saved, resume=args.resume, cuda=args.cuda, cuda_graphs=args.cuda_graphs,
+                                   compile=args.compile, quiet=args.quiet,
                                    total_steps=args.total_steps or saved.total_steps)
     args, source = resolve_args(args)
     log = (lambda *m, **k: None) if args.quiet else print

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import dataclasses
 import http.server
 import json
 import math
@@ -138,6 +139,32 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert_same_state(cw["agent"], cp["agent"])
     assert comparable(cw["history"]) == comparable(cp["history"])
     assert part["final_score"] == whole["final_score"]
+
+
+def test_a_gpu_runs_checkpoint_resumes_here_in_this_command_lines_mode(tmp_path, capsys):
+    """A checkpoint written by a `--cuda --cuda-graphs --compile` run (its settings and optimiser flags forged here,
+    as no GPU is at hand) continues on the CPU when resumed without those flags: the device and execution mode
+    follow the command line, the algorithm's settings follow the checkpoint, the random streams restart."""
+    a2pr.train(tiny(tmp_path, total_steps=100))
+    path = tmp_path / "run" / "checkpoint.pt"
+    ck = checkpoint(tmp_path / "run")
+    ck["args"].update(cuda=True, cuda_graphs=True, compile=True)
+    ck["device"] = "cuda"
+    for state in ck["optimizers"].values():
+        for group in state["param_groups"]:
+            group["capturable"] = True
+    torch.save(ck, path)
+    s = a2pr.train(a2pr.Args(resume=str(tmp_path / "run"), total_steps=200, quiet=True))
+    assert s["steps"] == 200 and np.isfinite(s["final_score"])
+    assert "continuing on the other device with fresh random streams" in capsys.readouterr().err
+    after = checkpoint(tmp_path / "run")
+    assert (after["args"]["cuda"], after["args"]["cuda_graphs"], after["args"]["compile"]) == (False, False, False)
+    assert after["args"]["batch_size"] == 32 and after["device"] == "cpu"
+    assert all(not g["capturable"] for st in after["optimizers"].values() for g in st["param_groups"])
+    # ...and the other way: a checkpoint made without graphs gets capturable optimisers when the new run captures
+    graphs = dataclasses.replace(a2pr.args_from_checkpoint(after), cuda=True, cuda_graphs=True)
+    _, opt, _ = a2pr.build_learner(graphs, 3, 1, "cpu", after)
+    assert all(g["capturable"] for o in opt.all().values() for g in o.param_groups)
 
 
 def test_ctrl_c_saves_and_resume_is_exact(tmp_path):
