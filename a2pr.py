@@ -119,6 +119,9 @@ class Args:
     benchmark: str | None = _arg(None, "time the real update on synthetic data (update) or loading a 1M-row D4RL "
                                  "file (data); prints one JSON line", choices=("update", "data"), metavar="WHAT")
     bench_steps: int = _arg(200, "timed updates of --benchmark update, after 20 warm-up updates")
+    bench_modes: str | None = _arg(None, "--benchmark update: time these update paths side by side, e.g. "
+                                   "eager,compile,graphs (default: the path the flags select)", metavar="MODES")
+    bench_repeats: int = _arg(1, "--benchmark update: timed rounds per path, interleaved; the median is reported")
     bench_dims: str = _arg("11,3", "OBS,ACT dims of the synthetic data of --benchmark update (hopper: 11,3)",
                            metavar="OBS,ACT")
 
@@ -189,7 +192,7 @@ def validate_args(a: Args) -> None:
     """One clear line per mistake, before any work is done."""
     positive = ["total_steps", "batch_size", "num_seeds", "policy_freq", "actor_hidden", "actor_layers",
                 "critic_hidden", "critic_layers", "value_hidden", "value_layers", "vae_hidden", "vae_layers",
-                "eval_freq", "eval_episodes", "log_freq", "save_freq"]
+                "eval_freq", "eval_episodes", "log_freq", "save_freq", "bench_steps", "bench_repeats"]
     for name in positive:
         v = getattr(a, name)
         if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
@@ -1475,8 +1478,13 @@ class Updater:
         for o in self.opt.all().values():
             o.zero_grad(set_to_none=True)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):  # records, does not run: the caller replays it for this very step
-            out = self.core(self.agent, self.opt, static_batch, static_noise, actor_turn, self.a)
+        try:
+            with torch.cuda.graph(graph):  # records, does not run: the caller replays it for this very step
+                out = self.core(self.agent, self.opt, static_batch, static_noise, actor_turn, self.a)
+        except RuntimeError as e:  # nothing was applied (capture only records), so the last checkpoint is valid
+            raise A2PRError(f"CUDA graph capture of the {'actor' if actor_turn else 'critic'} step failed "
+                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); run without "
+                            "--cuda-graphs (the eager --cuda path computes the same update)") from None
         return graph, static_batch, static_noise, out
 
 
@@ -1914,34 +1922,64 @@ def synthetic_data(obs_dim: int, act_dim: int, n: int, device="cpu") -> DeviceDa
                       obs_mean=np.zeros(obs_dim), obs_std=np.ones(obs_dim))
 
 
+BENCH_MODES = {"eager": dict(compile=False, cuda_graphs=False), "compile": dict(compile=True, cuda_graphs=False),
+               "graphs": dict(compile=False, cuda_graphs=True)}
+
+
+def bench_modes(args: Args) -> list[str]:
+    if args.bench_modes is None:
+        return ["graphs" if args.cuda_graphs else "compile" if args.compile else "eager"]
+    modes = [m.strip() for m in args.bench_modes.split(",") if m.strip()]
+    bad = [m for m in modes if m not in BENCH_MODES]
+    if not modes or bad or len(set(modes)) < len(modes):
+        raise A2PRError(f"--bench-modes must list distinct paths among {', '.join(BENCH_MODES)}, "
+                        f"got {args.bench_modes!r}")
+    return modes
+
+
 def benchmark_update(args: Args) -> dict:
-    """Steps/s of the real `update` (sampling included) on synthetic data of the given dims, after a warm-up."""
+    """Steps/s of the real update (sampling included) on synthetic data of the given dims. Each path in
+    --bench-modes gets its own learner and 20 warm-up updates (compiling or capturing happens there); then the paths
+    are timed in turn for --bench-repeats rounds, so the machine's drift hits them alike, and each reports the
+    median of its rounds. The top-level steps/s are the first path's."""
     args = resolve_args(dataclasses.replace(args, preset="spec" if args.preset == "auto" else args.preset))[0]
-    device = make_device(args)
+    modes = bench_modes(args)
     try:
         obs_dim, act_dim = (int(x) for x in args.bench_dims.split(","))
     except ValueError:
         raise A2PRError(f"--bench-dims must be OBS,ACT (two integers), got {args.bench_dims!r}") from None
+    device = make_device(args)
     data = synthetic_data(obs_dim, act_dim, 100_000, device)
-    agent, opt, gens = build_learner(args, obs_dim, act_dim, device)
-    updater = Updater(agent, opt, data, gens, args)
-    step = 0
+    updaters = {}
+    for mode in modes:
+        margs = dataclasses.replace(args, **BENCH_MODES[mode])
+        validate_args(margs)
+        make_device(margs)  # --cuda-graphs needs --cuda
+        agent, opt, gens = build_learner(margs, obs_dim, act_dim, device)
+        updaters[mode] = Updater(agent, opt, data, gens, margs)
+    steps = dict.fromkeys(modes, 0)
 
-    def run(k):
-        nonlocal step
+    def run(mode, k):
         for _ in range(k):
-            step += 1
-            m = updater(step)
+            steps[mode] += 1
+            updaters[mode](steps[mode])
         _sync(device)
-        return m
 
-    run(20)
-    t0 = time.perf_counter()
-    run(args.bench_steps)
-    dt = time.perf_counter() - t0
+    for mode in modes:
+        run(mode, 20)
+    rates = {mode: [] for mode in modes}
+    for _ in range(args.bench_repeats):
+        for mode in modes:
+            t0 = time.perf_counter()
+            run(mode, args.bench_steps)
+            rates[mode].append(args.bench_steps / (time.perf_counter() - t0))
+    per_mode = {mode: dict(steps_per_s=round(float(np.median(r)), 2),
+                           agent_steps_per_s=round(float(np.median(r)) * args.num_seeds, 2),
+                           runs=[round(x, 2) for x in r]) for mode, r in rates.items()}
+    first = per_mode[modes[0]]
     return dict(benchmark="update", device=str(device) if device.type == "cpu" else torch.cuda.get_device_name(),
-                steps_per_s=round(args.bench_steps / dt, 2),
-                agent_steps_per_s=round(args.num_seeds * args.bench_steps / dt, 2),
+                steps_per_s=first["steps_per_s"], agent_steps_per_s=first["agent_steps_per_s"], modes=per_mode,
+                repeats=args.bench_repeats, bench_steps=args.bench_steps,
                 num_seeds=args.num_seeds, batch_size=args.batch_size, obs_dim=obs_dim, act_dim=act_dim,
                 sizes=dict(actor=args.actor_hidden, critic=args.critic_hidden, value=args.value_hidden,
                            vae=args.vae_hidden), torch=torch.__version__, threads=torch.get_num_threads())

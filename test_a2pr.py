@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import dataclasses
@@ -16,6 +17,7 @@ import sys
 import tempfile
 import threading
 import time
+import types
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -234,6 +236,9 @@ def test_cuda_without_gpu_stops_at_once_with_a_clear_message(tmp_path):
     (["--bc-target", "best"], "argument --bc-target: invalid choice: 'best'"),
     (["--cuda-graphs"], "--cuda-graphs needs --cuda"),
     (["--mix", "pendulum-expert-v0"], "--mix must be NAME:FRACTION"),
+    (["--benchmark", "update", "--bench-modes", "eager,fast"], "--bench-modes must list distinct paths among"),
+    (["--benchmark", "update", "--bench-modes", "eager,graphs"], "--cuda-graphs needs --cuda"),
+    (["--benchmark", "update", "--bench-repeats", "0"], "--bench-repeats must be a positive integer, got 0"),
 ])
 def test_bad_flags_get_one_line_errors(tmp_path, argv, expect):
     r = run_cli(*argv, "--save-dir", str(tmp_path), "--total-steps", "10")
@@ -912,6 +917,23 @@ def test_benchmark_modes_print_one_json_line(what):
     assert out["steps_per_s"] > 0 if what == "update" else out["transitions"] == 999_000
 
 
+def test_benchmark_times_paths_side_by_side_and_reports_medians():
+    """--bench-modes eager,compile --bench-repeats 3: each path gets its own rounds, interleaved; steps/s is the
+    median of its rounds, and the top-level figure is the first path's."""
+    r = run_cli("--benchmark", "update", "--bench-steps", "2", "--bench-modes", "eager,compile", "--bench-repeats",
+                "3", "--num-seeds", "2", "--actor-hidden", "8", "--critic-hidden", "8", "--value-hidden", "8",
+                "--vae-hidden", "8", "--batch-size", "16")
+    assert r.returncode == 0, r.stderr
+    (line,) = r.stdout.strip().splitlines()
+    out = json.loads(line)
+    assert list(out["modes"]) == ["eager", "compile"] and out["repeats"] == 3
+    for m in out["modes"].values():
+        assert len(m["runs"]) == 3 and all(x > 0 for x in m["runs"])
+        assert m["steps_per_s"] == pytest.approx(float(np.median(m["runs"])), abs=0.01)
+        assert m["agent_steps_per_s"] == pytest.approx(2 * m["steps_per_s"], abs=0.02)
+    assert out["steps_per_s"] == out["modes"]["eager"]["steps_per_s"]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The theory on finite MDPs, exactly (spec, "What the theory promises")
 # ----------------------------------------------------------------------------------------------------------------
@@ -1250,6 +1272,91 @@ def test_cuda_graph_update_gives_the_eager_losses():
             assert torch.allclose(me[name], mg[name], rtol=1e-4, atol=1e-4), (step, name)
     for p, q in zip(eager.parameters(), graph.parameters()):
         assert torch.allclose(p, q, rtol=1e-4, atol=1e-4)
+
+
+class SimulatedCudaGraphs:
+    """CUDA-graph semantics on the CPU, to test the Updater's orchestration where no GPU is at hand: a capture
+    records the update without running it (its outputs are placeholders), and a replay runs the recorded update
+    on the static inputs it was recorded with and writes the results into those placeholders in place. What this
+    cannot check is CUDA itself (memory pools, capturable kernels): test_cuda_graph_update_gives_the_eager_losses."""
+
+    def __init__(self, monkeypatch):
+        self.recording, self.captures, self.replays = None, 0, 0
+        stream = types.SimpleNamespace(wait_stream=lambda other: None)
+        sim = self
+
+        class Graph:
+            def replay(self):
+                sim.replays += 1
+                for k, v in self.run().items():
+                    self.out[k].copy_(v)
+
+        @contextlib.contextmanager
+        def graph(g):
+            self.recording = g
+            yield
+            self.recording = None
+            self.captures += 1
+
+        monkeypatch.setattr(torch.cuda, "Stream", lambda: stream)
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda: stream)
+        monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+        monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+        monkeypatch.setattr(torch.cuda, "graph", graph)
+
+    def core(self, agent, opt, batch, noise, actor_turn, a):
+        if self.recording is None:
+            return a2pr.update_core(agent, opt, batch, noise, actor_turn, a)
+        g = self.recording
+        g.run = lambda: a2pr.update_core(agent, opt, batch, noise, actor_turn, a)
+        shadow_agent, shadow_opt = copy.deepcopy((agent, opt))  # only for the outputs' shapes; nothing is stepped
+        g.out = {k: torch.full_like(v, float("nan"))
+                 for k, v in a2pr.update_core(shadow_agent, shadow_opt, batch, noise, actor_turn, a).items()}
+        return g.out
+
+
+def test_cuda_graph_orchestration_replays_each_step_on_its_own_batch(monkeypatch):
+    """The --cuda-graphs Updater, with CUDA graphs simulated on the CPU: 4 eager warm-up steps, one capture for
+    critic steps and one for actor steps, then every step replays the right graph on that step's own batch and
+    noise (copied into the static inputs) and returns its own metrics, not the next replay's. The run equals the
+    eager run step for step."""
+    sim = SimulatedCudaGraphs(monkeypatch)
+    data, steps = synthetic_data(), 12
+    eager, m_eager = run_updates(small_args(), data, steps)
+    args = small_args(cuda=True, cuda_graphs=True)
+    agent, opt, gens = a2pr.build_learner(args, data.obs.shape[1], data.act.shape[1], "cpu")
+    assert all(g["capturable"] for o in opt.all().values() for g in o.param_groups)
+    updater = a2pr.Updater(agent, opt, data, gens, args)
+    updater.core = sim.core
+    m_graph = [updater(step) for step in range(1, steps + 1)]
+    assert (sim.captures, sim.replays) == (2, steps - a2pr.Updater.WARMUP)
+    for step, (me, mg) in enumerate(zip(m_eager, m_graph), 1):
+        assert me.keys() == mg.keys(), step
+        for name in me:
+            assert torch.allclose(me[name], mg[name], rtol=1e-5, atol=1e-6), (step, name)
+    for p, q in zip(eager.parameters(), agent.parameters()):
+        assert torch.allclose(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_a_failed_cuda_graph_capture_is_a_one_line_error(monkeypatch):
+    sim = SimulatedCudaGraphs(monkeypatch)
+
+    def refuse(g):
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore detail")
+
+    monkeypatch.setattr(torch.cuda, "graph", refuse)
+    args = small_args(cuda=True, cuda_graphs=True)
+    data = synthetic_data()
+    agent, opt, gens = a2pr.build_learner(args, 5, 2, "cpu")
+    updater = a2pr.Updater(agent, opt, data, gens, args)
+    updater.core = sim.core
+    for step in range(1, a2pr.Updater.WARMUP + 1):
+        updater(step)
+    with pytest.raises(A2PRError, match=r"^CUDA graph capture of the critic step failed \(RuntimeError: CUDA error: "
+                                        r"operation not permitted when stream is capturing\); run without "
+                                        r"--cuda-graphs") as e:
+        updater(a2pr.Updater.WARMUP + 1)
+    assert "\n" not in str(e.value)
 
 
 def test_resume_errors_are_one_line(tmp_path):
