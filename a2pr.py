@@ -1491,33 +1491,51 @@ class Updater:
 # ----------------------------------------------------------------------------------------------------------------
 # Evaluation
 # ----------------------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def evaluate(actor: Actor, env_id: str, obs_mean, obs_std, action_low, action_high, episodes: int, seed: int,
-             obs_noise: float = 0.0, device="cpu") -> np.ndarray:
-    """Deterministic returns, shape (K, episodes): agent k plays its own env; episode e of every evaluation uses
-    env seed `seed + e`, so evaluations are comparable across steps and reproducible on resume."""
+def make_eval_envs(env_id: str, agents: int, episodes: int) -> list[list]:
+    """One env per (agent, episode), made once per run and reused by every evaluation (each episode reseeds)."""
     import gymnasium as gym
 
     register_a2pr_envs()
+    return [[gym.make(env_id) for _ in range(episodes)] for _ in range(agents)]
+
+
+def close_envs(envs: list[list]) -> None:
+    for row in envs:
+        for env in row:
+            env.close()
+
+
+@torch.no_grad()
+def evaluate(actor: Actor, env_id: str, obs_mean, obs_std, action_low, action_high, episodes: int, seed: int,
+             obs_noise: float = 0.0, device="cpu", envs: list[list] | None = None) -> np.ndarray:
+    """Deterministic returns, shape (K, episodes). Every agent's episodes run side by side, one env each, so each
+    env step is one batched actor forward over (K, episodes) (on a GPU: one transfer per step, not per episode).
+    Episode e uses env seed `seed + e` for every agent, so evaluations are comparable across steps and agents and
+    reproducible on resume. `envs` (from make_eval_envs) are reused if given, else made and closed here."""
     k = actor.net[0].weight.shape[0]
-    envs = [gym.make(env_id) for _ in range(k)]
-    noise_rng = np.random.default_rng([seed, 12345])
-    returns = np.zeros((k, episodes))
-    for e in range(episodes):
-        obs = np.stack([env.reset(seed=seed + e)[0] for env in envs]).astype(np.float32)
-        alive = np.ones(k, dtype=bool)
+    own = envs is None
+    envs = make_eval_envs(env_id, k, episodes) if own else envs
+    if (len(envs), len(envs[0])) != (k, episodes):
+        raise ValueError(f"evaluate: envs must be {k} agents x {episodes} episodes, got {len(envs)} x {len(envs[0])}")
+    try:
+        obs = np.stack([[env.reset(seed=seed + e)[0] for e, env in enumerate(row)] for row in envs])
+        obs = obs.astype(np.float32)
+        noise_rng = np.random.default_rng([seed, 12345])
+        returns = np.zeros((k, episodes))
+        alive = np.ones((k, episodes), dtype=bool)
         while alive.any():
             o = obs + obs_noise * noise_rng.standard_normal(obs.shape) if obs_noise > 0 else obs
-            x = torch.as_tensor(((o - obs_mean) / obs_std)[:, None, :], dtype=torch.float32, device=device)
-            act = to_env_actions(actor(x)[:, 0].cpu().numpy(), action_low, action_high)
-            for i in np.flatnonzero(alive):
-                nxt, r, term, trunc, _ = envs[i].step(act[i])
-                obs[i] = nxt
+            x = torch.as_tensor((o - obs_mean) / obs_std, dtype=torch.float32, device=device)  # (K, episodes, obs)
+            act = to_env_actions(actor(x).cpu().numpy(), action_low, action_high)
+            for i, e in zip(*np.nonzero(alive)):
+                nxt, r, term, trunc, _ = envs[i][e].step(act[i, e])
+                obs[i, e] = nxt
                 returns[i, e] += r
-                alive[i] = not (term or trunc)
-    for env in envs:
-        env.close()
-    return returns
+                alive[i, e] = not (term or trunc)
+        return returns
+    finally:
+        if own:
+            close_envs(envs)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1758,6 +1776,7 @@ def train(args: Args) -> dict:
         + f", eps_a={args.eps_a}, policy_freq={args.policy_freq}, bc_target={args.bc_target}, gate={args.gate}")
     if ckpt:
         log(f"resuming {run_dir} at step {step:,}")
+    eval_envs = make_eval_envs(ds.env_id, len(seeds), args.eval_episodes)  # made once; each evaluation reseeds
     writers = _open_trackers(args, run_dir)
 
     # Metrics are summed on the device and fetched at host boundaries: no host sync inside the loop.
@@ -1823,7 +1842,7 @@ def train(args: Args) -> dict:
                     if is_eval:
                         rets = evaluate(agent.actor, ds.env_id, data.obs_mean, data.obs_std, ds.action_low,
                                         ds.action_high, args.eval_episodes, seed=args.seed + 10_000,
-                                        obs_noise=args.eval_obs_noise, device=device)
+                                        obs_noise=args.eval_obs_noise, device=device, envs=eval_envs)
                         scores = normalized_score(rets, ds.ref_min_score, ds.ref_max_score).mean(1)  # per seed
                         best = np.maximum(best, scores)
                         last_score = float(scores.mean())
@@ -1849,6 +1868,7 @@ def train(args: Args) -> dict:
                 if stop.set:
                     break
     finally:
+        close_envs(eval_envs)
         for _, close in writers:
             close()
 

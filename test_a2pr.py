@@ -1967,6 +1967,29 @@ def test_evaluate_feeds_the_actor_normalised_observations():
     torch.testing.assert_close(seen[0], torch.as_tensor((first_obs - mean) / std, dtype=torch.float32)[None, None])
 
 
+def test_side_by_side_evaluation_equals_one_episode_at_a_time_and_reused_envs_equal_fresh_ones():
+    """evaluate plays all K x episodes episodes in lockstep; each episode's return is the one it gets when played
+    alone with its own env seed, for every agent; and the envs a run makes once give what fresh envs give."""
+    actor = a2pr.Actor(2, 3, 1, 16, 2)
+    a2pr.init_ensemble(actor, [0, 1])
+    ev = dict(env_id="Pendulum-v1", obs_mean=np.zeros(3, np.float32), obs_std=np.ones(3, np.float32),
+              action_low=np.array([-2.0], np.float32), action_high=np.array([2.0], np.float32))
+    together = a2pr.evaluate(actor, **ev, episodes=3, seed=40)
+    assert together.shape == (2, 3)
+    alone = np.concatenate([a2pr.evaluate(actor, **ev, episodes=1, seed=40 + e) for e in range(3)], axis=1)
+    np.testing.assert_allclose(together, alone, rtol=1e-6)
+    assert len(np.unique(together.round(6))) == 6, "agents and episodes should differ"
+    envs = a2pr.make_eval_envs("Pendulum-v1", 2, 3)
+    try:
+        np.testing.assert_array_equal(a2pr.evaluate(actor, **ev, episodes=3, seed=40, envs=envs), together)
+        a2pr.evaluate(actor, **ev, episodes=3, seed=99, envs=envs)  # another evaluation in between
+        np.testing.assert_array_equal(a2pr.evaluate(actor, **ev, episodes=3, seed=40, envs=envs), together)
+        with pytest.raises(ValueError, match="envs must be 2 agents x 4 episodes, got 2 x 3"):
+            a2pr.evaluate(actor, **ev, episodes=4, seed=40, envs=envs)
+    finally:
+        a2pr.close_envs(envs)
+
+
 def _index_data(n: int) -> a2pr.DeviceData:
     """Row i holds i in every field, so a sampled row's fields reveal whether they came from one index."""
     col = torch.arange(n, dtype=torch.float32)
