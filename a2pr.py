@@ -1067,6 +1067,8 @@ class EnsembleLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(n, 1, d_out))
 
     def forward(self, x: torch.Tensor, members: slice = slice(None)) -> torch.Tensor:
+        if members == slice(None):  # no slicing view: its backward would allocate and fill a zero gradient
+            return torch.baddbmm(self.bias, x, self.weight)
         return torch.baddbmm(self.bias[members], x, self.weight[members])
 
 
