@@ -1975,8 +1975,7 @@ def benchmark_update(args: Args) -> dict:
     updaters = {}
     for mode in modes:
         margs = dataclasses.replace(args, **BENCH_MODES[mode])
-        validate_args(margs)
-        make_device(margs)  # --cuda-graphs needs --cuda
+        make_device(margs)  # graphs needs --cuda
         agent, opt, gens = build_learner(margs, obs_dim, act_dim, device)
         updaters[mode] = Updater(agent, opt, data, gens, margs)
     steps = dict.fromkeys(modes, 0)
