@@ -1303,15 +1303,17 @@ class SimulatedCudaGraphs:
         monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
         monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
         monkeypatch.setattr(torch.cuda, "graph", graph)
+        self.real_core = a2pr.update_core
+        monkeypatch.setattr(a2pr, "update_core", self.core)  # Updaters made from now on run through the simulation
 
     def core(self, agent, opt, batch, noise, actor_turn, a):
         if self.recording is None:
-            return a2pr.update_core(agent, opt, batch, noise, actor_turn, a)
+            return self.real_core(agent, opt, batch, noise, actor_turn, a)
         g = self.recording
-        g.run = lambda: a2pr.update_core(agent, opt, batch, noise, actor_turn, a)
+        g.run = lambda: self.real_core(agent, opt, batch, noise, actor_turn, a)
         shadow_agent, shadow_opt = copy.deepcopy((agent, opt))  # only for the outputs' shapes; nothing is stepped
         g.out = {k: torch.full_like(v, float("nan"))
-                 for k, v in a2pr.update_core(shadow_agent, shadow_opt, batch, noise, actor_turn, a).items()}
+                 for k, v in self.real_core(shadow_agent, shadow_opt, batch, noise, actor_turn, a).items()}
         return g.out
 
 
@@ -1327,7 +1329,6 @@ def test_cuda_graph_orchestration_replays_each_step_on_its_own_batch(monkeypatch
     agent, opt, gens = a2pr.build_learner(args, data.obs.shape[1], data.act.shape[1], "cpu")
     assert all(g["capturable"] for o in opt.all().values() for g in o.param_groups)
     updater = a2pr.Updater(agent, opt, data, gens, args)
-    updater.core = sim.core
     m_graph = [updater(step) for step in range(1, steps + 1)]
     assert (sim.captures, sim.replays) == (2, steps - a2pr.Updater.WARMUP)
     for step, (me, mg) in enumerate(zip(m_eager, m_graph), 1):
@@ -1339,23 +1340,16 @@ def test_cuda_graph_orchestration_replays_each_step_on_its_own_batch(monkeypatch
 
 
 def test_a_failed_cuda_graph_capture_is_a_one_line_error(monkeypatch):
-    sim = SimulatedCudaGraphs(monkeypatch)
+    SimulatedCudaGraphs(monkeypatch)
 
     def refuse(g):
         raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore detail")
 
     monkeypatch.setattr(torch.cuda, "graph", refuse)
-    args = small_args(cuda=True, cuda_graphs=True)
-    data = synthetic_data()
-    agent, opt, gens = a2pr.build_learner(args, 5, 2, "cpu")
-    updater = a2pr.Updater(agent, opt, data, gens, args)
-    updater.core = sim.core
-    for step in range(1, a2pr.Updater.WARMUP + 1):
-        updater(step)
     with pytest.raises(A2PRError, match=r"^CUDA graph capture of the critic step failed \(RuntimeError: CUDA error: "
                                         r"operation not permitted when stream is capturing\); run without "
-                                        r"--cuda-graphs") as e:
-        updater(a2pr.Updater.WARMUP + 1)
+                                        r"--cuda-graphs") as e:  # after the eager warm-up, at the first capture
+        run_updates(small_args(cuda=True, cuda_graphs=True), synthetic_data(), a2pr.Updater.WARMUP + 1)
     assert "\n" not in str(e.value)
 
 
