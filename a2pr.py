@@ -41,7 +41,8 @@ import torch.nn as nn
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Arguments
+# Arguments and presets. Every field is a flag (--total-steps for total_steps); None means "the preset's value,
+# else the spec default" (resolve_args, in the command-line appendix, fills them in).
 # ----------------------------------------------------------------------------------------------------------------
 def _arg(default, help: str, **meta):
     """A dataclass field whose metadata is its --help line (CleanRL keeps help in docstrings; we need no tyro)."""
@@ -131,6 +132,7 @@ SPEC_DEFAULTS = dict(total_steps=1_000_000, batch_size=256, discount=0.99, alpha
                      vae_weight=1.0, actor_hidden=256, critic_hidden=256, value_hidden=256, vae_hidden=750,
                      eval_freq=5000, log_freq=1000)
 
+
 # Published per-task settings of the released code: (alpha, vae_weight, bc_weight, discount). Spec table.
 D4RL_PRESETS = {
     "hopper-random-v2": (2.5, 1.5, 1.5, 0.995),
@@ -144,6 +146,8 @@ D4RL_PRESETS = {
     "walker2d-medium-replay-v2": (2.5, 1.5, 1.2, 0.995),
     "walker2d-medium-expert-v2": (2.5, 1.0, 0.8, 0.99),
 }
+
+
 PRESETS: dict[str, dict] = {
     "spec": {},
     # Pendulum is a 3-dim toy: narrow networks learn it in seconds, so a 2-core CPU run takes ~2-3 minutes.
@@ -157,906 +161,10 @@ class A2PRError(Exception):
     """A problem the user can fix; the command line prints it as one line, without a traceback."""
 
 
-def auto_preset(env: str) -> str:
-    if env in D4RL_PRESETS:
-        return env
-    if env.startswith("pendulum-"):
-        return "pendulum-cpu"
-    return "spec"
-
-
-def resolve_args(args: Args) -> tuple[Args, dict[str, str]]:
-    """Fill the preset-controlled fields left as None: explicit value > preset > spec default."""
-    preset = auto_preset(args.env) if args.preset == "auto" else args.preset
-    if preset not in PRESETS:
-        close = difflib.get_close_matches(preset, PRESETS, n=3)
-        raise A2PRError(f"unknown preset '{preset}'; known: auto, {', '.join(PRESETS)}"
-                        + (f" (did you mean {', '.join(close)}?)" if close else ""))
-    out, source = dataclasses.replace(args, preset=preset), {}
-    for name, default in SPEC_DEFAULTS.items():
-        if getattr(args, name) is not None:
-            source[name] = "flag"
-        elif name in PRESETS[preset]:
-            setattr(out, name, PRESETS[preset][name])
-            source[name] = f"preset {preset}"
-        else:
-            setattr(out, name, default)
-            source[name] = "spec default"
-    if out.save_freq is None:
-        out.save_freq = out.eval_freq
-    validate_args(out)
-    return out, source
-
-
-def validate_args(a: Args) -> None:
-    """One clear line per mistake, before any work is done."""
-    positive = ["total_steps", "batch_size", "num_seeds", "policy_freq", "actor_hidden", "actor_layers",
-                "critic_hidden", "critic_layers", "value_hidden", "value_layers", "vae_hidden", "vae_layers",
-                "eval_freq", "eval_episodes", "log_freq", "save_freq", "bench_steps", "bench_repeats"]
-    for name in positive:
-        v = getattr(a, name)
-        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-            raise A2PRError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
-    for name in ["actor_lr", "critic_lr", "value_lr", "vae_lr", "alpha"]:
-        v = getattr(a, name)
-        if not (math.isfinite(v) and v > 0):
-            raise A2PRError(f"--{name.replace('_', '-')} must be a positive number, got {v!r}")
-    for name in ["bc_weight", "vae_weight", "policy_noise", "noise_clip", "eval_obs_noise"]:
-        v = getattr(a, name)
-        if not (math.isfinite(v) and v >= 0):
-            raise A2PRError(f"--{name.replace('_', '-')} must be a number >= 0, got {v!r}")
-    if not (0.0 <= a.discount < 1.0):
-        raise A2PRError(f"--discount must be in [0, 1), got {a.discount!r}")
-    if not (0.0 < a.tau <= 1.0):
-        raise A2PRError(f"--tau must be in (0, 1], got {a.tau!r}")
-    if not (math.isfinite(a.download_timeout) and a.download_timeout > 0):
-        raise A2PRError(f"--download-timeout must be a positive number of seconds, got {a.download_timeout!r}")
-    if not math.isfinite(a.eps_a):
-        raise A2PRError(f"--eps-a must be a finite number, got {a.eps_a!r}")
-    if a.compile and a.cuda_graphs:  # each is checked against eager on its own; together they are not yet verified
-        raise A2PRError("use --compile or --cuda-graphs, not both (the combination is not verified yet)")
-    if a.bc_target not in ("select", "data", "vae"):
-        raise A2PRError(f"--bc-target must be select, data or vae, got {a.bc_target!r}")
-    if a.gate not in ("adaptive", "always"):
-        raise A2PRError(f"--gate must be adaptive or always, got {a.gate!r}")
-
-
 # ----------------------------------------------------------------------------------------------------------------
-# Data: registry, built-in datasets, D4RL-layout HDF5 reader, normalisation, device-resident sampler
-# ----------------------------------------------------------------------------------------------------------------
-@dataclass
-class Dataset:
-    """Transitions in D4RL's Q-learning convention plus what evaluation needs to read a score."""
-    name: str
-    env_id: typing.Any               # gymnasium id (or EnvSpec, for Minari) used for evaluation
-    observations: np.ndarray         # (N, obs_dim) float32
-    actions: np.ndarray              # (N, act_dim) float32, in the env's own units
-    rewards: np.ndarray              # (N,) float32
-    next_observations: np.ndarray    # (N, obs_dim) float32
-    terminals: np.ndarray            # (N,) float32, 1 only on a true terminal (never on a time-out)
-    ref_min_score: float             # return of a random policy
-    ref_max_score: float             # return of an expert policy
-    episode_returns: np.ndarray      # returns of the dataset's episodes (for the dataset's own average score)
-    action_low: np.ndarray
-    action_high: np.ndarray
-    source: str = ""                 # where the data came from, printed at start
-    notice: str = ""                 # a warning to print with every result (e.g. not the D4RL data)
-
-
-BUILTIN_DATASETS = {
-    # name: (fraction of expert episodes, fraction of random actions inside the other episodes)
-    "pendulum-random-v0": "uniform random torques",
-    "pendulum-medium-v0": "scripted swing-up controller that takes a random torque 70% of the time",
-    "pendulum-expert-v0": "scripted energy-pumping swing-up with a PD balancer",
-    "pendulum-mostly-random-v0": "95% random episodes + 5% expert episodes, mixed trajectory-wise",
-}
-BUILTIN_EPISODES = 200          # 200 episodes x 200 steps = 40,000 rows per built-in dataset
-BUILTIN_VERSION = 1             # bump when generation changes, so stale caches are never read
-
-
-def pendulum_expert_action(obs: np.ndarray) -> float:
-    """Energy-pumping swing-up, PD balance near the top. Pendulum-v1: theta'' = 15 sin(theta) + 3 u."""
-    cos_th, sin_th, th_dot = float(obs[0]), float(obs[1]), float(obs[2])
-    if cos_th > 0.8:  # near upright: PD on the angle; closed loop theta'' = -15 theta - 6 theta'
-        u = -(10.0 * math.atan2(sin_th, cos_th) + 2.0 * th_dot)
-    else:  # pump energy E = th_dot^2/2 + 15 cos(theta) towards the upright value 15
-        energy = 0.5 * th_dot * th_dot + 15.0 * cos_th
-        u = 2.0 * math.copysign(1.0, (15.0 - energy) * th_dot + 1e-6)
-    return float(np.clip(u, -2.0, 2.0))
-
-
-def _rollout_pendulum(policy: str, n_episodes: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Run a scripted policy on gymnasium's Pendulum-v1 and return rows in D4RL's HDF5 layout."""
-    import gymnasium as gym
-
-    env = gym.make("Pendulum-v1")
-    rows: dict[str, list] = {k: [] for k in ("observations", "actions", "rewards", "terminals", "timeouts")}
-    for _ in range(n_episodes):
-        obs, _ = env.reset(seed=int(rng.integers(2**31 - 1)))
-        done = False
-        while not done:
-            if policy == "random" or (policy == "medium" and rng.random() < 0.7):
-                u = float(rng.uniform(-2.0, 2.0))
-            else:
-                u = pendulum_expert_action(obs)
-            nxt, r, term, trunc, _ = env.step(np.array([u], dtype=np.float32))
-            for k, v in zip(rows, (obs, [u], r, term, trunc)):
-                rows[k].append(v)
-            obs, done = nxt, term or trunc
-    env.close()
-    return {k: np.asarray(v, dtype=np.float32 if k in ("observations", "actions", "rewards") else bool)
-            for k, v in rows.items()}
-
-
-def make_builtin_dataset(name: str, seed: int) -> tuple[dict[str, np.ndarray], dict]:
-    """Generate a built-in Pendulum dataset (rows + attributes) from a seed; no network, no training."""
-    rng = np.random.default_rng([seed, BUILTIN_VERSION])
-    kind = name.split("-")[1] if name != "pendulum-mostly-random-v0" else "mix"
-    if kind == "mix":  # trajectory-wise mix: whole episodes, 95 % random then 5 % expert
-        n_expert = BUILTIN_EPISODES // 20
-        parts = [_rollout_pendulum("random", BUILTIN_EPISODES - n_expert, rng),
-                 _rollout_pendulum("expert", n_expert, rng)]
-        rows = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    else:
-        rows = _rollout_pendulum(kind, BUILTIN_EPISODES, rng)
-    # Reference returns as D4RL defines them: a random policy and the expert, averaged over 100 episodes each.
-    ref_rng = np.random.default_rng([seed, BUILTIN_VERSION, 1])
-    ref = {}
-    for policy in ("random", "expert"):
-        r = _rollout_pendulum(policy, 100, ref_rng)
-        ref[policy] = float(episode_returns(r).mean())
-    attrs = dict(env_id="Pendulum-v1", ref_min_score=ref["random"], ref_max_score=ref["expert"],
-                 generator=f"a2pr built-in v{BUILTIN_VERSION}, seed {seed}", description=BUILTIN_DATASETS[name])
-    return rows, attrs
-
-
-def write_d4rl_hdf5(path: Path, rows: dict[str, np.ndarray], attrs: dict) -> None:
-    """Write rows in D4RL's HDF5 layout, atomically (see atomic_write)."""
-    import h5py
-
-    def write(tmp):
-        with h5py.File(tmp, "w") as f:
-            for k, v in rows.items():
-                f.create_dataset(k, data=v)
-            for k, v in attrs.items():
-                f.attrs[k] = v
-
-    atomic_write(Path(path), write)
-
-
-D4RL_KEYS = ("observations", "actions", "rewards", "terminals", "timeouts")
-
-
-def read_d4rl_hdf5(path: Path) -> tuple[dict[str, np.ndarray], dict]:
-    """Read a D4RL-layout HDF5 file, checking that it is complete and sane (one-line errors naming the file)."""
-    import h5py
-
-    try:
-        with h5py.File(path, "r") as f:
-            missing = [k for k in D4RL_KEYS if k not in f]
-            if missing:
-                raise A2PRError(f"{path}: not a D4RL dataset file, missing keys {missing}")
-            rows = {k: f[k][()] for k in D4RL_KEYS}
-            attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
-    except OSError as e:
-        raise A2PRError(f"{path}: cannot read the HDF5 file ({e}); delete it and let it be made again") from None
-    if rows["observations"].ndim != 2 or rows["actions"].ndim != 2:
-        raise A2PRError(f"{path}: observations and actions must be 2-D arrays")
-    n = len(rows["observations"])
-    for k in ("rewards", "terminals", "timeouts"):
-        rows[k] = rows[k].reshape(-1)
-    for k in D4RL_KEYS:
-        if len(rows[k]) != n:
-            raise A2PRError(f"{path}: '{k}' has {len(rows[k])} rows but observations has {n}")
-    for k in ("observations", "actions", "rewards"):
-        rows[k] = rows[k].astype(np.float32)
-    rows["terminals"] = rows["terminals"].astype(bool)
-    rows["timeouts"] = rows["timeouts"].astype(bool)
-    return validate_rows(rows, str(path)), attrs  # empty, NaN/inf: the same checks as for rows made in memory
-
-
-def qlearning_transitions(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """D4RL's qlearning_dataset convention: next state = next row; rows cut by a time-out are dropped, not
-    marked terminal (their next state is unknown), and so is the file's last row."""
-    keep = ~rows["timeouts"][:-1]
-    idx = np.flatnonzero(keep)
-    return dict(observations=rows["observations"][idx], actions=rows["actions"][idx],
-                rewards=rows["rewards"][idx], next_observations=rows["observations"][idx + 1],
-                terminals=rows["terminals"][idx].astype(np.float32))
-
-
-def data_dir(args: Args) -> Path:
-    return Path(args.data_dir or os.environ.get("A2PR_DATA_DIR") or Path.home() / ".cache" / "a2pr")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# D4RL registry (MuJoCo locomotion v2). URLs and reference returns as in D4RL's d4rl/infos.py and
-# d4rl/gym_mujoco/__init__.py: gym_mujoco_v2/<env>_<kind with '_' for '-'>-v2.hdf5, cached under the URL's basename.
-# ----------------------------------------------------------------------------------------------------------------
-D4RL_BASE_URL = "http://rail.eecs.berkeley.edu/datasets/offline_rl/gym_mujoco_v2"
-D4RL_KINDS = ("random", "medium", "medium-replay", "medium-expert", "expert", "full-replay")
-ANT_D4RL_ENV_ID = "a2pr/AntD4RL-v4"  # Ant-v4 whose 84 contact-force dims are zero, as in D4RL's ant-v2 files
-D4RL_FAMILIES = {
-    # family: (evaluation env id, obs dim, act dim, ref_min_score (random policy), ref_max_score (expert))
-    "hopper": ("Hopper-v4", 11, 3, -20.272305, 3234.3),
-    "halfcheetah": ("HalfCheetah-v4", 17, 6, -280.178953, 12135.0),
-    "walker2d": ("Walker2d-v4", 17, 6, 1.629008, 4592.3),
-    "ant": (ANT_D4RL_ENV_ID, 111, 8, -325.6, 3879.7),
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class D4RLEntry:
-    name: str            # hopper-medium-replay-v2
-    family: str          # hopper
-    url: str             # .../gym_mujoco_v2/hopper_medium_replay-v2.hdf5
-    env_id: str          # gymnasium id used for evaluation
-    obs_dim: int
-    act_dim: int
-    ref_min_score: float
-    ref_max_score: float
-
-    @property
-    def filename(self) -> str:  # D4RL caches a file under its URL's basename
-        return self.url.rsplit("/", 1)[1]
-
-
-D4RL_DATASETS: dict[str, D4RLEntry] = {
-    f"{fam}-{kind}-v2": D4RLEntry(f"{fam}-{kind}-v2", fam, f"{D4RL_BASE_URL}/{fam}_{kind.replace('-', '_')}-v2.hdf5",
-                                  *info)
-    for fam, info in D4RL_FAMILIES.items() for kind in D4RL_KINDS
-}
-
-MINARI_MUJOCO_NOTICE = ("Minari's mujoco/* datasets are not the D4RL data; do not compare these scores with "
-                        "D4RL tables")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Evaluation env for D4RL's ant: D4RL's ant-v2 files were collected with mujoco-py on MuJoCo 2.x, where the 84
-# contact-force observations (cfrc_ext) are never computed and stay 0 (and so does the contact cost in the reward).
-# Ant-v4 with use_contact_forces=True has 111 dims too, but real, non-zero forces and a contact cost: a different
-# input distribution from the data. This env gives the data's distribution: Ant-v4 defaults + 84 zeros.
-# ----------------------------------------------------------------------------------------------------------------
-@functools.cache
-def _d4rl_ant_class():
-    from gymnasium.envs.mujoco.ant_v4 import AntEnv
-    from gymnasium.spaces import Box
-
-    class D4RLAntEnv(AntEnv):
-        def __init__(self, **kwargs):
-            kwargs["use_contact_forces"] = False
-            super().__init__(**kwargs)
-            self.observation_space = Box(-np.inf, np.inf, (111,), np.float64)
-
-        def _get_obs(self):
-            return np.concatenate([super()._get_obs(), np.zeros(84)])
-
-    return D4RLAntEnv
-
-
-def make_d4rl_ant_env(**kwargs):
-    return _d4rl_ant_class()(**kwargs)
-
-
-def register_a2pr_envs() -> None:
-    """Register a2pr's own evaluation envs with gymnasium (idempotent); call before gym.make on a saved env id."""
-    import gymnasium as gym
-
-    if ANT_D4RL_ENV_ID not in gym.registry:
-        gym.register(ANT_D4RL_ENV_ID, entry_point=make_d4rl_ant_env, max_episode_steps=1000)
-
-
-def env_label(env_id) -> str:
-    return env_id if isinstance(env_id, str) else getattr(env_id, "id", str(env_id))
-
-
-def env_spaces(env_id, where: str):
-    """(observation space, action space) of an evaluation env; one-line error if it cannot be made or is not
-    continuous."""
-    import gymnasium as gym
-
-    register_a2pr_envs()
-    try:
-        env = gym.make(env_id)
-    except Exception as e:
-        raise A2PRError(f"{where}: cannot make the evaluation env '{env_label(env_id)}' ({type(e).__name__}: {e})") \
-            from None
-    obs_space, act_space = env.observation_space, env.action_space
-    env.close()
-    if not isinstance(act_space, gym.spaces.Box) or not isinstance(obs_space, gym.spaces.Box):
-        raise A2PRError(f"{where}: the evaluation env '{env_label(env_id)}' must have Box observations and actions "
-                        f"(has {type(obs_space).__name__} / {type(act_space).__name__})")
-    return obs_space, act_space
-
-
-def env_dims(env_id, where: str) -> tuple[int, int]:
-    """(obs dim, act dim) of an evaluation env."""
-    obs_space, act_space = env_spaces(env_id, where)
-    return int(np.prod(obs_space.shape)), int(np.prod(act_space.shape))
-
-
-def check_dims(rows: dict, obs_dim: int, act_dim: int, where: str, against: str) -> None:
-    got_obs, got_act = rows["observations"].shape[1], rows["actions"].shape[1]
-    if (got_obs, got_act) != (obs_dim, act_dim):
-        raise A2PRError(f"{where}: the data has observation dim {got_obs} and action dim {got_act}, but {against} "
-                        f"has {obs_dim} and {act_dim}")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Rows -> transitions, rows validation, episodes
-# ----------------------------------------------------------------------------------------------------------------
-def rows_to_transitions(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Transitions from rows. Rows that carry next_observations (Minari: N+1 observations per N steps) keep every
-    step, including the last step of a time-limited episode (its next state is known, terminal = 0). Rows without
-    it follow D4RL's qlearning_dataset convention (next state = next row, time-out rows dropped)."""
-    if "next_observations" not in rows:
-        return qlearning_transitions(rows)
-    return dict(observations=rows["observations"], actions=rows["actions"], rewards=rows["rewards"],
-                next_observations=rows["next_observations"], terminals=rows["terminals"].astype(np.float32))
-
-
-def validate_rows(rows: dict[str, np.ndarray], where: str) -> dict[str, np.ndarray]:
-    """Sanity checks shared by every source (files, Minari, mixes): non-empty, consistent shapes, finite values."""
-    n = len(rows["rewards"])
-    if n == 0:
-        raise A2PRError(f"{where}: the dataset is empty")
-    for k in ("observations", "actions", "next_observations"):
-        if k in rows and (rows[k].ndim != 2 or len(rows[k]) != n):
-            raise A2PRError(f"{where}: '{k}' has shape {rows[k].shape}, expected ({n}, dim)")
-    for k in ("terminals", "timeouts"):
-        if rows[k].shape != (n,):
-            raise A2PRError(f"{where}: '{k}' has shape {rows[k].shape}, expected ({n},)")
-    for k in ("observations", "actions", "rewards", "next_observations"):
-        if k in rows and not np.isfinite(rows[k]).all():
-            raise A2PRError(f"{where}: '{k}' contains NaN or inf values")
-    return rows
-
-
-def episode_bounds(rows: dict[str, np.ndarray]) -> np.ndarray:
-    """(n_episodes, 2) [start, stop) row ranges: an episode ends at a terminal or time-out, or at the end of the
-    rows (a trailing partial episode, which `_close_episodes` marks as timed out)."""
-    n = len(rows["rewards"])
-    stops = np.flatnonzero(rows["terminals"] | rows["timeouts"]) + 1
-    if len(stops) == 0 or stops[-1] != n:
-        stops = np.append(stops, n)
-    starts = np.concatenate([[0], stops[:-1]])
-    return np.stack([starts, stops], axis=1)
-
-
-def episode_returns(rows: dict[str, np.ndarray]) -> np.ndarray:
-    """The return of every episode in the rows (for a dataset's own average score)."""
-    return np.add.reduceat(rows["rewards"].astype(np.float64), episode_bounds(rows)[:, 0])
-
-
-def _close_episodes(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Mark the last row as a time-out if it ends nothing, so that episodes can be moved around safely."""
-    if not (rows["terminals"][-1] or rows["timeouts"][-1]):
-        rows = dict(rows, timeouts=rows["timeouts"].copy())
-        rows["timeouts"][-1] = True
-    return rows
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Download: streamed to DEST.<pid>.part with a timeout and a progress bar, validated, then renamed.
-# ----------------------------------------------------------------------------------------------------------------
-def _progress(label: str, done: int, total: int | None, t0: float, state: dict, final: bool = False) -> None:
-    """Plain-text progress on stderr: redrawn in place on a terminal, one line per 10% otherwise."""
-    tty = sys.stderr.isatty()
-    now = time.time()
-    pct = 100.0 * done / total if total else None
-    if not final:
-        if tty and now - state.get("t", 0.0) < 0.2:
-            return
-        if not tty and (pct is None or int(pct // 10) <= state.get("decile", -1)):
-            return
-    state["t"], state["decile"] = now, int(pct // 10) if pct is not None else -1
-    speed = done / max(now - t0, 1e-9) / 1e6
-    size = f"{done / 1e6:.1f}/{total / 1e6:.1f} MB" if total else f"{done / 1e6:.1f} MB"
-    line = f"  downloading {label}: " + (f"{pct:5.1f}% " if pct is not None else "") + f"{size} {speed:.1f} MB/s"
-    sys.stderr.write(("\r" + line + ("\n" if final else "")) if tty else line + "\n")
-    sys.stderr.flush()
-
-
-def download_file(url: str, dest: Path, validate, timeout: float = 10.0, offline_hint: str = ""):
-    """Download url to dest and return validate(part_path)'s result. The bytes go to DEST.<pid>.part, which is
-    renamed to dest only once complete (Content-Length matched) and valid, and removed on any failure (also
-    Ctrl-C): dest is never half-written or corrupt. Connection and stalled reads give up after `timeout` s."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(f"{dest.name}.{os.getpid()}.part")
-    where = f"put the file there by hand (e.g. wget -O {dest} {url}) and run again"
-
-    def fail(reason: str) -> A2PRError:
-        return A2PRError(f"cannot download {url} ({reason}); {where}" + (f", {offline_hint}" if offline_hint else ""))
-
-    try:
-        try:
-            resp = urllib.request.urlopen(url, timeout=timeout)
-        except urllib.error.HTTPError as e:
-            raise fail(f"HTTP {e.code} {e.reason}") from None
-        except urllib.error.URLError as e:
-            r = e.reason
-            raise fail(f"timed out after {timeout:g}s" if isinstance(r, TimeoutError) else
-                       f"{type(r).__name__}: {r}" if isinstance(r, BaseException) else str(r)) from None
-        except (OSError, ValueError, http.client.HTTPException) as e:
-            raise fail(f"timed out after {timeout:g}s" if isinstance(e, TimeoutError) else
-                       f"{type(e).__name__}: {e}") from None
-        total = int(resp.headers.get("Content-Length") or 0) or None
-        done, t0, state = 0, time.time(), {}
-        try:
-            with resp, open(part, "wb") as f:
-                while chunk := resp.read(1 << 20):
-                    f.write(chunk)
-                    done += len(chunk)
-                    _progress(dest.name, done, total, t0, state)
-        except TimeoutError:
-            raise fail(f"no data for {timeout:g}s after {done:,} bytes; the partial file was removed") from None
-        except (OSError, http.client.HTTPException) as e:
-            raise fail(f"interrupted after {done:,} bytes ({type(e).__name__}); the partial file was removed") \
-                from None
-        _progress(dest.name, done, total, t0, state, final=True)
-        if total is not None and done != total:
-            raise fail(f"incomplete: {done:,} of {total:,} bytes; the partial file was removed")
-        try:
-            result = validate(part)
-        except A2PRError as e:
-            reason = str(e).replace(str(part) + ": ", "").replace("; delete it and let it be made again", "")
-            raise A2PRError(f"the file downloaded from {url} is not a valid dataset ({reason}); nothing was saved "
-                            f"at {dest}") from None
-        os.replace(part, dest)
-        return result
-    finally:
-        if part.exists():
-            part.unlink()
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Sources
-# ----------------------------------------------------------------------------------------------------------------
-def d4rl_cache_dir() -> Path:
-    """D4RL's own cache: $D4RL_DATASET_DIR, else ~/.d4rl/datasets (d4rl/offline_env.py)."""
-    return Path(os.environ.get("D4RL_DATASET_DIR") or Path.home() / ".d4rl" / "datasets").expanduser()
-
-
-def d4rl_url(entry: D4RLEntry) -> str:
-    """The published URL, or the same file name under $A2PR_D4RL_MIRROR (a mirror; the tests' local server)."""
-    mirror = os.environ.get("A2PR_D4RL_MIRROR")
-    return f"{mirror.rstrip('/')}/{entry.filename}" if mirror else entry.url
-
-
-def _offline_hint() -> str:
-    return f"or use a built-in dataset that works offline: {', '.join(BUILTIN_DATASETS)}"
-
-
-def load_d4rl(name: str, args: Args, log=print) -> tuple[dict, dict]:
-    entry = D4RL_DATASETS[name]
-    path = d4rl_cache_dir() / entry.filename
-    against = f"{name} ({entry.env_id})"
-
-    def read_checked(p: Path) -> dict:
-        rows, _ = read_d4rl_hdf5(p)
-        check_dims(rows, entry.obs_dim, entry.act_dim, str(p), against)
-        return rows
-
-    if path.exists():
-        rows = read_checked(path)
-        how = "cached"
-    else:
-        url = d4rl_url(entry)
-        log(f"downloading {name} from {url} -> {path}")
-        rows = download_file(url, path, read_checked, timeout=args.download_timeout,
-                             offline_hint=_offline_hint())
-        how = "downloaded"
-    attrs = dict(env_id=entry.env_id, ref_min_score=entry.ref_min_score, ref_max_score=entry.ref_max_score,
-                 source=f"D4RL {name}, {how}, {path}")
-    return rows, attrs
-
-
-def _d4rl_family_of(text: str) -> str | None:
-    """'hopper_medium-v2.hdf5' -> hopper; 'antmaze_...' -> None (ant must be followed by _ or -)."""
-    m = re.match(r"(halfcheetah|hopper|walker2d|ant)[_-]", text.lower())
-    return m.group(1) if m else None
-
-
-def _parse_ref_scores(text, where: str) -> tuple[float, float]:
-    try:
-        lo, hi = (float(x) for x in str(text).split(","))
-    except ValueError:
-        raise A2PRError(f"{where}: --ref-scores must be MIN,MAX (two numbers), got {text!r}") from None
-    if not (math.isfinite(lo) and math.isfinite(hi) and hi != lo):
-        raise A2PRError(f"{where}: --ref-scores must be two different finite numbers, got {text!r}")
-    return lo, hi
-
-
-def load_local_file(path_text: str, args: Args, log=print) -> tuple[dict, dict]:
-    """A D4RL-layout HDF5 file. Eval env: --eval-env, else the file's env_id attribute, else its name
-    (hopper_medium-v2.hdf5 -> Hopper-v4). Reference returns: --ref-scores, else the file's attributes, else the
-    D4RL family of the eval env."""
-    path = Path(path_text).expanduser()
-    if not path.is_file():
-        raise A2PRError(f"{path}: file not found")
-    rows, fattrs = read_d4rl_hdf5(path)
-    family = _d4rl_family_of(path.name)
-    if args.eval_env:
-        env_id, how = args.eval_env, "--eval-env"
-    elif fattrs.get("env_id"):
-        env_id, how = str(fattrs["env_id"]), "the file's env_id attribute"
-    elif family:
-        env_id, how = D4RL_FAMILIES[family][0], f"the file name ({family})"
-    else:
-        raise A2PRError(f"{path}: cannot tell which env to evaluate in (no env_id attribute, and the name does not "
-                        f"start with {', '.join(D4RL_FAMILIES)}); pass --eval-env ID, e.g. --eval-env Hopper-v4")
-    obs_dim, act_dim = env_dims(env_id, str(path))
-    check_dims(rows, obs_dim, act_dim, str(path), f"the evaluation env {env_id} (from {how})")
-    by_env = {v[0]: v for v in D4RL_FAMILIES.values()}
-    if args.ref_scores:
-        ref = _parse_ref_scores(args.ref_scores, str(path))
-    elif "ref_min_score" in fattrs and "ref_max_score" in fattrs:
-        ref = (float(fattrs["ref_min_score"]), float(fattrs["ref_max_score"]))
-    elif env_id in by_env:
-        ref = by_env[env_id][3:5]
-    else:
-        raise A2PRError(f"{path}: no reference returns for the normalised score (the file has no ref_min_score/"
-                        f"ref_max_score attributes and {env_id} is not a D4RL env); pass --ref-scores MIN,MAX")
-    return rows, dict(env_id=env_id, ref_min_score=ref[0], ref_max_score=ref[1],
-                      source=f"file {path}, evaluated in {env_id} (from {how})")
-
-
-def load_builtin(name: str, args: Args, log=print) -> tuple[dict, dict]:
-    """a2pr's existing built-in path (generate once, then read the cached file)."""
-    seed = args.dataset_seed
-    path = data_dir(args) / f"{name}-seed{seed}-v{BUILTIN_VERSION}.hdf5"
-    if not path.exists():
-        t0 = time.time()
-        rows, attrs = make_builtin_dataset(name, seed)
-        write_d4rl_hdf5(path, rows, attrs)
-        log(f"generated {name} ({len(rows['rewards']):,} rows) in {time.time() - t0:.1f}s -> {path}")
-    rows, attrs = read_d4rl_hdf5(path)
-    return rows, dict(env_id=attrs["env_id"], ref_min_score=float(attrs["ref_min_score"]),
-                      ref_max_score=float(attrs["ref_max_score"]), source=f"built-in, {path}")
-
-
-# --- Minari ------------------------------------------------------------------------------------------------------
-MINARI_ID = re.compile(r"^[\w.-]+(/[\w.-]+)*-v\d+$")
-
-
-def minari_local_path(dataset_id: str) -> Path:
-    """Where minari.load_dataset looks (minari/storage/datasets_root_dir.py), without importing minari."""
-    root = os.environ.get("MINARI_DATASETS_PATH") or Path.home() / ".minari" / "datasets"
-    return Path(root) / dataset_id
-
-
-def flatten_observations(obs, space, where: str) -> np.ndarray:
-    """(T, ...) arrays -> (T, d) float32, in the order gymnasium.spaces.flatten uses (Dict: its key order)."""
-    import gymnasium as gym
-
-    if isinstance(space, gym.spaces.Box):
-        a = np.asarray(obs, dtype=np.float32)
-        return a.reshape(len(a), -1)
-    if isinstance(space, gym.spaces.Dict):
-        return np.concatenate([flatten_observations(obs[k], s, where) for k, s in space.spaces.items()], axis=1)
-    if isinstance(space, gym.spaces.Tuple):
-        return np.concatenate([flatten_observations(o, s, where) for o, s in zip(obs, space.spaces)], axis=1)
-    raise A2PRError(f"{where}: unsupported observation space {type(space).__name__} (a2pr needs Box, or a Dict/"
-                    f"Tuple of Boxes, which it flattens)")
-
-
-def minari_episodes_to_rows(episodes, observation_space, where: str) -> dict[str, np.ndarray]:
-    """Minari episodes (N+1 observations for N steps) -> rows with explicit next_observations. The last step of an
-    episode that is neither terminated nor truncated (data collection stopped) is marked as a time-out, so that
-    every episode's end is visible in terminals | timeouts."""
-    parts: dict[str, list] = {k: [] for k in ("observations", "next_observations", "actions", "rewards",
-                                              "terminals", "timeouts")}
-    for ep in episodes:
-        n = len(ep.rewards)
-        if n == 0:
-            continue
-        obs = flatten_observations(ep.observations, observation_space, where)
-        if len(obs) != n + 1:
-            raise A2PRError(f"{where}: episode {ep.id} has {len(obs)} observations for {n} steps (expected {n + 1})")
-        term = np.asarray(ep.terminations, dtype=bool).reshape(n)
-        trunc = np.asarray(ep.truncations, dtype=bool).reshape(n).copy()
-        trunc[-1] |= not term[-1]
-        parts["observations"].append(obs[:-1])
-        parts["next_observations"].append(obs[1:])
-        parts["actions"].append(np.asarray(ep.actions, dtype=np.float32).reshape(n, -1))
-        parts["rewards"].append(np.asarray(ep.rewards, dtype=np.float32).reshape(n))
-        parts["terminals"].append(term)
-        parts["timeouts"].append(trunc & ~term)
-    if not parts["rewards"]:
-        raise A2PRError(f"{where}: the dataset is empty (no episode with at least one step)")
-    return validate_rows({k: np.concatenate(v) for k, v in parts.items()}, where)
-
-
-def _missing_requirement(requirements) -> str | None:
-    """The first pip requirement (from Minari metadata) whose package is not installed at all."""
-    import importlib.metadata
-
-    from packaging.requirements import InvalidRequirement, Requirement
-
-    for text in requirements or []:
-        try:
-            name = Requirement(text).name
-        except InvalidRequirement:
-            continue
-        for candidate in (name, name.replace("-", "_"), name.replace("_", "-")):
-            try:
-                importlib.metadata.version(candidate)
-                break
-            except importlib.metadata.PackageNotFoundError:
-                continue
-        else:
-            return name
-    return None
-
-
-def _needs_package_error(dataset_id: str, package: str) -> A2PRError:
-    package = "gymnasium-robotics" if package.replace("_", "-") == "gymnasium-robotics" else package
-    return A2PRError(f"Minari dataset {dataset_id} needs the {package} package for its environment: "
-                     f"pip install {package}")
-
-
-def minari_eval_spec(ds, dataset_id: str):
-    """The dataset's evaluation env as an EnvSpec that gymnasium.make accepts again (evaluation makes one env per
-    agent): recover_environment(eval_env=True), plus FlattenObservation for Dict/Tuple observations, then .spec
-    (gymnasium records wrappers in spec.additional_wrappers and re-applies them in make)."""
-    import gymnasium as gym
-
-    missing = _missing_requirement(ds.storage.metadata.get("requirements"))
-    if missing:
-        raise _needs_package_error(dataset_id, missing)
-    try:
-        env = ds.recover_environment(eval_env=True)
-    except ModuleNotFoundError as e:
-        raise _needs_package_error(dataset_id, (e.name or str(e)).split(".")[0]) from None
-    except Exception as e:
-        if "gymnasium_robotics" in str(e):
-            raise _needs_package_error(dataset_id, "gymnasium-robotics") from None
-        raise A2PRError(f"cannot make the evaluation env of Minari dataset {dataset_id} ({type(e).__name__}: {e})") \
-            from None
-    if not isinstance(env.observation_space, gym.spaces.Box):
-        env = gym.wrappers.FlattenObservation(env)
-    spec = env.spec
-    env.close()
-    return spec
-
-
-def load_minari(dataset_id: str, args: Args, log=print) -> tuple[dict, dict]:
-    try:
-        import minari
-    except ImportError:
-        raise A2PRError(f"'{dataset_id}' looks like a Minari dataset id, which needs the minari package: "
-                        f"pip install minari") from None
-    where = f"Minari dataset {dataset_id}"
-    try:
-        ds = minari.load_dataset(dataset_id, download=False)
-    except FileNotFoundError:
-        log(f"downloading Minari dataset {dataset_id} -> {minari_local_path(dataset_id)}")
-        old = socket.getdefaulttimeout()
-        socket.setdefaulttimeout(args.download_timeout)
-        try:
-            ds = minari.load_dataset(dataset_id, download=True)
-        except Exception as e:
-            raise A2PRError(f"cannot download {where} ({type(e).__name__}: {e}); check the id (minari list remote) "
-                            f"and your connection, or put it under {minari_local_path(dataset_id)} "
-                            f"(MINARI_DATASETS_PATH), {_offline_hint()}") from None
-        finally:
-            socket.setdefaulttimeout(old)
-    except Exception as e:  # unsupported version, corrupt metadata
-        raise A2PRError(f"cannot load {where} ({type(e).__name__}: {e})") from None
-    meta = ds.storage.metadata
-    import gymnasium as gym
-
-    if not isinstance(ds.action_space, gym.spaces.Box):
-        raise A2PRError(f"{where}: a2pr needs continuous (Box) actions, the dataset has {ds.action_space}")
-    try:
-        rows = minari_episodes_to_rows(ds.iterate_episodes(), ds.observation_space, where)
-    except A2PRError:
-        raise
-    except Exception as e:  # a truncated or corrupt data file
-        raise A2PRError(f"{where}: cannot read its data at {ds.storage.data_path} ({type(e).__name__}: {e}); "
-                        f"delete that folder and download it again") from None
-    spec = minari_eval_spec(ds, dataset_id)
-    if args.ref_scores:
-        ref = _parse_ref_scores(args.ref_scores, where)
-    elif meta.get("ref_min_score") is not None and meta.get("ref_max_score") is not None:
-        ref = (float(meta["ref_min_score"]), float(meta["ref_max_score"]))
-    else:
-        raise A2PRError(f"{where} has no ref_min_score/ref_max_score in its metadata, so its normalised score is "
-                        f"undefined; pass --ref-scores MIN,MAX")
-    obs_dim, act_dim = env_dims(spec, where)
-    check_dims(rows, obs_dim, act_dim, where, f"its evaluation env {spec.id}")
-    attrs = dict(env_id=spec, ref_min_score=ref[0], ref_max_score=ref[1],
-                 source=f"Minari {dataset_id} ({len(rows['rewards']):,} steps), {ds.storage.data_path}")
-    if dataset_id.startswith("mujoco/"):
-        attrs["notice"] = MINARI_MUJOCO_NOTICE
-    return rows, attrs
-
-
-# --- mixes -------------------------------------------------------------------------------------------------------
-def parse_mix(text: str) -> tuple[str, float]:
-    """'hopper-expert-v2:0.01' -> ('hopper-expert-v2', 0.01). The name is anything --env accepts; the fraction is
-    the share of the mixed data's transitions that come from it, 0 < f < 1 ('1%' also accepted)."""
-    name, sep, frac = str(text).rpartition(":")
-    try:
-        f = float(frac[:-1]) / 100 if frac.endswith("%") else float(frac)
-    except ValueError:
-        f = float("nan")
-    if not sep or not name or not (0.0 < f < 1.0):
-        raise A2PRError(f"--mix must be NAME:FRACTION with 0 < FRACTION < 1, e.g. hopper-expert-v2:0.01, got {text!r}")
-    return name, f
-
-
-def sample_episodes(rows: dict, target: int, rng: np.random.Generator) -> tuple[np.ndarray, int]:
-    """Row indices of whole episodes drawn uniformly with replacement until they hold >= target rows (the last
-    one is kept whole, so the overshoot is under one episode); returns (indices, number of episodes)."""
-    bounds = episode_bounds(rows)
-    chosen, count = [], 0
-    while count < target:
-        s, e = bounds[rng.integers(len(bounds))]
-        chosen.append(np.arange(s, e))
-        count += e - s
-    return (np.concatenate(chosen) if chosen else np.zeros(0, dtype=np.int64)), len(chosen)
-
-
-def mix_rows(base: dict, good: dict, fraction: float, seed: int) -> tuple[dict, dict]:
-    """Trajectory-wise mix as in the paper's low-quality-data experiments: T = len(good) rows in total (the good
-    dataset's size); round(fraction * T) rows (half up, at least one episode) drawn as whole episodes of `good`,
-    the rest as whole episodes of `base`, both with replacement, reproducible from `seed`. Base episodes first."""
-    if set(base) != set(good):
-        raise A2PRError("--mix: the two sources have different layouts (one has explicit next observations, e.g. "
-                        "Minari, the other not); mix sources of the same kind")
-    base, good = _close_episodes(base), _close_episodes(good)
-    total = len(good["rewards"])
-    n_good = max(1, math.floor(fraction * total + 0.5))
-    rng = np.random.default_rng([seed, 2024])
-    idx_base, k_base = sample_episodes(base, total - n_good, rng)
-    idx_good, k_good = sample_episodes(good, n_good, rng)
-    rows = {k: np.concatenate([base[k][idx_base], good[k][idx_good]]) for k in base}
-    info = dict(total_target=total, good_target=n_good, good_rows=len(idx_good), base_rows=len(idx_base),
-                good_episodes=k_good, base_episodes=k_base)
-    return rows, info
-
-
-# --- entry point -------------------------------------------------------------------------------------------------
-def source_kind(name: str) -> str:
-    """builtin | d4rl | file | minari, or raise the unknown-name error."""
-    if name in BUILTIN_DATASETS:
-        return "builtin"
-    if name in D4RL_DATASETS:
-        return "d4rl"
-    if name.lower().endswith((".hdf5", ".h5")) or os.path.isfile(name):
-        return "file"
-    if ("/" in name and MINARI_ID.match(name)) or (minari_local_path(name) / "data").is_dir():
-        return "minari"
-    raise unknown_name_error(name)
-
-
-def unknown_name_error(name: str) -> A2PRError:
-    known = list(BUILTIN_DATASETS) + list(D4RL_DATASETS)
-    close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
-    return A2PRError(f"unknown dataset '{name}'" + (f"; closest: {', '.join(close)}" if close else "")
-                     + "; --env takes a D4RL name (hopper-medium-v2), a Minari id (mujoco/hopper/medium-v0), "
-                     f"a .hdf5 file, or a built-in dataset (offline): {', '.join(BUILTIN_DATASETS)}")
-
-
-LOADERS = dict(builtin=load_builtin, d4rl=load_d4rl, file=load_local_file, minari=load_minari)
-
-
-def load_one(name: str, args: Args, log=print) -> tuple[dict, dict]:
-    kind = source_kind(name)
-    rows, attrs = LOADERS[kind](name, args, log)
-    attrs["kind"] = kind
-    if "notice" in attrs:
-        log(f"NOTICE: {attrs['notice']}")
-    return rows, attrs
-
-
-def load_rows(env_name: str, args: Args, log=print) -> tuple[dict[str, np.ndarray], dict]:
-    """--env (and --mix) -> (rows, attrs). rows: D4RL row layout (+ next_observations for Minari); attrs: env_id
-    (gymnasium id or EnvSpec), ref_min_score, ref_max_score, source, kind, optionally notice and mix."""
-    register_a2pr_envs()
-    rows, attrs = load_one(env_name, args, log)
-    mix = args.mix
-    if mix:
-        good_name, fraction = parse_mix(mix)
-        try:
-            good, gattrs = load_one(good_name, args, log)
-        except A2PRError as e:
-            raise A2PRError(f"--mix {mix}: {e}") from None
-        if env_label(gattrs["env_id"]) != env_label(attrs["env_id"]) or \
-                good["observations"].shape[1] != rows["observations"].shape[1] or \
-                good["actions"].shape[1] != rows["actions"].shape[1]:
-            raise A2PRError(f"--mix: {good_name} is for {env_label(gattrs['env_id'])} "
-                            f"(obs {good['observations'].shape[1]}, act {good['actions'].shape[1]}) but {env_name} "
-                            f"is for {env_label(attrs['env_id'])} (obs {rows['observations'].shape[1]}, act "
-                            f"{rows['actions'].shape[1]}); mix two datasets of the same env")
-        seed = args.dataset_seed
-        rows, info = mix_rows(rows, good, fraction, seed)
-        attrs = dict(attrs, mix=info, source=(
-            f"mix of {env_name} ({info['base_rows']:,} rows, {info['base_episodes']} episodes) and {good_name} "
-            f"({info['good_rows']:,} rows, {info['good_episodes']} episodes; target {fraction:g} of "
-            f"{info['total_target']:,}), dataset seed {seed}"))
-    return validate_rows(rows, env_name), attrs
-
-
-def load_dataset(args: Args, log=print) -> Dataset:
-    """--env (and --mix) -> transitions and what evaluation needs: the single path for every source."""
-    rows, attrs = load_rows(args.env, args, log)
-    env_id = attrs["env_id"]
-    _, space = env_spaces(env_id, args.env)
-    tr = rows_to_transitions(rows)
-    if len(tr["rewards"]) == 0:
-        raise A2PRError(f"{args.env}: no usable transitions (every row is a time-out)")
-    return Dataset(name=args.env + (f" + {args.mix}" if args.mix else ""), env_id=env_id, **tr,
-                   ref_min_score=float(attrs["ref_min_score"]), ref_max_score=float(attrs["ref_max_score"]),
-                   episode_returns=episode_returns(rows), action_low=space.low.astype(np.float32),
-                   action_high=space.high.astype(np.float32), source=attrs["source"], notice=attrs.get("notice", ""))
-
-
-def normalized_score(ret, ref_min: float, ref_max: float):
-    """D4RL's normalised score: 0 = random policy, 100 = expert."""
-    return 100.0 * (np.asarray(ret, dtype=np.float64) - ref_min) / (ref_max - ref_min)
-
-
-def to_unit_actions(a: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
-    """Env bounds -> [-1, 1]. The released code scales by max_action, which is only right for symmetric bounds."""
-    return np.clip(2.0 * (a - low) / (high - low) - 1.0, -1.0, 1.0).astype(np.float32)
-
-
-def to_env_actions(a: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
-    """[-1, 1] -> env bounds; clipped because float32 rounding can put a saturated action one ulp outside."""
-    return np.clip(low + 0.5 * (a + 1.0) * (high - low), low, high).astype(np.float32)
-
-
-@dataclass
-class DeviceData:
-    """Normalised transitions resident on the training device; batches are gathered there (no host copies)."""
-    obs: torch.Tensor
-    act: torch.Tensor
-    rew: torch.Tensor
-    next_obs: torch.Tensor
-    done: torch.Tensor
-    obs_mean: np.ndarray
-    obs_std: np.ndarray
-
-    def __len__(self):
-        return self.obs.shape[0]
-
-
-def prepare_data(ds: Dataset, args: Args, device: torch.device, stats=None) -> DeviceData:
-    if stats is not None:
-        mean, std = stats
-    elif args.normalize_states:
-        mean, std = ds.observations.mean(0), ds.observations.std(0) + 1e-3  # spec: std + 1e-3
-    else:
-        mean, std = np.zeros(ds.observations.shape[1]), np.ones(ds.observations.shape[1])
-    mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
-
-    def put(x):
-        return torch.as_tensor(np.ascontiguousarray(x, dtype=np.float32), device=device)
-
-    return DeviceData(obs=put((ds.observations - mean) / std),
-                      act=put(to_unit_actions(ds.actions, ds.action_low, ds.action_high)),
-                      rew=put(args.reward_scale * ds.rewards + args.reward_shift),
-                      next_obs=put((ds.next_observations - mean) / std), done=put(ds.terminals),
-                      obs_mean=mean, obs_std=std)
-
-
-def sample_batch(data: DeviceData, batch_size: int, gens: list[torch.Generator]):
-    """One batch per agent seed, each from that seed's own generator: tensors of shape (K, B, ...)."""
-    idx = torch.stack([torch.randint(len(data), (batch_size,), generator=g, device=data.obs.device)
-                       for g in gens])
-    return data.obs[idx], data.act[idx], data.rew[idx], data.next_obs[idx], data.done[idx]
-
-
-def randn(gens: list[torch.Generator], shape, device) -> torch.Tensor:
-    """Standard normal noise of shape (K, *shape), seed k drawing from its own stream."""
-    return torch.stack([torch.randn(shape, generator=g, device=device) for g in gens])
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Networks. Every layer carries a leading ensemble dimension, so K seeds train as one batched computation and the
-# twin critics are one batched pair; K = 1 is the ordinary single agent.
+# Networks. Every tensor has shape (K, B, ...): K independent agents (seeds) train as one batched computation,
+# each layer holding K stacked weight matrices (CORL's VectorizedLinear). K = 1 is an ordinary single agent.
+# The twin critics are one ensemble of 2K members: members 2k and 2k+1 are Q1 and Q2 of agent k.
 # ----------------------------------------------------------------------------------------------------------------
 class EnsembleLinear(nn.Module):
     """n independent linear layers applied to inputs of shape (n, B, in): y[i] = x[i] @ W[i] + b[i]."""
@@ -1238,69 +346,7 @@ def select_bc_target(adv_vae, adv_data, vae_action, data_action, bc_weight: floa
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The same selection rule on a finite MDP (spec, "What the theory promises"): augmented_behaviour_policy applies
-# prefer_generated exactly as select_bc_target does above. Exact float64 linear solves, no sampling, so the promises
-# (improvement, robustness, bounded gap) are tested exactly. Shapes: P (S, A, S) with P[s, a, s'] the transition
-# probability, R (S, A), a policy (S, A) with rows on the simplex, rho (S,) the initial distribution.
-# ----------------------------------------------------------------------------------------------------------------
-def augmented_behaviour_policy(beta, gen, adv, eps_a: float = 0.0,
-                               prefer: typing.Callable = prefer_generated) -> np.ndarray:
-    """The augmented behaviour policy pi~(a|s), exactly, from beta (S, A), generator gen (S, A) and advantages adv.
-
-    Draw a_D ~ beta(.|s) and a_G ~ gen(.|s) independently; keep a_G if prefer(adv[s, a_G], adv[s, a_D]), else a_D;
-    if the kept action's advantage is not > eps_a, fall back to a_D. pi~(a|s) sums the probability
-    beta(a_D|s) gen(a_G|s) of every pair (a_D, a_G) whose outcome is a. `prefer` exists for negative controls only.
-    Where the deep update differs: when neither candidate clears eps_A, the theory plays a_D while the deep gate
-    drops the constraint (the policy is free there), and A_vae == eps_A counts as "on" in the deep gate.
-    """
-    beta, gen, adv = (np.asarray(x, dtype=np.float64) for x in (beta, gen, adv))
-    pair = beta[:, :, None] * gen[:, None, :]                # (S, a_D, a_G): probability of drawing the pair
-    adv_d, adv_g = adv[:, :, None], adv[:, None, :]
-    # Keeping a_D and falling back both give a_D, so a_G is played exactly when it is kept and clears eps_a.
-    play_gen = prefer(adv_g, adv_d) & (adv_g > eps_a)
-    return (pair * play_gen).sum(1) + (pair * ~play_gen).sum(2)
-
-
-def policy_transition_matrix(P, pi) -> np.ndarray:
-    """P_pi[s, s'] = sum_a pi(a|s) P[s, a, s'], the state-to-state chain that pi induces."""
-    return np.einsum("sa,sat->st", np.asarray(pi, dtype=np.float64), np.asarray(P, dtype=np.float64))
-
-
-def policy_evaluation(P, R, pi, gamma: float) -> tuple[np.ndarray, np.ndarray]:
-    """(V, Q) of pi: V solves (I - gamma P_pi) V = R_pi with R_pi(s) = sum_a pi(a|s) R(s, a); Q = R + gamma P V."""
-    R = np.asarray(R, dtype=np.float64)
-    R_pi = (np.asarray(pi, dtype=np.float64) * R).sum(1)
-    V = np.linalg.solve(np.eye(len(R_pi)) - gamma * policy_transition_matrix(P, pi), R_pi)
-    Q = R + gamma * np.asarray(P, dtype=np.float64) @ V
-    return V, Q
-
-
-def advantage(P, R, pi, gamma: float) -> np.ndarray:
-    """A^pi(s, a) = Q^pi(s, a) - V^pi(s), defined for every action, including those pi never takes."""
-    V, Q = policy_evaluation(P, R, pi, gamma)
-    return Q - V[:, None]
-
-
-def performance(P, R, pi, gamma: float, rho) -> float:
-    """J(pi) = rho . V^pi, the expected discounted return from the initial distribution."""
-    return float(np.asarray(rho, dtype=np.float64) @ policy_evaluation(P, R, pi, gamma)[0])
-
-
-def discounted_state_distribution(P, pi, gamma: float, rho) -> np.ndarray:
-    """d^pi = (1 - gamma) rho^T (I - gamma P_pi)^-1; it sums to 1 because P_pi's rows do."""
-    P_pi = policy_transition_matrix(P, pi)
-    # Solve the transposed system rather than inverting: d^T (I - gamma P_pi) = (1 - gamma) rho^T.
-    x = np.linalg.solve((np.eye(len(P_pi)) - gamma * P_pi).T, np.asarray(rho, dtype=np.float64))
-    return (1.0 - gamma) * x
-
-
-def total_variation(p, q) -> np.ndarray:
-    """TV(p(.|s), q(.|s)) = 0.5 sum_a |p(a|s) - q(a|s)|, one value per state (last axis = actions)."""
-    return 0.5 * np.abs(np.asarray(p, dtype=np.float64) - np.asarray(q, dtype=np.float64)).sum(-1)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# One gradient step
+# One gradient step: spec 1-4 in order, one function per step, then update().
 # ----------------------------------------------------------------------------------------------------------------
 class Optimizers:
     def __init__(self, agent: Agent, a: Args):
@@ -1431,68 +477,93 @@ def update(agent: Agent, opt: Optimizers, batch, step: int, a: Args, gens: list[
     return update_core(agent, opt, batch, draw_noise(gens, batch, agent.vae.latent_dim, actor_turn), actor_turn, a)
 
 
-class Updater:
-    """Sample a batch and run one update, in one of three equivalent ways: eagerly (default), through
-    torch.compile (--compile), or by replaying CUDA graphs of the whole update (--cuda-graphs: one graph for critic
-    steps and one for actor steps, captured after a few eager warm-up steps). Sampling and noise stay outside the
-    graph, on the device, drawn from the per-seed generators exactly as the eager path draws them."""
+# ----------------------------------------------------------------------------------------------------------------
+# The data as the networks see it: transitions in D4RL's convention, states normalised with the dataset's
+# statistics, actions in [-1, 1], all resident on the training device; batches are gathered there.
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class Dataset:
+    """Transitions in D4RL's Q-learning convention plus what evaluation needs to read a score."""
+    name: str
+    env_id: typing.Any               # gymnasium id (or EnvSpec, for Minari) used for evaluation
+    observations: np.ndarray         # (N, obs_dim) float32
+    actions: np.ndarray              # (N, act_dim) float32, in the env's own units
+    rewards: np.ndarray              # (N,) float32
+    next_observations: np.ndarray    # (N, obs_dim) float32
+    terminals: np.ndarray            # (N,) float32, 1 only on a true terminal (never on a time-out)
+    ref_min_score: float             # return of a random policy
+    ref_max_score: float             # return of an expert policy
+    episode_returns: np.ndarray      # returns of the dataset's episodes (for the dataset's own average score)
+    action_low: np.ndarray
+    action_high: np.ndarray
+    source: str = ""                 # where the data came from, printed at start
+    notice: str = ""                 # a warning to print with every result (e.g. not the D4RL data)
 
-    WARMUP = 4  # eager steps before capture: cuBLAS handles and Adam's state must exist before a graph is recorded
 
-    def __init__(self, agent: Agent, opt: Optimizers, data: DeviceData, gens: list[torch.Generator], a: Args):
-        self.agent, self.opt, self.data, self.gens, self.a = agent, opt, data, gens, a
-        self.core = torch.compile(update_core) if a.compile else update_core
-        self.graphs: dict[bool, tuple] = {}
-        self.eager_steps = 0
+def to_unit_actions(a: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """Env bounds -> [-1, 1]. The released code scales by max_action, which is only right for symmetric bounds."""
+    return np.clip(2.0 * (a - low) / (high - low) - 1.0, -1.0, 1.0).astype(np.float32)
 
-    def __call__(self, step: int) -> dict:
-        a = self.a
-        actor_turn = step % a.policy_freq == 0
-        batch = sample_batch(self.data, a.batch_size, self.gens)
-        noise = draw_noise(self.gens, batch, self.agent.vae.latent_dim, actor_turn)
-        if not a.cuda_graphs:
-            return self.core(self.agent, self.opt, batch, noise, actor_turn, a)
-        if actor_turn not in self.graphs and self.eager_steps < self.WARMUP:
-            self.eager_steps += 1
-            return self._on_side_stream(batch, noise, actor_turn)
-        if actor_turn not in self.graphs:
-            self.graphs[actor_turn] = self._capture(batch, noise, actor_turn)
-        graph, static_batch, static_noise, out = self.graphs[actor_turn]
-        for dst, src in zip(static_batch, batch):
-            dst.copy_(src)
-        for k in static_noise:
-            static_noise[k].copy_(noise[k])
-        graph.replay()
-        return {k: v.clone() for k, v in out.items()}  # the graph's outputs are overwritten by the next replay
 
-    def _on_side_stream(self, batch, noise, actor_turn):
-        """Warm-up steps are real training steps, run on a side stream as CUDA graph capture requires."""
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            out = self.core(self.agent, self.opt, batch, noise, actor_turn, self.a)
-        torch.cuda.current_stream().wait_stream(side)
-        return out
+def to_env_actions(a: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """[-1, 1] -> env bounds; clipped because float32 rounding can put a saturated action one ulp outside."""
+    return np.clip(low + 0.5 * (a + 1.0) * (high - low), low, high).astype(np.float32)
 
-    def _capture(self, batch, noise, actor_turn):
-        static_batch = tuple(x.clone() for x in batch)
-        static_noise = {k: v.clone() for k, v in noise.items()}
-        for o in self.opt.all().values():
-            o.zero_grad(set_to_none=True)
-        graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(graph):  # records, does not run: the caller replays it for this very step
-                out = self.core(self.agent, self.opt, static_batch, static_noise, actor_turn, self.a)
-        except RuntimeError as e:  # nothing was applied (capture only records), so the last checkpoint is valid
-            raise A2PRError(f"CUDA graph capture of the {'actor' if actor_turn else 'critic'} step failed "
-                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); run without "
-                            "--cuda-graphs (the eager --cuda path computes the same update)") from None
-        return graph, static_batch, static_noise, out
+
+@dataclass
+class DeviceData:
+    """Normalised transitions resident on the training device; batches are gathered there (no host copies)."""
+    obs: torch.Tensor
+    act: torch.Tensor
+    rew: torch.Tensor
+    next_obs: torch.Tensor
+    done: torch.Tensor
+    obs_mean: np.ndarray
+    obs_std: np.ndarray
+
+    def __len__(self):
+        return self.obs.shape[0]
+
+
+def prepare_data(ds: Dataset, args: Args, device: torch.device, stats=None) -> DeviceData:
+    if stats is not None:
+        mean, std = stats
+    elif args.normalize_states:
+        mean, std = ds.observations.mean(0), ds.observations.std(0) + 1e-3  # spec: std + 1e-3
+    else:
+        mean, std = np.zeros(ds.observations.shape[1]), np.ones(ds.observations.shape[1])
+    mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+
+    def put(x):
+        return torch.as_tensor(np.ascontiguousarray(x, dtype=np.float32), device=device)
+
+    return DeviceData(obs=put((ds.observations - mean) / std),
+                      act=put(to_unit_actions(ds.actions, ds.action_low, ds.action_high)),
+                      rew=put(args.reward_scale * ds.rewards + args.reward_shift),
+                      next_obs=put((ds.next_observations - mean) / std), done=put(ds.terminals),
+                      obs_mean=mean, obs_std=std)
+
+
+def sample_batch(data: DeviceData, batch_size: int, gens: list[torch.Generator]):
+    """One batch per agent seed, each from that seed's own generator: tensors of shape (K, B, ...)."""
+    idx = torch.stack([torch.randint(len(data), (batch_size,), generator=g, device=data.obs.device)
+                       for g in gens])
+    return data.obs[idx], data.act[idx], data.rew[idx], data.next_obs[idx], data.done[idx]
+
+
+def randn(gens: list[torch.Generator], shape, device) -> torch.Tensor:
+    """Standard normal noise of shape (K, *shape), seed k drawing from its own stream."""
+    return torch.stack([torch.randn(shape, generator=g, device=device) for g in gens])
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Evaluation
+# Evaluation: deterministic episodes in the evaluation env, reported as D4RL's normalised score.
 # ----------------------------------------------------------------------------------------------------------------
+def normalized_score(ret, ref_min: float, ref_max: float):
+    """D4RL's normalised score: 0 = random policy, 100 = expert."""
+    return 100.0 * (np.asarray(ret, dtype=np.float64) - ref_min) / (ref_max - ref_min)
+
+
 def make_eval_envs(env_id: str, agents: int, episodes: int) -> list[list]:
     """One env per (agent, episode), made once per run and reused by every evaluation (each episode reseeds)."""
     import gymnasium as gym
@@ -1541,109 +612,8 @@ def evaluate(actor: Actor, env_id: str, obs_mean, obs_std, action_low, action_hi
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Checkpoints and result files: written atomically, so an interruption never leaves a half-written file.
+# Training: train(args) -> summary dict (the notebook and the tests call it directly), then main().
 # ----------------------------------------------------------------------------------------------------------------
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call write(tmp_path), then rename over `path` (rename is atomic on POSIX and Windows)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; results get the user's usual permissions
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-METRICS = ["critic", "value", "vae", "q", "vae_weight_fraction", "actor", "bc", "gate_fraction", "vae_target_fraction"]
-LOSS_NAMES = ("critic", "value", "vae", "actor", "bc")
-ACTOR_METRICS = ("actor", "bc", "gate_fraction", "vae_target_fraction")  # measured on actor steps only
-CSV_COLUMNS = (["step", "time_s"] + [f"losses/{m}" for m in ("critic", "value", "vae", "actor", "bc")]
-               + ["charts/q_mean", "charts/vae_weight_fraction", "charts/gate_fraction", "charts/vae_target_fraction",
-                  "charts/SPS",
-                  "eval/return_mean", "eval/normalized_score_mean", "eval/normalized_score_std"])
-
-
-def write_csv(path: Path, rows: list[dict]) -> None:
-    def w(tmp):
-        with open(tmp, "w", newline="") as f:
-            wr = csv.DictWriter(f, fieldnames=CSV_COLUMNS + sorted({k for r in rows for k in r} - set(CSV_COLUMNS)))
-            wr.writeheader()
-            wr.writerows(rows)
-    atomic_write(path, w)
-
-
-def plot_curves(path: Path, history: list[dict], dataset_score: float, title: str) -> None:
-    from matplotlib.figure import Figure  # no pyplot: a run never changes a notebook's plotting backend
-
-    ev = [r for r in history if r.get("eval/normalized_score_mean") not in (None, "")]
-    tr = [r for r in history if r.get("charts/gate_fraction") not in (None, "")]
-    fig = Figure(figsize=(11, 3.8))
-    ax1, ax2 = fig.subplots(1, 2)
-    seed_cols = sorted(k for k in (ev[0] if ev else {}) if k.startswith("eval/normalized_score_seed"))
-    for c in seed_cols:
-        ax1.plot([r["step"] for r in ev], [r[c] for r in ev], lw=0.8, alpha=0.5)
-    ax1.plot([r["step"] for r in ev], [r["eval/normalized_score_mean"] for r in ev], lw=2, label="A2PR")
-    ax1.axhline(dataset_score, ls="--", c="gray", label="dataset average")
-    ax1.set(xlabel="gradient step", ylabel="normalised score", title=title)
-    ax1.legend()
-    ax2.plot([r["step"] for r in tr], [r["charts/gate_fraction"] for r in tr], label="gate on (constrained)")
-    ax2.plot([r["step"] for r in tr], [r["charts/vae_target_fraction"] for r in tr], label="target from VAE")
-    ax2.set(xlabel="gradient step", ylabel="fraction of states", ylim=(-0.02, 1.02), title="advantage selection")
-    ax2.legend()
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Training
-# ----------------------------------------------------------------------------------------------------------------
-def history_last_score(history: list[dict]) -> float:
-    scores = [r["eval/normalized_score_mean"] for r in history if "eval/normalized_score_mean" in r]
-    return scores[-1] if scores else float("nan")
-
-
-def _finite_or_none(x):
-    return float(x) if np.isfinite(x) else None
-
-
-def _fmt_time(s: float) -> str:
-    s = int(max(s, 0))
-    return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
-
-
-class _StopFlag:
-    """Ctrl-C sets a flag that the loop checks between updates, so the checkpoint is never taken mid-update.
-    A second Ctrl-C interrupts at once."""
-
-    def __init__(self):
-        self.set, self._old = False, None
-
-    def __enter__(self):
-        import threading
-
-        if threading.current_thread() is threading.main_thread():
-            self._old = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, *_):
-        if self.set:
-            raise KeyboardInterrupt
-        self.set = True
-
-    def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
-
-
 def make_device(a: Args) -> torch.device:
     if a.cuda_graphs and not a.cuda:
         raise A2PRError("--cuda-graphs needs --cuda (CUDA graphs exist only on a GPU)")
@@ -1679,54 +649,6 @@ def build_learner(args: Args, obs_dim: int, act_dim: int, device, ckpt: dict | N
             for g, s in zip(gens, seeds):
                 g.manual_seed(s * 1_000_003 + ckpt["step"])
     return agent, opt, gens
-
-
-def load_run(run_dir: str | Path, device="cpu") -> dict:
-    """What a run left in its checkpoint, rebuilt: settings, networks, optimisers and random streams (ready to
-    continue), the state normalisation, the evaluation env and the metrics history."""
-    ckpt = _load_checkpoint(Path(run_dir))
-    args = args_from_checkpoint(ckpt)
-    agent, opt, gens = build_learner(args, len(ckpt["obs_mean"]), len(ckpt["action_low"]), device, ckpt)
-    keys = ("step", "obs_mean", "obs_std", "action_low", "action_high", "env_id", "history", "ref_scores")
-    return dict(args=args, agent=agent, opt=opt, gens=gens, **{k: ckpt.get(k) for k in keys})
-
-
-def load_policy(run_dir: str | Path, device="cpu", seed_index: int = 0):
-    """The trained policy of a run as a function: raw env observation -> env action (normalisation included)."""
-    run = load_run(run_dir, device)
-    actor, k = run["agent"].actor, run["args"].num_seeds
-    mean, std, low, high = run["obs_mean"], run["obs_std"], run["action_low"], run["action_high"]
-
-    @torch.no_grad()
-    def policy(obs: np.ndarray) -> np.ndarray:
-        x = torch.as_tensor((np.asarray(obs, np.float32) - mean) / std, device=device)
-        x = x.reshape(1, -1, len(mean)).expand(k, -1, -1)
-        return to_env_actions(actor(x)[seed_index].cpu().numpy(), low, high).reshape(*np.shape(obs)[:-1], len(low))
-
-    return policy
-
-
-def args_from_checkpoint(ckpt: dict) -> Args:
-    """The run's settings; keys this version does not know (a newer a2pr) are reported, not a crash."""
-    known = {f.name for f in dataclasses.fields(Args)}
-    unknown = sorted(set(ckpt["args"]) - known)
-    if unknown:
-        print(f"note: ignoring checkpoint settings this a2pr.py does not know: {', '.join(unknown)}", file=sys.stderr)
-    return Args(**{k: v for k, v in ckpt["args"].items() if k in known})
-
-
-def _load_checkpoint(run_dir: Path) -> dict:
-    path = run_dir / "checkpoint.pt"
-    if not path.exists():
-        raise A2PRError(f"--resume {run_dir}: no checkpoint.pt there; give the folder of a run that saved one")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # a truncated or foreign file
-        raise A2PRError(f"{path}: cannot be read as an a2pr checkpoint ({type(e).__name__}: {e})") from None
-    needed = {"args", "agent", "optimizers", "rng", "step", "obs_mean", "obs_std", "history"}
-    if not isinstance(ckpt, dict) or not needed <= ckpt.keys():
-        raise A2PRError(f"{path}: not an a2pr checkpoint (it lacks {sorted(needed - set(ckpt or {}))})")
-    return ckpt
 
 
 def train(args: Args) -> dict:
@@ -1898,36 +820,841 @@ def train(args: Args) -> dict:
     return summary
 
 
-def _check_trackers(a: Args) -> None:
-    import importlib.util
-
-    if a.tensorboard and importlib.util.find_spec("tensorboard") is None:
-        raise A2PRError("--tensorboard needs the tensorboard package: pip install tensorboard")
-    if a.wandb and importlib.util.find_spec("wandb") is None:
-        raise A2PRError("--wandb needs the wandb package: pip install wandb")
-
-
-def _open_trackers(a: Args, run_dir: Path) -> list[tuple]:
-    """Optional TensorBoard / wandb sinks, each a (log(row), close()) pair."""
-    sinks = []
-    if a.tensorboard:
-        from torch.utils.tensorboard import SummaryWriter
-
-        tb = SummaryWriter(str(run_dir / "tensorboard"))
-        sinks.append((lambda row: [tb.add_scalar(k, v, row["step"]) for k, v in row.items() if k != "step"],
-                      tb.close))
-    if a.wandb:
-        import wandb
-
-        run = wandb.init(project=a.wandb_project, name=run_dir.name, config=dataclasses.asdict(a), resume="allow")
-        sinks.append((lambda row: run.log({k: v for k, v in row.items() if k != "step"}, step=row["step"]),
-                      run.finish))
-    return sinks
+def main(argv=None) -> int:
+    try:
+        args = parse_args(argv)
+        if args.benchmark:
+            print(json.dumps((benchmark_update if args.benchmark == "update" else benchmark_data)(args)))
+        else:
+            train(args)
+    except A2PRError as e:
+        print(f"a2pr.py: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("a2pr.py: interrupted", file=sys.stderr)
+        return 130
+    return 0
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Benchmarks
-# ----------------------------------------------------------------------------------------------------------------
+# ================================================================================================================
+# Appendix A. Data sources: built-in Pendulum datasets, D4RL names (registry, cache, download), local HDF5 files,
+# Minari ids, and trajectory-wise mixes. Every source ends in the same rows -> transitions path (load_dataset).
+# Not needed to understand A2PR: the algorithm only sees the Dataset that load_dataset returns.
+# ================================================================================================================
+def data_dir(args: Args) -> Path:
+    return Path(args.data_dir or os.environ.get("A2PR_DATA_DIR") or Path.home() / ".cache" / "a2pr")
+
+
+BUILTIN_DATASETS = {
+    # name: (fraction of expert episodes, fraction of random actions inside the other episodes)
+    "pendulum-random-v0": "uniform random torques",
+    "pendulum-medium-v0": "scripted swing-up controller that takes a random torque 70% of the time",
+    "pendulum-expert-v0": "scripted energy-pumping swing-up with a PD balancer",
+    "pendulum-mostly-random-v0": "95% random episodes + 5% expert episodes, mixed trajectory-wise",
+}
+
+
+BUILTIN_EPISODES = 200          # 200 episodes x 200 steps = 40,000 rows per built-in dataset
+
+
+BUILTIN_VERSION = 1             # bump when generation changes, so stale caches are never read
+
+
+def pendulum_expert_action(obs: np.ndarray) -> float:
+    """Energy-pumping swing-up, PD balance near the top. Pendulum-v1: theta'' = 15 sin(theta) + 3 u."""
+    cos_th, sin_th, th_dot = float(obs[0]), float(obs[1]), float(obs[2])
+    if cos_th > 0.8:  # near upright: PD on the angle; closed loop theta'' = -15 theta - 6 theta'
+        u = -(10.0 * math.atan2(sin_th, cos_th) + 2.0 * th_dot)
+    else:  # pump energy E = th_dot^2/2 + 15 cos(theta) towards the upright value 15
+        energy = 0.5 * th_dot * th_dot + 15.0 * cos_th
+        u = 2.0 * math.copysign(1.0, (15.0 - energy) * th_dot + 1e-6)
+    return float(np.clip(u, -2.0, 2.0))
+
+
+def _rollout_pendulum(policy: str, n_episodes: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Run a scripted policy on gymnasium's Pendulum-v1 and return rows in D4RL's HDF5 layout."""
+    import gymnasium as gym
+
+    env = gym.make("Pendulum-v1")
+    rows: dict[str, list] = {k: [] for k in ("observations", "actions", "rewards", "terminals", "timeouts")}
+    for _ in range(n_episodes):
+        obs, _ = env.reset(seed=int(rng.integers(2**31 - 1)))
+        done = False
+        while not done:
+            if policy == "random" or (policy == "medium" and rng.random() < 0.7):
+                u = float(rng.uniform(-2.0, 2.0))
+            else:
+                u = pendulum_expert_action(obs)
+            nxt, r, term, trunc, _ = env.step(np.array([u], dtype=np.float32))
+            for k, v in zip(rows, (obs, [u], r, term, trunc)):
+                rows[k].append(v)
+            obs, done = nxt, term or trunc
+    env.close()
+    return {k: np.asarray(v, dtype=np.float32 if k in ("observations", "actions", "rewards") else bool)
+            for k, v in rows.items()}
+
+
+def make_builtin_dataset(name: str, seed: int) -> tuple[dict[str, np.ndarray], dict]:
+    """Generate a built-in Pendulum dataset (rows + attributes) from a seed; no network, no training."""
+    rng = np.random.default_rng([seed, BUILTIN_VERSION])
+    kind = name.split("-")[1] if name != "pendulum-mostly-random-v0" else "mix"
+    if kind == "mix":  # trajectory-wise mix: whole episodes, 95 % random then 5 % expert
+        n_expert = BUILTIN_EPISODES // 20
+        parts = [_rollout_pendulum("random", BUILTIN_EPISODES - n_expert, rng),
+                 _rollout_pendulum("expert", n_expert, rng)]
+        rows = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    else:
+        rows = _rollout_pendulum(kind, BUILTIN_EPISODES, rng)
+    # Reference returns as D4RL defines them: a random policy and the expert, averaged over 100 episodes each.
+    ref_rng = np.random.default_rng([seed, BUILTIN_VERSION, 1])
+    ref = {}
+    for policy in ("random", "expert"):
+        r = _rollout_pendulum(policy, 100, ref_rng)
+        ref[policy] = float(episode_returns(r).mean())
+    attrs = dict(env_id="Pendulum-v1", ref_min_score=ref["random"], ref_max_score=ref["expert"],
+                 generator=f"a2pr built-in v{BUILTIN_VERSION}, seed {seed}", description=BUILTIN_DATASETS[name])
+    return rows, attrs
+
+
+def write_d4rl_hdf5(path: Path, rows: dict[str, np.ndarray], attrs: dict) -> None:
+    """Write rows in D4RL's HDF5 layout, atomically (see atomic_write)."""
+    import h5py
+
+    def write(tmp):
+        with h5py.File(tmp, "w") as f:
+            for k, v in rows.items():
+                f.create_dataset(k, data=v)
+            for k, v in attrs.items():
+                f.attrs[k] = v
+
+    atomic_write(Path(path), write)
+
+
+D4RL_KEYS = ("observations", "actions", "rewards", "terminals", "timeouts")
+
+
+def read_d4rl_hdf5(path: Path) -> tuple[dict[str, np.ndarray], dict]:
+    """Read a D4RL-layout HDF5 file, checking that it is complete and sane (one-line errors naming the file)."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            missing = [k for k in D4RL_KEYS if k not in f]
+            if missing:
+                raise A2PRError(f"{path}: not a D4RL dataset file, missing keys {missing}")
+            rows = {k: f[k][()] for k in D4RL_KEYS}
+            attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+    except OSError as e:
+        raise A2PRError(f"{path}: cannot read the HDF5 file ({e}); delete it and let it be made again") from None
+    if rows["observations"].ndim != 2 or rows["actions"].ndim != 2:
+        raise A2PRError(f"{path}: observations and actions must be 2-D arrays")
+    n = len(rows["observations"])
+    for k in ("rewards", "terminals", "timeouts"):
+        rows[k] = rows[k].reshape(-1)
+    for k in D4RL_KEYS:
+        if len(rows[k]) != n:
+            raise A2PRError(f"{path}: '{k}' has {len(rows[k])} rows but observations has {n}")
+    for k in ("observations", "actions", "rewards"):
+        rows[k] = rows[k].astype(np.float32)
+    rows["terminals"] = rows["terminals"].astype(bool)
+    rows["timeouts"] = rows["timeouts"].astype(bool)
+    return validate_rows(rows, str(path)), attrs  # empty, NaN/inf: the same checks as for rows made in memory
+
+
+def qlearning_transitions(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """D4RL's qlearning_dataset convention: next state = next row; rows cut by a time-out are dropped, not
+    marked terminal (their next state is unknown), and so is the file's last row."""
+    keep = ~rows["timeouts"][:-1]
+    idx = np.flatnonzero(keep)
+    return dict(observations=rows["observations"][idx], actions=rows["actions"][idx],
+                rewards=rows["rewards"][idx], next_observations=rows["observations"][idx + 1],
+                terminals=rows["terminals"][idx].astype(np.float32))
+
+
+# --- D4RL registry (MuJoCo locomotion v2). URLs and reference returns as in D4RL's d4rl/infos.py and
+# d4rl/gym_mujoco/__init__.py: gym_mujoco_v2/<env>_<kind with '_' for '-'>-v2.hdf5, cached under the URL's basename.
+D4RL_BASE_URL = "http://rail.eecs.berkeley.edu/datasets/offline_rl/gym_mujoco_v2"
+
+
+D4RL_KINDS = ("random", "medium", "medium-replay", "medium-expert", "expert", "full-replay")
+
+
+ANT_D4RL_ENV_ID = "a2pr/AntD4RL-v4"  # Ant-v4 whose 84 contact-force dims are zero, as in D4RL's ant-v2 files
+
+
+D4RL_FAMILIES = {
+    # family: (evaluation env id, obs dim, act dim, ref_min_score (random policy), ref_max_score (expert))
+    "hopper": ("Hopper-v4", 11, 3, -20.272305, 3234.3),
+    "halfcheetah": ("HalfCheetah-v4", 17, 6, -280.178953, 12135.0),
+    "walker2d": ("Walker2d-v4", 17, 6, 1.629008, 4592.3),
+    "ant": (ANT_D4RL_ENV_ID, 111, 8, -325.6, 3879.7),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class D4RLEntry:
+    name: str            # hopper-medium-replay-v2
+    family: str          # hopper
+    url: str             # .../gym_mujoco_v2/hopper_medium_replay-v2.hdf5
+    env_id: str          # gymnasium id used for evaluation
+    obs_dim: int
+    act_dim: int
+    ref_min_score: float
+    ref_max_score: float
+
+    @property
+    def filename(self) -> str:  # D4RL caches a file under its URL's basename
+        return self.url.rsplit("/", 1)[1]
+
+
+D4RL_DATASETS: dict[str, D4RLEntry] = {
+    f"{fam}-{kind}-v2": D4RLEntry(f"{fam}-{kind}-v2", fam, f"{D4RL_BASE_URL}/{fam}_{kind.replace('-', '_')}-v2.hdf5",
+                                  *info)
+    for fam, info in D4RL_FAMILIES.items() for kind in D4RL_KINDS
+}
+
+
+MINARI_MUJOCO_NOTICE = ("Minari's mujoco/* datasets are not the D4RL data; do not compare these scores with "
+                        "D4RL tables")
+
+
+# --- Evaluation env for D4RL's ant: D4RL's ant-v2 files were collected with mujoco-py on MuJoCo 2.x, where the
+# 84 contact-force observations (cfrc_ext) are never computed and stay 0 (and so does the contact cost in the
+# reward). Ant-v4 with use_contact_forces=True has 111 dims too, but real, non-zero forces and a contact cost: a
+# different input distribution from the data. This env gives the data's distribution: Ant-v4 defaults + 84 zeros.
+@functools.cache
+def _d4rl_ant_class():
+    from gymnasium.envs.mujoco.ant_v4 import AntEnv
+    from gymnasium.spaces import Box
+
+    class D4RLAntEnv(AntEnv):
+        def __init__(self, **kwargs):
+            kwargs["use_contact_forces"] = False
+            super().__init__(**kwargs)
+            self.observation_space = Box(-np.inf, np.inf, (111,), np.float64)
+
+        def _get_obs(self):
+            return np.concatenate([super()._get_obs(), np.zeros(84)])
+
+    return D4RLAntEnv
+
+
+def make_d4rl_ant_env(**kwargs):
+    return _d4rl_ant_class()(**kwargs)
+
+
+def register_a2pr_envs() -> None:
+    """Register a2pr's own evaluation envs with gymnasium (idempotent); call before gym.make on a saved env id."""
+    import gymnasium as gym
+
+    if ANT_D4RL_ENV_ID not in gym.registry:
+        gym.register(ANT_D4RL_ENV_ID, entry_point=make_d4rl_ant_env, max_episode_steps=1000)
+
+
+def env_label(env_id) -> str:
+    return env_id if isinstance(env_id, str) else getattr(env_id, "id", str(env_id))
+
+
+def env_spaces(env_id, where: str):
+    """(observation space, action space) of an evaluation env; one-line error if it cannot be made or is not
+    continuous."""
+    import gymnasium as gym
+
+    register_a2pr_envs()
+    try:
+        env = gym.make(env_id)
+    except Exception as e:
+        raise A2PRError(f"{where}: cannot make the evaluation env '{env_label(env_id)}' ({type(e).__name__}: {e})") \
+            from None
+    obs_space, act_space = env.observation_space, env.action_space
+    env.close()
+    if not isinstance(act_space, gym.spaces.Box) or not isinstance(obs_space, gym.spaces.Box):
+        raise A2PRError(f"{where}: the evaluation env '{env_label(env_id)}' must have Box observations and actions "
+                        f"(has {type(obs_space).__name__} / {type(act_space).__name__})")
+    return obs_space, act_space
+
+
+def env_dims(env_id, where: str) -> tuple[int, int]:
+    """(obs dim, act dim) of an evaluation env."""
+    obs_space, act_space = env_spaces(env_id, where)
+    return int(np.prod(obs_space.shape)), int(np.prod(act_space.shape))
+
+
+def check_dims(rows: dict, obs_dim: int, act_dim: int, where: str, against: str) -> None:
+    got_obs, got_act = rows["observations"].shape[1], rows["actions"].shape[1]
+    if (got_obs, got_act) != (obs_dim, act_dim):
+        raise A2PRError(f"{where}: the data has observation dim {got_obs} and action dim {got_act}, but {against} "
+                        f"has {obs_dim} and {act_dim}")
+
+
+# --- Rows -> transitions, rows validation, episodes
+def rows_to_transitions(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Transitions from rows. Rows that carry next_observations (Minari: N+1 observations per N steps) keep every
+    step, including the last step of a time-limited episode (its next state is known, terminal = 0). Rows without
+    it follow D4RL's qlearning_dataset convention (next state = next row, time-out rows dropped)."""
+    if "next_observations" not in rows:
+        return qlearning_transitions(rows)
+    return dict(observations=rows["observations"], actions=rows["actions"], rewards=rows["rewards"],
+                next_observations=rows["next_observations"], terminals=rows["terminals"].astype(np.float32))
+
+
+def validate_rows(rows: dict[str, np.ndarray], where: str) -> dict[str, np.ndarray]:
+    """Sanity checks shared by every source (files, Minari, mixes): non-empty, consistent shapes, finite values."""
+    n = len(rows["rewards"])
+    if n == 0:
+        raise A2PRError(f"{where}: the dataset is empty")
+    for k in ("observations", "actions", "next_observations"):
+        if k in rows and (rows[k].ndim != 2 or len(rows[k]) != n):
+            raise A2PRError(f"{where}: '{k}' has shape {rows[k].shape}, expected ({n}, dim)")
+    for k in ("terminals", "timeouts"):
+        if rows[k].shape != (n,):
+            raise A2PRError(f"{where}: '{k}' has shape {rows[k].shape}, expected ({n},)")
+    for k in ("observations", "actions", "rewards", "next_observations"):
+        if k in rows and not np.isfinite(rows[k]).all():
+            raise A2PRError(f"{where}: '{k}' contains NaN or inf values")
+    return rows
+
+
+def episode_bounds(rows: dict[str, np.ndarray]) -> np.ndarray:
+    """(n_episodes, 2) [start, stop) row ranges: an episode ends at a terminal or time-out, or at the end of the
+    rows (a trailing partial episode, which `_close_episodes` marks as timed out)."""
+    n = len(rows["rewards"])
+    stops = np.flatnonzero(rows["terminals"] | rows["timeouts"]) + 1
+    if len(stops) == 0 or stops[-1] != n:
+        stops = np.append(stops, n)
+    starts = np.concatenate([[0], stops[:-1]])
+    return np.stack([starts, stops], axis=1)
+
+
+def episode_returns(rows: dict[str, np.ndarray]) -> np.ndarray:
+    """The return of every episode in the rows (for a dataset's own average score)."""
+    return np.add.reduceat(rows["rewards"].astype(np.float64), episode_bounds(rows)[:, 0])
+
+
+def _close_episodes(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Mark the last row as a time-out if it ends nothing, so that episodes can be moved around safely."""
+    if not (rows["terminals"][-1] or rows["timeouts"][-1]):
+        rows = dict(rows, timeouts=rows["timeouts"].copy())
+        rows["timeouts"][-1] = True
+    return rows
+
+
+# --- Download: streamed to DEST.<pid>.part with a timeout and a progress bar, validated, then renamed.
+def _progress(label: str, done: int, total: int | None, t0: float, state: dict, final: bool = False) -> None:
+    """Plain-text progress on stderr: redrawn in place on a terminal, one line per 10% otherwise."""
+    tty = sys.stderr.isatty()
+    now = time.time()
+    pct = 100.0 * done / total if total else None
+    if not final:
+        if tty and now - state.get("t", 0.0) < 0.2:
+            return
+        if not tty and (pct is None or int(pct // 10) <= state.get("decile", -1)):
+            return
+    state["t"], state["decile"] = now, int(pct // 10) if pct is not None else -1
+    speed = done / max(now - t0, 1e-9) / 1e6
+    size = f"{done / 1e6:.1f}/{total / 1e6:.1f} MB" if total else f"{done / 1e6:.1f} MB"
+    line = f"  downloading {label}: " + (f"{pct:5.1f}% " if pct is not None else "") + f"{size} {speed:.1f} MB/s"
+    sys.stderr.write(("\r" + line + ("\n" if final else "")) if tty else line + "\n")
+    sys.stderr.flush()
+
+
+def download_file(url: str, dest: Path, validate, timeout: float = 10.0, offline_hint: str = ""):
+    """Download url to dest and return validate(part_path)'s result. The bytes go to DEST.<pid>.part, which is
+    renamed to dest only once complete (Content-Length matched) and valid, and removed on any failure (also
+    Ctrl-C): dest is never half-written or corrupt. Connection and stalled reads give up after `timeout` s."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(f"{dest.name}.{os.getpid()}.part")
+    where = f"put the file there by hand (e.g. wget -O {dest} {url}) and run again"
+
+    def fail(reason: str) -> A2PRError:
+        return A2PRError(f"cannot download {url} ({reason}); {where}" + (f", {offline_hint}" if offline_hint else ""))
+
+    try:
+        try:
+            resp = urllib.request.urlopen(url, timeout=timeout)
+        except urllib.error.HTTPError as e:
+            raise fail(f"HTTP {e.code} {e.reason}") from None
+        except urllib.error.URLError as e:
+            r = e.reason
+            raise fail(f"timed out after {timeout:g}s" if isinstance(r, TimeoutError) else
+                       f"{type(r).__name__}: {r}" if isinstance(r, BaseException) else str(r)) from None
+        except (OSError, ValueError, http.client.HTTPException) as e:
+            raise fail(f"timed out after {timeout:g}s" if isinstance(e, TimeoutError) else
+                       f"{type(e).__name__}: {e}") from None
+        total = int(resp.headers.get("Content-Length") or 0) or None
+        done, t0, state = 0, time.time(), {}
+        try:
+            with resp, open(part, "wb") as f:
+                while chunk := resp.read(1 << 20):
+                    f.write(chunk)
+                    done += len(chunk)
+                    _progress(dest.name, done, total, t0, state)
+        except TimeoutError:
+            raise fail(f"no data for {timeout:g}s after {done:,} bytes; the partial file was removed") from None
+        except (OSError, http.client.HTTPException) as e:
+            raise fail(f"interrupted after {done:,} bytes ({type(e).__name__}); the partial file was removed") \
+                from None
+        _progress(dest.name, done, total, t0, state, final=True)
+        if total is not None and done != total:
+            raise fail(f"incomplete: {done:,} of {total:,} bytes; the partial file was removed")
+        try:
+            result = validate(part)
+        except A2PRError as e:
+            reason = str(e).replace(str(part) + ": ", "").replace("; delete it and let it be made again", "")
+            raise A2PRError(f"the file downloaded from {url} is not a valid dataset ({reason}); nothing was saved "
+                            f"at {dest}") from None
+        os.replace(part, dest)
+        return result
+    finally:
+        if part.exists():
+            part.unlink()
+
+
+# --- Sources: D4RL names, local files, built-in datasets
+def d4rl_cache_dir() -> Path:
+    """D4RL's own cache: $D4RL_DATASET_DIR, else ~/.d4rl/datasets (d4rl/offline_env.py)."""
+    return Path(os.environ.get("D4RL_DATASET_DIR") or Path.home() / ".d4rl" / "datasets").expanduser()
+
+
+def d4rl_url(entry: D4RLEntry) -> str:
+    """The published URL, or the same file name under $A2PR_D4RL_MIRROR (a mirror; the tests' local server)."""
+    mirror = os.environ.get("A2PR_D4RL_MIRROR")
+    return f"{mirror.rstrip('/')}/{entry.filename}" if mirror else entry.url
+
+
+def _offline_hint() -> str:
+    return f"or use a built-in dataset that works offline: {', '.join(BUILTIN_DATASETS)}"
+
+
+def load_d4rl(name: str, args: Args, log=print) -> tuple[dict, dict]:
+    entry = D4RL_DATASETS[name]
+    path = d4rl_cache_dir() / entry.filename
+    against = f"{name} ({entry.env_id})"
+
+    def read_checked(p: Path) -> dict:
+        rows, _ = read_d4rl_hdf5(p)
+        check_dims(rows, entry.obs_dim, entry.act_dim, str(p), against)
+        return rows
+
+    if path.exists():
+        rows = read_checked(path)
+        how = "cached"
+    else:
+        url = d4rl_url(entry)
+        log(f"downloading {name} from {url} -> {path}")
+        rows = download_file(url, path, read_checked, timeout=args.download_timeout,
+                             offline_hint=_offline_hint())
+        how = "downloaded"
+    attrs = dict(env_id=entry.env_id, ref_min_score=entry.ref_min_score, ref_max_score=entry.ref_max_score,
+                 source=f"D4RL {name}, {how}, {path}")
+    return rows, attrs
+
+
+def _d4rl_family_of(text: str) -> str | None:
+    """'hopper_medium-v2.hdf5' -> hopper; 'antmaze_...' -> None (ant must be followed by _ or -)."""
+    m = re.match(r"(halfcheetah|hopper|walker2d|ant)[_-]", text.lower())
+    return m.group(1) if m else None
+
+
+def _parse_ref_scores(text, where: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(x) for x in str(text).split(","))
+    except ValueError:
+        raise A2PRError(f"{where}: --ref-scores must be MIN,MAX (two numbers), got {text!r}") from None
+    if not (math.isfinite(lo) and math.isfinite(hi) and hi != lo):
+        raise A2PRError(f"{where}: --ref-scores must be two different finite numbers, got {text!r}")
+    return lo, hi
+
+
+def load_local_file(path_text: str, args: Args, log=print) -> tuple[dict, dict]:
+    """A D4RL-layout HDF5 file. Eval env: --eval-env, else the file's env_id attribute, else its name
+    (hopper_medium-v2.hdf5 -> Hopper-v4). Reference returns: --ref-scores, else the file's attributes, else the
+    D4RL family of the eval env."""
+    path = Path(path_text).expanduser()
+    if not path.is_file():
+        raise A2PRError(f"{path}: file not found")
+    rows, fattrs = read_d4rl_hdf5(path)
+    family = _d4rl_family_of(path.name)
+    if args.eval_env:
+        env_id, how = args.eval_env, "--eval-env"
+    elif fattrs.get("env_id"):
+        env_id, how = str(fattrs["env_id"]), "the file's env_id attribute"
+    elif family:
+        env_id, how = D4RL_FAMILIES[family][0], f"the file name ({family})"
+    else:
+        raise A2PRError(f"{path}: cannot tell which env to evaluate in (no env_id attribute, and the name does not "
+                        f"start with {', '.join(D4RL_FAMILIES)}); pass --eval-env ID, e.g. --eval-env Hopper-v4")
+    obs_dim, act_dim = env_dims(env_id, str(path))
+    check_dims(rows, obs_dim, act_dim, str(path), f"the evaluation env {env_id} (from {how})")
+    by_env = {v[0]: v for v in D4RL_FAMILIES.values()}
+    if args.ref_scores:
+        ref = _parse_ref_scores(args.ref_scores, str(path))
+    elif "ref_min_score" in fattrs and "ref_max_score" in fattrs:
+        ref = (float(fattrs["ref_min_score"]), float(fattrs["ref_max_score"]))
+    elif env_id in by_env:
+        ref = by_env[env_id][3:5]
+    else:
+        raise A2PRError(f"{path}: no reference returns for the normalised score (the file has no ref_min_score/"
+                        f"ref_max_score attributes and {env_id} is not a D4RL env); pass --ref-scores MIN,MAX")
+    return rows, dict(env_id=env_id, ref_min_score=ref[0], ref_max_score=ref[1],
+                      source=f"file {path}, evaluated in {env_id} (from {how})")
+
+
+def load_builtin(name: str, args: Args, log=print) -> tuple[dict, dict]:
+    """a2pr's existing built-in path (generate once, then read the cached file)."""
+    seed = args.dataset_seed
+    path = data_dir(args) / f"{name}-seed{seed}-v{BUILTIN_VERSION}.hdf5"
+    if not path.exists():
+        t0 = time.time()
+        rows, attrs = make_builtin_dataset(name, seed)
+        write_d4rl_hdf5(path, rows, attrs)
+        log(f"generated {name} ({len(rows['rewards']):,} rows) in {time.time() - t0:.1f}s -> {path}")
+    rows, attrs = read_d4rl_hdf5(path)
+    return rows, dict(env_id=attrs["env_id"], ref_min_score=float(attrs["ref_min_score"]),
+                      ref_max_score=float(attrs["ref_max_score"]), source=f"built-in, {path}")
+
+
+# --- Minari
+MINARI_ID = re.compile(r"^[\w.-]+(/[\w.-]+)*-v\d+$")
+
+
+def minari_local_path(dataset_id: str) -> Path:
+    """Where minari.load_dataset looks (minari/storage/datasets_root_dir.py), without importing minari."""
+    root = os.environ.get("MINARI_DATASETS_PATH") or Path.home() / ".minari" / "datasets"
+    return Path(root) / dataset_id
+
+
+def flatten_observations(obs, space, where: str) -> np.ndarray:
+    """(T, ...) arrays -> (T, d) float32, in the order gymnasium.spaces.flatten uses (Dict: its key order)."""
+    import gymnasium as gym
+
+    if isinstance(space, gym.spaces.Box):
+        a = np.asarray(obs, dtype=np.float32)
+        return a.reshape(len(a), -1)
+    if isinstance(space, gym.spaces.Dict):
+        return np.concatenate([flatten_observations(obs[k], s, where) for k, s in space.spaces.items()], axis=1)
+    if isinstance(space, gym.spaces.Tuple):
+        return np.concatenate([flatten_observations(o, s, where) for o, s in zip(obs, space.spaces)], axis=1)
+    raise A2PRError(f"{where}: unsupported observation space {type(space).__name__} (a2pr needs Box, or a Dict/"
+                    f"Tuple of Boxes, which it flattens)")
+
+
+def minari_episodes_to_rows(episodes, observation_space, where: str) -> dict[str, np.ndarray]:
+    """Minari episodes (N+1 observations for N steps) -> rows with explicit next_observations. The last step of an
+    episode that is neither terminated nor truncated (data collection stopped) is marked as a time-out, so that
+    every episode's end is visible in terminals | timeouts."""
+    parts: dict[str, list] = {k: [] for k in ("observations", "next_observations", "actions", "rewards",
+                                              "terminals", "timeouts")}
+    for ep in episodes:
+        n = len(ep.rewards)
+        if n == 0:
+            continue
+        obs = flatten_observations(ep.observations, observation_space, where)
+        if len(obs) != n + 1:
+            raise A2PRError(f"{where}: episode {ep.id} has {len(obs)} observations for {n} steps (expected {n + 1})")
+        term = np.asarray(ep.terminations, dtype=bool).reshape(n)
+        trunc = np.asarray(ep.truncations, dtype=bool).reshape(n).copy()
+        trunc[-1] |= not term[-1]
+        parts["observations"].append(obs[:-1])
+        parts["next_observations"].append(obs[1:])
+        parts["actions"].append(np.asarray(ep.actions, dtype=np.float32).reshape(n, -1))
+        parts["rewards"].append(np.asarray(ep.rewards, dtype=np.float32).reshape(n))
+        parts["terminals"].append(term)
+        parts["timeouts"].append(trunc & ~term)
+    if not parts["rewards"]:
+        raise A2PRError(f"{where}: the dataset is empty (no episode with at least one step)")
+    return validate_rows({k: np.concatenate(v) for k, v in parts.items()}, where)
+
+
+def _missing_requirement(requirements) -> str | None:
+    """The first pip requirement (from Minari metadata) whose package is not installed at all."""
+    import importlib.metadata
+
+    from packaging.requirements import InvalidRequirement, Requirement
+
+    for text in requirements or []:
+        try:
+            name = Requirement(text).name
+        except InvalidRequirement:
+            continue
+        for candidate in (name, name.replace("-", "_"), name.replace("_", "-")):
+            try:
+                importlib.metadata.version(candidate)
+                break
+            except importlib.metadata.PackageNotFoundError:
+                continue
+        else:
+            return name
+    return None
+
+
+def _needs_package_error(dataset_id: str, package: str) -> A2PRError:
+    package = "gymnasium-robotics" if package.replace("_", "-") == "gymnasium-robotics" else package
+    return A2PRError(f"Minari dataset {dataset_id} needs the {package} package for its environment: "
+                     f"pip install {package}")
+
+
+def minari_eval_spec(ds, dataset_id: str):
+    """The dataset's evaluation env as an EnvSpec that gymnasium.make accepts again (evaluation makes one env per
+    agent): recover_environment(eval_env=True), plus FlattenObservation for Dict/Tuple observations, then .spec
+    (gymnasium records wrappers in spec.additional_wrappers and re-applies them in make)."""
+    import gymnasium as gym
+
+    missing = _missing_requirement(ds.storage.metadata.get("requirements"))
+    if missing:
+        raise _needs_package_error(dataset_id, missing)
+    try:
+        env = ds.recover_environment(eval_env=True)
+    except ModuleNotFoundError as e:
+        raise _needs_package_error(dataset_id, (e.name or str(e)).split(".")[0]) from None
+    except Exception as e:
+        if "gymnasium_robotics" in str(e):
+            raise _needs_package_error(dataset_id, "gymnasium-robotics") from None
+        raise A2PRError(f"cannot make the evaluation env of Minari dataset {dataset_id} ({type(e).__name__}: {e})") \
+            from None
+    if not isinstance(env.observation_space, gym.spaces.Box):
+        env = gym.wrappers.FlattenObservation(env)
+    spec = env.spec
+    env.close()
+    return spec
+
+
+def load_minari(dataset_id: str, args: Args, log=print) -> tuple[dict, dict]:
+    try:
+        import minari
+    except ImportError:
+        raise A2PRError(f"'{dataset_id}' looks like a Minari dataset id, which needs the minari package: "
+                        f"pip install minari") from None
+    where = f"Minari dataset {dataset_id}"
+    try:
+        ds = minari.load_dataset(dataset_id, download=False)
+    except FileNotFoundError:
+        log(f"downloading Minari dataset {dataset_id} -> {minari_local_path(dataset_id)}")
+        old = socket.getdefaulttimeout()
+        socket.setdefaulttimeout(args.download_timeout)
+        try:
+            ds = minari.load_dataset(dataset_id, download=True)
+        except Exception as e:
+            raise A2PRError(f"cannot download {where} ({type(e).__name__}: {e}); check the id (minari list remote) "
+                            f"and your connection, or put it under {minari_local_path(dataset_id)} "
+                            f"(MINARI_DATASETS_PATH), {_offline_hint()}") from None
+        finally:
+            socket.setdefaulttimeout(old)
+    except Exception as e:  # unsupported version, corrupt metadata
+        raise A2PRError(f"cannot load {where} ({type(e).__name__}: {e})") from None
+    meta = ds.storage.metadata
+    import gymnasium as gym
+
+    if not isinstance(ds.action_space, gym.spaces.Box):
+        raise A2PRError(f"{where}: a2pr needs continuous (Box) actions, the dataset has {ds.action_space}")
+    try:
+        rows = minari_episodes_to_rows(ds.iterate_episodes(), ds.observation_space, where)
+    except A2PRError:
+        raise
+    except Exception as e:  # a truncated or corrupt data file
+        raise A2PRError(f"{where}: cannot read its data at {ds.storage.data_path} ({type(e).__name__}: {e}); "
+                        f"delete that folder and download it again") from None
+    spec = minari_eval_spec(ds, dataset_id)
+    if args.ref_scores:
+        ref = _parse_ref_scores(args.ref_scores, where)
+    elif meta.get("ref_min_score") is not None and meta.get("ref_max_score") is not None:
+        ref = (float(meta["ref_min_score"]), float(meta["ref_max_score"]))
+    else:
+        raise A2PRError(f"{where} has no ref_min_score/ref_max_score in its metadata, so its normalised score is "
+                        f"undefined; pass --ref-scores MIN,MAX")
+    obs_dim, act_dim = env_dims(spec, where)
+    check_dims(rows, obs_dim, act_dim, where, f"its evaluation env {spec.id}")
+    attrs = dict(env_id=spec, ref_min_score=ref[0], ref_max_score=ref[1],
+                 source=f"Minari {dataset_id} ({len(rows['rewards']):,} steps), {ds.storage.data_path}")
+    if dataset_id.startswith("mujoco/"):
+        attrs["notice"] = MINARI_MUJOCO_NOTICE
+    return rows, attrs
+
+
+# --- Mixes
+def parse_mix(text: str) -> tuple[str, float]:
+    """'hopper-expert-v2:0.01' -> ('hopper-expert-v2', 0.01). The name is anything --env accepts; the fraction is
+    the share of the mixed data's transitions that come from it, 0 < f < 1 ('1%' also accepted)."""
+    name, sep, frac = str(text).rpartition(":")
+    try:
+        f = float(frac[:-1]) / 100 if frac.endswith("%") else float(frac)
+    except ValueError:
+        f = float("nan")
+    if not sep or not name or not (0.0 < f < 1.0):
+        raise A2PRError(f"--mix must be NAME:FRACTION with 0 < FRACTION < 1, e.g. hopper-expert-v2:0.01, got {text!r}")
+    return name, f
+
+
+def sample_episodes(rows: dict, target: int, rng: np.random.Generator) -> tuple[np.ndarray, int]:
+    """Row indices of whole episodes drawn uniformly with replacement until they hold >= target rows (the last
+    one is kept whole, so the overshoot is under one episode); returns (indices, number of episodes)."""
+    bounds = episode_bounds(rows)
+    chosen, count = [], 0
+    while count < target:
+        s, e = bounds[rng.integers(len(bounds))]
+        chosen.append(np.arange(s, e))
+        count += e - s
+    return (np.concatenate(chosen) if chosen else np.zeros(0, dtype=np.int64)), len(chosen)
+
+
+def mix_rows(base: dict, good: dict, fraction: float, seed: int) -> tuple[dict, dict]:
+    """Trajectory-wise mix as in the paper's low-quality-data experiments: T = len(good) rows in total (the good
+    dataset's size); round(fraction * T) rows (half up, at least one episode) drawn as whole episodes of `good`,
+    the rest as whole episodes of `base`, both with replacement, reproducible from `seed`. Base episodes first."""
+    if set(base) != set(good):
+        raise A2PRError("--mix: the two sources have different layouts (one has explicit next observations, e.g. "
+                        "Minari, the other not); mix sources of the same kind")
+    base, good = _close_episodes(base), _close_episodes(good)
+    total = len(good["rewards"])
+    n_good = max(1, math.floor(fraction * total + 0.5))
+    rng = np.random.default_rng([seed, 2024])
+    idx_base, k_base = sample_episodes(base, total - n_good, rng)
+    idx_good, k_good = sample_episodes(good, n_good, rng)
+    rows = {k: np.concatenate([base[k][idx_base], good[k][idx_good]]) for k in base}
+    info = dict(total_target=total, good_target=n_good, good_rows=len(idx_good), base_rows=len(idx_base),
+                good_episodes=k_good, base_episodes=k_base)
+    return rows, info
+
+
+# --- One entry point for every source
+def source_kind(name: str) -> str:
+    """builtin | d4rl | file | minari, or raise the unknown-name error."""
+    if name in BUILTIN_DATASETS:
+        return "builtin"
+    if name in D4RL_DATASETS:
+        return "d4rl"
+    if name.lower().endswith((".hdf5", ".h5")) or os.path.isfile(name):
+        return "file"
+    if ("/" in name and MINARI_ID.match(name)) or (minari_local_path(name) / "data").is_dir():
+        return "minari"
+    raise unknown_name_error(name)
+
+
+def unknown_name_error(name: str) -> A2PRError:
+    known = list(BUILTIN_DATASETS) + list(D4RL_DATASETS)
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+    return A2PRError(f"unknown dataset '{name}'" + (f"; closest: {', '.join(close)}" if close else "")
+                     + "; --env takes a D4RL name (hopper-medium-v2), a Minari id (mujoco/hopper/medium-v0), "
+                     f"a .hdf5 file, or a built-in dataset (offline): {', '.join(BUILTIN_DATASETS)}")
+
+
+LOADERS = dict(builtin=load_builtin, d4rl=load_d4rl, file=load_local_file, minari=load_minari)
+
+
+def load_one(name: str, args: Args, log=print) -> tuple[dict, dict]:
+    kind = source_kind(name)
+    rows, attrs = LOADERS[kind](name, args, log)
+    attrs["kind"] = kind
+    if "notice" in attrs:
+        log(f"NOTICE: {attrs['notice']}")
+    return rows, attrs
+
+
+def load_rows(env_name: str, args: Args, log=print) -> tuple[dict[str, np.ndarray], dict]:
+    """--env (and --mix) -> (rows, attrs). rows: D4RL row layout (+ next_observations for Minari); attrs: env_id
+    (gymnasium id or EnvSpec), ref_min_score, ref_max_score, source, kind, optionally notice and mix."""
+    register_a2pr_envs()
+    rows, attrs = load_one(env_name, args, log)
+    mix = args.mix
+    if mix:
+        good_name, fraction = parse_mix(mix)
+        try:
+            good, gattrs = load_one(good_name, args, log)
+        except A2PRError as e:
+            raise A2PRError(f"--mix {mix}: {e}") from None
+        if env_label(gattrs["env_id"]) != env_label(attrs["env_id"]) or \
+                good["observations"].shape[1] != rows["observations"].shape[1] or \
+                good["actions"].shape[1] != rows["actions"].shape[1]:
+            raise A2PRError(f"--mix: {good_name} is for {env_label(gattrs['env_id'])} "
+                            f"(obs {good['observations'].shape[1]}, act {good['actions'].shape[1]}) but {env_name} "
+                            f"is for {env_label(attrs['env_id'])} (obs {rows['observations'].shape[1]}, act "
+                            f"{rows['actions'].shape[1]}); mix two datasets of the same env")
+        seed = args.dataset_seed
+        rows, info = mix_rows(rows, good, fraction, seed)
+        attrs = dict(attrs, mix=info, source=(
+            f"mix of {env_name} ({info['base_rows']:,} rows, {info['base_episodes']} episodes) and {good_name} "
+            f"({info['good_rows']:,} rows, {info['good_episodes']} episodes; target {fraction:g} of "
+            f"{info['total_target']:,}), dataset seed {seed}"))
+    return validate_rows(rows, env_name), attrs
+
+
+def load_dataset(args: Args, log=print) -> Dataset:
+    """--env (and --mix) -> transitions and what evaluation needs: the single path for every source."""
+    rows, attrs = load_rows(args.env, args, log)
+    env_id = attrs["env_id"]
+    _, space = env_spaces(env_id, args.env)
+    tr = rows_to_transitions(rows)
+    if len(tr["rewards"]) == 0:
+        raise A2PRError(f"{args.env}: no usable transitions (every row is a time-out)")
+    return Dataset(name=args.env + (f" + {args.mix}" if args.mix else ""), env_id=env_id, **tr,
+                   ref_min_score=float(attrs["ref_min_score"]), ref_max_score=float(attrs["ref_max_score"]),
+                   episode_returns=episode_returns(rows), action_low=space.low.astype(np.float32),
+                   action_high=space.high.astype(np.float32), source=attrs["source"], notice=attrs.get("notice", ""))
+
+
+# ================================================================================================================
+# Appendix B. Speed paths: the same update run eagerly, through torch.compile, or replayed as CUDA graphs
+# (Updater), and the benchmarks that time them. Not needed to understand A2PR: every path computes update() above.
+# ================================================================================================================
+class Updater:
+    """Sample a batch and run one update, in one of three equivalent ways: eagerly (default), through
+    torch.compile (--compile), or by replaying CUDA graphs of the whole update (--cuda-graphs: one graph for critic
+    steps and one for actor steps, captured after a few eager warm-up steps). Sampling and noise stay outside the
+    graph, on the device, drawn from the per-seed generators exactly as the eager path draws them."""
+
+    WARMUP = 4  # eager steps before capture: cuBLAS handles and Adam's state must exist before a graph is recorded
+
+    def __init__(self, agent: Agent, opt: Optimizers, data: DeviceData, gens: list[torch.Generator], a: Args):
+        self.agent, self.opt, self.data, self.gens, self.a = agent, opt, data, gens, a
+        self.core = torch.compile(update_core) if a.compile else update_core
+        self.graphs: dict[bool, tuple] = {}
+        self.eager_steps = 0
+
+    def __call__(self, step: int) -> dict:
+        a = self.a
+        actor_turn = step % a.policy_freq == 0
+        batch = sample_batch(self.data, a.batch_size, self.gens)
+        noise = draw_noise(self.gens, batch, self.agent.vae.latent_dim, actor_turn)
+        if not a.cuda_graphs:
+            return self.core(self.agent, self.opt, batch, noise, actor_turn, a)
+        if actor_turn not in self.graphs and self.eager_steps < self.WARMUP:
+            self.eager_steps += 1
+            return self._on_side_stream(batch, noise, actor_turn)
+        if actor_turn not in self.graphs:
+            self.graphs[actor_turn] = self._capture(batch, noise, actor_turn)
+        graph, static_batch, static_noise, out = self.graphs[actor_turn]
+        for dst, src in zip(static_batch, batch):
+            dst.copy_(src)
+        for k in static_noise:
+            static_noise[k].copy_(noise[k])
+        graph.replay()
+        return {k: v.clone() for k, v in out.items()}  # the graph's outputs are overwritten by the next replay
+
+    def _on_side_stream(self, batch, noise, actor_turn):
+        """Warm-up steps are real training steps, run on a side stream as CUDA graph capture requires."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            out = self.core(self.agent, self.opt, batch, noise, actor_turn, self.a)
+        torch.cuda.current_stream().wait_stream(side)
+        return out
+
+    def _capture(self, batch, noise, actor_turn):
+        static_batch = tuple(x.clone() for x in batch)
+        static_noise = {k: v.clone() for k, v in noise.items()}
+        for o in self.opt.all().values():
+            o.zero_grad(set_to_none=True)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):  # records, does not run: the caller replays it for this very step
+                out = self.core(self.agent, self.opt, static_batch, static_noise, actor_turn, self.a)
+        except RuntimeError as e:  # nothing was applied (capture only records), so the last checkpoint is valid
+            raise A2PRError(f"CUDA graph capture of the {'actor' if actor_turn else 'critic'} step failed "
+                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); run without "
+                            "--cuda-graphs (the eager --cuda path computes the same update)") from None
+        return graph, static_batch, static_noise, out
+
+
 def _sync(device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -2034,9 +1761,260 @@ def benchmark_data(args: Args) -> dict:
                 total_s=round(t3 - t0, 3))
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Command line
-# ----------------------------------------------------------------------------------------------------------------
+# ================================================================================================================
+# Appendix C. Run files: atomic writes, checkpoints, the metrics CSV, the learning-curve plot, TensorBoard and
+# wandb, and loading a finished run or its policy. Not needed to understand A2PR: they record what train() does.
+# ================================================================================================================
+def _umask() -> int:
+    """The process umask (reading it means setting it: set it straight back). Read when a file is written, not at
+    import time, so importing a2pr changes nothing in the importing process."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call write(tmp_path), then rename over `path` (rename is atomic on POSIX and Windows)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; results get the user's usual permissions
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+METRICS = ["critic", "value", "vae", "q", "vae_weight_fraction", "actor", "bc", "gate_fraction", "vae_target_fraction"]
+
+
+LOSS_NAMES = ("critic", "value", "vae", "actor", "bc")
+
+
+ACTOR_METRICS = ("actor", "bc", "gate_fraction", "vae_target_fraction")  # measured on actor steps only
+
+
+CSV_COLUMNS = (["step", "time_s"] + [f"losses/{m}" for m in ("critic", "value", "vae", "actor", "bc")]
+               + ["charts/q_mean", "charts/vae_weight_fraction", "charts/gate_fraction", "charts/vae_target_fraction",
+                  "charts/SPS",
+                  "eval/return_mean", "eval/normalized_score_mean", "eval/normalized_score_std"])
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    def w(tmp):
+        with open(tmp, "w", newline="") as f:
+            wr = csv.DictWriter(f, fieldnames=CSV_COLUMNS + sorted({k for r in rows for k in r} - set(CSV_COLUMNS)))
+            wr.writeheader()
+            wr.writerows(rows)
+    atomic_write(path, w)
+
+
+def plot_curves(path: Path, history: list[dict], dataset_score: float, title: str) -> None:
+    from matplotlib.figure import Figure  # no pyplot: a run never changes a notebook's plotting backend
+
+    ev = [r for r in history if r.get("eval/normalized_score_mean") not in (None, "")]
+    tr = [r for r in history if r.get("charts/gate_fraction") not in (None, "")]
+    fig = Figure(figsize=(11, 3.8))
+    ax1, ax2 = fig.subplots(1, 2)
+    seed_cols = sorted(k for k in (ev[0] if ev else {}) if k.startswith("eval/normalized_score_seed"))
+    for c in seed_cols:
+        ax1.plot([r["step"] for r in ev], [r[c] for r in ev], lw=0.8, alpha=0.5)
+    ax1.plot([r["step"] for r in ev], [r["eval/normalized_score_mean"] for r in ev], lw=2, label="A2PR")
+    ax1.axhline(dataset_score, ls="--", c="gray", label="dataset average")
+    ax1.set(xlabel="gradient step", ylabel="normalised score", title=title)
+    ax1.legend()
+    ax2.plot([r["step"] for r in tr], [r["charts/gate_fraction"] for r in tr], label="gate on (constrained)")
+    ax2.plot([r["step"] for r in tr], [r["charts/vae_target_fraction"] for r in tr], label="target from VAE")
+    ax2.set(xlabel="gradient step", ylabel="fraction of states", ylim=(-0.02, 1.02), title="advantage selection")
+    ax2.legend()
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+
+
+def history_last_score(history: list[dict]) -> float:
+    scores = [r["eval/normalized_score_mean"] for r in history if "eval/normalized_score_mean" in r]
+    return scores[-1] if scores else float("nan")
+
+
+def _finite_or_none(x):
+    return float(x) if np.isfinite(x) else None
+
+
+def _fmt_time(s: float) -> str:
+    s = int(max(s, 0))
+    return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+class _StopFlag:
+    """Ctrl-C sets a flag that the loop checks between updates, so the checkpoint is never taken mid-update.
+    A second Ctrl-C interrupts at once."""
+
+    def __init__(self):
+        self.set, self._old = False, None
+
+    def __enter__(self):
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, *_):
+        if self.set:
+            raise KeyboardInterrupt
+        self.set = True
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+
+def load_run(run_dir: str | Path, device="cpu") -> dict:
+    """What a run left in its checkpoint, rebuilt: settings, networks, optimisers and random streams (ready to
+    continue), the state normalisation, the evaluation env and the metrics history."""
+    ckpt = _load_checkpoint(Path(run_dir))
+    args = args_from_checkpoint(ckpt)
+    agent, opt, gens = build_learner(args, len(ckpt["obs_mean"]), len(ckpt["action_low"]), device, ckpt)
+    keys = ("step", "obs_mean", "obs_std", "action_low", "action_high", "env_id", "history", "ref_scores")
+    return dict(args=args, agent=agent, opt=opt, gens=gens, **{k: ckpt.get(k) for k in keys})
+
+
+def load_policy(run_dir: str | Path, device="cpu", seed_index: int = 0):
+    """The trained policy of a run as a function: raw env observation -> env action (normalisation included)."""
+    run = load_run(run_dir, device)
+    actor, k = run["agent"].actor, run["args"].num_seeds
+    mean, std, low, high = run["obs_mean"], run["obs_std"], run["action_low"], run["action_high"]
+
+    @torch.no_grad()
+    def policy(obs: np.ndarray) -> np.ndarray:
+        x = torch.as_tensor((np.asarray(obs, np.float32) - mean) / std, device=device)
+        x = x.reshape(1, -1, len(mean)).expand(k, -1, -1)
+        return to_env_actions(actor(x)[seed_index].cpu().numpy(), low, high).reshape(*np.shape(obs)[:-1], len(low))
+
+    return policy
+
+
+def args_from_checkpoint(ckpt: dict) -> Args:
+    """The run's settings; keys this version does not know (a newer a2pr) are reported, not a crash."""
+    known = {f.name for f in dataclasses.fields(Args)}
+    unknown = sorted(set(ckpt["args"]) - known)
+    if unknown:
+        print(f"note: ignoring checkpoint settings this a2pr.py does not know: {', '.join(unknown)}", file=sys.stderr)
+    return Args(**{k: v for k, v in ckpt["args"].items() if k in known})
+
+
+def _load_checkpoint(run_dir: Path) -> dict:
+    path = run_dir / "checkpoint.pt"
+    if not path.exists():
+        raise A2PRError(f"--resume {run_dir}: no checkpoint.pt there; give the folder of a run that saved one")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # a truncated or foreign file
+        raise A2PRError(f"{path}: cannot be read as an a2pr checkpoint ({type(e).__name__}: {e})") from None
+    needed = {"args", "agent", "optimizers", "rng", "step", "obs_mean", "obs_std", "history"}
+    if not isinstance(ckpt, dict) or not needed <= ckpt.keys():
+        raise A2PRError(f"{path}: not an a2pr checkpoint (it lacks {sorted(needed - set(ckpt or {}))})")
+    return ckpt
+
+
+def _check_trackers(a: Args) -> None:
+    import importlib.util
+
+    if a.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise A2PRError("--tensorboard needs the tensorboard package: pip install tensorboard")
+    if a.wandb and importlib.util.find_spec("wandb") is None:
+        raise A2PRError("--wandb needs the wandb package: pip install wandb")
+
+
+def _open_trackers(a: Args, run_dir: Path) -> list[tuple]:
+    """Optional TensorBoard / wandb sinks, each a (log(row), close()) pair."""
+    sinks = []
+    if a.tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+
+        tb = SummaryWriter(str(run_dir / "tensorboard"))
+        sinks.append((lambda row: [tb.add_scalar(k, v, row["step"]) for k, v in row.items() if k != "step"],
+                      tb.close))
+    if a.wandb:
+        import wandb
+
+        run = wandb.init(project=a.wandb_project, name=run_dir.name, config=dataclasses.asdict(a), resume="allow")
+        sinks.append((lambda row: run.log({k: v for k, v in row.items() if k != "step"}, step=row["step"]),
+                      run.finish))
+    return sinks
+
+
+# ================================================================================================================
+# Appendix D. The theory on finite MDPs (spec, "What the theory promises"): augmented_behaviour_policy builds the
+# paper's augmented behaviour policy with prefer_generated exactly as select_bc_target does above. Exact float64
+# linear solves, no sampling, so the theorems (improvement, robustness, bounded gap) are tested exactly. Shapes: P
+# (S, A, S) with P[s, a, s'] the transition probability, R (S, A), a policy (S, A) with rows on the simplex, rho
+# (S,) the initial distribution. Not needed to run A2PR: it is what the tests check the selection rule against.
+# ================================================================================================================
+def augmented_behaviour_policy(beta, gen, adv, eps_a: float = 0.0,
+                               prefer: typing.Callable = prefer_generated) -> np.ndarray:
+    """The augmented behaviour policy pi~(a|s), exactly, from beta (S, A), generator gen (S, A) and advantages adv.
+
+    Draw a_D ~ beta(.|s) and a_G ~ gen(.|s) independently; keep a_G if prefer(adv[s, a_G], adv[s, a_D]), else a_D;
+    if the kept action's advantage is not > eps_a, fall back to a_D. pi~(a|s) sums the probability
+    beta(a_D|s) gen(a_G|s) of every pair (a_D, a_G) whose outcome is a. `prefer` exists for negative controls only.
+    Where the deep update differs: when neither candidate clears eps_A, the theory plays a_D while the deep gate
+    drops the constraint (the policy is free there), and A_vae == eps_A counts as "on" in the deep gate.
+    """
+    beta, gen, adv = (np.asarray(x, dtype=np.float64) for x in (beta, gen, adv))
+    pair = beta[:, :, None] * gen[:, None, :]                # (S, a_D, a_G): probability of drawing the pair
+    adv_d, adv_g = adv[:, :, None], adv[:, None, :]
+    # Keeping a_D and falling back both give a_D, so a_G is played exactly when it is kept and clears eps_a.
+    play_gen = prefer(adv_g, adv_d) & (adv_g > eps_a)
+    return (pair * play_gen).sum(1) + (pair * ~play_gen).sum(2)
+
+
+def policy_transition_matrix(P, pi) -> np.ndarray:
+    """P_pi[s, s'] = sum_a pi(a|s) P[s, a, s'], the state-to-state chain that pi induces."""
+    return np.einsum("sa,sat->st", np.asarray(pi, dtype=np.float64), np.asarray(P, dtype=np.float64))
+
+
+def policy_evaluation(P, R, pi, gamma: float) -> tuple[np.ndarray, np.ndarray]:
+    """(V, Q) of pi: V solves (I - gamma P_pi) V = R_pi with R_pi(s) = sum_a pi(a|s) R(s, a); Q = R + gamma P V."""
+    R = np.asarray(R, dtype=np.float64)
+    R_pi = (np.asarray(pi, dtype=np.float64) * R).sum(1)
+    V = np.linalg.solve(np.eye(len(R_pi)) - gamma * policy_transition_matrix(P, pi), R_pi)
+    Q = R + gamma * np.asarray(P, dtype=np.float64) @ V
+    return V, Q
+
+
+def advantage(P, R, pi, gamma: float) -> np.ndarray:
+    """A^pi(s, a) = Q^pi(s, a) - V^pi(s), defined for every action, including those pi never takes."""
+    V, Q = policy_evaluation(P, R, pi, gamma)
+    return Q - V[:, None]
+
+
+def performance(P, R, pi, gamma: float, rho) -> float:
+    """J(pi) = rho . V^pi, the expected discounted return from the initial distribution."""
+    return float(np.asarray(rho, dtype=np.float64) @ policy_evaluation(P, R, pi, gamma)[0])
+
+
+def discounted_state_distribution(P, pi, gamma: float, rho) -> np.ndarray:
+    """d^pi = (1 - gamma) rho^T (I - gamma P_pi)^-1; it sums to 1 because P_pi's rows do."""
+    P_pi = policy_transition_matrix(P, pi)
+    # Solve the transposed system rather than inverting: d^T (I - gamma P_pi) = (1 - gamma) rho^T.
+    x = np.linalg.solve((np.eye(len(P_pi)) - gamma * P_pi).T, np.asarray(rho, dtype=np.float64))
+    return (1.0 - gamma) * x
+
+
+def total_variation(p, q) -> np.ndarray:
+    """TV(p(.|s), q(.|s)) = 0.5 sum_a |p(a|s) - q(a|s)|, one value per state (last axis = actions)."""
+    return 0.5 * np.abs(np.asarray(p, dtype=np.float64) - np.asarray(q, dtype=np.float64)).sum(-1)
+
+
+# ================================================================================================================
+# Appendix E. The command line: the parser built from Args, preset resolution and validation (one clear line per
+# mistake, before any work). Not needed to understand A2PR: train(args) takes an Args however it was made.
+# ================================================================================================================
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, not a usage dump
         self.exit(2, f"a2pr.py: error: {message} (see python a2pr.py --help)\n")
@@ -2068,20 +2046,68 @@ def parse_args(argv=None) -> Args:
     return Args(**vars(build_parser().parse_args(argv)))
 
 
-def main(argv=None) -> int:
-    try:
-        args = parse_args(argv)
-        if args.benchmark:
-            print(json.dumps((benchmark_update if args.benchmark == "update" else benchmark_data)(args)))
+def auto_preset(env: str) -> str:
+    if env in D4RL_PRESETS:
+        return env
+    if env.startswith("pendulum-"):
+        return "pendulum-cpu"
+    return "spec"
+
+
+def resolve_args(args: Args) -> tuple[Args, dict[str, str]]:
+    """Fill the preset-controlled fields left as None: explicit value > preset > spec default."""
+    preset = auto_preset(args.env) if args.preset == "auto" else args.preset
+    if preset not in PRESETS:
+        close = difflib.get_close_matches(preset, PRESETS, n=3)
+        raise A2PRError(f"unknown preset '{preset}'; known: auto, {', '.join(PRESETS)}"
+                        + (f" (did you mean {', '.join(close)}?)" if close else ""))
+    out, source = dataclasses.replace(args, preset=preset), {}
+    for name, default in SPEC_DEFAULTS.items():
+        if getattr(args, name) is not None:
+            source[name] = "flag"
+        elif name in PRESETS[preset]:
+            setattr(out, name, PRESETS[preset][name])
+            source[name] = f"preset {preset}"
         else:
-            train(args)
-    except A2PRError as e:
-        print(f"a2pr.py: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("a2pr.py: interrupted", file=sys.stderr)
-        return 130
-    return 0
+            setattr(out, name, default)
+            source[name] = "spec default"
+    if out.save_freq is None:
+        out.save_freq = out.eval_freq
+    validate_args(out)
+    return out, source
+
+
+def validate_args(a: Args) -> None:
+    """One clear line per mistake, before any work is done."""
+    positive = ["total_steps", "batch_size", "num_seeds", "policy_freq", "actor_hidden", "actor_layers",
+                "critic_hidden", "critic_layers", "value_hidden", "value_layers", "vae_hidden", "vae_layers",
+                "eval_freq", "eval_episodes", "log_freq", "save_freq", "bench_steps", "bench_repeats"]
+    for name in positive:
+        v = getattr(a, name)
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            raise A2PRError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
+    for name in ["actor_lr", "critic_lr", "value_lr", "vae_lr", "alpha"]:
+        v = getattr(a, name)
+        if not (math.isfinite(v) and v > 0):
+            raise A2PRError(f"--{name.replace('_', '-')} must be a positive number, got {v!r}")
+    for name in ["bc_weight", "vae_weight", "policy_noise", "noise_clip", "eval_obs_noise"]:
+        v = getattr(a, name)
+        if not (math.isfinite(v) and v >= 0):
+            raise A2PRError(f"--{name.replace('_', '-')} must be a number >= 0, got {v!r}")
+    if not (0.0 <= a.discount < 1.0):
+        raise A2PRError(f"--discount must be in [0, 1), got {a.discount!r}")
+    if not (0.0 < a.tau <= 1.0):
+        raise A2PRError(f"--tau must be in (0, 1], got {a.tau!r}")
+    if not (math.isfinite(a.download_timeout) and a.download_timeout > 0):
+        raise A2PRError(f"--download-timeout must be a positive number of seconds, got {a.download_timeout!r}")
+    if not math.isfinite(a.eps_a):
+        raise A2PRError(f"--eps-a must be a finite number, got {a.eps_a!r}")
+    if a.compile and a.cuda_graphs:  # each is checked against eager on its own; together they are not yet verified
+        raise A2PRError("use --compile or --cuda-graphs, not both (the combination is not verified yet)")
+    if a.bc_target not in ("select", "data", "vae"):
+        raise A2PRError(f"--bc-target must be select, data or vae, got {a.bc_target!r}")
+    if a.gate not in ("adaptive", "always"):
+        raise A2PRError(f"--gate must be adaptive or always, got {a.gate!r}")
 
 
 if __name__ == "__main__":
