@@ -9,7 +9,27 @@ good and frees the policy where it is not. Algorithm contract: A2PR_SPEC.md (its
 
     python a2pr.py                                   # built-in Pendulum dataset, CPU, a few minutes
     python a2pr.py --env hopper-medium-v2 --cuda     # D4RL data and the published per-task preset
-"""
+
+Reading map (line: what). Everything above main() is A2PR; below it, appendices a reader may skip:
+     73  Args:             Args and the published per-task presets (spec: defaults and presets)
+    189  EnsembleLinear:   networks: Actor, TwinCritic, ValueNet, VAE, in the (K, B, .) ensemble layout
+    305  td_target:        losses, one pure function per spec step
+    350  select_bc_target: advantage selection and the adaptive gate (spec 4)
+    399  critic_step:      spec 1: critics, TD3 target with policy smoothing
+    412  q1_data_and_y2:   spec 2: y2 from the just-updated online critics
+    421  value_step:       spec 2: V towards min(y, y2)
+    429  vae_step:         spec 3: advantage-weighted VAE
+    455  actor_step:       spec 4: actor, then the soft target updates
+    483  update_core:      one gradient step: spec 1-4 in order
+    527  Dataset:          the data as the networks see it: normalisation, action scaling, device batches
+    624  evaluate:         deterministic evaluation, D4RL normalised score
+    793  train:            train(args) -> summary: setup, then the loop
+    865  main:             the command line's entry point
+    882  Appendix A:       data sources: built-in, D4RL, HDF5, downloads, Minari, mixes
+   1638  Appendix B:       speed paths: Updater, torch.compile, CUDA graphs, benchmarks
+   1807  Appendix C:       run files: checkpoints, CSV, plot, trackers, load_run, load_policy
+   2031  Appendix D:       the theory on finite MDPs
+   2094  Appendix E:       the command line: parser, presets, validation
 
 from __future__ import annotations
 
@@ -252,13 +272,13 @@ class VAE(nn.Module):
 class Agent(nn.Module):
     """All networks of K agents; target copies for the actor and critics only (spec)."""
 
-    def __init__(self, seeds: list[int], obs_dim: int, act_dim: int, a: Args):
+    def __init__(self, seeds: list[int], obs_dim: int, act_dim: int, args: Args):
         super().__init__()
         k = len(seeds)
-        self.actor = Actor(k, obs_dim, act_dim, a.actor_hidden, a.actor_layers)
-        self.critic = TwinCritic(k, obs_dim, act_dim, a.critic_hidden, a.critic_layers)
-        self.value = ValueNet(k, obs_dim, a.value_hidden, a.value_layers)
-        self.vae = VAE(k, obs_dim, act_dim, a.vae_hidden, a.vae_layers)
+        self.actor = Actor(k, obs_dim, act_dim, args.actor_hidden, args.actor_layers)
+        self.critic = TwinCritic(k, obs_dim, act_dim, args.critic_hidden, args.critic_layers)
+        self.value = ValueNet(k, obs_dim, args.value_hidden, args.value_layers)
+        self.vae = VAE(k, obs_dim, act_dim, args.vae_hidden, args.vae_layers)
         init_ensemble(self, seeds)
         self.actor_target = copy.deepcopy(self.actor).requires_grad_(False)
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
@@ -349,16 +369,16 @@ def select_bc_target(adv_vae, adv_data, vae_action, data_action, bc_weight: floa
 # One gradient step: spec 1-4 in order, one function per step, then update().
 # ----------------------------------------------------------------------------------------------------------------
 class Optimizers:
-    def __init__(self, agent: Agent, a: Args):
+    def __init__(self, agent: Agent, args: Args):
         def adam(module, lr):
             # fused Adam is one kernel per step on CPU and CUDA; capturable keeps its step counter on the GPU so
             # that a CUDA graph can replay it
-            return torch.optim.Adam(module.parameters(), lr=lr, fused=True, capturable=a.cuda_graphs)
+            return torch.optim.Adam(module.parameters(), lr=lr, fused=True, capturable=args.cuda_graphs)
 
-        self.critic = adam(agent.critic, a.critic_lr)
-        self.value = adam(agent.value, a.value_lr)
-        self.vae = adam(agent.vae, a.vae_lr)
-        self.actor = adam(agent.actor, a.actor_lr)
+        self.critic = adam(agent.critic, args.critic_lr)
+        self.value = adam(agent.value, args.value_lr)
+        self.vae = adam(agent.vae, args.vae_lr)
+        self.actor = adam(agent.actor, args.actor_lr)
 
     def all(self) -> dict[str, torch.optim.Optimizer]:
         return dict(critic=self.critic, value=self.value, vae=self.vae, actor=self.actor)
@@ -376,36 +396,46 @@ def _step(opt: torch.optim.Optimizer, loss: torch.Tensor, params=None) -> None:
     opt.step()
 
 
-def critic_step(agent: Agent, opt: Optimizers, s, act, r, s2, d, smoothing_noise, a: Args):
+def critic_step(agent: Agent, opt: Optimizers, s, a, r, s2, d, smoothing_noise, args: Args):
     """Spec 1: TD3 target with clipped policy-smoothing noise (max action = 1 in the networks' units), one Adam
     step on both critics. Returns (y, a', per-seed loss)."""
     with torch.no_grad():
-        noise = (smoothing_noise * a.policy_noise).clamp(-a.noise_clip, a.noise_clip)
-        a2 = (agent.actor_target(s2) + noise).clamp(-1.0, 1.0)
-        y = td_target(agent.critic_target, r, s2, a2, d, a.discount)
-    loss = critic_loss(agent.critic, s, act, y)
+        eps = (smoothing_noise * args.policy_noise).clamp(-args.noise_clip, args.noise_clip)
+        a2 = (agent.actor_target(s2) + eps).clamp(-1.0, 1.0)
+        y = td_target(agent.critic_target, r, s2, a2, d, args.discount)
+    loss = critic_loss(agent.critic, s, a, y)
     _step(opt.critic, loss.sum())
     return y, a2, loss.detach()
 
 
+@torch.no_grad()
+def q1_data_and_y2(critic: TwinCritic, s, a, r, s2, a2, d, discount: float):
+    """Q1(s, a) (spec 3 and 4) and y2 = td_target(critic, r, s', a', d) (spec 2), both from the just-updated online
+    critics. Literally these are critic.q1(s, a) and td_target(critic, ...); one forward over the stacked batch
+    [s; s'] gives both for the price of one (a test checks it equals the literal form)."""
+    n = s.shape[1]
+    q1, q2 = critic(torch.cat([s, s2], 1), torch.cat([a, a2], 1))
+    return q1[:, :n], r + discount * (1.0 - d) * torch.min(q1[:, n:], q2[:, n:])
+
+
 def value_step(agent: Agent, opt: Optimizers, s, y, y2):
     """Spec 2: V(s) is evaluated once, before its own step; that value v is reused by spec 3 and 4."""
-    v_pred = agent.value(s)
-    loss = value_loss(v_pred, y, y2)
+    v = agent.value(s)
+    loss = value_loss(v, y, y2)
     _step(opt.value, loss.sum())
-    return v_pred.detach(), loss.detach()
+    return v.detach(), loss.detach()
 
 
-def vae_step(agent: Agent, opt: Optimizers, s, act, q1_data, v, latent_noise, a: Args):
+def vae_step(agent: Agent, opt: Optimizers, s, a, q1_data, v, latent_noise, args: Args):
     """Spec 3: the VAE reconstructs dataset actions only where Q1(s,a) > V(s)."""
-    w = vae_sample_weight(q1_data, v, a.vae_weight)
-    recon, mean, log_std = agent.vae(s, act, latent_noise)
-    loss = vae_loss(recon, act, mean, log_std, w)
+    w = vae_sample_weight(q1_data, v, args.vae_weight)
+    recon, mean, log_std = agent.vae(s, a, latent_noise)
+    loss = vae_loss(recon, a, mean, log_std, w)
     _step(opt.vae, loss.sum())
     return w, loss.detach()
 
 
-def actor_objective(agent: Agent, s, act, q1_data, v, latent_noise, a: Args):
+def actor_objective(agent: Agent, s, a, q1_data, v, latent_noise, args: Args):
     """Spec 4: the actor loss with advantage selection and the adaptive gate. Returns (per-seed loss, parts)."""
     pi = agent.actor(s)
     q_pi = agent.critic.q1(s, pi)
@@ -415,18 +445,18 @@ def actor_objective(agent: Agent, s, act, q1_data, v, latent_noise, a: Args):
     with torch.no_grad():  # the advantages only choose; no gradient flows through the choice
         adv_vae = agent.critic.q1(s, p_hat) - v
         adv_data = q1_data - v
-    target, gate, use_vae = select_bc_target(adv_vae, adv_data, p_hat, act, a.bc_weight, a.eps_a, a.bc_target,
-                                             a.gate)
-    loss, bc = actor_loss(q_pi, pi, target, gate, a.alpha)
+    target, gate, use_vae = select_bc_target(adv_vae, adv_data, p_hat, a, args.bc_weight, args.eps_a,
+                                             args.bc_target, args.gate)
+    loss, bc = actor_loss(q_pi, pi, target, gate, args.alpha)
     return loss, dict(pi=pi, p_hat=p_hat, adv_vae=adv_vae, adv_data=adv_data, target=target, gate=gate,
                       use_vae=use_vae, bc=bc)
 
 
-def actor_step(agent: Agent, opt: Optimizers, s, act, q1_data, v, latent_noise, a: Args) -> dict:
+def actor_step(agent: Agent, opt: Optimizers, s, a, q1_data, v, latent_noise, args: Args) -> dict:
     """Spec 4: one Adam step on the actor only, then the soft target updates."""
-    loss, parts = actor_objective(agent, s, act, q1_data, v, latent_noise, a)
+    loss, parts = actor_objective(agent, s, a, q1_data, v, latent_noise, args)
     _step(opt.actor, loss.sum(), list(agent.actor.parameters()))
-    soft_update(agent, a.tau)
+    soft_update(agent, args.tau)
     return dict(actor=loss.detach(), bc=parts["bc"].detach(), gate_fraction=(parts["gate"] > 0).float().mean(-1),
                 vae_target_fraction=parts["use_vae"].float().mean(-1))
 
@@ -442,39 +472,51 @@ def draw_noise(gens: list[torch.Generator], batch, latent_dim: int, actor_turn: 
     """All the randomness of one update, drawn outside it (so update_core can be compiled or graph-captured): the
     policy-smoothing noise (spec 1), the VAE's latent noise (spec 3), and on actor steps the latent noise of the
     VAE's reconstruction of the policy action (spec 4). Seed k draws from its own stream."""
-    act = batch[1]
-    n, dev = act.shape[1], act.device
-    noise = dict(smoothing=randn(gens, act.shape[1:], dev), vae=randn(gens, (n, latent_dim), dev))
+    a = batch[1]
+    n, dev = a.shape[1], a.device
+    noise = dict(smoothing=randn(gens, a.shape[1:], dev), vae=randn(gens, (n, latent_dim), dev))
     if actor_turn:
         noise["actor"] = randn(gens, (n, latent_dim), dev)
     return noise
 
 
-def update_core(agent: Agent, opt: Optimizers, batch, noise: dict, actor_turn: bool, a: Args) -> dict:
-    """Spec 1-4 on a batch of shape (K, B, ...) with pre-drawn noise; per-seed metric tensors of shape (K,).
-    No randomness and no host synchronisation inside: the same code runs eagerly, compiled, or as a CUDA graph."""
-    s, act, r, s2, d = batch
-    n = s.shape[1]
-    y, a2, l_critic = critic_step(agent, opt, s, act, r, s2, d, noise["smoothing"], a)
-    # One forward of the just-updated critics gives Q1(s,a) (spec 3 and 4) and min Q(s',a') for y2 (spec 2).
-    with torch.no_grad():
-        q1_both, q2_both = agent.critic(torch.cat([s, s2], 1), torch.cat([act, a2], 1))
-        q1_data = q1_both[:, :n]
-        y2 = r + a.discount * (1.0 - d) * torch.min(q1_both[:, n:], q2_both[:, n:])
-    v, l_value = value_step(agent, opt, s, y, y2)
-    w, l_vae = vae_step(agent, opt, s, act, q1_data, v, noise["vae"], a)
+def update_core(agent: Agent, opt: Optimizers, batch, noise: dict, actor_turn: bool, args: Args) -> dict:
+    """Spec 1-4 on a batch (s, a, r, s', d) of shape (K, B, ...) with pre-drawn noise; per-seed metric tensors of
+    shape (K,), named as in METRICS. No randomness and no host synchronisation inside: the same code runs eagerly,
+    compiled, or as a CUDA graph."""
+    s, a, r, s2, d = batch
+    y, a2, l_critic = critic_step(agent, opt, s, a, r, s2, d, noise["smoothing"], args)          # spec 1
+    q1_data, y2 = q1_data_and_y2(agent.critic, s, a, r, s2, a2, d, args.discount)                # after spec 1
+    v, l_value = value_step(agent, opt, s, y, y2)                                                # spec 2
+    w, l_vae = vae_step(agent, opt, s, a, q1_data, v, noise["vae"], args)                        # spec 3
     out = dict(critic=l_critic, value=l_value, vae=l_vae, q=q1_data.mean(-1),
                vae_weight_fraction=(w > 0).float().mean(-1))
     if actor_turn:
-        out.update(actor_step(agent, opt, s, act, q1_data, v, noise["actor"], a))
+        out.update(actor_step(agent, opt, s, a, q1_data, v, noise["actor"], args))               # spec 4
     return out
 
 
-def update(agent: Agent, opt: Optimizers, batch, step: int, a: Args, gens: list[torch.Generator]) -> dict:
+def update(agent: Agent, opt: Optimizers, batch, step: int, args: Args, gens: list[torch.Generator]) -> dict:
     """One A2PR gradient step (spec 1-4) on a batch of shape (K, B, ...); returns per-seed metric tensors.
     `step` counts from 1; the actor and the targets move when step % policy_freq == 0 (as in TD3)."""
-    actor_turn = step % a.policy_freq == 0
-    return update_core(agent, opt, batch, draw_noise(gens, batch, agent.vae.latent_dim, actor_turn), actor_turn, a)
+    actor_turn = step % args.policy_freq == 0
+    noise = draw_noise(gens, batch, agent.vae.latent_dim, actor_turn)
+    return update_core(agent, opt, batch, noise, actor_turn, args)
+
+
+# One place for the metric names: what update() returns -> its column in the CSV, TensorBoard and wandb, and
+# whether it is measured on actor steps only (then its window mean is over actor steps).
+METRICS = {
+    "critic": ("losses/critic", False),
+    "value": ("losses/value", False),
+    "vae": ("losses/vae", False),
+    "actor": ("losses/actor", True),
+    "bc": ("losses/bc", True),
+    "q": ("charts/q_mean", False),
+    "vae_weight_fraction": ("charts/vae_weight_fraction", False),
+    "gate_fraction": ("charts/gate_fraction", True),
+    "vae_target_fraction": ("charts/vae_target_fraction", True),
+}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -614,10 +656,29 @@ def evaluate(actor: Actor, env_id: str, obs_mean, obs_std, action_low, action_hi
 # ----------------------------------------------------------------------------------------------------------------
 # Training: train(args) -> summary dict (the notebook and the tests call it directly), then main().
 # ----------------------------------------------------------------------------------------------------------------
-def make_device(a: Args) -> torch.device:
-    if a.cuda_graphs and not a.cuda:
+def run_settings(args: Args) -> tuple[Args, dict[str, str], dict | None]:
+    """The run's resolved settings, where each came from, and the checkpoint when resuming. On --resume the
+    checkpoint's settings win so that the run continues unchanged; the length may change, and how the update
+    executes (device, --compile, --cuda-graphs) follows this command line, so a GPU run can go on here."""
+    ckpt = None
+    if args.resume:
+        ckpt = _load_checkpoint(Path(args.resume))
+        saved = args_from_checkpoint(ckpt)
+        if ckpt.get("device", "cpu") != ("cuda" if args.cuda else "cpu"):
+            print(f"note: the checkpoint was written on {ckpt.get('device', 'cpu')}; continuing on the other device "
+                  "with fresh random streams, so the run will not be bit-identical to an uninterrupted one",
+                  file=sys.stderr)
+        args = dataclasses.replace(saved, resume=args.resume, cuda=args.cuda, cuda_graphs=args.cuda_graphs,
+                                   compile=args.compile, quiet=args.quiet,
+                                   total_steps=args.total_steps or saved.total_steps)
+    args, source = resolve_args(args)
+    return args, source, ckpt
+
+
+def make_device(args: Args) -> torch.device:
+    if args.cuda_graphs and not args.cuda:
         raise A2PRError("--cuda-graphs needs --cuda (CUDA graphs exist only on a GPU)")
-    if a.cuda:
+    if args.cuda:
         if not torch.cuda.is_available():
             raise A2PRError("--cuda was given but PyTorch sees no CUDA GPU (torch.cuda.is_available() is False); "
                             "install a CUDA build of torch or drop --cuda to train on the CPU")
@@ -651,47 +712,110 @@ def build_learner(args: Args, obs_dim: int, act_dim: int, device, ckpt: dict | N
     return agent, opt, gens
 
 
+@dataclass
+class Progress:
+    """How far a run has got; saved in every checkpoint, so that a resumed run continues exactly."""
+    best: np.ndarray             # best normalised score so far, per seed
+    history: list[dict]          # the CSV's rows
+    step: int = 0
+    last_score: float = float("nan")
+
+
+class MetricWindow:
+    """Sums of update()'s metrics since the last CSV row, kept on the device: the loop never waits for the GPU
+    between rows. It also remembers the first step at which a loss was not finite."""
+
+    def __init__(self, k: int, device, step: int, ckpt: dict | None = None):
+        self.sums = torch.zeros(len(METRICS), k, device=device)
+        self.counts = dict(ckpt["metric_counts"]) if ckpt else {"critic": 0, "actor": 0}
+        if ckpt:
+            self.sums.copy_(ckpt["metric_sums"])
+        self.first_bad = torch.full((len(METRICS),), -1, dtype=torch.long, device=device)
+        self.step_t = torch.tensor(step, device=device)
+        self.steps, self.t0 = 0, time.time()
+
+    def add(self, m: dict) -> None:
+        vals = torch.stack([m[k] if k in m else torch.zeros_like(m["critic"]) for k in METRICS])
+        self.sums += vals
+        self.step_t += 1
+        self.first_bad = torch.where(~torch.isfinite(vals.sum(-1)) & (self.first_bad < 0), self.step_t,
+                                     self.first_bad)
+        self.counts["critic"] += 1
+        self.counts["actor"] += "actor" in m
+        self.steps += 1
+
+    def check_finite(self, checkpoint: Path) -> None:
+        """Stop on the first non-finite loss, before anything is written, keeping the last good checkpoint."""
+        bad = self.first_bad.cpu()
+        if (bad >= 0).any():
+            i = int(torch.argmin(torch.where(bad >= 0, bad, bad.max() + 1)))
+            last = (f"the last good checkpoint ({checkpoint}) was kept" if checkpoint.exists()
+                    else "no checkpoint had been written yet")
+            raise A2PRError(f"non-finite {list(METRICS)[i]} loss at step {int(bad[i])}; the run stopped and {last}. "
+                            "Lower the learning rates or check the data's scale.")
+
+    def row(self, step: int, elapsed: float) -> dict:
+        """One CSV row: the window's mean of each metric (actor metrics over actor steps), steps/s; then reset."""
+        row: dict = {"step": step, "time_s": round(elapsed, 2)}
+        means = dict(zip(METRICS, self.sums.mean(-1).tolist()))
+        for k, (column, actor_only) in METRICS.items():
+            n = self.counts["actor"] if actor_only else self.counts["critic"]
+            if n:
+                row[column] = means[k] / n
+        row["charts/SPS"] = round(self.steps / max(time.time() - self.t0, 1e-9), 1)
+        self.sums.zero_()
+        self.counts = {"critic": 0, "actor": 0}
+        self.steps, self.t0 = 0, time.time()
+        return row
+
+
+def evaluation(agent: Agent, ds: Dataset, data: DeviceData, args: Args, device, envs) -> tuple[dict, np.ndarray]:
+    """Evaluate every seed's actor; returns the CSV columns and the per-seed normalised scores."""
+    rets = evaluate(agent.actor, ds.env_id, data.obs_mean, data.obs_std, ds.action_low, ds.action_high,
+                    args.eval_episodes, seed=args.seed + 10_000, obs_noise=args.eval_obs_noise, device=device,
+                    envs=envs)
+    scores = normalized_score(rets, ds.ref_min_score, ds.ref_max_score).mean(1)  # per seed
+    row = {"eval/return_mean": float(rets.mean()), "eval/normalized_score_mean": float(scores.mean()),
+           "eval/normalized_score_std": float(scores.std())}
+    if args.num_seeds > 1:
+        row.update({f"eval/normalized_score_seed{s}": float(v) for s, v in zip(agent_seeds(args), scores)})
+    return row, scores
+
+
+def progress_line(step: int, args: Args, row: dict, progress: Progress) -> str:
+    left = (args.total_steps - step) / max(row["charts/SPS"], 1e-9)
+    return (f"step {step:>9,}/{args.total_steps:,} | {row['charts/SPS']:7.1f} steps/s | score "
+            f"{progress.last_score:6.1f} (best {float(progress.best.mean()):6.1f}) | critic "
+            f"{row.get('losses/critic', float('nan')):.3g} gate {row.get('charts/gate_fraction', float('nan')):.2f} "
+            f"vae-target {row.get('charts/vae_target_fraction', float('nan')):.2f} | left {_fmt_time(left)}")
+
+
 def train(args: Args) -> dict:
     """Train A2PR and return a summary: final and best normalised scores (mean over seeds and per seed), the
     dataset's own average score, and the paths of the run folder, CSV, plot and checkpoint."""
-    ckpt = None
-    if args.resume:
-        run_dir = Path(args.resume)
-        ckpt = _load_checkpoint(run_dir)
-        saved = args_from_checkpoint(ckpt)
-        if ckpt.get("device", "cpu") != ("cuda" if args.cuda else "cpu"):
-            print(f"note: the checkpoint was written on {ckpt.get('device', 'cpu')}; continuing on the other device "
-                  "with fresh random streams, so the run will not be bit-identical to an uninterrupted one",
-                  file=sys.stderr)
-        # The checkpoint's settings win so that the run continues unchanged; the length may change, and how the
-        # update executes (device, --compile, --cuda-graphs) follows this command line, so a GPU run can go on here.
-        args = dataclasses.replace(saved, resume=args.resume, cuda=args.cuda, cuda_graphs=args.cuda_graphs,
-                                   compile=args.compile, quiet=args.quiet,
-                                   total_steps=args.total_steps or saved.total_steps)
-    args, source = resolve_args(args)
+    args, source, ckpt = run_settings(args)
     log = (lambda *m, **k: None) if args.quiet else print
     device = make_device(args)
     if args.tensorboard or args.wandb:
         _check_trackers(args)
     seeds = agent_seeds(args)
 
+    # The data as the networks see it; a resumed run keeps the state normalisation it started with.
     ds = load_dataset(args, log)
     stats = (np.asarray(ckpt["obs_mean"]), np.asarray(ckpt["obs_std"])) if ckpt else None
     data = prepare_data(ds, args, device, stats)
     obs_dim, act_dim = ds.observations.shape[1], ds.actions.shape[1]
     dataset_score = float(normalized_score(ds.episode_returns, ds.ref_min_score, ds.ref_max_score).mean())
 
+    # The learner, and the update that moves it: eager by default; --compile / --cuda-graphs run the same update.
     agent, opt, gens = build_learner(args, obs_dim, act_dim, device, ckpt)
     updater = Updater(agent, opt, data, gens, args)
-    history: list[dict] = []
-    step, best = 0, np.full(len(seeds), -np.inf)
-    if ckpt:
-        step, best, history = ckpt["step"], np.asarray(ckpt["best"], dtype=float), ckpt["history"]
-    run_dir = Path(args.resume) if args.resume else Path(args.save_dir) / (
-        args.run_name or f"{args.env.replace('/', '_')}__seed{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    paths = dict(run_dir=run_dir, csv=run_dir / "metrics.csv", png=run_dir / "learning_curve.png",
-                 checkpoint=run_dir / "checkpoint.pt", summary=run_dir / "summary.json")
+    progress = (Progress(np.asarray(ckpt["best"], dtype=float), ckpt["history"], ckpt["step"]) if ckpt
+                else Progress(np.full(len(seeds), -np.inf), []))
+    progress.last_score = history_last_score(progress.history)
+    window = MetricWindow(len(seeds), device, progress.step, ckpt)
+    paths = run_paths(Path(args.resume) if args.resume else Path(args.save_dir) / (
+        args.run_name or f"{args.env.replace('/', '_')}__seed{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}"))
 
     log(f"A2PR on {ds.name} ({len(data):,} transitions, obs {obs_dim}, act {act_dim}; {ds.source}); "
         f"eval env {env_label(ds.env_id)}; device {device}; seeds {seeds}")
@@ -699,125 +823,43 @@ def train(args: Args) -> dict:
     log("settings: " + ", ".join(f"{k}={getattr(args, k)} ({source[k]})" for k in SPEC_DEFAULTS)
         + f", eps_a={args.eps_a}, policy_freq={args.policy_freq}, bc_target={args.bc_target}, gate={args.gate}")
     if ckpt:
-        log(f"resuming {run_dir} at step {step:,}")
+        log(f"resuming {paths['run_dir']} at step {progress.step:,}")
     eval_envs = make_eval_envs(ds.env_id, len(seeds), args.eval_episodes)  # made once; each evaluation reseeds
-    writers = _open_trackers(args, run_dir)
-
-    # Metrics are summed on the device and fetched at host boundaries: no host sync inside the loop.
-    acc = torch.zeros(len(METRICS), len(seeds), device=device)
-    counts = {"critic": 0, "actor": 0}
-    if ckpt:
-        acc.copy_(ckpt["metric_sums"])
-        counts = dict(ckpt["metric_counts"])
-    first_bad = torch.full((len(METRICS),), -1, dtype=torch.long, device=device)
-    step_t = torch.tensor(step, device=device)
-    t_start, t_window, steps_window = time.time(), time.time(), 0
-    last_score = history_last_score(history)
-
-    def save_checkpoint():
-        state = dict(args=dataclasses.asdict(args), agent=agent.state_dict(),
-                     optimizers={k: o.state_dict() for k, o in opt.all().items()},
-                     rng=[g.get_state() for g in gens], device=device.type, step=step, best=best.tolist(),
-                     history=history,
-                     metric_sums=acc.cpu(), metric_counts=counts,
-                     obs_mean=data.obs_mean, obs_std=data.obs_std, env_id=ds.env_id, dataset=ds.name,
-                     action_low=ds.action_low, action_high=ds.action_high,
-                     ref_scores=(ds.ref_min_score, ds.ref_max_score))
-        atomic_write(paths["checkpoint"], lambda tmp: torch.save(state, tmp))
-
-    def check_finite():
-        """Stop on the first non-finite loss, before anything is written, keeping the last good checkpoint."""
-        bad = first_bad.cpu()
-        if (bad >= 0).any():
-            i = int(torch.argmin(torch.where(bad >= 0, bad, bad.max() + 1)))
-            last = (f"the last good checkpoint ({paths['checkpoint']}) was kept"
-                    if paths["checkpoint"].exists() else "no checkpoint had been written yet")
-            raise A2PRError(f"non-finite {METRICS[i]} loss at step {int(bad[i])}; the run stopped and {last}. "
-                            "Lower the learning rates or check the data's scale.")
-
+    writers = _open_trackers(args, paths["run_dir"])
+    t_start = time.time()
     try:
         with _StopFlag() as stop:
-            while step < args.total_steps:
-                step += 1
-                step_t += 1
-                m = updater(step)
-                vals = torch.stack([m[k] if k in m else torch.zeros_like(m["critic"]) for k in METRICS])
-                acc += vals
-                first_bad = torch.where(~torch.isfinite(vals.sum(-1)) & (first_bad < 0), step_t, first_bad)
-                counts["critic"] += 1
-                counts["actor"] += "actor" in m
-                steps_window += 1
+            while progress.step < args.total_steps:
+                progress.step += 1
+                step = progress.step
+                window.add(updater(step))  # sample a batch per seed and update (spec 1-4)
                 is_eval = step % args.eval_freq == 0 or step == args.total_steps
                 is_log = is_eval or step % args.log_freq == 0
                 is_save = step % args.save_freq == 0 or step == args.total_steps
                 if not (is_log or is_save or stop.set):
                     continue
-                check_finite()
-                if is_log:  # one row of the CSV: window means of the losses, and the evaluation when due
-                    row: dict = {"step": step, "time_s": round(time.time() - t_start, 2)}
-                    means = dict(zip(METRICS, acc.mean(-1).tolist()))
-                    for k in METRICS:
-                        n = counts["actor"] if k in ACTOR_METRICS else counts["critic"]
-                        if n:
-                            col = {"q": "charts/q_mean"}.get(k, f"losses/{k}" if k in LOSS_NAMES else f"charts/{k}")
-                            row[col] = means[k] / n
-                    sps = steps_window / max(time.time() - t_window, 1e-9)
-                    row["charts/SPS"] = round(sps, 1)
+                window.check_finite(paths["checkpoint"])
+                if is_log:  # one row of the CSV: the window's mean losses, and the evaluation when due
+                    row = window.row(step, time.time() - t_start)
                     if is_eval:
-                        rets = evaluate(agent.actor, ds.env_id, data.obs_mean, data.obs_std, ds.action_low,
-                                        ds.action_high, args.eval_episodes, seed=args.seed + 10_000,
-                                        obs_noise=args.eval_obs_noise, device=device, envs=eval_envs)
-                        scores = normalized_score(rets, ds.ref_min_score, ds.ref_max_score).mean(1)  # per seed
-                        best = np.maximum(best, scores)
-                        last_score = float(scores.mean())
-                        row.update({"eval/return_mean": float(rets.mean()), "eval/normalized_score_mean": last_score,
-                                    "eval/normalized_score_std": float(scores.std())})
-                        if len(seeds) > 1:
-                            row.update({f"eval/normalized_score_seed{s}": float(v) for s, v in zip(seeds, scores)})
-                    history.append(row)
+                        eval_row, scores = evaluation(agent, ds, data, args, device, eval_envs)
+                        row.update(eval_row)
+                        progress.best = np.maximum(progress.best, scores)
+                        progress.last_score = eval_row["eval/normalized_score_mean"]
+                    progress.history.append(row)
                     for log_row, _ in writers:
                         log_row(row)
-                    acc.zero_()
-                    counts = {"critic": 0, "actor": 0}
-                    write_csv(paths["csv"], history)
-                    left = (args.total_steps - step) / max(sps, 1e-9)
-                    log(f"step {step:>9,}/{args.total_steps:,} | {sps:7.1f} steps/s | score {last_score:6.1f} "
-                        f"(best {float(best.mean()):6.1f}) | critic {row.get('losses/critic', float('nan')):.3g} "
-                        f"gate {row.get('charts/gate_fraction', float('nan')):.2f} "
-                        f"vae-target {row.get('charts/vae_target_fraction', float('nan')):.2f} "
-                        f"| left {_fmt_time(left)}")
-                    t_window, steps_window = time.time(), 0
+                    write_csv(paths["csv"], progress.history)
+                    log(progress_line(step, args, row, progress))
                 if is_save or stop.set:  # on Ctrl-C the window's partial sums are saved too: resume is exact
-                    save_checkpoint()
+                    save_checkpoint(paths["checkpoint"], args, agent, opt, gens, device, progress, window, data, ds)
                 if stop.set:
                     break
     finally:
         close_envs(eval_envs)
         for _, close in writers:
             close()
-
-    interrupted = step < args.total_steps
-    final = [r for r in history if "eval/normalized_score_mean" in r]
-    final_scores = ([final[-1].get(f"eval/normalized_score_seed{s}", final[-1]["eval/normalized_score_mean"])
-                     for s in seeds] if final else [float("nan")] * len(seeds))
-    summary = dict(env=args.env, seeds=seeds, steps=step, interrupted=interrupted,
-                   final_score=float(np.mean(final_scores)), final_score_std=float(np.std(final_scores)),
-                   best_score=_finite_or_none(best.mean()), final_scores=[float(x) for x in final_scores],
-                   best_scores=[_finite_or_none(b) for b in best], dataset_score=dataset_score,
-                   **{k: str(v) for k, v in paths.items()})
-    atomic_write(paths["summary"], lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
-    if history and final:
-        plot_curves(paths["png"], history, dataset_score, f"A2PR on {ds.name}")
-    if interrupted:
-        print(f"interrupted at step {step:,}; checkpoint saved. Continue with: python a2pr.py --resume {run_dir}",
-              file=sys.stderr)  # shown even with --quiet: it is how the user gets their run back
-    else:
-        log(f"done: final score {summary['final_score']:.1f} +- {summary['final_score_std']:.1f}, best "
-            f"{float(best.mean()):.1f}, dataset average {dataset_score:.1f} ({_fmt_time(time.time() - t_start)}); "
-            f"results in {run_dir}")
-    if ds.notice:
-        log(f"NOTICE: {ds.notice}")
-    return summary
+    return finish_run(args, ds, progress, paths, dataset_score, time.time() - t_start, log)
 
 
 def main(argv=None) -> int:
@@ -1604,19 +1646,19 @@ class Updater:
 
     WARMUP = 4  # eager steps before capture: cuBLAS handles and Adam's state must exist before a graph is recorded
 
-    def __init__(self, agent: Agent, opt: Optimizers, data: DeviceData, gens: list[torch.Generator], a: Args):
-        self.agent, self.opt, self.data, self.gens, self.a = agent, opt, data, gens, a
-        self.core = torch.compile(update_core) if a.compile else update_core
+    def __init__(self, agent: Agent, opt: Optimizers, data: DeviceData, gens: list[torch.Generator], args: Args):
+        self.agent, self.opt, self.data, self.gens, self.args = agent, opt, data, gens, args
+        self.core = torch.compile(update_core) if args.compile else update_core
         self.graphs: dict[bool, tuple] = {}
         self.eager_steps = 0
 
     def __call__(self, step: int) -> dict:
-        a = self.a
-        actor_turn = step % a.policy_freq == 0
-        batch = sample_batch(self.data, a.batch_size, self.gens)
+        args = self.args
+        actor_turn = step % args.policy_freq == 0
+        batch = sample_batch(self.data, args.batch_size, self.gens)
         noise = draw_noise(self.gens, batch, self.agent.vae.latent_dim, actor_turn)
-        if not a.cuda_graphs:
-            return self.core(self.agent, self.opt, batch, noise, actor_turn, a)
+        if not args.cuda_graphs:
+            return self.core(self.agent, self.opt, batch, noise, actor_turn, args)
         if actor_turn not in self.graphs and self.eager_steps < self.WARMUP:
             self.eager_steps += 1
             return self._on_side_stream(batch, noise, actor_turn)
@@ -1635,7 +1677,7 @@ class Updater:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            out = self.core(self.agent, self.opt, batch, noise, actor_turn, self.a)
+            out = self.core(self.agent, self.opt, batch, noise, actor_turn, self.args)
         torch.cuda.current_stream().wait_stream(side)
         return out
 
@@ -1647,7 +1689,7 @@ class Updater:
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph):  # records, does not run: the caller replays it for this very step
-                out = self.core(self.agent, self.opt, static_batch, static_noise, actor_turn, self.a)
+                out = self.core(self.agent, self.opt, static_batch, static_noise, actor_turn, self.args)
         except RuntimeError as e:  # nothing was applied (capture only records), so the last checkpoint is valid
             raise A2PRError(f"CUDA graph capture of the {'actor' if actor_turn else 'critic'} step failed "
                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); run without "
@@ -1789,19 +1831,8 @@ def atomic_write(path: Path, write) -> None:
             os.remove(tmp)
 
 
-METRICS = ["critic", "value", "vae", "q", "vae_weight_fraction", "actor", "bc", "gate_fraction", "vae_target_fraction"]
-
-
-LOSS_NAMES = ("critic", "value", "vae", "actor", "bc")
-
-
-ACTOR_METRICS = ("actor", "bc", "gate_fraction", "vae_target_fraction")  # measured on actor steps only
-
-
-CSV_COLUMNS = (["step", "time_s"] + [f"losses/{m}" for m in ("critic", "value", "vae", "actor", "bc")]
-               + ["charts/q_mean", "charts/vae_weight_fraction", "charts/gate_fraction", "charts/vae_target_fraction",
-                  "charts/SPS",
-                  "eval/return_mean", "eval/normalized_score_mean", "eval/normalized_score_std"])
+CSV_COLUMNS = (["step", "time_s"] + [column for column, _ in METRICS.values()]
+               + ["charts/SPS", "eval/return_mean", "eval/normalized_score_mean", "eval/normalized_score_std"])
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
@@ -1873,6 +1904,54 @@ class _StopFlag:
             signal.signal(signal.SIGINT, self._old)
 
 
+def run_paths(run_dir: Path) -> dict[str, Path]:
+    """The files of a run folder."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return dict(run_dir=run_dir, csv=run_dir / "metrics.csv", png=run_dir / "learning_curve.png",
+                checkpoint=run_dir / "checkpoint.pt", summary=run_dir / "summary.json")
+
+
+def save_checkpoint(path: Path, args: Args, agent, opt, gens, device, progress, window, data, ds) -> None:
+    """Everything a run needs to continue exactly: settings, networks, optimisers, random streams, progress, the
+    metric window's partial sums, and what evaluation needs (state normalisation, action bounds, env)."""
+    state = dict(args=dataclasses.asdict(args), agent=agent.state_dict(),
+                 optimizers={k: o.state_dict() for k, o in opt.all().items()},
+                 rng=[g.get_state() for g in gens], device=device.type, step=progress.step,
+                 best=progress.best.tolist(), history=progress.history,
+                 metric_sums=window.sums.cpu(), metric_counts=window.counts,
+                 obs_mean=data.obs_mean, obs_std=data.obs_std, env_id=ds.env_id, dataset=ds.name,
+                 action_low=ds.action_low, action_high=ds.action_high,
+                 ref_scores=(ds.ref_min_score, ds.ref_max_score))
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def finish_run(args: Args, ds, progress, paths: dict, dataset_score: float, elapsed: float, log) -> dict:
+    """Write summary.json and the learning curve, tell the user how the run ended, and return the summary."""
+    seeds, history, best = agent_seeds(args), progress.history, progress.best
+    interrupted = progress.step < args.total_steps
+    final = [r for r in history if "eval/normalized_score_mean" in r]
+    final_scores = ([final[-1].get(f"eval/normalized_score_seed{s}", final[-1]["eval/normalized_score_mean"])
+                     for s in seeds] if final else [float("nan")] * len(seeds))
+    summary = dict(env=args.env, seeds=seeds, steps=progress.step, interrupted=interrupted,
+                   final_score=float(np.mean(final_scores)), final_score_std=float(np.std(final_scores)),
+                   best_score=_finite_or_none(best.mean()), final_scores=[float(x) for x in final_scores],
+                   best_scores=[_finite_or_none(b) for b in best], dataset_score=dataset_score,
+                   **{k: str(v) for k, v in paths.items()})
+    atomic_write(paths["summary"], lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
+    if history and final:
+        plot_curves(paths["png"], history, dataset_score, f"A2PR on {ds.name}")
+    if interrupted:
+        print(f"interrupted at step {progress.step:,}; checkpoint saved. Continue with: python a2pr.py --resume "
+              f"{paths['run_dir']}", file=sys.stderr)  # shown even with --quiet: it is how the user gets their run back
+    else:
+        log(f"done: final score {summary['final_score']:.1f} +- {summary['final_score_std']:.1f}, best "
+            f"{float(best.mean()):.1f}, dataset average {dataset_score:.1f} ({_fmt_time(elapsed)}); "
+            f"results in {paths['run_dir']}")
+    if ds.notice:
+        log(f"NOTICE: {ds.notice}")
+    return summary
+
+
 def load_run(run_dir: str | Path, device="cpu") -> dict:
     """What a run left in its checkpoint, rebuilt: settings, networks, optimisers and random streams (ready to
     continue), the state normalisation, the evaluation env and the metrics history."""
@@ -1921,28 +2000,28 @@ def _load_checkpoint(run_dir: Path) -> dict:
     return ckpt
 
 
-def _check_trackers(a: Args) -> None:
+def _check_trackers(args: Args) -> None:
     import importlib.util
 
-    if a.tensorboard and importlib.util.find_spec("tensorboard") is None:
+    if args.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise A2PRError("--tensorboard needs the tensorboard package: pip install tensorboard")
-    if a.wandb and importlib.util.find_spec("wandb") is None:
+    if args.wandb and importlib.util.find_spec("wandb") is None:
         raise A2PRError("--wandb needs the wandb package: pip install wandb")
 
 
-def _open_trackers(a: Args, run_dir: Path) -> list[tuple]:
+def _open_trackers(args: Args, run_dir: Path) -> list[tuple]:
     """Optional TensorBoard / wandb sinks, each a (log(row), close()) pair."""
     sinks = []
-    if a.tensorboard:
+    if args.tensorboard:
         from torch.utils.tensorboard import SummaryWriter
 
         tb = SummaryWriter(str(run_dir / "tensorboard"))
         sinks.append((lambda row: [tb.add_scalar(k, v, row["step"]) for k, v in row.items() if k != "step"],
                       tb.close))
-    if a.wandb:
+    if args.wandb:
         import wandb
 
-        run = wandb.init(project=a.wandb_project, name=run_dir.name, config=dataclasses.asdict(a), resume="allow")
+        run = wandb.init(project=args.wandb_project, name=run_dir.name, config=dataclasses.asdict(args), resume="allow")
         sinks.append((lambda row: run.log({k: v for k, v in row.items() if k != "step"}, step=row["step"]),
                       run.finish))
     return sinks
@@ -2077,37 +2156,37 @@ def resolve_args(args: Args) -> tuple[Args, dict[str, str]]:
     return out, source
 
 
-def validate_args(a: Args) -> None:
+def validate_args(args: Args) -> None:
     """One clear line per mistake, before any work is done."""
     positive = ["total_steps", "batch_size", "num_seeds", "policy_freq", "actor_hidden", "actor_layers",
                 "critic_hidden", "critic_layers", "value_hidden", "value_layers", "vae_hidden", "vae_layers",
                 "eval_freq", "eval_episodes", "log_freq", "save_freq", "bench_steps", "bench_repeats"]
     for name in positive:
-        v = getattr(a, name)
+        v = getattr(args, name)
         if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
             raise A2PRError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
     for name in ["actor_lr", "critic_lr", "value_lr", "vae_lr", "alpha"]:
-        v = getattr(a, name)
+        v = getattr(args, name)
         if not (math.isfinite(v) and v > 0):
             raise A2PRError(f"--{name.replace('_', '-')} must be a positive number, got {v!r}")
     for name in ["bc_weight", "vae_weight", "policy_noise", "noise_clip", "eval_obs_noise"]:
-        v = getattr(a, name)
+        v = getattr(args, name)
         if not (math.isfinite(v) and v >= 0):
             raise A2PRError(f"--{name.replace('_', '-')} must be a number >= 0, got {v!r}")
-    if not (0.0 <= a.discount < 1.0):
-        raise A2PRError(f"--discount must be in [0, 1), got {a.discount!r}")
-    if not (0.0 < a.tau <= 1.0):
-        raise A2PRError(f"--tau must be in (0, 1], got {a.tau!r}")
-    if not (math.isfinite(a.download_timeout) and a.download_timeout > 0):
-        raise A2PRError(f"--download-timeout must be a positive number of seconds, got {a.download_timeout!r}")
-    if not math.isfinite(a.eps_a):
-        raise A2PRError(f"--eps-a must be a finite number, got {a.eps_a!r}")
-    if a.compile and a.cuda_graphs:  # each is checked against eager on its own; together they are not yet verified
+    if not (0.0 <= args.discount < 1.0):
+        raise A2PRError(f"--discount must be in [0, 1), got {args.discount!r}")
+    if not (0.0 < args.tau <= 1.0):
+        raise A2PRError(f"--tau must be in (0, 1], got {args.tau!r}")
+    if not (math.isfinite(args.download_timeout) and args.download_timeout > 0):
+        raise A2PRError(f"--download-timeout must be a positive number of seconds, got {args.download_timeout!r}")
+    if not math.isfinite(args.eps_a):
+        raise A2PRError(f"--eps-a must be a finite number, got {args.eps_a!r}")
+    if args.compile and args.cuda_graphs:  # each is checked against eager on its own; together they are not yet verified
         raise A2PRError("use --compile or --cuda-graphs, not both (the combination is not verified yet)")
-    if a.bc_target not in ("select", "data", "vae"):
-        raise A2PRError(f"--bc-target must be select, data or vae, got {a.bc_target!r}")
-    if a.gate not in ("adaptive", "always"):
-        raise A2PRError(f"--gate must be adaptive or always, got {a.gate!r}")
+    if args.bc_target not in ("select", "data", "vae"):
+        raise A2PRError(f"--bc-target must be select, data or vae, got {args.bc_target!r}")
+    if args.gate not in ("adaptive", "always"):
+        raise A2PRError(f"--gate must be adaptive or always, got {args.gate!r}")
 
 
 if __name__ == "__main__":
