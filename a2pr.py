@@ -11,25 +11,26 @@ good and frees the policy where it is not. Algorithm contract: A2PR_SPEC.md (its
     python a2pr.py --env hopper-medium-v2 --cuda     # D4RL data and the published per-task preset
 
 Reading map (line: what). Everything above main() is A2PR; below it, appendices a reader may skip:
-     73  Args:             Args and the published per-task presets (spec: defaults and presets)
-    189  EnsembleLinear:   networks: Actor, TwinCritic, ValueNet, VAE, in the (K, B, .) ensemble layout
-    305  td_target:        losses, one pure function per spec step
-    350  select_bc_target: advantage selection and the adaptive gate (spec 4)
-    399  critic_step:      spec 1: critics, TD3 target with policy smoothing
-    412  q1_data_and_y2:   spec 2: y2 from the just-updated online critics
-    421  value_step:       spec 2: V towards min(y, y2)
-    429  vae_step:         spec 3: advantage-weighted VAE
-    455  actor_step:       spec 4: actor, then the soft target updates
-    483  update_core:      one gradient step: spec 1-4 in order
-    527  Dataset:          the data as the networks see it: normalisation, action scaling, device batches
-    624  evaluate:         deterministic evaluation, D4RL normalised score
-    793  train:            train(args) -> summary: setup, then the loop
-    865  main:             the command line's entry point
-    882  Appendix A:       data sources: built-in, D4RL, HDF5, downloads, Minari, mixes
-   1638  Appendix B:       speed paths: Updater, torch.compile, CUDA graphs, benchmarks
-   1807  Appendix C:       run files: checkpoints, CSV, plot, trackers, load_run, load_policy
-   2031  Appendix D:       the theory on finite MDPs
-   2094  Appendix E:       the command line: parser, presets, validation
+     74  Args:             Args and the published per-task presets (spec: defaults and presets)
+    190  EnsembleLinear:   networks: Actor, TwinCritic, ValueNet, VAE, in the (K, B, .) ensemble layout
+    306  td_target:        losses, one pure function per spec step
+    351  select_bc_target: advantage selection and the adaptive gate (spec 4)
+    400  critic_step:      spec 1: critics, TD3 target with policy smoothing
+    413  q1_data_and_y2:   spec 2: y2 from the just-updated online critics
+    422  value_step:       spec 2: V towards min(y, y2)
+    430  vae_step:         spec 3: advantage-weighted VAE
+    456  actor_step:       spec 4: actor, then the soft target updates
+    484  update_core:      one gradient step: spec 1-4 in order
+    528  Dataset:          the data as the networks see it: normalisation, action scaling, device batches
+    625  evaluate:         deterministic evaluation, D4RL normalised score
+    794  train:            train(args) -> summary: setup, then the loop
+    866  main:             the command line's entry point
+    883  Appendix A:       data sources: built-in, D4RL, HDF5, downloads, Minari, mixes
+   1639  Appendix B:       speed paths: Updater, torch.compile, CUDA graphs, benchmarks
+   1808  Appendix C:       run files: checkpoints, CSV, plot, trackers, load_run, load_policy
+   2032  Appendix D:       the theory on finite MDPs
+   2095  Appendix E:       the command line: parser, presets, validation
+"""
 
 from __future__ import annotations
 
