@@ -43,7 +43,13 @@ settings.load_profile(os.environ.get("A2PR_HYPOTHESIS_PROFILE", "ci"))
 import a2pr  # noqa: E402
 from a2pr import A2PRError, load_rows, rows_to_transitions, write_d4rl_hdf5  # noqa: E402
 
+
+# ================================================================================================================
+# Shared helpers: isolation, the one Args factory for tiny runs, runs, checkpoints, batches
+# ================================================================================================================
 HERE = Path(__file__).resolve().parent
+
+
 LOOPBACK = ("127.0.0.1", "localhost")
 
 
@@ -71,13 +77,27 @@ def isolate(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
 
 
-def tiny(tmp_path, **kw) -> a2pr.Args:
-    """A run small enough for a test: narrow networks, short, two evaluation episodes."""
+@pytest.fixture(scope="module", autouse=True)
+def private_home(tmp_path_factory):
+    """Nothing written into the real HOME (matplotlib's cache, for instance) by the module-scoped runs."""
+    home = tmp_path_factory.mktemp("home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HOME", str(home))
+        mp.setenv("MPLCONFIGDIR", str(home / "mpl"))
+        yield
+
+
+def tiny(tmp_path=None, resolve: bool = False, **kw) -> a2pr.Args:
+    """The one Args factory of the tests: a run small enough for a test (narrow networks, 200 steps, one evaluation
+    episode, NOOP_LOG) that writes into tmp_path when given; resolve=True fills the preset fields as train() does."""
     base = dict(env="pendulum-mostly-random-v0", total_steps=200, batch_size=32, actor_hidden=16, critic_hidden=16,
-                value_hidden=16, vae_hidden=16, eval_freq=100, log_freq=50, eval_episodes=1,
-                save_dir=str(tmp_path), run_name="run", quiet=True)
+                value_hidden=16, vae_hidden=16, eval_freq=100, log_freq=50, eval_episodes=1, quiet=True,
+                download_timeout=2.0)
+    if tmp_path is not None:
+        base.update(save_dir=str(tmp_path), run_name="run")
     base.update(kw)
-    return a2pr.Args(**base)
+    args = a2pr.Args(**base)
+    return a2pr.resolve_args(args)[0] if resolve else args
 
 
 def run_cli(*argv, timeout=120, **popen):
@@ -101,1280 +121,10 @@ def assert_same_state(a: dict, b: dict) -> None:
         assert torch.equal(a[k], b[k]), k
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The trainer end to end
-# ----------------------------------------------------------------------------------------------------------------
-def test_train_end_to_end_writes_every_result(tmp_path):
-    s = a2pr.train(tiny(tmp_path))
-    run = Path(s["run_dir"])
-    assert s["steps"] == 200 and not s["interrupted"]
-    assert np.isfinite(s["final_score"]) and np.isfinite(s["best_score"]) and s["best_score"] >= s["final_score"]
-    assert np.isfinite(s["dataset_score"])
-    rows = list(csv.DictReader(open(run / "metrics.csv")))
-    assert [int(r["step"]) for r in rows] == [50, 100, 150, 200]
-    for col in ("losses/critic", "losses/value", "losses/vae", "losses/actor", "losses/bc", "charts/SPS",
-                "charts/gate_fraction", "charts/vae_target_fraction", "eval/normalized_score_mean"):
-        assert all(np.isfinite(float(r[col])) for r in rows if r[col] != ""), col
-    assert [r["eval/normalized_score_mean"] != "" for r in rows] == [False, True, False, True]
-    assert (run / "learning_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert json.loads((run / "summary.json").read_text())["final_score"] == pytest.approx(s["final_score"])
-    ck = checkpoint(run)
-    assert ck["step"] == 200 and ck["obs_mean"].shape == (3,)
-
-
-def test_same_seed_is_bit_identical_and_other_seed_differs(tmp_path):
-    a = a2pr.train(tiny(tmp_path, run_name="a"))
-    b = a2pr.train(tiny(tmp_path, run_name="b"))
-    c = a2pr.train(tiny(tmp_path, run_name="c", seed=1))
-    ca, cb, cc = (checkpoint(x["run_dir"]) for x in (a, b, c))
-    assert_same_state(ca["agent"], cb["agent"])
-    assert comparable(ca["history"]) == comparable(cb["history"])
-    assert not torch.equal(ca["agent"]["actor.net.0.weight"], cc["agent"]["actor.net.0.weight"])
-
-
-def test_resume_equals_uninterrupted(tmp_path):
-    whole = a2pr.train(tiny(tmp_path, run_name="whole"))
-    a2pr.train(tiny(tmp_path, run_name="split", total_steps=100))
-    part = a2pr.train(a2pr.Args(resume=str(tmp_path / "split"), total_steps=200, quiet=True))
-    cw, cp = checkpoint(whole["run_dir"]), checkpoint(part["run_dir"])
-    assert cp["step"] == 200
-    assert_same_state(cw["agent"], cp["agent"])
-    assert comparable(cw["history"]) == comparable(cp["history"])
-    assert part["final_score"] == whole["final_score"]
-
-
-def test_a_gpu_runs_checkpoint_resumes_here_in_this_command_lines_mode(tmp_path, capsys):
-    """A checkpoint written by a `--cuda --cuda-graphs --compile` run (its settings and optimiser flags forged here,
-    as no GPU is at hand) continues on the CPU when resumed without those flags: the device and execution mode
-    follow the command line, the algorithm's settings follow the checkpoint, the random streams restart."""
-    a2pr.train(tiny(tmp_path, total_steps=100))
-    path = tmp_path / "run" / "checkpoint.pt"
-    ck = checkpoint(tmp_path / "run")
-    ck["args"].update(cuda=True, cuda_graphs=True, compile=True)
-    ck["device"] = "cuda"
-    for state in ck["optimizers"].values():
-        for group in state["param_groups"]:
-            group["capturable"] = True
-    torch.save(ck, path)
-    s = a2pr.train(a2pr.Args(resume=str(tmp_path / "run"), total_steps=200, quiet=True))
-    assert s["steps"] == 200 and np.isfinite(s["final_score"])
-    assert "continuing on the other device with fresh random streams" in capsys.readouterr().err
-    after = checkpoint(tmp_path / "run")
-    assert (after["args"]["cuda"], after["args"]["cuda_graphs"], after["args"]["compile"]) == (False, False, False)
-    assert after["args"]["batch_size"] == 32 and after["device"] == "cpu"
-    assert all(not g["capturable"] for st in after["optimizers"].values() for g in st["param_groups"])
-    # ...and the other way: a checkpoint made without graphs gets capturable optimisers when the new run captures
-    graphs = dataclasses.replace(a2pr.args_from_checkpoint(after), cuda=True, cuda_graphs=True)
-    _, opt, _ = a2pr.build_learner(graphs, 3, 1, "cpu", after)
-    assert all(g["capturable"] for o in opt.all().values() for g in o.param_groups)
-
-
-def test_ctrl_c_saves_and_resume_is_exact(tmp_path):
-    """A real SIGINT at an arbitrary step: the checkpoint is taken between updates, and resuming from it ends
-    exactly where the uninterrupted run ends."""
-    flags = ["--total-steps", "1500", "--batch-size", "32", "--actor-hidden", "16", "--critic-hidden", "16",
-             "--value-hidden", "16", "--vae-hidden", "16", "--eval-freq", "500", "--log-freq", "100",
-             "--eval-episodes", "1", "--save-dir", str(tmp_path), "--quiet"]
-    proc = subprocess.Popen([sys.executable, str(HERE / "a2pr.py"), *flags, "--run-name", "cut"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    ck_path = tmp_path / "cut" / "checkpoint.pt"
-    deadline = time.time() + 90
-    while not ck_path.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.3)
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=90)
-    assert proc.returncode == 0, err
-    step = checkpoint(tmp_path / "cut")["step"]
-    assert 0 < step < 1500, "the interrupt should land mid-run"
-    assert "--resume" in out + err
-    a2pr.train(a2pr.Args(resume=str(tmp_path / "cut"), quiet=True))
-    a2pr.main([*flags, "--run-name", "whole"])
-    cw, cc = checkpoint(tmp_path / "whole"), checkpoint(tmp_path / "cut")
-    assert cc["step"] == 1500
-    assert_same_state(cw["agent"], cc["agent"])
-    assert comparable(cw["history"]) == comparable(cc["history"])
-
-
-def test_non_finite_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
-    calls = {"n": 0}
-    real = a2pr.value_loss
-
-    def poisoned(*args):
-        calls["n"] += 1
-        out = real(*args)
-        return out * float("nan") if calls["n"] >= 130 else out
-
-    monkeypatch.setattr(a2pr, "value_loss", poisoned)
-    with pytest.raises(a2pr.A2PRError, match=r"non-finite value loss at step 130.*last good checkpoint"):
-        a2pr.train(tiny(tmp_path, save_freq=50))
-    ck = checkpoint(tmp_path / "run")
-    assert ck["step"] == 100
-    assert all(torch.isfinite(v).all() for v in ck["agent"].values())
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Command line
-# ----------------------------------------------------------------------------------------------------------------
-@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
-def test_cuda_without_gpu_stops_at_once_with_a_clear_message(tmp_path):
-    t0 = time.time()
-    r = run_cli("--cuda", "--save-dir", str(tmp_path))
-    assert r.returncode == 2
-    assert r.stderr.strip().count("\n") == 0 and "Traceback" not in r.stderr
-    assert "--cuda" in r.stderr and "no CUDA GPU" in r.stderr
-    assert not (tmp_path / "runs").exists() and not list(tmp_path.iterdir())
-    assert time.time() - t0 < 30
-
-
-@pytest.mark.parametrize("argv, expect", [
-    (["--batch-size", "-5"], "--batch-size must be a positive integer, got -5"),
-    (["--batch-size", "many"], "argument --batch-size: invalid int value: 'many'"),
-    (["--env", "pendulum-expret-v0"], "unknown dataset 'pendulum-expret-v0'; closest: pendulum-expert-v0"),
-    (["--preset", "hopper-medum-v2"], "unknown preset 'hopper-medum-v2'"),
-    (["--discount", "1.5"], "--discount must be in [0, 1)"),
-    (["--bc-target", "best"], "argument --bc-target: invalid choice: 'best'"),
-    (["--cuda-graphs"], "--cuda-graphs needs --cuda"),
-    (["--mix", "pendulum-expert-v0"], "--mix must be NAME:FRACTION"),
-    (["--benchmark", "update", "--bench-modes", "eager,fast"], "--bench-modes must list distinct paths among"),
-    (["--benchmark", "update", "--bench-modes", "eager,graphs"], "--cuda-graphs needs --cuda"),
-    (["--benchmark", "update", "--bench-repeats", "0"], "--bench-repeats must be a positive integer, got 0"),
-])
-def test_bad_flags_get_one_line_errors(tmp_path, argv, expect):
-    r = run_cli(*argv, "--save-dir", str(tmp_path), "--total-steps", "10")
-    assert r.returncode == 2
-    assert "Traceback" not in r.stderr and r.stderr.strip().count("\n") == 0, r.stderr
-    assert expect in r.stderr
-
-
-def test_help_has_one_line_per_flag():
-    text = a2pr.build_parser().format_help()
-    for f in a2pr.dataclasses.fields(a2pr.Args):
-        assert f"--{f.name.replace('_', '-')}" in text
-        assert f.metadata["help"] and "\n" not in f.metadata["help"]
-    assert "--mask" in text
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Presets and ablation flags
-# ----------------------------------------------------------------------------------------------------------------
-def test_presets_fill_unset_fields_and_explicit_flags_win():
-    args, source = a2pr.resolve_args(a2pr.Args(env="hopper-medium-v2"))
-    assert (args.alpha, args.vae_weight, args.bc_weight, args.discount) == (2.5, 1.0, 0.4, 0.995)
-    assert args.critic_hidden == 256 and args.vae_hidden == 750 and args.total_steps == 1_000_000
-    assert source["bc_weight"] == "preset hopper-medium-v2" and source["batch_size"] == "spec default"
-    explicit = a2pr.resolve_args(a2pr.parse_args(["--env", "hopper-medium-v2", "--mask", "2.0"]))[0]
-    assert explicit.bc_weight == 2.0 and explicit.discount == 0.995
-    spec = a2pr.resolve_args(a2pr.Args(env="hopper-medium-v2", preset="spec"))[0]
-    assert (spec.bc_weight, spec.discount) == (1.0, 0.99)
-    cpu = a2pr.resolve_args(a2pr.Args())[0]
-    assert cpu.preset == "pendulum-cpu" and cpu.actor_hidden < 256
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Built-in datasets
-# ----------------------------------------------------------------------------------------------------------------
-def test_builtin_dataset_is_cached_reproducible_and_in_d4rl_layout(tmp_path):
-    args = a2pr.Args(env="pendulum-mostly-random-v0", data_dir=str(tmp_path))
-    ds = a2pr.load_dataset(args, log=lambda *_: None)
-    files = list(tmp_path.iterdir())
-    assert [f.suffix for f in files] == [".hdf5"]
-    rows, attrs = a2pr.read_d4rl_hdf5(files[0])
-    assert set(a2pr.D4RL_KEYS) <= set(rows)
-    assert attrs["env_id"] == "Pendulum-v1" and attrs["ref_min_score"] < attrs["ref_max_score"]
-    mtime = files[0].stat().st_mtime_ns
-    again = a2pr.load_dataset(args, log=lambda *_: None)
-    assert files[0].stat().st_mtime_ns == mtime  # read from the cache, not made again
-    np.testing.assert_array_equal(ds.observations, again.observations)
-    # 200 episodes of 200 steps; the time-out row of every episode has no next state and is dropped
-    assert len(ds.rewards) == 200 * 199 and not ds.terminals.any()
-    # trajectory-wise 95/5 mix: the last 10 of 200 episodes are the expert's
-    scores = a2pr.normalized_score(ds.episode_returns, ds.ref_min_score, ds.ref_max_score)
-    assert len(scores) == 200
-    assert scores[-10:].min() > 60 and np.median(scores[:190]) < 30
-
-
-def test_builtin_family_orders_by_quality(tmp_path):
-    avg = {}
-    for name in ("random", "medium", "expert"):
-        ds = a2pr.load_dataset(a2pr.Args(env=f"pendulum-{name}-v0", data_dir=str(tmp_path)), log=lambda *_: None)
-        avg[name] = a2pr.normalized_score(ds.episode_returns, ds.ref_min_score, ds.ref_max_score).mean()
-    assert abs(avg["random"]) < 10 and 90 < avg["expert"] < 110
-    assert avg["random"] + 15 < avg["medium"] < avg["expert"] - 15
-
-
-def test_qlearning_transitions_follow_d4rl_convention():
-    obs = np.arange(6, dtype=np.float32)[:, None]
-    rows = dict(observations=obs, actions=obs, rewards=obs[:, 0],
-                terminals=np.array([0, 1, 0, 0, 0, 0], bool), timeouts=np.array([0, 0, 0, 1, 0, 0], bool))
-    tr = a2pr.qlearning_transitions(rows)
-    # row 3 is cut by a time-out (dropped), row 5 is the file's last (dropped); row 1 is a true terminal
-    np.testing.assert_array_equal(tr["observations"][:, 0], [0, 1, 2, 4])
-    np.testing.assert_array_equal(tr["next_observations"][:, 0], [1, 2, 3, 5])
-    np.testing.assert_array_equal(tr["terminals"], [0, 1, 0, 0])
-
-
-def test_normalized_score_matches_d4rl_definition():
-    assert a2pr.normalized_score(-20.272305, -20.272305, 3234.3) == pytest.approx(0.0)
-    assert a2pr.normalized_score(3234.3, -20.272305, 3234.3) == pytest.approx(100.0)
-    assert a2pr.normalized_score(1607.0139, -20.272305, 3234.3) == pytest.approx(50.0, abs=1e-4)
-
-
-def test_eval_obs_noise_changes_returns_and_zero_noise_is_deterministic(tmp_path):
-    s = a2pr.train(tiny(tmp_path, total_steps=100))
-    ck = checkpoint(s["run_dir"])
-    args = a2pr.resolve_args(a2pr.Args(**ck["args"]))[0]
-    agent = a2pr.Agent([args.seed], 3, 1, args)
-    agent.load_state_dict(ck["agent"])
-    ev = dict(env_id="Pendulum-v1", obs_mean=ck["obs_mean"], obs_std=ck["obs_std"], action_low=ck["action_low"],
-              action_high=ck["action_high"], episodes=2, seed=7)
-    clean1, clean2 = a2pr.evaluate(agent.actor, **ev), a2pr.evaluate(agent.actor, **ev)
-    noisy = a2pr.evaluate(agent.actor, **ev, obs_noise=0.5)
-    np.testing.assert_array_equal(clean1, clean2)
-    assert not np.allclose(clean1, noisy)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Data sources: D4RL names (cache and download), Minari ids, local files, mixes, bad input
-# ----------------------------------------------------------------------------------------------------------------
-def args(**kw):
-    return a2pr.Args(**{"download_timeout": 2.0, **kw})
-
-
-def quiet(*_a, **_k):
-    pass
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Synthetic data
-# ----------------------------------------------------------------------------------------------------------------
-def make_rows(lengths, obs_dim=11, act_dim=3, reward=0.0, seed=0, terminal_every=0):
-    """D4RL rows: one episode per length; time-out at its end, or a terminal for every `terminal_every`-th."""
-    rng = np.random.default_rng(seed)
-    n = int(sum(lengths))
-    rows = dict(observations=rng.standard_normal((n, obs_dim)).astype(np.float32),
-                actions=rng.uniform(-1, 1, (n, act_dim)).astype(np.float32),
-                rewards=np.full(n, reward, dtype=np.float32),
-                terminals=np.zeros(n, dtype=bool), timeouts=np.zeros(n, dtype=bool))
-    ends = np.cumsum(lengths) - 1
-    for i, e in enumerate(ends):
-        if terminal_every and i % terminal_every == 0:
-            rows["terminals"][e] = True
-        else:
-            rows["timeouts"][e] = True
-    return rows
-
-
-def d4rl_file(name, rows, attrs=None) -> Path:
-    path = a2pr.d4rl_cache_dir() / a2pr.D4RL_DATASETS[name].filename
-    write_d4rl_hdf5(path, rows, attrs or {})
-    return path
-
-
-def file_bytes(tmp_path, rows) -> bytes:
-    p = tmp_path / "src.hdf5"
-    write_d4rl_hdf5(p, rows, {})
-    return p.read_bytes()
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Registry facts
-# ----------------------------------------------------------------------------------------------------------------
-def test_registry_urls_dims_and_refs():
-    assert len(a2pr.D4RL_DATASETS) == 4 * 6
-    base = "http://rail.eecs.berkeley.edu/datasets/offline_rl/gym_mujoco_v2/"
-    assert a2pr.D4RL_DATASETS["hopper-medium-v2"].url == base + "hopper_medium-v2.hdf5"
-    assert a2pr.D4RL_DATASETS["walker2d-medium-replay-v2"].url == base + "walker2d_medium_replay-v2.hdf5"
-    assert a2pr.D4RL_DATASETS["halfcheetah-medium-expert-v2"].filename == "halfcheetah_medium_expert-v2.hdf5"
-    assert a2pr.D4RL_DATASETS["ant-full-replay-v2"].filename == "ant_full_replay-v2.hdf5"
-    e = a2pr.D4RL_DATASETS["ant-random-v2"]
-    assert (e.obs_dim, e.act_dim, e.ref_min_score, e.ref_max_score) == (111, 8, -325.6, 3879.7)
-    e = a2pr.D4RL_DATASETS["walker2d-expert-v2"]
-    assert (e.env_id, e.obs_dim, e.act_dim, e.ref_min_score, e.ref_max_score) == ("Walker2d-v4", 17, 6, 1.629008,
-                                                                                   4592.3)
-
-
-@pytest.mark.parametrize("family", list(a2pr.D4RL_FAMILIES))
-def test_eval_env_dims_match_d4rl(family):
-    env_id, obs_dim, act_dim = a2pr.D4RL_FAMILIES[family][:3]
-    assert a2pr.env_dims(env_id, "test") == (obs_dim, act_dim)
-
-
-def test_d4rl_ant_env_is_ant_v4_with_zero_contact_forces():
-    a2pr.register_a2pr_envs()
-    assert gym.make("Ant-v4").observation_space.shape == (27,)
-    assert gym.make("Ant-v4", use_contact_forces=True).observation_space.shape == (111,)
-    ours, ref = gym.make(a2pr.ANT_D4RL_ENV_ID), gym.make("Ant-v4")
-    o, _ = ours.reset(seed=3)
-    r, _ = ref.reset(seed=3)
-    assert o.shape == (111,) and not o[27:].any() and np.array_equal(o[:27], r)
-    a = ours.action_space.sample()
-    o2, rew, *_ = ours.step(a)
-    r2, rew_ref, *_ = ref.step(a)
-    assert np.array_equal(o2[:27], r2) and rew == rew_ref and ours.spec.max_episode_steps == 1000
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# D4RL names: cache, download
-# ----------------------------------------------------------------------------------------------------------------
-def test_d4rl_name_from_cache():
-    rows = make_rows([30] * 4)
-    path = d4rl_file("hopper-medium-v2", rows)
-    got, attrs = load_rows("hopper-medium-v2", args(), quiet)
-    assert attrs["env_id"] == "Hopper-v4" and attrs["kind"] == "d4rl"
-    assert (attrs["ref_min_score"], attrs["ref_max_score"]) == (-20.272305, 3234.3)
-    assert str(path) in attrs["source"] and "cached" in attrs["source"]
-    np.testing.assert_array_equal(got["observations"], rows["observations"])
-    tr = rows_to_transitions(got)
-    assert len(tr["rewards"]) == 120 - 4  # the time-out rows are dropped (D4RL's qlearning_dataset)
-
-
-def test_d4rl_cached_file_with_wrong_dims():
-    path = d4rl_file("hopper-medium-v2", make_rows([10], obs_dim=12))
-    with pytest.raises(A2PRError, match=r"observation dim 12 .* has 11 and 3") as e:
-        load_rows("hopper-medium-v2", args(), quiet)
-    assert str(path) in str(e.value)
-
-
-class _Handler(http.server.BaseHTTPRequestHandler):
-    files: dict[str, bytes] = {}
-    mode = "full"
-    hits: list[str] = []
-
-    def do_GET(self):
-        name = self.path.rsplit("/", 1)[-1]
-        self.hits.append(name)
-        if name not in self.files:
-            self.send_error(404)
-            return
-        data = self.files[name]
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        if self.mode == "cut":  # the connection drops half-way
-            self.wfile.write(data[: len(data) // 2])
-            self.wfile.flush()
-            self.close_connection = True
-            return
-        self.wfile.write(data)
-
-    def log_message(self, *a):
-        pass
-
-
-@pytest.fixture
-def server(monkeypatch):
-    handler = type("H", (_Handler,), dict(files={}, mode="full", hits=[]))
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    handler.port = httpd.server_address[1]
-    monkeypatch.setenv("A2PR_D4RL_MIRROR", f"http://127.0.0.1:{handler.port}/datasets")
-    yield handler
-    httpd.shutdown()
-    httpd.server_close()
-
-
-def leftovers(d: Path):
-    return sorted(p.name for p in d.glob("*.part")) if d.exists() else []
-
-
-def test_download_success_then_cached(server, tmp_path, capsys):
-    rows = make_rows([200] * 20)
-    server.files["hopper_medium-v2.hdf5"] = file_bytes(tmp_path, rows)
-    got, attrs = load_rows("hopper-medium-v2", args(), quiet)
-    final = a2pr.d4rl_cache_dir() / "hopper_medium-v2.hdf5"
-    assert final.is_file() and leftovers(final.parent) == [] and "downloaded" in attrs["source"]
-    assert "100.0%" in capsys.readouterr().err  # the plain-text progress bar
-    np.testing.assert_array_equal(got["actions"], rows["actions"])
-    server.files.clear()
-    got2, attrs2 = load_rows("hopper-medium-v2", args(), quiet)  # now from the cache: no request
-    assert "cached" in attrs2["source"] and server.hits == ["hopper_medium-v2.hdf5"]
-
-
-def test_download_interrupted_leaves_nothing(server, tmp_path):
-    server.files["hopper_random-v2.hdf5"] = file_bytes(tmp_path, make_rows([200] * 20))
-    server.mode = "cut"
-    with pytest.raises(A2PRError, match="incomplete|interrupted") as e:
-        load_rows("hopper-random-v2", args(), quiet)
-    final = a2pr.d4rl_cache_dir() / "hopper_random-v2.hdf5"
-    assert not final.exists() and leftovers(final.parent) == []
-    assert str(final) in str(e.value) and "\n" not in str(e.value)
-
-
-@pytest.mark.parametrize("payload, match", [("garbage", "not a valid dataset"), ("dims", "observation dim 17")])
-def test_download_invalid_file_is_not_kept(server, tmp_path, payload, match):
-    data = b"\x89HDF\r\n" + b"x" * 5000 if payload == "garbage" else file_bytes(tmp_path, make_rows([50], 17, 6))
-    server.files["hopper_expert-v2.hdf5"] = data
-    with pytest.raises(A2PRError, match=match):
-        load_rows("hopper-expert-v2", args(), quiet)
-    final = a2pr.d4rl_cache_dir() / "hopper_expert-v2.hdf5"
-    assert not final.exists() and leftovers(final.parent) == []
-
-
-def test_download_ctrl_c_removes_part(tmp_path, server):
-    server.files["x.hdf5"] = b"abc"
-    dest = tmp_path / "cache" / "x.hdf5"
-
-    def validate(_):
-        raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        a2pr.download_file(f"http://127.0.0.1:{server.port}/x.hdf5", dest, validate, timeout=2)
-    assert not dest.exists() and leftovers(dest.parent) == []
-
-
-def test_server_that_never_answers_times_out(monkeypatch):
-    silent = socket.socket()
-    silent.bind(("127.0.0.1", 0))
-    silent.listen(8)  # connections complete in the backlog, but nothing is ever sent back
-    monkeypatch.setenv("A2PR_D4RL_MIRROR", f"http://127.0.0.1:{silent.getsockname()[1]}")
-    t0 = time.time()
-    try:
-        with pytest.raises(A2PRError, match=r"timed out after 1s|no data for 1s"):
-            load_rows("walker2d-medium-v2", args(download_timeout=1.0), quiet)
-    finally:
-        silent.close()
-    assert time.time() - t0 < 5
-    assert leftovers(a2pr.d4rl_cache_dir()) == []
-
-
-def test_unreachable_host_fails_fast_with_one_line(monkeypatch):
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()  # nothing listens there now
-    monkeypatch.setenv("A2PR_D4RL_MIRROR", f"http://127.0.0.1:{port}/d4rl")
-    t0 = time.time()
-    with pytest.raises(A2PRError) as e:
-        load_rows("halfcheetah-medium-replay-v2", args(), quiet)
-    msg = str(e.value)
-    assert time.time() - t0 < 3 and "\n" not in msg
-    assert f"http://127.0.0.1:{port}/d4rl/halfcheetah_medium_replay-v2.hdf5" in msg
-    assert str(a2pr.d4rl_cache_dir() / "halfcheetah_medium_replay-v2.hdf5") in msg
-    assert "pendulum-mostly-random-v0" in msg and "Connection" in msg
-
-
-def test_real_d4rl_url_is_never_contacted_in_tests():
-    with pytest.raises(A2PRError, match="rail.eecs.berkeley.edu.*blocked"):  # the isolation fixture works
-        load_rows("ant-medium-v2", args(), quiet)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Minari
-# ----------------------------------------------------------------------------------------------------------------
-def minari_dataset(dataset_id, episodes, env="Hopper-v4", eval_env=None, ref=(-20.0, 3000.0), **kw):
-    import minari
-    from minari.data_collector.episode_buffer import EpisodeBuffer
-
-    buffers = [EpisodeBuffer(id=i, observations=e["obs"], actions=e["act"], rewards=list(e["rew"]),
-                             terminations=list(e["term"]), truncations=list(e["trunc"])) for i, e in
-               enumerate(episodes)]
-    extra = dict(ref_min_score=ref[0], ref_max_score=ref[1]) if ref else {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return minari.create_dataset_from_buffers(dataset_id, buffers, env=env, eval_env=eval_env,
-                                                  algorithm_name="test", author="test", author_email="t@t",
-                                                  code_permalink="none", description="test", **extra, **kw)
-
-
-def episodes(lengths, ends, obs_dim=11, act_dim=3, seed=0):
-    """ends[i] in {'term', 'trunc', 'none'}: how episode i stops."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for n, end in zip(lengths, ends):
-        out.append(dict(obs=rng.standard_normal((n + 1, obs_dim)).astype(np.float32),
-                        act=rng.uniform(-1, 1, (n, act_dim)).astype(np.float32),
-                        rew=rng.standard_normal(n).astype(np.float32),
-                        term=[False] * (n - 1) + [end == "term"], trunc=[False] * (n - 1) + [end == "trunc"]))
-    return out
-
-
-@pytest.fixture
-def no_minari_download(monkeypatch):
-    import minari.storage.local as local
-
-    calls = []
-
-    def fake(dataset_id, *a, **k):
-        calls.append(dataset_id)
-        raise ConnectionError("no network in tests")
-
-    monkeypatch.setattr(local.hosting, "download_dataset", fake)
-    return calls
-
-
-def test_minari_local_dataset_rows_next_obs_eval_env_and_notice(no_minari_download):
-    eps = episodes([5, 6, 7], ["term", "trunc", "none"])
-    minari_dataset("mujoco/hopper/test-v0", eps)
-    logged = []
-    rows, attrs = load_rows("mujoco/hopper/test-v0", args(), logged.append)
-    assert no_minari_download == []  # local: nothing downloaded
-    assert attrs["kind"] == "minari" and attrs["notice"] == a2pr.MINARI_MUJOCO_NOTICE
-    assert any(a2pr.MINARI_MUJOCO_NOTICE in m for m in logged)
-    assert (attrs["ref_min_score"], attrs["ref_max_score"]) == (-20.0, 3000.0)
-    # rows: one per step; every step becomes a transition whose next state is the true next observation
-    tr = rows_to_transitions(rows)
-    assert len(tr["rewards"]) == 18
-    np.testing.assert_array_equal(tr["observations"], np.concatenate([e["obs"][:-1] for e in eps]))
-    np.testing.assert_array_equal(tr["next_observations"], np.concatenate([e["obs"][1:] for e in eps]))
-    np.testing.assert_array_equal(rows["terminals"].nonzero()[0], [4])
-    np.testing.assert_array_equal(rows["timeouts"].nonzero()[0], [10, 17])  # truncated + stopped episodes
-    np.testing.assert_array_equal(tr["terminals"], rows["terminals"].astype(np.float32))
-    # the eval env is an EnvSpec that gymnasium.make accepts again, once per agent
-    spec = attrs["env_id"]
-    envs = [gym.make(spec) for _ in range(2)]
-    assert all(e.observation_space.shape == (11,) and e.spec.id == "Hopper-v4" for e in envs)
-
-
-def test_minari_eval_env_is_the_datasets_eval_env():
-    minari_dataset("D4RL/hopper/evalenv-v0", episodes([4], ["term"]), eval_env="Hopper-v5")
-    _, attrs = load_rows("D4RL/hopper/evalenv-v0", args(), quiet)
-    assert attrs["env_id"].id == "Hopper-v5" and "notice" not in attrs
-
-
-class DictObsEnv(gym.Env):
-    """A goal-conditioned toy env with Dict observations (like antmaze/pointmaze)."""
-    observation_space = gym.spaces.Dict({"observation": gym.spaces.Box(-1, 1, (4,)),
-                                         "desired_goal": gym.spaces.Box(-1, 1, (2,)),
-                                         "achieved_goal": gym.spaces.Box(-1, 1, (2,))})
-    action_space = gym.spaces.Box(-1, 1, (2,))
-
-    def reset(self, *, seed=None, options=None):
-        super().reset(seed=seed)
-        return self.observation_space.sample(), {}
-
-    def step(self, action):
-        return self.observation_space.sample(), 0.0, False, False, {}
-
-
-def test_minari_dict_observations_are_flattened_like_gymnasium():
-    spec = gym.envs.registration.EnvSpec("DictObs-v0", entry_point="test_a2pr:DictObsEnv",
-                                         max_episode_steps=10)
-    rng = np.random.default_rng(1)
-    n = 6
-    obs = {k: rng.standard_normal((n + 1, s.shape[0])).astype(np.float32)
-           for k, s in DictObsEnv.observation_space.spaces.items()}
-    ep = dict(obs=obs, act=rng.uniform(-1, 1, (n, 2)).astype(np.float32), rew=np.zeros(n, np.float32),
-              term=[False] * n, trunc=[False] * (n - 1) + [True])
-    minari_dataset("test/dictobs/goal-v0", [ep], env=spec)
-    rows, attrs = load_rows("test/dictobs/goal-v0", args(), quiet)
-    space = DictObsEnv.observation_space
-    expect = np.stack([gym.spaces.flatten(space, {k: v[t] for k, v in obs.items()}) for t in range(n + 1)])
-    np.testing.assert_allclose(rows["observations"], expect[:-1])
-    np.testing.assert_allclose(rows["next_observations"], expect[1:])
-    env = gym.make(attrs["env_id"])
-    assert env.observation_space.shape == (8,) and env.reset(seed=0)[0].shape == (8,)
-
-
-ROBOTICS_SPEC = dict(id="AntMaze_UMaze-v4", entry_point="gymnasium_robotics.envs.maze.ant_maze_v4:AntMazeEnv",
-                     max_episode_steps=700)
-
-
-@pytest.mark.parametrize("with_requirements", [True, False])
-def test_minari_robotics_env_without_gymnasium_robotics(with_requirements):
-    import importlib.util
-
-    if importlib.util.find_spec("gymnasium_robotics"):
-        pytest.skip("gymnasium-robotics is installed here")
-    spec = gym.envs.registration.EnvSpec(**ROBOTICS_SPEC)
-    name = f"D4RL/antmaze/umaze{int(with_requirements)}-v1"
-    minari_dataset(name, episodes([5], ["trunc"], obs_dim=11, act_dim=3), env=None, eval_env=spec, ref=None,
-                   observation_space=gym.spaces.Box(-np.inf, np.inf, (11,)), action_space=gym.spaces.Box(-1, 1, (3,)),
-                   requirements=["gymnasium-robotics>=1.2.4"] if with_requirements else None)
-    with pytest.raises(A2PRError, match=r"needs the gymnasium-robotics package .*pip install gymnasium-robotics$"):
-        load_rows(name, args(), quiet)
-
-
-def test_minari_not_local_tries_download_and_fails_in_one_line(no_minari_download):
-    with pytest.raises(A2PRError) as e:
-        load_rows("D4RL/pen/human-v2", args(), quiet)
-    msg = str(e.value)
-    assert no_minari_download == ["D4RL/pen/human-v2"] and "\n" not in msg
-    assert "D4RL/pen/human-v2" in msg and "no network in tests" in msg and "pendulum-random-v0" in msg
-
-
-def test_minari_without_reference_scores():
-    minari_dataset("mujoco/hopper/noref-v0", episodes([4], ["term"]), ref=None)
-    with pytest.raises(A2PRError, match="no ref_min_score/ref_max_score.*--ref-scores"):
-        load_rows("mujoco/hopper/noref-v0", args(), quiet)
-    _, attrs = load_rows("mujoco/hopper/noref-v0", args(ref_scores="0,100"), quiet)
-    assert (attrs["ref_min_score"], attrs["ref_max_score"]) == (0.0, 100.0)
-
-
-def test_minari_nan_and_dimension_mismatch():
-    eps = episodes([4], ["term"])
-    eps[0]["rew"][2] = np.nan
-    minari_dataset("mujoco/hopper/nan-v0", eps)
-    with pytest.raises(A2PRError, match=r"Minari dataset mujoco/hopper/nan-v0: 'rewards' contains NaN"):
-        load_rows("mujoco/hopper/nan-v0", args(), quiet)
-    minari_dataset("mujoco/hopper/dims-v0", episodes([4], ["term"], obs_dim=12), env=None, eval_env="Hopper-v4",
-                   observation_space=gym.spaces.Box(-np.inf, np.inf, (12,)), action_space=gym.spaces.Box(-1, 1, (3,)))
-    with pytest.raises(A2PRError, match=r"mujoco/hopper/dims-v0: the data has observation dim 12 .* Hopper-v4"):
-        load_rows("mujoco/hopper/dims-v0", args(), quiet)
-
-
-def test_minari_corrupt_data_file():
-    d = minari_dataset("mujoco/hopper/broken-v0", episodes([30] * 5, ["term"] * 5))
-    data = Path(d.storage.data_path) / "main_data.hdf5"
-    data.write_bytes(data.read_bytes()[:2000])
-    with pytest.raises(A2PRError, match="mujoco/hopper/broken-v0") as e:
-        load_rows("mujoco/hopper/broken-v0", args(), quiet)
-    assert "\n" not in str(e.value)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Local files
-# ----------------------------------------------------------------------------------------------------------------
-def test_local_file_eval_env_from_name(tmp_path):
-    p = tmp_path / "data" / "walker2d_medium-v2.hdf5"
-    write_d4rl_hdf5(p, make_rows([20] * 3, 17, 6), {})
-    rows, attrs = load_rows(str(p), args(), quiet)
-    assert attrs["env_id"] == "Walker2d-v4" and attrs["ref_max_score"] == 4592.3 and attrs["kind"] == "file"
-    assert "file name" in attrs["source"]
-
-
-def test_local_file_eval_env_from_flag_attrs_and_errors(tmp_path):
-    p = tmp_path / "mydata.hdf5"
-    write_d4rl_hdf5(p, make_rows([20] * 3), {})
-    with pytest.raises(A2PRError, match=r"mydata.hdf5: cannot tell which env .* --eval-env"):
-        load_rows(str(p), args(), quiet)
-    _, attrs = load_rows(str(p), args(eval_env="Hopper-v4"), quiet)
-    assert attrs["env_id"] == "Hopper-v4" and attrs["ref_min_score"] == -20.272305
-    with pytest.raises(A2PRError, match=r"mydata.hdf5: the data has observation dim 11 .* HalfCheetah-v4"):
-        load_rows(str(p), args(eval_env="HalfCheetah-v4"), quiet)
-    p2 = tmp_path / "pend.hdf5"
-    write_d4rl_hdf5(p2, make_rows([20] * 3, 3, 1), {})
-    with pytest.raises(A2PRError, match="no reference returns.*--ref-scores"):
-        load_rows(str(p2), args(eval_env="Pendulum-v1"), quiet)
-    _, attrs = load_rows(str(p2), args(eval_env="Pendulum-v1", ref_scores="-1200,-150"), quiet)
-    assert (attrs["ref_min_score"], attrs["ref_max_score"]) == (-1200.0, -150.0)
-    write_d4rl_hdf5(p2, make_rows([20] * 3, 3, 1), dict(env_id="Pendulum-v1", ref_min_score=-1000.0,
-                                                        ref_max_score=-100.0))
-    _, attrs = load_rows(str(p2), args(), quiet)  # a2pr's own files carry env_id and reference returns
-    assert attrs["env_id"] == "Pendulum-v1" and attrs["ref_max_score"] == -100.0
-    with pytest.raises(A2PRError, match=r"no_such\.hdf5: file not found"):
-        load_rows(str(tmp_path / "no_such.hdf5"), args(), quiet)
-    with pytest.raises(A2PRError, match=r"bad_env.hdf5: cannot make the evaluation env 'Nope-v9'"):
-        write_d4rl_hdf5(tmp_path / "bad_env.hdf5", make_rows([5]), {})
-        load_rows(str(tmp_path / "bad_env.hdf5"), args(eval_env="Nope-v9"), quiet)
-
-
-def _bad_file(tmp_path, kind) -> Path:
-    p = tmp_path / f"hopper_{kind}.hdf5"
-    rows = make_rows([20] * 50)
-    if kind == "truncated":
-        write_d4rl_hdf5(p, rows, {})
-        p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
-    elif kind == "garbage":
-        p.write_bytes(b"this is not an HDF5 file" * 100)
-    elif kind == "missing":
-        with h5py.File(p, "w") as f:
-            for k in ("observations", "actions", "rewards", "terminals"):
-                f.create_dataset(k, data=rows[k])
-    elif kind == "nan":
-        rows["observations"][7, 3] = np.inf
-        write_d4rl_hdf5(p, rows, {})
-    elif kind == "empty":
-        write_d4rl_hdf5(p, {k: v[:0] for k, v in rows.items()}, {})
-    elif kind == "dims":
-        write_d4rl_hdf5(p, make_rows([20], act_dim=4), {})
-    return p
-
-
-@pytest.mark.parametrize("kind, match", [
-    ("truncated", "cannot read the HDF5 file"), ("garbage", "cannot read the HDF5 file"),
-    ("missing", r"missing keys \['timeouts'\]"), ("nan", "'observations' contains NaN or inf"),
-    ("empty", "the dataset is empty"), ("dims", r"action dim 4, but the evaluation env Hopper-v4")])
-def test_bad_files_one_line_naming_the_file(tmp_path, kind, match):
-    p = _bad_file(tmp_path, kind)
-    with pytest.raises(A2PRError, match=match) as e:
-        load_rows(str(p), args(), quiet)
-    assert str(p) in str(e.value) and "\n" not in str(e.value)
-
-
-def test_builtin_dataset_from_cache(tmp_path):
-    rows = make_rows([200] * 3, 3, 1)
-    path = tmp_path / "a2pr" / "pendulum-random-v0-seed0-v1.hdf5"
-    write_d4rl_hdf5(path, rows, dict(env_id="Pendulum-v1", ref_min_score=-1200.0, ref_max_score=-150.0))
-    got, attrs = load_rows("pendulum-random-v0", args(data_dir=str(tmp_path / "a2pr")), quiet)
-    assert attrs["kind"] == "builtin" and attrs["env_id"] == "Pendulum-v1" and str(path) in attrs["source"]
-    assert len(got["rewards"]) == 600
-
-
-@pytest.mark.parametrize("name, close", [("hoper-medium-v2", "hopper-medium-v2"),
-                                         ("hopper-medium-v0", "hopper-medium-v2"),
-                                         ("halfcheetah-medium_expert-v2", "halfcheetah-medium-expert-v2"),
-                                         ("pendulum-random", "pendulum-random-v0")])
-def test_unknown_names_list_closest(name, close):
-    with pytest.raises(A2PRError, match="unknown dataset") as e:
-        load_rows(name, args(), quiet)
-    msg = str(e.value)
-    assert close in msg.split("closest:")[1].split(";")[0] and "\n" not in msg
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Mixes
-# ----------------------------------------------------------------------------------------------------------------
-@pytest.fixture
-def random_and_expert():
-    rng = np.random.default_rng(5)
-    d4rl_file("hopper-random-v2", make_rows(list(rng.integers(5, 21, 300)), reward=0.0, seed=1, terminal_every=2))
-    d4rl_file("hopper-expert-v2", make_rows([50] * 100, reward=1.0, seed=2))
-    d4rl_file("walker2d-expert-v2", make_rows([50] * 4, 17, 6, reward=1.0))
-
-
-def count(rows):
-    b = a2pr.episode_bounds(rows)
-    good = np.array([rows["rewards"][s] == 1.0 for s, _ in b])
-    lens = b[:, 1] - b[:, 0]
-    return int(good.sum()), int(lens[good].sum()), int((~good).sum()), int(lens[~good].sum())
-
-
-def test_mix_proportions(random_and_expert):
-    rows, attrs = load_rows("hopper-random-v2", args(mix="hopper-expert-v2:0.1"), quiet)
-    n_good_eps, n_good, n_base_eps, n_base = count(rows)
-    assert (n_good_eps, n_good) == (10, 500)  # 10 % of the expert set's 5,000 rows = 10 whole episodes
-    assert 4500 <= n_base < 4500 + 20  # the rest: whole random episodes (overshoot < one episode)
-    assert attrs["mix"]["good_rows"] == 500 and attrs["mix"]["base_rows"] == n_base
-    assert attrs["env_id"] == "Hopper-v4" and "mix of hopper-random-v2" in attrs["source"]
-    rows1, _ = load_rows("hopper-random-v2", args(mix="hopper-expert-v2:1%"), quiet)
-    assert count(rows1)[:2] == (1, 50)  # 1 % of 5,000 = 50 rows = one expert episode
-
-
-def test_mix_reproducible_and_seeded(random_and_expert):
-    a, _ = load_rows("hopper-random-v2", args(mix="hopper-expert-v2:0.1", dataset_seed=3), quiet)
-    b, _ = load_rows("hopper-random-v2", args(mix="hopper-expert-v2:0.1", dataset_seed=3), quiet)
-    c, _ = load_rows("hopper-random-v2", args(mix="hopper-expert-v2:0.1", dataset_seed=4), quiet)
-    assert all(np.array_equal(a[k], b[k]) for k in a)
-    assert len(a["rewards"]) != len(c["rewards"]) or not np.array_equal(a["observations"], c["observations"])
-
-
-@pytest.mark.parametrize("mix, match", [("hopper-expert-v2", "NAME:FRACTION"), ("hopper-expert-v2:0", "0 < FRACTION"),
-                                        ("hopper-expert-v2:1.5", "0 < FRACTION"), (":0.1", "NAME:FRACTION"),
-                                        ("hopper-expert-v2:abc", "NAME:FRACTION"),
-                                        ("walker2d-expert-v2:0.1", "same env"),
-                                        ("hoper-expert-v2:0.1", "closest: hopper-expert-v2")])
-def test_mix_errors(random_and_expert, mix, match):
-    with pytest.raises(A2PRError, match=match):
-        load_rows("hopper-random-v2", args(mix=mix), quiet)
-
-
-@settings(deadline=None)
-@given(base_lens=st.lists(st.integers(1, 15), min_size=1, max_size=12),
-       good_lens=st.lists(st.integers(1, 15), min_size=1, max_size=12),
-       fraction=st.floats(0.01, 0.99), seed=st.integers(0, 2**16))
-def test_mix_invariants(base_lens, good_lens, fraction, seed):
-    base = make_rows(base_lens, 2, 1, reward=0.0, seed=seed)
-    base["timeouts"][-1] = False  # a trailing partial episode, as at the end of some D4RL files
-    good = make_rows(good_lens, 2, 1, reward=1.0, seed=seed + 1, terminal_every=2)
-    rows, info = a2pr.mix_rows(base, good, fraction, seed)
-    total, target = sum(good_lens), max(1, int(np.floor(fraction * sum(good_lens) + 0.5)))
-    assert target <= info["good_rows"] < target + max(good_lens)
-    assert total - target <= info["base_rows"] < total - target + max(base_lens) or total - target <= 0
-    n_good_eps, n_good, _, n_base = count(rows)
-    assert (n_good, n_base) == (info["good_rows"], info["base_rows"])
-    # every episode in the mix is a whole source episode, ended by a terminal or a time-out
-    assert rows["terminals"][-1] or rows["timeouts"][-1]
-    src_good = {good["observations"][s:e].tobytes() for s, e in a2pr.episode_bounds(good)}
-    src_base = {base["observations"][s:e].tobytes() for s, e in a2pr.episode_bounds(base)}
-    for s, e in a2pr.episode_bounds(rows):
-        assert rows["observations"][s:e].tobytes() in (src_good if rows["rewards"][s] == 1.0 else src_base)
-    again, _ = a2pr.mix_rows(base, good, fraction, seed)
-    assert all(np.array_equal(again[k], rows[k]) for k in rows)
-
-
-def test_d4rl_name_trains_end_to_end_with_its_preset_and_eval_env(tmp_path):
-    """The user's command, minus the GPU: hopper-medium-v2 from the D4RL cache, the published preset, evaluation
-    in Hopper-v4 with D4RL's reference returns."""
-    d4rl_file("hopper-medium-v2", make_rows([50] * 10, reward=1.0))
-    s = a2pr.train(tiny(tmp_path, env="hopper-medium-v2", total_steps=20, eval_freq=20, log_freq=10))
-    ck = checkpoint(s["run_dir"])
-    assert ck["env_id"] == "Hopper-v4" and ck["ref_scores"] == (-20.272305, 3234.3)
-    assert (ck["args"]["bc_weight"], ck["args"]["discount"], ck["args"]["preset"]) == (0.4, 0.995, "hopper-medium-v2")
-    assert s["dataset_score"] == pytest.approx(a2pr.normalized_score(50.0, -20.272305, 3234.3))
-    assert np.isfinite(s["final_score"])
-
-
-def test_mix_flag_end_to_end_from_the_command_line(tmp_path):
-    d4rl_file("hopper-random-v2", make_rows([40] * 50, reward=0.0, seed=1))
-    d4rl_file("hopper-expert-v2", make_rows([100] * 20, reward=1.0, seed=2))
-    ds_ = a2pr.load_dataset(args(env="hopper-random-v2", mix="hopper-expert-v2:0.1"), log=quiet)
-    returns = ds_.episode_returns
-    assert (returns == 100).sum() == 2 and len(returns) == 2 + 45  # 200 of 2,000 rows expert, 1,800 random
-    assert "mix of hopper-random-v2" in ds_.source
-
-
-@pytest.mark.parametrize("what", ["update", "data"])
-def test_benchmark_modes_print_one_json_line(what):
-    extra = ["--bench-steps", "3", "--actor-hidden", "8", "--critic-hidden", "8", "--value-hidden", "8",
-             "--vae-hidden", "8", "--batch-size", "16"] if what == "update" else []
-    r = run_cli("--benchmark", what, *extra)
-    assert r.returncode == 0, r.stderr
-    (line,) = r.stdout.strip().splitlines()
-    out = json.loads(line)
-    assert out["benchmark"] == what and out["device"] == "cpu"
-    assert out["steps_per_s"] > 0 if what == "update" else out["transitions"] == 999_000
-
-
-def test_benchmark_times_paths_side_by_side_and_reports_medians():
-    """--bench-modes eager,compile --bench-repeats 3: each path gets its own rounds, interleaved; steps/s is the
-    median of its rounds, and the top-level figure is the first path's."""
-    r = run_cli("--benchmark", "update", "--bench-steps", "2", "--bench-modes", "eager,compile", "--bench-repeats",
-                "3", "--num-seeds", "2", "--actor-hidden", "8", "--critic-hidden", "8", "--value-hidden", "8",
-                "--vae-hidden", "8", "--batch-size", "16")
-    assert r.returncode == 0, r.stderr
-    (line,) = r.stdout.strip().splitlines()
-    out = json.loads(line)
-    assert list(out["modes"]) == ["eager", "compile"] and out["repeats"] == 3
-    for m in out["modes"].values():
-        assert len(m["runs"]) == 3 and all(x > 0 for x in m["runs"])
-        assert m["steps_per_s"] == pytest.approx(float(np.median(m["runs"])), abs=0.01)
-        assert m["agent_steps_per_s"] == pytest.approx(2 * m["steps_per_s"], abs=0.02)
-    assert out["steps_per_s"] == out["modes"]["eager"]["steps_per_s"]
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The theory on finite MDPs, exactly (spec, "What the theory promises")
-# ----------------------------------------------------------------------------------------------------------------
-TOL = 1e-9
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Random MDPs: hypothesis draws sizes, gamma and a seed; numpy's default_rng builds the arrays (fast, shrinks well)
-# ---------------------------------------------------------------------------------------------------------------
-@dataclass
-class Problem:
-    P: np.ndarray      # (S, A, S) transition probabilities
-    R: np.ndarray      # (S, A) rewards in [-1, 1]
-    rho: np.ndarray    # (S,) initial distribution
-    gamma: float
-    beta: np.ndarray   # (S, A) behaviour policy, some actions with zero mass
-    gen: np.ndarray    # (S, A) generator, supp gen ⊆ supp beta
-    rng: np.random.Generator  # for any further draws (noise, other policies) in the test
-
-    @property
-    def adv_beta(self) -> np.ndarray:
-        return a2pr.advantage(self.P, self.R, self.beta, self.gamma)
-
-    def J(self, pi) -> float:
-        return a2pr.performance(self.P, self.R, pi, self.gamma, self.rho)
-
-
-def random_support(rng, S, A, p_keep, inside=None):
-    """Boolean (S, A) mask, each action kept with prob p_keep (within `inside`), >= 1 action per state."""
-    allowed = np.ones((S, A), bool) if inside is None else inside
-    mask = (rng.random((S, A)) < p_keep) & allowed
-    for s in range(S):
-        if not mask[s].any():
-            mask[s, rng.choice(np.flatnonzero(allowed[s]))] = True
-    return mask
-
-
-def random_policy(rng, mask):
-    """A policy supported exactly on `mask`; the gamma shape varies how peaked the rows are."""
-    w = (rng.gamma(rng.choice([0.2, 1.0, 5.0]), size=mask.shape) + 1e-3) * mask
-    return w / w.sum(1, keepdims=True)
-
-
-def random_mdp(rng, S, A, duplicate_action=False):
-    """P rows on the simplex (Dirichlet(0.5): often near-sparse), R ~ U[-1, 1], rho ~ Dirichlet(1)."""
-    P = rng.dirichlet(np.full(S, 0.5), size=(S, A))
-    R = rng.uniform(-1.0, 1.0, (S, A))
-    if duplicate_action:  # actions 0 and 1 identical: their advantages tie exactly, exercising ties to a_G
-        P[:, 1], R[:, 1] = P[:, 0], R[:, 0]
-    return P, R, rng.dirichlet(np.ones(S))
-
-
-def make_problem(seed, S, A, gamma, duplicate_action=False) -> Problem:
-    rng = np.random.default_rng(seed)
-    P, R, rho = random_mdp(rng, S, A, duplicate_action)
-    beta_support = random_support(rng, S, A, p_keep=rng.uniform(0.3, 0.9))
-    gen_support = random_support(rng, S, A, p_keep=rng.uniform(0.2, 1.0), inside=beta_support)
-    return Problem(P, R, rho, gamma, random_policy(rng, beta_support), random_policy(rng, gen_support), rng)
-
-
-@st.composite
-def problems(draw) -> Problem:
-    return make_problem(seed=draw(st.integers(0, 2**32 - 1)), S=draw(st.integers(2, 10)), A=draw(st.integers(2, 5)),
-                        gamma=draw(st.floats(0.5, 0.99)), duplicate_action=draw(st.booleans()))
-
-
-eps_values = st.one_of(st.just(0.0), st.floats(-0.5, 0.5))
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The building blocks are what they claim to be
-# ---------------------------------------------------------------------------------------------------------------
-def test_prefer_generated_same_rule_on_numpy_and_torch():
-    gen, data = [0.0, 1.0, -2.0, 0.5], [0.0, 0.5, -1.0, 0.5]
-    expected = [True, True, False, True]  # ties (entries 0 and 3) go to the generated action
-    assert a2pr.prefer_generated(np.array(gen), np.array(data)).tolist() == expected
-    assert a2pr.prefer_generated(torch.tensor(gen), torch.tensor(data)).tolist() == expected
-
-
-def test_total_variation_per_state_by_hand():
-    p = np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.0], [0.2, 0.3, 0.5]])
-    q = np.array([[0.0, 1.0, 0.0], [0.0, 0.5, 0.5], [0.2, 0.3, 0.5]])
-    np.testing.assert_allclose(a2pr.total_variation(p, q), [1.0, 0.5, 0.0])  # disjoint, half shifted, equal
-
-
-@given(problems())
-@settings(deadline=None)
-def test_policy_evaluation_satisfies_bellman_equations(pb):
-    V, Q = a2pr.policy_evaluation(pb.P, pb.R, pb.beta, pb.gamma)
-    np.testing.assert_allclose(Q, pb.R + pb.gamma * np.einsum("sat,t->sa", pb.P, V), atol=TOL)
-    np.testing.assert_allclose(V, (pb.beta * Q).sum(1), atol=TOL)  # V = E_beta Q: beta's advantage averages to 0
-
-
-@given(problems())
-@settings(deadline=None)
-def test_discounted_state_distribution_is_the_discounted_occupancy(pb):
-    d = a2pr.discounted_state_distribution(pb.P, pb.beta, pb.gamma, pb.rho)
-    P_beta = a2pr.policy_transition_matrix(pb.P, pb.beta)
-    assert np.all(d >= -TOL) and abs(d.sum() - 1.0) < TOL
-    np.testing.assert_allclose(d, (1 - pb.gamma) * pb.rho + pb.gamma * d @ P_beta, atol=TOL)  # its fixed point
-
-
-@given(problems(), eps_values)
-@settings(deadline=None)
-def test_augmented_policy_is_a_distribution(pb, eps_a):
-    pi = a2pr.augmented_behaviour_policy(pb.beta, pb.gen, pb.adv_beta, eps_a)
-    assert pi.shape == pb.beta.shape and np.all(pi >= 0.0)
-    np.testing.assert_allclose(pi.sum(1), 1.0, atol=1e-12)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Improvement: E_{pi~} A^beta >= 0 in every state, V^{pi~} >= V^beta, supp pi~ ⊆ supp beta
-# ---------------------------------------------------------------------------------------------------------------
-@given(problems(), eps_values)
-@settings(deadline=None)
-def test_improvement_expected_advantage_nonnegative_in_every_state(pb, eps_a):
-    adv = pb.adv_beta
-    pi = a2pr.augmented_behaviour_policy(pb.beta, pb.gen, adv, eps_a)
-    assert np.all((pi * adv).sum(1) >= -TOL)
-
-
-@given(problems(), eps_values)
-@settings(deadline=None)
-def test_improvement_value_dominates_behaviour_in_every_state(pb, eps_a):
-    pi = a2pr.augmented_behaviour_policy(pb.beta, pb.gen, pb.adv_beta, eps_a)
-    V_pi, _ = a2pr.policy_evaluation(pb.P, pb.R, pi, pb.gamma)
-    V_beta, _ = a2pr.policy_evaluation(pb.P, pb.R, pb.beta, pb.gamma)
-    assert np.all(V_pi >= V_beta - TOL)
-
-
-@given(problems(), eps_values)
-@settings(deadline=None)
-def test_augmented_policy_support_inside_behaviour_support(pb, eps_a):
-    pi = a2pr.augmented_behaviour_policy(pb.beta, pb.gen, pb.adv_beta, eps_a)
-    assert np.all(pi[pb.beta == 0.0] == 0.0)  # exactly zero, not merely small: no out-of-distribution action
-
-
-@given(problems(), st.floats(0.0, 0.5))
-@settings(deadline=None)
-def test_threshold_above_every_advantage_gives_back_beta(pb, margin):
-    adv = pb.adv_beta
-    pi = a2pr.augmented_behaviour_policy(pb.beta, pb.gen, adv, eps_a=adv.max() + margin)
-    np.testing.assert_allclose(pi, pb.beta, atol=1e-12)  # nothing clears eps_A, so every draw falls back to a_D
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Performance-difference identity: J(pi) - J(beta) = 1/(1-gamma) sum_s d^pi(s) sum_a pi(a|s) A^beta(s, a)
-# ---------------------------------------------------------------------------------------------------------------
-def assert_performance_difference_identity(pb, pi):
-    lhs = pb.J(pi) - pb.J(pb.beta)
-    d_pi = a2pr.discounted_state_distribution(pb.P, pi, pb.gamma, pb.rho)
-    rhs = d_pi @ (pi * pb.adv_beta).sum(1) / (1.0 - pb.gamma)
-    assert abs(lhs - rhs) <= 1e-8 * max(1.0, abs(pb.J(pi)), abs(pb.J(pb.beta)))
-
-
-@given(problems(), eps_values)
-@settings(deadline=None)
-def test_performance_difference_identity_for_augmented_policy(pb, eps_a):
-    assert_performance_difference_identity(pb, a2pr.augmented_behaviour_policy(pb.beta, pb.gen, pb.adv_beta, eps_a))
-
-
-@given(problems())
-@settings(deadline=None)
-def test_performance_difference_identity_for_arbitrary_policy(pb):
-    assert_performance_difference_identity(pb, random_policy(pb.rng, np.ones_like(pb.beta, dtype=bool)))
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Robustness and bounded gap
-# ---------------------------------------------------------------------------------------------------------------
-@given(problems(), eps_values, st.floats(0.0, 0.5))
-@settings(deadline=None)
-def test_robustness_to_advantage_errors(pb, eps_a, delta):
-    adv_hat = pb.adv_beta + pb.rng.uniform(-delta, delta, pb.beta.shape)  # |adv_hat - A^beta| <= delta
-    pi_hat = a2pr.augmented_behaviour_policy(pb.beta, pb.gen, adv_hat, eps_a)
-    assert pb.J(pi_hat) >= pb.J(pb.beta) - 2.0 * delta / (1.0 - pb.gamma) - TOL
-
-
-@given(problems(), eps_values, st.floats(0.0, 1.0))
-@settings(deadline=None)
-def test_bounded_gap_for_policies_near_augmented_policy(pb, eps_a, weight):
-    pi_tilde = a2pr.augmented_behaviour_policy(pb.beta, pb.gen, pb.adv_beta, eps_a)
-    pi = (1.0 - weight) * pi_tilde + weight * random_policy(pb.rng, np.ones_like(pb.beta, dtype=bool))
-    max_adv = np.abs(a2pr.advantage(pb.P, pb.R, pi_tilde, pb.gamma)).max()
-    max_tv = a2pr.total_variation(pi, pi_tilde).max()
-    assert abs(pb.J(pi) - pb.J(pi_tilde)) <= 2.0 * max_adv * max_tv / (1.0 - pb.gamma) + TOL
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Hand-made one-state examples: the selection, ties, fall-back and support, worked out pair by pair
-# ---------------------------------------------------------------------------------------------------------------
-def one_state(beta, gen, adv, eps_a=0.0):
-    return a2pr.augmented_behaviour_policy(np.array([beta]), np.array([gen]), np.array([adv]), eps_a)[0]
-
-
-def test_hand_generated_action_replaces_worse_data_action():
-    # a_G = 1 always. a_D = 0 (p .5): A 1 >= -1 and 1 > 0 -> play a1. a_D = 1 (p .5): tie -> a1.
-    # Action 2 has the largest advantage but beta never takes it, so it must keep zero mass.
-    np.testing.assert_allclose(one_state([0.5, 0.5, 0.0], [0.0, 1.0, 0.0], [-1.0, 1.0, 5.0]), [0.0, 1.0, 0.0])
-
-
-def test_hand_tie_goes_to_generated_action():
-    # Equal advantages 0.3 > 0: a_D = 0 (p .5) ties with a_G = 1 -> a1 (ties go to a_G); a_D = 1 -> a1.
-    # A rule sending ties to a_D would give beta = [.5, .5] back.
-    np.testing.assert_allclose(one_state([0.5, 0.5], [0.0, 1.0], [0.3, 0.3]), [0.0, 1.0])
-
-
-def test_hand_fall_back_when_kept_advantage_not_above_threshold():
-    # beta = [.5, .25, .25], a_G = 1 always, A = [-.4, -.2, 1] (E_beta A = -.2 - .05 + .25 = 0).
-    # eps_A = 0: a_D = 0 (p .5): keep a1 (-.2 >= -.4), but -.2 is not > 0 -> fall back to a0.
-    #            a_D = 1 (p .25): tie -> a1, not > 0 -> fall back to a_D = a1.  a_D = 2 (p .25): -.2 < 1 -> a2.
-    #            => pi~ = [.5, .25, .25] = beta.
-    beta, gen, adv = [0.5, 0.25, 0.25], [0.0, 1.0, 0.0], [-0.4, -0.2, 1.0]
-    np.testing.assert_allclose(one_state(beta, gen, adv, eps_a=0.0), [0.5, 0.25, 0.25])
-    # eps_A = -.3: now -.2 > -.3, so the a_D = 0 draws play a1 => pi~ = [0, .75, .25] (E A = -.15 + .25 = .1 >= 0).
-    np.testing.assert_allclose(one_state(beta, gen, adv, eps_a=-0.3), [0.0, 0.75, 0.25])
-    # eps_A = -.2 exactly: -.2 is not > -.2, the threshold is strict => beta again.
-    np.testing.assert_allclose(one_state(beta, gen, adv, eps_a=-0.2), [0.5, 0.25, 0.25])
-
-
-def test_hand_positive_threshold_blocks_a_better_generated_action():
-    # beta = [.5, .5, 0], a_G = 1 always, A = [-1, 1, 0], eps_A = 1: a1 beats a0 but 1 is not > 1 -> fall back.
-    # Every draw returns a_D => pi~ = beta = [.5, .5, 0]. With eps_A = .99, 1 > .99 -> pi~ = [0, 1, 0].
-    beta, gen, adv = [0.5, 0.5, 0.0], [0.0, 1.0, 0.0], [-1.0, 1.0, 0.0]
-    np.testing.assert_allclose(one_state(beta, gen, adv, eps_a=1.0), [0.5, 0.5, 0.0])
-    np.testing.assert_allclose(one_state(beta, gen, adv, eps_a=0.99), [0.0, 1.0, 0.0])
-
-
-def test_hand_stochastic_generator_sums_over_all_pairs():
-    # beta = gen = [.5, .5, 0], A = [-1, 1, 0]; the four pairs (a_D, a_G), each p .25:
-    #   (0, 0) tie, keep a0, -1 not > 0 -> fall back a0;  (0, 1) 1 >= -1 and 1 > 0 -> a1;
-    #   (1, 0) -1 < 1 -> a1;                               (1, 1) tie -> a1.
-    # => pi~ = [.25, .75, 0].
-    np.testing.assert_allclose(one_state([0.5, 0.5, 0.0], [0.5, 0.5, 0.0], [-1.0, 1.0, 0.0]), [0.25, 0.75, 0.0])
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Negative controls: the tests can tell a wrong selection rule from the right one
-# ---------------------------------------------------------------------------------------------------------------
-def seeded_search(condition, n_seeds=200, S=4, A=3, gamma=0.9):
-    """First problem among seeds 0..n_seeds-1 satisfying `condition`, or None (deterministic)."""
-    for seed in range(n_seeds):
-        pb = make_problem(seed, S, A, gamma)
-        if condition(pb):
-            return pb
-    return None
-
-
-def test_negative_control_always_generated_action_can_be_worse_than_beta():
-    def generator_alone_hurts(pb):
-        pi_tilde = a2pr.augmented_behaviour_policy(pb.beta, pb.gen, pb.adv_beta)
-        return pb.J(pb.gen) < pb.J(pb.beta) - 1e-3 and pb.J(pi_tilde) >= pb.J(pb.beta) - TOL
-
-    pb = seeded_search(generator_alone_hurts)
-    assert pb is not None, "no MDP found where following the generator alone loses to beta"
-    assert np.any((pb.gen * pb.adv_beta).sum(1) < -1e-3)  # the improvement test would have caught pi = gen
-
-
-def test_negative_control_flipped_rule_breaks_improvement():
-    def flipped(adv_gen, adv_data):
-        return adv_gen <= adv_data  # deliberately wrong: prefers the generated action when it is *worse*
-
-    def flipped_rule_hurts(pb):
-        adv = pb.adv_beta
-        wrong = a2pr.augmented_behaviour_policy(pb.beta, pb.gen, adv, prefer=flipped)
-        return np.any((wrong * adv).sum(1) < -1e-3)
-
-    pb = seeded_search(flipped_rule_hurts)
-    assert pb is not None, "no MDP found where the flipped comparison violates improvement"
-    right = a2pr.augmented_behaviour_policy(pb.beta, pb.gen, pb.adv_beta)  # the real rule on the same MDP is fine
-    assert np.all((right * pb.adv_beta).sum(1) >= -TOL)
-
-
-if __name__ == "__main__":
-    raise SystemExit(pytest.main([__file__, "-q"]))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Speed paths give the same results: K seeds as one computation, torch.compile, CUDA graphs
-# ----------------------------------------------------------------------------------------------------------------
-def synthetic_data(obs_dim=5, act_dim=2, n=4000, device="cpu") -> a2pr.DeviceData:
-    return a2pr.synthetic_data(obs_dim, act_dim, n, device)
-
-
-def small_args(**kw) -> a2pr.Args:
-    return a2pr.resolve_args(a2pr.Args(actor_hidden=32, critic_hidden=32, value_hidden=32, vae_hidden=32,
-                                       batch_size=64, total_steps=100, **kw))[0]
-
-
-def run_updates(args, data, steps, device="cpu"):
-    agent, opt, gens = a2pr.build_learner(args, data.obs.shape[1], data.act.shape[1], device)
-    updater = a2pr.Updater(agent, opt, data, gens, args)
-    return agent, [updater(step) for step in range(1, steps + 1)]
-
-
-def test_seed_k_of_a_multi_seed_run_matches_the_single_seed_run():
-    """--num-seeds K trains K independent agents as one batched computation: agent k follows exactly the path of a
-    single run with seed+k (float tolerance: the batched matmuls may round differently)."""
-    data, k_seeds = synthetic_data(), 3
-    multi, m_multi = run_updates(small_args(seed=7, num_seeds=k_seeds), data, 100)
-    for k in range(k_seeds):
-        single, m_single = run_updates(small_args(seed=7 + k), data, 100)
-        for step, (mm, ms) in enumerate(zip(m_multi, m_single), 1):
-            assert mm.keys() == ms.keys()
-            for name in ms:
-                assert torch.allclose(mm[name][k], ms[name][0], rtol=1e-4, atol=1e-5), (k, step, name)
-        multi_params = multi.state_dict()
-        for name, p in single.state_dict().items():
-            per = multi_params[name].shape[0] // k_seeds
-            assert torch.allclose(multi_params[name][k * per:(k + 1) * per], p, rtol=1e-4, atol=1e-5), (k, name)
-
-
-@pytest.mark.slow
-def test_compiled_update_gives_the_eager_losses():
-    """--compile: same losses and parameters as eager on the same batches and noise (absolute tolerance 1e-5 in
-    float32; inductor fuses elementwise ops, which changes rounding only)."""
-    data = synthetic_data()
-    eager, m_eager = run_updates(small_args(), data, 4)
-    comp, m_comp = run_updates(small_args(compile=True), data, 4)
-    for me, mc in zip(m_eager, m_comp):
-        for name in me:
-            assert torch.allclose(me[name], mc[name], rtol=1e-5, atol=1e-5), name
-    for p, q in zip(eager.parameters(), comp.parameters()):
-        assert torch.allclose(p, q, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_cuda_graph_update_gives_the_eager_losses():
-    """--cuda-graphs: replaying the captured update gives the eager losses on the GPU (tolerance 1e-4: cuBLAS may
-    pick other kernels inside a graph)."""
-    data = synthetic_data(device="cuda")
-    eager, m_eager = run_updates(small_args(cuda=True), data, 12, "cuda")
-    graph, m_graph = run_updates(small_args(cuda=True, cuda_graphs=True), data, 12, "cuda")
-    for step, (me, mg) in enumerate(zip(m_eager, m_graph), 1):
-        for name in me:
-            assert torch.allclose(me[name], mg[name], rtol=1e-4, atol=1e-4), (step, name)
-    for p, q in zip(eager.parameters(), graph.parameters()):
-        assert torch.allclose(p, q, rtol=1e-4, atol=1e-4)
-
-
-class SimulatedCudaGraphs:
-    """CUDA-graph semantics on the CPU, to test the Updater's orchestration where no GPU is at hand: a capture
-    records the update without running it (its outputs are placeholders), and a replay runs the recorded update
-    on the static inputs it was recorded with and writes the results into those placeholders in place. What this
-    cannot check is CUDA itself (memory pools, capturable kernels): test_cuda_graph_update_gives_the_eager_losses."""
-
-    def __init__(self, monkeypatch):
-        self.recording, self.captures, self.replays = None, 0, 0
-        stream = types.SimpleNamespace(wait_stream=lambda other: None)
-        sim = self
-
-        class Graph:
-            def replay(self):
-                sim.replays += 1
-                for k, v in self.run().items():
-                    self.out[k].copy_(v)
-
-        @contextlib.contextmanager
-        def graph(g):
-            self.recording = g
-            yield
-            self.recording = None
-            self.captures += 1
-
-        monkeypatch.setattr(torch.cuda, "Stream", lambda: stream)
-        monkeypatch.setattr(torch.cuda, "current_stream", lambda: stream)
-        monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
-        monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
-        monkeypatch.setattr(torch.cuda, "graph", graph)
-        self.real_core = a2pr.update_core
-        monkeypatch.setattr(a2pr, "update_core", self.core)  # Updaters made from now on run through the simulation
-
-    def core(self, agent, opt, batch, noise, actor_turn, a):
-        if self.recording is None:
-            return self.real_core(agent, opt, batch, noise, actor_turn, a)
-        g = self.recording
-        g.run = lambda: self.real_core(agent, opt, batch, noise, actor_turn, a)
-        shadow_agent, shadow_opt = copy.deepcopy((agent, opt))  # only for the outputs' shapes; nothing is stepped
-        g.out = {k: torch.full_like(v, float("nan"))
-                 for k, v in self.real_core(shadow_agent, shadow_opt, batch, noise, actor_turn, a).items()}
-        return g.out
-
-
-def test_cuda_graph_orchestration_replays_each_step_on_its_own_batch(monkeypatch):
-    """The --cuda-graphs Updater, with CUDA graphs simulated on the CPU: 4 eager warm-up steps, one capture for
-    critic steps and one for actor steps, then every step replays the right graph on that step's own batch and
-    noise (copied into the static inputs) and returns its own metrics, not the next replay's. The run equals the
-    eager run step for step."""
-    sim = SimulatedCudaGraphs(monkeypatch)
-    data, steps = synthetic_data(), 12
-    eager, m_eager = run_updates(small_args(), data, steps)
-    args = small_args(cuda=True, cuda_graphs=True)
-    agent, opt, gens = a2pr.build_learner(args, data.obs.shape[1], data.act.shape[1], "cpu")
-    assert all(g["capturable"] for o in opt.all().values() for g in o.param_groups)
-    updater = a2pr.Updater(agent, opt, data, gens, args)
-    m_graph = [updater(step) for step in range(1, steps + 1)]
-    assert (sim.captures, sim.replays) == (2, steps - a2pr.Updater.WARMUP)
-    for step, (me, mg) in enumerate(zip(m_eager, m_graph), 1):
-        assert me.keys() == mg.keys(), step
-        for name in me:
-            assert torch.allclose(me[name], mg[name], rtol=1e-5, atol=1e-6), (step, name)
-    for p, q in zip(eager.parameters(), agent.parameters()):
-        assert torch.allclose(p, q, rtol=1e-5, atol=1e-6)
-
-
-def test_a_failed_cuda_graph_capture_is_a_one_line_error(monkeypatch):
-    SimulatedCudaGraphs(monkeypatch)
-
-    def refuse(g):
-        raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore detail")
-
-    monkeypatch.setattr(torch.cuda, "graph", refuse)
-    with pytest.raises(A2PRError, match=r"^CUDA graph capture of the critic step failed \(RuntimeError: CUDA error: "
-                                        r"operation not permitted when stream is capturing\); run without "
-                                        r"--cuda-graphs") as e:  # after the eager warm-up, at the first capture
-        run_updates(small_args(cuda=True, cuda_graphs=True), synthetic_data(), a2pr.Updater.WARMUP + 1)
-    assert "\n" not in str(e.value)
-
-
-def test_resume_errors_are_one_line(tmp_path):
-    with pytest.raises(A2PRError, match="no checkpoint.pt there"):
-        a2pr.train(a2pr.Args(resume=str(tmp_path)))
-    (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(A2PRError, match="cannot be read as an a2pr checkpoint"):
-        a2pr.train(a2pr.Args(resume=str(tmp_path)))
-    torch.save({"weights": torch.zeros(1)}, tmp_path / "checkpoint.pt")
-    with pytest.raises(A2PRError, match="not an a2pr checkpoint"):
-        a2pr.train(a2pr.Args(resume=str(tmp_path)))
-
-
-# ================================================================================================================
-# Losses, shapes, gradient routing, advantage selection and gate, trainer contracts (issue: the property suite)
-# ================================================================================================================
 CPU = torch.device("cpu")
+
+
 NOOP_LOG = lambda *a, **k: None  # noqa: E731
-
-
-def tiny_args(**kw) -> a2pr.Args:
-    base = dict(actor_hidden=8, critic_hidden=8, value_hidden=8, vae_hidden=8, batch_size=4, total_steps=10)
-    base.update(kw)
-    return a2pr.resolve_args(a2pr.Args(**base))[0]
 
 
 def random_batch(k: int, b: int, obs_dim: int, act_dim: int, seed: int = 0):
@@ -1407,255 +157,11 @@ def constant_net(seq: torch.nn.Sequential, out_bias) -> None:
 
 
 # ================================================================================================================
-# 1. Losses and shapes
+# 1. The paper's claims
 # ================================================================================================================
-dims = dict(k=st.integers(1, 3), b=st.integers(1, 6), obs_dim=st.integers(1, 5), act_dim=st.integers(1, 3))
-
-
-@settings(deadline=None)
-@given(**dims, seed=st.integers(0, 2**16))
-def test_networks_and_losses_have_spec_shapes_and_finite_per_seed_values(k, b, obs_dim, act_dim, seed):
-    args = tiny_args()
-    agent = a2pr.Agent(list(range(seed, seed + k)), obs_dim, act_dim, args)
-    s, a, r, s2, d = random_batch(k, b, obs_dim, act_dim, seed)
-    latent = agent.vae.latent_dim
-    assert latent == 2 * act_dim  # spec: latent size = 2 x action dim
-
-    pi = agent.actor(s * 100)  # large inputs saturate tanh: still inside [-1, 1]
-    assert pi.shape == (k, b, act_dim) and pi.dtype == torch.float32
-    assert pi.abs().max() <= 1.0
-    q1, q2 = agent.critic(s, a)
-    assert q1.shape == q2.shape == (k, b) and q1.dtype == torch.float32
-    torch.testing.assert_close(agent.critic.q1(s, a), q1)
-    assert agent.value(s).shape == (k, b)
-    z_noise = noise(k, b, latent, seed=seed)
-    recon, mean, log_std = agent.vae(s, a, z_noise)
-    assert recon.shape == (k, b, act_dim) and recon.abs().max() <= 1.0
-    assert mean.shape == log_std.shape == (k, b, latent)
-    assert log_std.min() >= -4 and log_std.max() <= 15
-    assert agent.vae.decode(s, z_noise).shape == (k, b, act_dim)
-
-    y = a2pr.td_target(agent.critic_target, r, s2, agent.actor_target(s2), d, 0.99)
-    assert y.shape == (k, b)
-    w = a2pr.vae_sample_weight(q1, agent.value(s), 1.0)
-    assert w.shape == (k, b)
-    losses = [a2pr.critic_loss(agent.critic, s, a, y), a2pr.value_loss(agent.value(s), y, y * 0.5),
-              a2pr.vae_loss(recon, a, mean, log_std, w), *a2pr.actor_loss(q1, pi, a, w, 2.5)]
-    for loss in losses:
-        assert loss.shape == (k,) and loss.dtype == torch.float32 and torch.isfinite(loss).all()
-    obj, parts = a2pr.actor_objective(agent, s, a, q1.detach(), agent.value(s).detach(), z_noise, args)
-    assert obj.shape == (k,) and torch.isfinite(obj).all()
-    assert parts["target"].shape == (k, b, act_dim) and parts["gate"].shape == (k, b)
-    assert parts["use_vae"].dtype == torch.bool
-
-
-@pytest.mark.parametrize("k, b, obs_dim, act_dim", [(1, 1, 1, 1), (3, 5, 4, 2)])
-def test_update_returns_finite_per_seed_metrics(k, b, obs_dim, act_dim):
-    args = tiny_args(num_seeds=k, batch_size=b)
-    agent, opt, gens = a2pr.build_learner(args, obs_dim, act_dim, CPU)
-    out = a2pr.update(agent, opt, random_batch(k, b, obs_dim, act_dim), 2, args, gens)  # step 2: actor step too
-    assert {"critic", "value", "vae", "actor", "bc"} <= out.keys()
-    for name, v in out.items():
-        assert v.shape == (k,) and torch.isfinite(v).all(), name
-
-
-bound_pairs = st.tuples(st.floats(-5, 5), st.floats(0.5, 10)).map(lambda p: (p[0], p[0] + p[1]))  # low < high
-
-
-@settings(deadline=None)
-@given(bounds=st.lists(bound_pairs, min_size=1, max_size=4), data=st.data())
-def test_env_actions_stay_inside_asymmetric_bounds_and_round_trip(bounds, data):
-    low = np.array([lo for lo, _ in bounds], np.float32)
-    high = np.array([hi for _, hi in bounds], np.float32)
-    n = data.draw(st.integers(1, 8))
-    unit = np.array(data.draw(st.lists(st.floats(-1, 1, width=32), min_size=n * len(low), max_size=n * len(low))),
-                    np.float32).reshape(n, len(low))
-    unit = np.concatenate([unit, np.full((1, len(low)), -1.0, np.float32), np.ones((1, len(low)), np.float32)])
-    # (+-1 included: a saturated tanh actor outputs exactly 1.0)
-    env = a2pr.to_env_actions(unit, low, high)
-    assert env.dtype == np.float32 and env.shape == unit.shape
-    assert (env >= low).all() and (env <= high).all()
-    np.testing.assert_allclose(a2pr.to_unit_actions(env, low, high), unit, rtol=0, atol=1e-5)
-    # the ends and the middle of [-1, 1] go to low, high and the midpoint: asymmetric bounds are not max_action * a
-    ends = a2pr.to_env_actions(np.array([[-1.0] * len(low), [1.0] * len(low), [0.0] * len(low)], np.float32),
-                               low, high)
-    np.testing.assert_allclose(ends, np.stack([low, high, (low + high) / 2]), rtol=1e-6, atol=1e-5)
-
-
-def test_saturated_action_maps_inside_asymmetric_bounds():
-    # found by the property test above: 1.0 mapped to 3.696042 > high (float32 rounding of low + (high - low))
-    low, high = np.array([-0.8872743], np.float32), np.array([3.6960418], np.float32)
-    env = a2pr.to_env_actions(np.array([[1.0], [-1.0]], np.float32), low, high)
-    assert (env >= low).all() and (env <= high).all()
-
-
-def test_td_target_hand_computed():
-    agent = a2pr.Agent([0], 2, 1, tiny_args())
-    constant_net(agent.critic_target.net, [2.0, -1.0])  # Q1' = 2, Q2' = -1 everywhere
-    r, d = torch.tensor([[1.0, 0.5]]), torch.tensor([[0.0, 1.0]])
-    y = a2pr.td_target(agent.critic_target, r, torch.zeros(1, 2, 2), torch.zeros(1, 2, 1), d, 0.9)
-    # y0 = 1 + 0.9 * (1 - 0) * min(2, -1) = 1 - 0.9 = 0.1;  y1 = 0.5 + 0.9 * (1 - 1) * (-1) = 0.5
-    torch.testing.assert_close(y, torch.tensor([[0.1, 0.5]]))
-
-
-def test_critic_loss_hand_computed():
-    agent = a2pr.Agent([0], 2, 1, tiny_args())
-    constant_net(agent.critic.net, [2.0, -1.0])  # Q1 = 2, Q2 = -1 everywhere
-    y = torch.tensor([[0.1, 0.5]])
-    loss = a2pr.critic_loss(agent.critic, torch.zeros(1, 2, 2), torch.zeros(1, 2, 1), y)
-    # MSE(Q1, y) = ((2 - 0.1)^2 + (2 - 0.5)^2) / 2 = (3.61 + 2.25) / 2 = 2.93
-    # MSE(Q2, y) = ((-1 - 0.1)^2 + (-1 - 0.5)^2) / 2 = (1.21 + 2.25) / 2 = 1.73;  sum = 4.66
-    torch.testing.assert_close(loss, torch.tensor([4.66]))
-
-
-def test_value_loss_hand_computed():
-    agent = a2pr.Agent([0], 2, 1, tiny_args())
-    constant_net(agent.value.net, [0.5])  # V = 0.5 everywhere
-    v = agent.value(torch.zeros(1, 2, 2))
-    loss = a2pr.value_loss(v, torch.tensor([[0.1, 0.5]]), torch.tensor([[0.3, -0.5]]))
-    # min(y, y2) = [0.1, -0.5];  ((0.5 - 0.1)^2 + (0.5 + 0.5)^2) / 2 = (0.16 + 1.0) / 2 = 0.58
-    torch.testing.assert_close(loss, torch.tensor([0.58]))
-
-
-def test_vae_loss_hand_computed():
-    recon = torch.tensor([[[0.5], [0.0]]])
-    act = torch.tensor([[[0.0], [1.0]]])
-    mean = torch.tensor([[[0.0, 0.0], [1.0, 0.0]]])
-    log_std = torch.tensor([[[0.0, 0.0], [0.0, math.log(2.0)]]])
-    weight = torch.tensor([[2.0, 0.0]])
-    loss = a2pr.vae_loss(recon, act, mean, log_std, weight)
-    # reconstruction: mean(w (recon - a)^2) = (2 * 0.25 + 0 * 1) / 2 = 0.25
-    # 1 + log sigma^2 - mu^2 - sigma^2 per element: 0, 0, (1 + 0 - 1 - 1) = -1, (1 + 2 ln 2 - 0 - 4) = -1.6137056
-    # KL = -0.5 * (-1 - 1.6137056) / 4 = 0.3267132;  loss = 0.25 + 0.5 * 0.3267132 = 0.4133566
-    torch.testing.assert_close(loss, torch.tensor([0.4133566]))
-
-
-def test_vae_forward_with_constant_networks():
-    agent = a2pr.Agent([0], 2, 1, tiny_args())
-    constant_net(agent.vae.encoder, [0.3, -0.2, 20.0, -9.0])  # mu = (0.3, -0.2), log sigma = (20, -9) before clamp
-    constant_net(agent.vae.decoder, [math.atanh(0.25)])
-    recon, mean, log_std = agent.vae(torch.zeros(1, 3, 2), torch.zeros(1, 3, 1), noise(1, 3, 2))
-    torch.testing.assert_close(recon, torch.full((1, 3, 1), 0.25))
-    torch.testing.assert_close(mean, torch.tensor([0.3, -0.2]).expand(1, 3, 2))
-    torch.testing.assert_close(log_std, torch.tensor([15.0, -4.0]).expand(1, 3, 2))  # clamped to [-4, 15]
-
-
-def test_actor_loss_hand_computed():
-    q_pi = torch.tensor([[1.0, -3.0]])
-    pi = torch.tensor([[[0.5], [0.5]]])
-    target = torch.tensor([[[0.0], [1.0]]])
-    gate = torch.tensor([[1.0, 0.0]])
-    loss, bc = a2pr.actor_loss(q_pi, pi, target, gate, alpha=2.5)
-    # lambda = 2.5 / mean|Q| = 2.5 / 2 = 1.25;  -lambda mean Q = -1.25 * (-1) = 1.25
-    # bc = mean(gate (pi - target)^2) = (1 * 0.25 + 0 * 0.25) / 2 = 0.125;  loss = 1.375
-    torch.testing.assert_close(bc, torch.tensor([0.125]))
-    torch.testing.assert_close(loss, torch.tensor([1.375]))
-
-
-def test_actor_objective_hand_computed():
-    args = tiny_args(alpha=2.5, bc_weight=2.0)
-    agent = a2pr.Agent([0], 2, 1, args)
-    constant_net(agent.actor.net, [math.atanh(0.5)])       # pi = 0.5
-    constant_net(agent.critic.net, [2.0, 7.0])              # Q1 = 2 everywhere (Q2 is not used by the actor)
-    constant_net(agent.vae.decoder, [math.atanh(-0.5)])     # p_hat = -0.5
-    act = torch.tensor([[[0.0], [1.0], [-1.0]]])
-    v = torch.tensor([[1.0, 1.0, 3.0]])
-    q1_data = torch.tensor([[1.5, 2.5, 1.0]])
-    loss, parts = a2pr.actor_objective(agent, torch.zeros(1, 3, 2), act, q1_data, v, noise(1, 3, 2), args)
-    # A_vae = Q1(s, p_hat) - v = [1, 1, -1];  A_data = q1_data - v = [0.5, 1.5, -2]
-    # target: [p_hat (1 >= 0.5), a = 1.0 (1 < 1.5), p_hat (-1 >= -2)] = [-0.5, 1.0, -0.5]
-    # gate: [on (A_vae 1 >= 0), on, off (-1 < 0 and -2 <= 0)] * bc_weight = [2, 2, 0]
-    # bc = mean(gate (0.5 - target)^2) = (2 * 1 + 2 * 0.25 + 0 * 1) / 3 = 0.8333333
-    # lambda = 2.5 / |2| = 1.25; -lambda * mean Q1(s, pi) = -2.5;  loss = -2.5 + 0.8333333 = -1.6666667
-    torch.testing.assert_close(parts["target"], torch.tensor([[[-0.5], [1.0], [-0.5]]]))
-    torch.testing.assert_close(parts["gate"], torch.tensor([[2.0, 2.0, 0.0]]))
-    torch.testing.assert_close(parts["bc"], torch.tensor([0.8333333]))
-    torch.testing.assert_close(loss, torch.tensor([-1.6666667]))
-
-
-def _step_fixture(seed=0, k=2, b=8, obs_dim=3, act_dim=2):
-    args = tiny_args(num_seeds=k, seed=seed, batch_size=b)
-    agent, opt, gens = a2pr.build_learner(args, obs_dim, act_dim, CPU)
-    with torch.no_grad():  # move the online nets away from their targets, so a soft update is visible
-        for i, p in enumerate(list(agent.actor.parameters()) + list(agent.critic.parameters())):
-            p.add_(0.1 * noise(*p.shape, seed=i))
-    s, a, r, s2, d = random_batch(k, b, obs_dim, act_dim, seed)
-    with torch.no_grad():
-        q1_data, v = agent.critic.q1(s, a), agent.value(s)
-    return args, agent, opt, (s, a, r, s2, d), q1_data, v
-
-
-NETS = ("actor", "critic", "value", "vae", "actor_target", "critic_target")
-
-
-@pytest.mark.parametrize("step, moves", [("critic", "critic"), ("value", "value"), ("vae", "vae")])
-def test_each_step_moves_only_its_own_network(step, moves):
-    args, agent, opt, (s, a, r, s2, d), q1_data, v = _step_fixture()
-    before = {n: snapshot(getattr(agent, n)) for n in NETS}
-    k, b = s.shape[:2]
-    if step == "critic":
-        a2pr.critic_step(agent, opt, s, a, r, s2, d, noise(k, b, a.shape[-1]), args)
-    elif step == "value":
-        a2pr.value_step(agent, opt, s, r, r + 1.0)
-    else:
-        a2pr.vae_step(agent, opt, s, a, q1_data, v, noise(k, b, agent.vae.latent_dim), args)
-    for n in NETS:
-        after = snapshot(getattr(agent, n))
-        same = all(torch.equal(before[n][p], after[p]) for p in after)
-        assert same == (n != moves), n
-
-
-def test_actor_loss_reaches_critic_and_vae_but_actor_step_moves_only_actor_and_targets():
-    args, agent, opt, (s, a, _, _, _), q1_data, v = _step_fixture()
-    latent = noise(*s.shape[:2], agent.vae.latent_dim)
-    loss, _ = a2pr.actor_objective(agent, s, a, q1_data, v, latent, args)
-    reached = torch.autograd.grad(loss.sum(), list(agent.critic.parameters()) + list(agent.vae.parameters()),
-                                  allow_unused=True)
-    assert any(g is not None and g.abs().sum() > 0 for g in reached)  # so the step below must filter them out
-
-    before = {n: snapshot(getattr(agent, n)) for n in NETS}
-    a2pr.actor_step(agent, opt, s, a, q1_data, v, latent, args)
-    after = {n: snapshot(getattr(agent, n)) for n in NETS}
-    for n in ("critic", "value", "vae"):
-        assert all(torch.equal(before[n][p], after[n][p]) for p in after[n]), n
-    assert any(not torch.equal(before["actor"][p], after["actor"][p]) for p in after["actor"])
-    tau = args.tau
-    for online, target in (("actor", "actor_target"), ("critic", "critic_target")):
-        moved = False
-        for p in after[target]:
-            expected = before[target][p] + tau * (after[online][p] - before[target][p])
-            torch.testing.assert_close(after[target][p], expected, rtol=0, atol=1e-7)
-            moved |= not torch.equal(after[target][p], before[target][p])
-        assert moved, target
-
-
-def test_soft_update_moves_targets_by_tau():
-    _, agent, *_ = _step_fixture()
-    before = {n: snapshot(getattr(agent, n)) for n in NETS}
-    a2pr.soft_update(agent, 0.25)
-    for online, target in (("actor", "actor_target"), ("critic", "critic_target")):
-        for p, t in snapshot(getattr(agent, target)).items():
-            torch.testing.assert_close(t, 0.75 * before[target][p] + 0.25 * before[online][p], rtol=0, atol=1e-6)
-
-
-def test_policy_action_reconstruction_passes_gradient_into_the_actor():
-    args = tiny_args(num_seeds=1, bc_target="vae", gate="always")  # every sample is pulled towards p_hat
-    _, agent, _, (s, a, _, _, _), q1_data, v = _step_fixture(k=1)
-    loss, parts = a2pr.actor_objective(agent, s, a, q1_data, v, noise(1, s.shape[1], agent.vae.latent_dim), args)
-    pi, p_hat, gate = parts["pi"], parts["p_hat"], parts["gate"]
-    dphat_dpi = torch.autograd.grad(p_hat.sum(), pi, retain_graph=True)[0]
-    assert dphat_dpi.abs().max() > 0
-
-    grad_with = torch.autograd.grad(loss.sum(), pi, retain_graph=True)[0]
-    bc_detached = (gate.unsqueeze(-1) * (pi - p_hat.detach()) ** 2).mean((-2, -1))
-    torch.testing.assert_close(bc_detached, parts["bc"].detach())  # same value, different gradient
-    grad_detached = torch.autograd.grad((loss - parts["bc"] + bc_detached).sum(), pi)[0]
-    assert not torch.allclose(grad_with, grad_detached)
-
-
-# ================================================================================================================
-# 2. Advantage selection and the adaptive gate
-# ================================================================================================================
+# ----------------------------------------------------------------------------------------------------------------
+# 1.1 Advantage selection and the adaptive gate (spec 3 and 4)
+# ----------------------------------------------------------------------------------------------------------------
 grid = st.integers(-8, 8).map(lambda i: i / 4)  # exact in float32, so ties (A_vae == A_data == eps_A) happen often
 
 
@@ -1779,7 +285,7 @@ def test_vae_weight_hand_cases_tie_gets_zero():
 def learner_with_split_advantages(vae_weight: float):
     """A fresh learner and batch where V is a constant at the median of Q1(s, a), per seed: about half of the batch
     has Q1(s, a) > V(s), so the VAE weight is neither all zero nor all on."""
-    args = tiny_args(num_seeds=2, batch_size=32, vae_weight=vae_weight)
+    args = tiny(resolve=True, num_seeds=2, batch_size=32, vae_weight=vae_weight)
     agent, opt, gens = a2pr.build_learner(args, 3, 2, CPU)
     batch = random_batch(2, 32, 3, 2, seed=5)
     with torch.no_grad():
@@ -1839,149 +345,581 @@ def test_vae_update_with_positive_weight_moves_the_decoder():
     assert any(not torch.equal(p, dec_before[n]) for n, p in agent.vae.decoder.named_parameters())
 
 
-# ================================================================================================================
-# 4. Contracts of the trainer
-# ================================================================================================================
-N_STEPS = 21  # the restored run's next step (22) is an actor step: actor, targets and all four optimisers move
+# ----------------------------------------------------------------------------------------------------------------
+# 1.2 The theory on finite MDPs, exactly (spec, "What the theory promises")
+# ----------------------------------------------------------------------------------------------------------------
+TOL = 1e-9
 
 
-@pytest.fixture(scope="module", autouse=True)
-def private_home(tmp_path_factory):
-    """Nothing written into the real HOME (matplotlib's cache, for instance) by the module-scoped runs."""
-    home = tmp_path_factory.mktemp("home")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HOME", str(home))
-        mp.setenv("MPLCONFIGDIR", str(home / "mpl"))
-        yield
+# --- Random MDPs: hypothesis draws sizes, gamma and a seed; numpy's default_rng builds the arrays (fast, shrinks well)
+@dataclass
+class Problem:
+    P: np.ndarray      # (S, A, S) transition probabilities
+    R: np.ndarray      # (S, A) rewards in [-1, 1]
+    rho: np.ndarray    # (S,) initial distribution
+    gamma: float
+    beta: np.ndarray   # (S, A) behaviour policy, some actions with zero mass
+    gen: np.ndarray    # (S, A) generator, supp gen ⊆ supp beta
+    rng: np.random.Generator  # for any further draws (noise, other policies) in the test
+
+    @property
+    def adv_beta(self) -> np.ndarray:
+        return a2pr.advantage(self.P, self.R, self.beta, self.gamma)
+
+    def J(self, pi) -> float:
+        return a2pr.performance(self.P, self.R, pi, self.gamma, self.rho)
 
 
-@pytest.fixture(scope="module")
-def pendulum_data_dir(tmp_path_factory):
-    """The built-in dataset, generated once for the module."""
-    d = str(tmp_path_factory.mktemp("data"))
-    a2pr.load_dataset(a2pr.Args(env="pendulum-mostly-random-v0", data_dir=d), log=NOOP_LOG)
-    return d
+def random_support(rng, S, A, p_keep, inside=None):
+    """Boolean (S, A) mask, each action kept with prob p_keep (within `inside`), >= 1 action per state."""
+    allowed = np.ones((S, A), bool) if inside is None else inside
+    mask = (rng.random((S, A)) < p_keep) & allowed
+    for s in range(S):
+        if not mask[s].any():
+            mask[s, rng.choice(np.flatnonzero(allowed[s]))] = True
+    return mask
 
 
-def tiny_run_args(save_dir, data_dir, **kw) -> a2pr.Args:
-    base = dict(env="pendulum-mostly-random-v0", data_dir=data_dir, total_steps=20, batch_size=16, actor_hidden=8,
-                critic_hidden=8, value_hidden=8, vae_hidden=8, eval_freq=10, log_freq=10, eval_episodes=1,
-                save_dir=str(save_dir), run_name="r", quiet=True)
-    base.update(kw)
-    return a2pr.Args(**base)
+def random_policy(rng, mask):
+    """A policy supported exactly on `mask`; the gamma shape varies how peaked the rows are."""
+    w = (rng.gamma(rng.choice([0.2, 1.0, 5.0]), size=mask.shape) + 1e-3) * mask
+    return w / w.sum(1, keepdims=True)
 
 
-def train_recording_evaluations(args):
-    """train(args), recording the actor and the normalisation statistics of every evaluate call."""
-    calls = []
-    real = a2pr.evaluate
-
-    def recording(actor, env_id, obs_mean, obs_std, *rest, **kw):
-        calls.append(dict(actor=actor, obs_mean=np.array(obs_mean), obs_std=np.array(obs_std)))
-        return real(actor, env_id, obs_mean, obs_std, *rest, **kw)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(a2pr, "evaluate", recording)
-        summary = a2pr.train(args)
-    return summary, calls
+def random_mdp(rng, S, A, duplicate_action=False):
+    """P rows on the simplex (Dirichlet(0.5): often near-sparse), R ~ U[-1, 1], rho ~ Dirichlet(1)."""
+    P = rng.dirichlet(np.full(S, 0.5), size=(S, A))
+    R = rng.uniform(-1.0, 1.0, (S, A))
+    if duplicate_action:  # actions 0 and 1 identical: their advantages tie exactly, exercising ties to a_G
+        P[:, 1], R[:, 1] = P[:, 0], R[:, 0]
+    return P, R, rng.dirichlet(np.ones(S))
 
 
-def load_ckpt(run_dir) -> dict:
-    return torch.load(Path(run_dir) / "checkpoint.pt", map_location="cpu", weights_only=False)
+def make_problem(seed, S, A, gamma, duplicate_action=False) -> Problem:
+    rng = np.random.default_rng(seed)
+    P, R, rho = random_mdp(rng, S, A, duplicate_action)
+    beta_support = random_support(rng, S, A, p_keep=rng.uniform(0.3, 0.9))
+    gen_support = random_support(rng, S, A, p_keep=rng.uniform(0.2, 1.0), inside=beta_support)
+    return Problem(P, R, rho, gamma, random_policy(rng, beta_support), random_policy(rng, gen_support), rng)
 
 
-@pytest.fixture(scope="module")
-def short_run(tmp_path_factory, pendulum_data_dir):
-    save = tmp_path_factory.mktemp("runs")
-    return train_recording_evaluations(tiny_run_args(save, pendulum_data_dir, total_steps=N_STEPS, run_name="n"))
+@st.composite
+def problems(draw) -> Problem:
+    return make_problem(seed=draw(st.integers(0, 2**32 - 1)), S=draw(st.integers(2, 10)), A=draw(st.integers(2, 5)),
+                        gamma=draw(st.floats(0.5, 0.99)), duplicate_action=draw(st.booleans()))
 
 
-def test_loaded_policy_acts_exactly_like_the_in_memory_actor(short_run):
-    summary, calls = short_run
-    actor, mean, std = calls[-1]["actor"], calls[-1]["obs_mean"], calls[-1]["obs_std"]
-    ck = load_ckpt(summary["run_dir"])
-    policy = a2pr.load_policy(summary["run_dir"])
-    obs = np.random.default_rng(0).uniform([-1, -1, -8], [1, 1, 8], size=(6, 3)).astype(np.float32)
+eps_values = st.one_of(st.just(0.0), st.floats(-0.5, 0.5))
+
+
+# --- The building blocks are what they claim to be
+def test_prefer_generated_same_rule_on_numpy_and_torch():
+    gen, data = [0.0, 1.0, -2.0, 0.5], [0.0, 0.5, -1.0, 0.5]
+    expected = [True, True, False, True]  # ties (entries 0 and 3) go to the generated action
+    assert a2pr.prefer_generated(np.array(gen), np.array(data)).tolist() == expected
+    assert a2pr.prefer_generated(torch.tensor(gen), torch.tensor(data)).tolist() == expected
+
+
+def test_total_variation_per_state_by_hand():
+    p = np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.0], [0.2, 0.3, 0.5]])
+    q = np.array([[0.0, 1.0, 0.0], [0.0, 0.5, 0.5], [0.2, 0.3, 0.5]])
+    np.testing.assert_allclose(a2pr.total_variation(p, q), [1.0, 0.5, 0.0])  # disjoint, half shifted, equal
+
+
+@given(problems())
+@settings(deadline=None)
+def test_policy_evaluation_satisfies_bellman_equations(pb):
+    V, Q = a2pr.policy_evaluation(pb.P, pb.R, pb.beta, pb.gamma)
+    np.testing.assert_allclose(Q, pb.R + pb.gamma * np.einsum("sat,t->sa", pb.P, V), atol=TOL)
+    np.testing.assert_allclose(V, (pb.beta * Q).sum(1), atol=TOL)  # V = E_beta Q: beta's advantage averages to 0
+
+
+@given(problems())
+@settings(deadline=None)
+def test_discounted_state_distribution_is_the_discounted_occupancy(pb):
+    d = a2pr.discounted_state_distribution(pb.P, pb.beta, pb.gamma, pb.rho)
+    P_beta = a2pr.policy_transition_matrix(pb.P, pb.beta)
+    assert np.all(d >= -TOL) and abs(d.sum() - 1.0) < TOL
+    np.testing.assert_allclose(d, (1 - pb.gamma) * pb.rho + pb.gamma * d @ P_beta, atol=TOL)  # its fixed point
+
+
+@given(problems(), eps_values)
+@settings(deadline=None)
+def test_augmented_policy_is_a_distribution(pb, eps_a):
+    pi = a2pr.augmented_behaviour_policy(pb.beta, pb.gen, pb.adv_beta, eps_a)
+    assert pi.shape == pb.beta.shape and np.all(pi >= 0.0)
+    np.testing.assert_allclose(pi.sum(1), 1.0, atol=1e-12)
+
+
+# --- Improvement: E_{pi~} A^beta >= 0 in every state, V^{pi~} >= V^beta, supp pi~ ⊆ supp beta
+@given(problems(), eps_values)
+@settings(deadline=None)
+def test_improvement_expected_advantage_nonnegative_in_every_state(pb, eps_a):
+    adv = pb.adv_beta
+    pi = a2pr.augmented_behaviour_policy(pb.beta, pb.gen, adv, eps_a)
+    assert np.all((pi * adv).sum(1) >= -TOL)
+
+
+@given(problems(), eps_values)
+@settings(deadline=None)
+def test_improvement_value_dominates_behaviour_in_every_state(pb, eps_a):
+    pi = a2pr.augmented_behaviour_policy(pb.beta, pb.gen, pb.adv_beta, eps_a)
+    V_pi, _ = a2pr.policy_evaluation(pb.P, pb.R, pi, pb.gamma)
+    V_beta, _ = a2pr.policy_evaluation(pb.P, pb.R, pb.beta, pb.gamma)
+    assert np.all(V_pi >= V_beta - TOL)
+
+
+@given(problems(), eps_values)
+@settings(deadline=None)
+def test_augmented_policy_support_inside_behaviour_support(pb, eps_a):
+    pi = a2pr.augmented_behaviour_policy(pb.beta, pb.gen, pb.adv_beta, eps_a)
+    assert np.all(pi[pb.beta == 0.0] == 0.0)  # exactly zero, not merely small: no out-of-distribution action
+
+
+@given(problems(), st.floats(0.0, 0.5))
+@settings(deadline=None)
+def test_threshold_above_every_advantage_gives_back_beta(pb, margin):
+    adv = pb.adv_beta
+    pi = a2pr.augmented_behaviour_policy(pb.beta, pb.gen, adv, eps_a=adv.max() + margin)
+    np.testing.assert_allclose(pi, pb.beta, atol=1e-12)  # nothing clears eps_A, so every draw falls back to a_D
+
+
+# --- Performance-difference identity: J(pi) - J(beta) = 1/(1-gamma) sum_s d^pi(s) sum_a pi(a|s) A^beta(s, a)
+def assert_performance_difference_identity(pb, pi):
+    lhs = pb.J(pi) - pb.J(pb.beta)
+    d_pi = a2pr.discounted_state_distribution(pb.P, pi, pb.gamma, pb.rho)
+    rhs = d_pi @ (pi * pb.adv_beta).sum(1) / (1.0 - pb.gamma)
+    assert abs(lhs - rhs) <= 1e-8 * max(1.0, abs(pb.J(pi)), abs(pb.J(pb.beta)))
+
+
+@given(problems(), eps_values)
+@settings(deadline=None)
+def test_performance_difference_identity_for_augmented_policy(pb, eps_a):
+    assert_performance_difference_identity(pb, a2pr.augmented_behaviour_policy(pb.beta, pb.gen, pb.adv_beta, eps_a))
+
+
+@given(problems())
+@settings(deadline=None)
+def test_performance_difference_identity_for_arbitrary_policy(pb):
+    assert_performance_difference_identity(pb, random_policy(pb.rng, np.ones_like(pb.beta, dtype=bool)))
+
+
+# --- Robustness and bounded gap
+@given(problems(), eps_values, st.floats(0.0, 0.5))
+@settings(deadline=None)
+def test_robustness_to_advantage_errors(pb, eps_a, delta):
+    adv_hat = pb.adv_beta + pb.rng.uniform(-delta, delta, pb.beta.shape)  # |adv_hat - A^beta| <= delta
+    pi_hat = a2pr.augmented_behaviour_policy(pb.beta, pb.gen, adv_hat, eps_a)
+    assert pb.J(pi_hat) >= pb.J(pb.beta) - 2.0 * delta / (1.0 - pb.gamma) - TOL
+
+
+@given(problems(), eps_values, st.floats(0.0, 1.0))
+@settings(deadline=None)
+def test_bounded_gap_for_policies_near_augmented_policy(pb, eps_a, weight):
+    pi_tilde = a2pr.augmented_behaviour_policy(pb.beta, pb.gen, pb.adv_beta, eps_a)
+    pi = (1.0 - weight) * pi_tilde + weight * random_policy(pb.rng, np.ones_like(pb.beta, dtype=bool))
+    max_adv = np.abs(a2pr.advantage(pb.P, pb.R, pi_tilde, pb.gamma)).max()
+    max_tv = a2pr.total_variation(pi, pi_tilde).max()
+    assert abs(pb.J(pi) - pb.J(pi_tilde)) <= 2.0 * max_adv * max_tv / (1.0 - pb.gamma) + TOL
+
+
+# --- Hand-made one-state examples: the selection, ties, fall-back and support, worked out pair by pair
+def one_state(beta, gen, adv, eps_a=0.0):
+    return a2pr.augmented_behaviour_policy(np.array([beta]), np.array([gen]), np.array([adv]), eps_a)[0]
+
+
+def test_hand_generated_action_replaces_worse_data_action():
+    # a_G = 1 always. a_D = 0 (p .5): A 1 >= -1 and 1 > 0 -> play a1. a_D = 1 (p .5): tie -> a1.
+    # Action 2 has the largest advantage but beta never takes it, so it must keep zero mass.
+    np.testing.assert_allclose(one_state([0.5, 0.5, 0.0], [0.0, 1.0, 0.0], [-1.0, 1.0, 5.0]), [0.0, 1.0, 0.0])
+
+
+def test_hand_tie_goes_to_generated_action():
+    # Equal advantages 0.3 > 0: a_D = 0 (p .5) ties with a_G = 1 -> a1 (ties go to a_G); a_D = 1 -> a1.
+    # A rule sending ties to a_D would give beta = [.5, .5] back.
+    np.testing.assert_allclose(one_state([0.5, 0.5], [0.0, 1.0], [0.3, 0.3]), [0.0, 1.0])
+
+
+def test_hand_fall_back_when_kept_advantage_not_above_threshold():
+    # beta = [.5, .25, .25], a_G = 1 always, A = [-.4, -.2, 1] (E_beta A = -.2 - .05 + .25 = 0).
+    # eps_A = 0: a_D = 0 (p .5): keep a1 (-.2 >= -.4), but -.2 is not > 0 -> fall back to a0.
+    #            a_D = 1 (p .25): tie -> a1, not > 0 -> fall back to a_D = a1.  a_D = 2 (p .25): -.2 < 1 -> a2.
+    #            => pi~ = [.5, .25, .25] = beta.
+    beta, gen, adv = [0.5, 0.25, 0.25], [0.0, 1.0, 0.0], [-0.4, -0.2, 1.0]
+    np.testing.assert_allclose(one_state(beta, gen, adv, eps_a=0.0), [0.5, 0.25, 0.25])
+    # eps_A = -.3: now -.2 > -.3, so the a_D = 0 draws play a1 => pi~ = [0, .75, .25] (E A = -.15 + .25 = .1 >= 0).
+    np.testing.assert_allclose(one_state(beta, gen, adv, eps_a=-0.3), [0.0, 0.75, 0.25])
+    # eps_A = -.2 exactly: -.2 is not > -.2, the threshold is strict => beta again.
+    np.testing.assert_allclose(one_state(beta, gen, adv, eps_a=-0.2), [0.5, 0.25, 0.25])
+
+
+def test_hand_positive_threshold_blocks_a_better_generated_action():
+    # beta = [.5, .5, 0], a_G = 1 always, A = [-1, 1, 0], eps_A = 1: a1 beats a0 but 1 is not > 1 -> fall back.
+    # Every draw returns a_D => pi~ = beta = [.5, .5, 0]. With eps_A = .99, 1 > .99 -> pi~ = [0, 1, 0].
+    beta, gen, adv = [0.5, 0.5, 0.0], [0.0, 1.0, 0.0], [-1.0, 1.0, 0.0]
+    np.testing.assert_allclose(one_state(beta, gen, adv, eps_a=1.0), [0.5, 0.5, 0.0])
+    np.testing.assert_allclose(one_state(beta, gen, adv, eps_a=0.99), [0.0, 1.0, 0.0])
+
+
+def test_hand_stochastic_generator_sums_over_all_pairs():
+    # beta = gen = [.5, .5, 0], A = [-1, 1, 0]; the four pairs (a_D, a_G), each p .25:
+    #   (0, 0) tie, keep a0, -1 not > 0 -> fall back a0;  (0, 1) 1 >= -1 and 1 > 0 -> a1;
+    #   (1, 0) -1 < 1 -> a1;                               (1, 1) tie -> a1.
+    # => pi~ = [.25, .75, 0].
+    np.testing.assert_allclose(one_state([0.5, 0.5, 0.0], [0.5, 0.5, 0.0], [-1.0, 1.0, 0.0]), [0.25, 0.75, 0.0])
+
+
+# --- Negative controls: the tests can tell a wrong selection rule from the right one
+def seeded_search(condition, n_seeds=200, S=4, A=3, gamma=0.9):
+    """First problem among seeds 0..n_seeds-1 satisfying `condition`, or None (deterministic)."""
+    for seed in range(n_seeds):
+        pb = make_problem(seed, S, A, gamma)
+        if condition(pb):
+            return pb
+    return None
+
+
+def test_negative_control_always_generated_action_can_be_worse_than_beta():
+    def generator_alone_hurts(pb):
+        pi_tilde = a2pr.augmented_behaviour_policy(pb.beta, pb.gen, pb.adv_beta)
+        return pb.J(pb.gen) < pb.J(pb.beta) - 1e-3 and pb.J(pi_tilde) >= pb.J(pb.beta) - TOL
+
+    pb = seeded_search(generator_alone_hurts)
+    assert pb is not None, "no MDP found where following the generator alone loses to beta"
+    assert np.any((pb.gen * pb.adv_beta).sum(1) < -1e-3)  # the improvement test would have caught pi = gen
+
+
+def test_negative_control_flipped_rule_breaks_improvement():
+    def flipped(adv_gen, adv_data):
+        return adv_gen <= adv_data  # deliberately wrong: prefers the generated action when it is *worse*
+
+    def flipped_rule_hurts(pb):
+        adv = pb.adv_beta
+        wrong = a2pr.augmented_behaviour_policy(pb.beta, pb.gen, adv, prefer=flipped)
+        return np.any((wrong * adv).sum(1) < -1e-3)
+
+    pb = seeded_search(flipped_rule_hurts)
+    assert pb is not None, "no MDP found where the flipped comparison violates improvement"
+    right = a2pr.augmented_behaviour_policy(pb.beta, pb.gen, pb.adv_beta)  # the real rule on the same MDP is fine
+    assert np.all((right * pb.adv_beta).sum(1) >= -TOL)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 1.3 Each spec step by hand: losses, targets, shapes and where the gradients go
+# ----------------------------------------------------------------------------------------------------------------
+dims = dict(k=st.integers(1, 3), b=st.integers(1, 6), obs_dim=st.integers(1, 5), act_dim=st.integers(1, 3))
+
+
+@settings(deadline=None)
+@given(**dims, seed=st.integers(0, 2**16))
+def test_networks_and_losses_have_spec_shapes_and_finite_per_seed_values(k, b, obs_dim, act_dim, seed):
+    args = tiny(resolve=True)
+    agent = a2pr.Agent(list(range(seed, seed + k)), obs_dim, act_dim, args)
+    s, a, r, s2, d = random_batch(k, b, obs_dim, act_dim, seed)
+    latent = agent.vae.latent_dim
+    assert latent == 2 * act_dim  # spec: latent size = 2 x action dim
+
+    pi = agent.actor(s * 100)  # large inputs saturate tanh: still inside [-1, 1]
+    assert pi.shape == (k, b, act_dim) and pi.dtype == torch.float32
+    assert pi.abs().max() <= 1.0
+    q1, q2 = agent.critic(s, a)
+    assert q1.shape == q2.shape == (k, b) and q1.dtype == torch.float32
+    torch.testing.assert_close(agent.critic.q1(s, a), q1)
+    assert agent.value(s).shape == (k, b)
+    z_noise = noise(k, b, latent, seed=seed)
+    recon, mean, log_std = agent.vae(s, a, z_noise)
+    assert recon.shape == (k, b, act_dim) and recon.abs().max() <= 1.0
+    assert mean.shape == log_std.shape == (k, b, latent)
+    assert log_std.min() >= -4 and log_std.max() <= 15
+    assert agent.vae.decode(s, z_noise).shape == (k, b, act_dim)
+
+    y = a2pr.td_target(agent.critic_target, r, s2, agent.actor_target(s2), d, 0.99)
+    assert y.shape == (k, b)
+    w = a2pr.vae_sample_weight(q1, agent.value(s), 1.0)
+    assert w.shape == (k, b)
+    losses = [a2pr.critic_loss(agent.critic, s, a, y), a2pr.value_loss(agent.value(s), y, y * 0.5),
+              a2pr.vae_loss(recon, a, mean, log_std, w), *a2pr.actor_loss(q1, pi, a, w, 2.5)]
+    for loss in losses:
+        assert loss.shape == (k,) and loss.dtype == torch.float32 and torch.isfinite(loss).all()
+    obj, parts = a2pr.actor_objective(agent, s, a, q1.detach(), agent.value(s).detach(), z_noise, args)
+    assert obj.shape == (k,) and torch.isfinite(obj).all()
+    assert parts["target"].shape == (k, b, act_dim) and parts["gate"].shape == (k, b)
+    assert parts["use_vae"].dtype == torch.bool
+
+
+@pytest.mark.parametrize("k, b, obs_dim, act_dim", [(1, 1, 1, 1), (3, 5, 4, 2)])
+def test_update_returns_finite_per_seed_metrics(k, b, obs_dim, act_dim):
+    args = tiny(resolve=True, num_seeds=k, batch_size=b)
+    agent, opt, gens = a2pr.build_learner(args, obs_dim, act_dim, CPU)
+    out = a2pr.update(agent, opt, random_batch(k, b, obs_dim, act_dim), 2, args, gens)  # step 2: actor step too
+    assert {"critic", "value", "vae", "actor", "bc"} <= out.keys()
+    for name, v in out.items():
+        assert v.shape == (k,) and torch.isfinite(v).all(), name
+
+
+def test_td_target_hand_computed():
+    agent = a2pr.Agent([0], 2, 1, tiny(resolve=True))
+    constant_net(agent.critic_target.net, [2.0, -1.0])  # Q1' = 2, Q2' = -1 everywhere
+    r, d = torch.tensor([[1.0, 0.5]]), torch.tensor([[0.0, 1.0]])
+    y = a2pr.td_target(agent.critic_target, r, torch.zeros(1, 2, 2), torch.zeros(1, 2, 1), d, 0.9)
+    # y0 = 1 + 0.9 * (1 - 0) * min(2, -1) = 1 - 0.9 = 0.1;  y1 = 0.5 + 0.9 * (1 - 1) * (-1) = 0.5
+    torch.testing.assert_close(y, torch.tensor([[0.1, 0.5]]))
+
+
+def test_smoothing_noise_is_clipped_before_it_reaches_the_target():
+    """Spec 1: eps = clip(sigma * N, -c, c) before it is added to pi_targ(s'). With pi_targ = 0 and noise far beyond
+    the clip, a' is exactly +-c (0.5), not the action bound 1 that an unclipped eps would reach."""
+    args = tiny(resolve=True)
+    agent = a2pr.Agent([0], 2, 1, args)
+    opt = a2pr.Optimizers(agent, args)
+    constant_net(agent.actor_target.net, 0.0)  # tanh(0) = 0
+    s, a, r, s2, d = random_batch(1, 4, 2, 1)
+    big = torch.tensor([100.0, -100.0, 3.0, -3.0]).reshape(1, 4, 1)  # sigma * N = +-20 and +-0.6, both past c
+    _, a2, _ = a2pr.critic_step(agent, opt, s, a, r, s2, d, big, args)
+    torch.testing.assert_close(a2, torch.tensor([0.5, -0.5, 0.5, -0.5]).reshape(1, 4, 1), rtol=0, atol=0)
+    small = torch.full((1, 4, 1), 1.0)  # sigma * N = 0.2, inside the clip: passed through
+    _, a2, _ = a2pr.critic_step(agent, opt, s, a, r, s2, d, small, args)
+    torch.testing.assert_close(a2, torch.full((1, 4, 1), 0.2))
+
+
+def test_critic_loss_hand_computed():
+    agent = a2pr.Agent([0], 2, 1, tiny(resolve=True))
+    constant_net(agent.critic.net, [2.0, -1.0])  # Q1 = 2, Q2 = -1 everywhere
+    y = torch.tensor([[0.1, 0.5]])
+    loss = a2pr.critic_loss(agent.critic, torch.zeros(1, 2, 2), torch.zeros(1, 2, 1), y)
+    # MSE(Q1, y) = ((2 - 0.1)^2 + (2 - 0.5)^2) / 2 = (3.61 + 2.25) / 2 = 2.93
+    # MSE(Q2, y) = ((-1 - 0.1)^2 + (-1 - 0.5)^2) / 2 = (1.21 + 2.25) / 2 = 1.73;  sum = 4.66
+    torch.testing.assert_close(loss, torch.tensor([4.66]))
+
+
+def test_y2_comes_from_the_just_updated_online_critics_and_the_same_next_action(monkeypatch):
+    """Spec 2: y2 = td_target with the online critics *after* the critic step and the a' of spec 1. The joint
+    forward in q1_data_and_y2 equals that literal form, and the literal form with the pre-step critics or the
+    target critics differs (so the check can tell)."""
+    args = tiny(resolve=True, num_seeds=2)
+    agent, opt, gens = a2pr.build_learner(args, 3, 2, "cpu")
+    batch = random_batch(2, 16, 3, 2)
+    seen = {}
+    real_critic_step, real_value_step = a2pr.critic_step, a2pr.value_step
+
+    def critic_step(agent, *rest):
+        seen["before"] = copy.deepcopy(agent.critic)
+        y, a2, loss = real_critic_step(agent, *rest)
+        seen["a2"], seen["after"] = a2, copy.deepcopy(agent.critic)
+        return y, a2, loss
+
+    def value_step(agent, opt, s, y, y2):
+        seen["y2"] = y2
+        return real_value_step(agent, opt, s, y, y2)
+
+    monkeypatch.setattr(a2pr, "critic_step", critic_step)
+    monkeypatch.setattr(a2pr, "value_step", value_step)
+    a2pr.update(agent, opt, batch, 1, args, gens)
+    s, a, r, s2, d = batch
     with torch.no_grad():
-        unit = actor(torch.as_tensor((obs - mean) / std)[None])[0].numpy()
-    expected = a2pr.to_env_actions(unit, ck["action_low"], ck["action_high"])
-    np.testing.assert_array_equal(policy(obs), expected)
-    np.testing.assert_array_equal(policy(obs[2]), expected[2])  # one observation -> one action
-    assert (expected >= -2).all() and (expected <= 2).all()     # Pendulum's torque bounds
+        literal = a2pr.td_target(seen["after"], r, s2, seen["a2"], d, args.discount)
+        stale = a2pr.td_target(seen["before"], r, s2, seen["a2"], d, args.discount)
+        target = a2pr.td_target(agent.critic_target, r, s2, seen["a2"], d, args.discount)
+        q1_joint, y2_joint = a2pr.q1_data_and_y2(seen["after"], s, a, r, s2, seen["a2"], d, args.discount)
+    torch.testing.assert_close(seen["y2"], literal, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(y2_joint, literal, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(q1_joint, seen["after"].q1(s, a), rtol=1e-6, atol=1e-6)
+    assert (stale - literal).abs().max() > 1e-4 and (target - literal).abs().max() > 1e-4
 
 
-def test_restored_checkpoint_plus_one_update_equals_the_longer_run(short_run, pendulum_data_dir, tmp_path):
-    summary, _ = short_run
-    longer = a2pr.train(tiny_run_args(tmp_path, pendulum_data_dir, total_steps=N_STEPS + 1, run_name="n1"))
-    ck, ck_longer = load_ckpt(summary["run_dir"]), load_ckpt(longer["run_dir"])
-    assert ck["step"] == N_STEPS and ck_longer["step"] == N_STEPS + 1
-
-    args = a2pr.Args(**ck["args"])
-    ds = a2pr.load_dataset(args, log=NOOP_LOG)
-    data = a2pr.prepare_data(ds, args, CPU, stats=(ck["obs_mean"], ck["obs_std"]))
-    agent, opt, gens = a2pr.build_learner(args, ds.observations.shape[1], ds.actions.shape[1], CPU, ck)
-    out = a2pr.update(agent, opt, a2pr.sample_batch(data, args.batch_size, gens), N_STEPS + 1, args, gens)
-    assert "actor" in out  # the step checked includes the actor and the target updates
-
-    state, want = agent.state_dict(), ck_longer["agent"]
-    assert state.keys() == want.keys()
-    for name in want:
-        assert torch.equal(state[name], want[name]), name
-    for g, st_ in zip(gens, ck_longer["rng"]):
-        assert torch.equal(g.get_state(), st_)
+def test_value_loss_hand_computed():
+    agent = a2pr.Agent([0], 2, 1, tiny(resolve=True))
+    constant_net(agent.value.net, [0.5])  # V = 0.5 everywhere
+    v = agent.value(torch.zeros(1, 2, 2))
+    loss = a2pr.value_loss(v, torch.tensor([[0.1, 0.5]]), torch.tensor([[0.3, -0.5]]))
+    # min(y, y2) = [0.1, -0.5];  ((0.5 - 0.1)^2 + (0.5 + 0.5)^2) / 2 = (0.16 + 1.0) / 2 = 0.58
+    torch.testing.assert_close(loss, torch.tensor([0.58]))
 
 
-def test_normalisation_stats_come_from_the_data_and_reach_evaluation_and_checkpoint(short_run, pendulum_data_dir):
-    summary, calls = short_run
-    ck = load_ckpt(summary["run_dir"])
-    ds = a2pr.load_dataset(a2pr.Args(**ck["args"]), log=NOOP_LOG)
-    obs = ds.observations.astype(np.float64)
-    want_mean, want_std = obs.mean(0), obs.std(0) + 1e-3  # spec: mean, std + 1e-3
-    assert len(calls) == 3  # steps 10, 20 and the last step, 21
-    for call in calls:
-        np.testing.assert_allclose(call["obs_mean"], want_mean, rtol=1e-4, atol=1e-5)  # float32 statistics
-        np.testing.assert_allclose(call["obs_std"], want_std, rtol=1e-4, atol=1e-5)
-    np.testing.assert_array_equal(ck["obs_mean"], calls[-1]["obs_mean"])
-    np.testing.assert_array_equal(ck["obs_std"], calls[-1]["obs_std"])
+def test_vae_loss_hand_computed():
+    recon = torch.tensor([[[0.5], [0.0]]])
+    act = torch.tensor([[[0.0], [1.0]]])
+    mean = torch.tensor([[[0.0, 0.0], [1.0, 0.0]]])
+    log_std = torch.tensor([[[0.0, 0.0], [0.0, math.log(2.0)]]])
+    weight = torch.tensor([[2.0, 0.0]])
+    loss = a2pr.vae_loss(recon, act, mean, log_std, weight)
+    # reconstruction: mean(w (recon - a)^2) = (2 * 0.25 + 0 * 1) / 2 = 0.25
+    # 1 + log sigma^2 - mu^2 - sigma^2 per element: 0, 0, (1 + 0 - 1 - 1) = -1, (1 + 2 ln 2 - 0 - 4) = -1.6137056
+    # KL = -0.5 * (-1 - 1.6137056) / 4 = 0.3267132;  loss = 0.25 + 0.5 * 0.3267132 = 0.4133566
+    torch.testing.assert_close(loss, torch.tensor([0.4133566]))
 
 
-def test_evaluate_feeds_the_actor_normalised_observations():
-    import gymnasium as gym
-
-    actor = a2pr.Actor(1, 3, 1, 8, 2)
-    a2pr.init_ensemble(actor, [0])
-    seen = []
-    actor.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].clone()))
-    mean, std = np.array([0.1, -0.2, 0.3], np.float32), np.array([2.0, 0.5, 4.0], np.float32)
-    a2pr.evaluate(actor, "Pendulum-v1", mean, std, np.array([-2.0], np.float32), np.array([2.0], np.float32),
-                  episodes=1, seed=123)
-    env = gym.make("Pendulum-v1")
-    first_obs = env.reset(seed=123)[0]
-    env.close()
-    torch.testing.assert_close(seen[0], torch.as_tensor((first_obs - mean) / std, dtype=torch.float32)[None, None])
+def test_vae_forward_with_constant_networks():
+    agent = a2pr.Agent([0], 2, 1, tiny(resolve=True))
+    constant_net(agent.vae.encoder, [0.3, -0.2, 20.0, -9.0])  # mu = (0.3, -0.2), log sigma = (20, -9) before clamp
+    constant_net(agent.vae.decoder, [math.atanh(0.25)])
+    recon, mean, log_std = agent.vae(torch.zeros(1, 3, 2), torch.zeros(1, 3, 1), noise(1, 3, 2))
+    torch.testing.assert_close(recon, torch.full((1, 3, 1), 0.25))
+    torch.testing.assert_close(mean, torch.tensor([0.3, -0.2]).expand(1, 3, 2))
+    torch.testing.assert_close(log_std, torch.tensor([15.0, -4.0]).expand(1, 3, 2))  # clamped to [-4, 15]
 
 
-def test_side_by_side_evaluation_equals_one_episode_at_a_time_and_reused_envs_equal_fresh_ones():
-    """evaluate plays all K x episodes episodes in lockstep; each episode's return is the one it gets when played
-    alone with its own env seed, for every agent; and the envs a run makes once give what fresh envs give."""
-    actor = a2pr.Actor(2, 3, 1, 16, 2)
-    a2pr.init_ensemble(actor, [0, 1])
-    ev = dict(env_id="Pendulum-v1", obs_mean=np.zeros(3, np.float32), obs_std=np.ones(3, np.float32),
-              action_low=np.array([-2.0], np.float32), action_high=np.array([2.0], np.float32))
-    together = a2pr.evaluate(actor, **ev, episodes=3, seed=40)
-    assert together.shape == (2, 3)
-    alone = np.concatenate([a2pr.evaluate(actor, **ev, episodes=1, seed=40 + e) for e in range(3)], axis=1)
-    np.testing.assert_allclose(together, alone, rtol=1e-6)
-    assert len(np.unique(together.round(6))) == 6, "agents and episodes should differ"
-    envs = a2pr.make_eval_envs("Pendulum-v1", 2, 3)
-    try:
-        np.testing.assert_array_equal(a2pr.evaluate(actor, **ev, episodes=3, seed=40, envs=envs), together)
-        a2pr.evaluate(actor, **ev, episodes=3, seed=99, envs=envs)  # another evaluation in between
-        np.testing.assert_array_equal(a2pr.evaluate(actor, **ev, episodes=3, seed=40, envs=envs), together)
-        with pytest.raises(ValueError, match="envs must be 2 agents x 4 episodes, got 2 x 3"):
-            a2pr.evaluate(actor, **ev, episodes=4, seed=40, envs=envs)
-    finally:
-        a2pr.close_envs(envs)
+def test_actor_loss_hand_computed():
+    q_pi = torch.tensor([[1.0, -3.0]])
+    pi = torch.tensor([[[0.5], [0.5]]])
+    target = torch.tensor([[[0.0], [1.0]]])
+    gate = torch.tensor([[1.0, 0.0]])
+    loss, bc = a2pr.actor_loss(q_pi, pi, target, gate, alpha=2.5)
+    # lambda = 2.5 / mean|Q| = 2.5 / 2 = 1.25;  -lambda mean Q = -1.25 * (-1) = 1.25
+    # bc = mean(gate (pi - target)^2) = (1 * 0.25 + 0 * 0.25) / 2 = 0.125;  loss = 1.375
+    torch.testing.assert_close(bc, torch.tensor([0.125]))
+    torch.testing.assert_close(loss, torch.tensor([1.375]))
+
+
+def test_actor_objective_hand_computed():
+    args = tiny(resolve=True, alpha=2.5, bc_weight=2.0)
+    agent = a2pr.Agent([0], 2, 1, args)
+    constant_net(agent.actor.net, [math.atanh(0.5)])       # pi = 0.5
+    constant_net(agent.critic.net, [2.0, 7.0])              # Q1 = 2 everywhere (Q2 is not used by the actor)
+    constant_net(agent.vae.decoder, [math.atanh(-0.5)])     # p_hat = -0.5
+    act = torch.tensor([[[0.0], [1.0], [-1.0]]])
+    v = torch.tensor([[1.0, 1.0, 3.0]])
+    q1_data = torch.tensor([[1.5, 2.5, 1.0]])
+    loss, parts = a2pr.actor_objective(agent, torch.zeros(1, 3, 2), act, q1_data, v, noise(1, 3, 2), args)
+    # A_vae = Q1(s, p_hat) - v = [1, 1, -1];  A_data = q1_data - v = [0.5, 1.5, -2]
+    # target: [p_hat (1 >= 0.5), a = 1.0 (1 < 1.5), p_hat (-1 >= -2)] = [-0.5, 1.0, -0.5]
+    # gate: [on (A_vae 1 >= 0), on, off (-1 < 0 and -2 <= 0)] * bc_weight = [2, 2, 0]
+    # bc = mean(gate (0.5 - target)^2) = (2 * 1 + 2 * 0.25 + 0 * 1) / 3 = 0.8333333
+    # lambda = 2.5 / |2| = 1.25; -lambda * mean Q1(s, pi) = -2.5;  loss = -2.5 + 0.8333333 = -1.6666667
+    torch.testing.assert_close(parts["target"], torch.tensor([[[-0.5], [1.0], [-0.5]]]))
+    torch.testing.assert_close(parts["gate"], torch.tensor([[2.0, 2.0, 0.0]]))
+    torch.testing.assert_close(parts["bc"], torch.tensor([0.8333333]))
+    torch.testing.assert_close(loss, torch.tensor([-1.6666667]))
+
+
+def _step_fixture(seed=0, k=2, b=8, obs_dim=3, act_dim=2):
+    args = tiny(resolve=True, num_seeds=k, seed=seed, batch_size=b)
+    agent, opt, gens = a2pr.build_learner(args, obs_dim, act_dim, CPU)
+    with torch.no_grad():  # move the online nets away from their targets, so a soft update is visible
+        for i, p in enumerate(list(agent.actor.parameters()) + list(agent.critic.parameters())):
+            p.add_(0.1 * noise(*p.shape, seed=i))
+    s, a, r, s2, d = random_batch(k, b, obs_dim, act_dim, seed)
+    with torch.no_grad():
+        q1_data, v = agent.critic.q1(s, a), agent.value(s)
+    return args, agent, opt, (s, a, r, s2, d), q1_data, v
+
+
+NETS = ("actor", "critic", "value", "vae", "actor_target", "critic_target")
+
+
+@pytest.mark.parametrize("step, moves", [("critic", "critic"), ("value", "value"), ("vae", "vae")])
+def test_each_step_moves_only_its_own_network(step, moves):
+    args, agent, opt, (s, a, r, s2, d), q1_data, v = _step_fixture()
+    before = {n: snapshot(getattr(agent, n)) for n in NETS}
+    k, b = s.shape[:2]
+    if step == "critic":
+        a2pr.critic_step(agent, opt, s, a, r, s2, d, noise(k, b, a.shape[-1]), args)
+    elif step == "value":
+        a2pr.value_step(agent, opt, s, r, r + 1.0)
+    else:
+        a2pr.vae_step(agent, opt, s, a, q1_data, v, noise(k, b, agent.vae.latent_dim), args)
+    for n in NETS:
+        after = snapshot(getattr(agent, n))
+        same = all(torch.equal(before[n][p], after[p]) for p in after)
+        assert same == (n != moves), n
+
+
+def test_actor_loss_reaches_critic_and_vae_but_actor_step_moves_only_actor_and_targets():
+    args, agent, opt, (s, a, _, _, _), q1_data, v = _step_fixture()
+    latent = noise(*s.shape[:2], agent.vae.latent_dim)
+    loss, _ = a2pr.actor_objective(agent, s, a, q1_data, v, latent, args)
+    reached = torch.autograd.grad(loss.sum(), list(agent.critic.parameters()) + list(agent.vae.parameters()),
+                                  allow_unused=True)
+    assert any(g is not None and g.abs().sum() > 0 for g in reached)  # so the step below must filter them out
+
+    before = {n: snapshot(getattr(agent, n)) for n in NETS}
+    a2pr.actor_step(agent, opt, s, a, q1_data, v, latent, args)
+    after = {n: snapshot(getattr(agent, n)) for n in NETS}
+    for n in ("critic", "value", "vae"):
+        assert all(torch.equal(before[n][p], after[n][p]) for p in after[n]), n
+    assert any(not torch.equal(before["actor"][p], after["actor"][p]) for p in after["actor"])
+    tau = args.tau
+    for online, target in (("actor", "actor_target"), ("critic", "critic_target")):
+        moved = False
+        for p in after[target]:
+            expected = before[target][p] + tau * (after[online][p] - before[target][p])
+            torch.testing.assert_close(after[target][p], expected, rtol=0, atol=1e-7)
+            moved |= not torch.equal(after[target][p], before[target][p])
+        assert moved, target
+
+
+def test_soft_update_moves_targets_by_tau():
+    _, agent, *_ = _step_fixture()
+    before = {n: snapshot(getattr(agent, n)) for n in NETS}
+    a2pr.soft_update(agent, 0.25)
+    for online, target in (("actor", "actor_target"), ("critic", "critic_target")):
+        for p, t in snapshot(getattr(agent, target)).items():
+            torch.testing.assert_close(t, 0.75 * before[target][p] + 0.25 * before[online][p], rtol=0, atol=1e-6)
+
+
+def test_policy_action_reconstruction_passes_gradient_into_the_actor():
+    args = tiny(resolve=True, num_seeds=1, bc_target="vae", gate="always")  # every sample is pulled towards p_hat
+    _, agent, _, (s, a, _, _, _), q1_data, v = _step_fixture(k=1)
+    loss, parts = a2pr.actor_objective(agent, s, a, q1_data, v, noise(1, s.shape[1], agent.vae.latent_dim), args)
+    pi, p_hat, gate = parts["pi"], parts["p_hat"], parts["gate"]
+    dphat_dpi = torch.autograd.grad(p_hat.sum(), pi, retain_graph=True)[0]
+    assert dphat_dpi.abs().max() > 0
+
+    grad_with = torch.autograd.grad(loss.sum(), pi, retain_graph=True)[0]
+    bc_detached = (gate.unsqueeze(-1) * (pi - p_hat.detach()) ** 2).mean((-2, -1))
+    torch.testing.assert_close(bc_detached, parts["bc"].detach())  # same value, different gradient
+    grad_detached = torch.autograd.grad((loss - parts["bc"] + bc_detached).sum(), pi)[0]
+    assert not torch.allclose(grad_with, grad_detached)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 1.4 The data as the networks see it: action scaling, transitions, the sampler, the normalised score
+# ----------------------------------------------------------------------------------------------------------------
+bound_pairs = st.tuples(st.floats(-5, 5), st.floats(0.5, 10)).map(lambda p: (p[0], p[0] + p[1]))  # low < high
+
+
+@settings(deadline=None)
+@given(bounds=st.lists(bound_pairs, min_size=1, max_size=4), data=st.data())
+def test_env_actions_stay_inside_asymmetric_bounds_and_round_trip(bounds, data):
+    low = np.array([lo for lo, _ in bounds], np.float32)
+    high = np.array([hi for _, hi in bounds], np.float32)
+    n = data.draw(st.integers(1, 8))
+    unit = np.array(data.draw(st.lists(st.floats(-1, 1, width=32), min_size=n * len(low), max_size=n * len(low))),
+                    np.float32).reshape(n, len(low))
+    unit = np.concatenate([unit, np.full((1, len(low)), -1.0, np.float32), np.ones((1, len(low)), np.float32)])
+    # (+-1 included: a saturated tanh actor outputs exactly 1.0)
+    env = a2pr.to_env_actions(unit, low, high)
+    assert env.dtype == np.float32 and env.shape == unit.shape
+    assert (env >= low).all() and (env <= high).all()
+    np.testing.assert_allclose(a2pr.to_unit_actions(env, low, high), unit, rtol=0, atol=1e-5)
+    # the ends and the middle of [-1, 1] go to low, high and the midpoint: asymmetric bounds are not max_action * a
+    ends = a2pr.to_env_actions(np.array([[-1.0] * len(low), [1.0] * len(low), [0.0] * len(low)], np.float32),
+                               low, high)
+    np.testing.assert_allclose(ends, np.stack([low, high, (low + high) / 2]), rtol=1e-6, atol=1e-5)
+
+
+def test_saturated_action_maps_inside_asymmetric_bounds():
+    # found by the property test above: 1.0 mapped to 3.696042 > high (float32 rounding of low + (high - low))
+    low, high = np.array([-0.8872743], np.float32), np.array([3.6960418], np.float32)
+    env = a2pr.to_env_actions(np.array([[1.0], [-1.0]], np.float32), low, high)
+    assert (env >= low).all() and (env <= high).all()
+
+
+def test_qlearning_transitions_follow_d4rl_convention():
+    obs = np.arange(6, dtype=np.float32)[:, None]
+    rows = dict(observations=obs, actions=obs, rewards=obs[:, 0],
+                terminals=np.array([0, 1, 0, 0, 0, 0], bool), timeouts=np.array([0, 0, 0, 1, 0, 0], bool))
+    tr = a2pr.qlearning_transitions(rows)
+    # row 3 is cut by a time-out (dropped), row 5 is the file's last (dropped); row 1 is a true terminal
+    np.testing.assert_array_equal(tr["observations"][:, 0], [0, 1, 2, 4])
+    np.testing.assert_array_equal(tr["next_observations"][:, 0], [1, 2, 3, 5])
+    np.testing.assert_array_equal(tr["terminals"], [0, 1, 0, 0])
+
+
+def test_normalized_score_matches_d4rl_definition():
+    assert a2pr.normalized_score(-20.272305, -20.272305, 3234.3) == pytest.approx(0.0)
+    assert a2pr.normalized_score(3234.3, -20.272305, 3234.3) == pytest.approx(100.0)
+    assert a2pr.normalized_score(1607.0139, -20.272305, 3234.3) == pytest.approx(50.0, abs=1e-4)
 
 
 def _index_data(n: int) -> a2pr.DeviceData:
@@ -2059,7 +997,7 @@ def test_transitions_and_sampled_batches_never_cross_episode_boundaries(case, se
     ds = a2pr.Dataset(name="t", env_id="none", **tr, ref_min_score=0.0, ref_max_score=1.0,
                       episode_returns=np.zeros(1), action_low=np.zeros(1, np.float32),
                       action_high=np.full(1, 1000.0, np.float32))
-    data = a2pr.prepare_data(ds, tiny_args(), CPU, stats=(np.zeros(2), np.ones(2)))
+    data = a2pr.prepare_data(ds, tiny(resolve=True), CPU, stats=(np.zeros(2), np.ones(2)))
     s, _, _, s2, d = a2pr.sample_batch(data, 64, [torch.Generator().manual_seed(seed)])
     for obs, nxt, done in [(tr["observations"], tr["next_observations"], tr["terminals"]),
                            (s[0].numpy(), s2[0].numpy(), d[0].numpy())]:
@@ -2083,10 +1021,1073 @@ def test_rows_with_next_observations_keep_time_out_steps_as_non_terminal(case):
     assert not tr["terminals"][rows["timeouts"]].any()
 
 
+# ================================================================================================================
+# 2. Contracts of the trainer: results, determinism, resume, evaluation, presets, the command line, the file
+# ================================================================================================================
+def test_train_end_to_end_writes_every_result(tmp_path):
+    s = a2pr.train(tiny(tmp_path))
+    run = Path(s["run_dir"])
+    assert s["steps"] == 200 and not s["interrupted"]
+    assert np.isfinite(s["final_score"]) and np.isfinite(s["best_score"]) and s["best_score"] >= s["final_score"]
+    assert np.isfinite(s["dataset_score"])
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    assert [int(r["step"]) for r in rows] == [50, 100, 150, 200]
+    for col in ("losses/critic", "losses/value", "losses/vae", "losses/actor", "losses/bc", "charts/SPS",
+                "charts/gate_fraction", "charts/vae_target_fraction", "eval/normalized_score_mean"):
+        assert all(np.isfinite(float(r[col])) for r in rows if r[col] != ""), col
+    assert [r["eval/normalized_score_mean"] != "" for r in rows] == [False, True, False, True]
+    assert (run / "learning_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((run / "summary.json").read_text())["final_score"] == pytest.approx(s["final_score"])
+    ck = checkpoint(run)
+    assert ck["step"] == 200 and ck["obs_mean"].shape == (3,)
+
+
+def test_same_seed_is_bit_identical_and_other_seed_differs(tmp_path):
+    a = a2pr.train(tiny(tmp_path, run_name="a"))
+    b = a2pr.train(tiny(tmp_path, run_name="b"))
+    c = a2pr.train(tiny(tmp_path, run_name="c", seed=1))
+    ca, cb, cc = (checkpoint(x["run_dir"]) for x in (a, b, c))
+    assert_same_state(ca["agent"], cb["agent"])
+    assert comparable(ca["history"]) == comparable(cb["history"])
+    assert not torch.equal(ca["agent"]["actor.net.0.weight"], cc["agent"]["actor.net.0.weight"])
+
+
+def test_ctrl_c_saves_and_resume_is_exact(tmp_path):
+    """A real SIGINT at an arbitrary step: the checkpoint is taken between updates, and resuming from it ends
+    exactly where the uninterrupted run ends."""
+    flags = ["--total-steps", "1500", "--batch-size", "32", "--actor-hidden", "16", "--critic-hidden", "16",
+             "--value-hidden", "16", "--vae-hidden", "16", "--eval-freq", "500", "--log-freq", "100",
+             "--eval-episodes", "1", "--save-dir", str(tmp_path), "--quiet"]
+    proc = subprocess.Popen([sys.executable, str(HERE / "a2pr.py"), *flags, "--run-name", "cut"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ck_path = tmp_path / "cut" / "checkpoint.pt"
+    deadline = time.time() + 90
+    while not ck_path.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=90)
+    assert proc.returncode == 0, err
+    step = checkpoint(tmp_path / "cut")["step"]
+    assert 0 < step < 1500, "the interrupt should land mid-run"
+    assert "--resume" in out + err
+    a2pr.train(a2pr.Args(resume=str(tmp_path / "cut"), quiet=True))
+    a2pr.main([*flags, "--run-name", "whole"])
+    cw, cc = checkpoint(tmp_path / "whole"), checkpoint(tmp_path / "cut")
+    assert cc["step"] == 1500
+    assert_same_state(cw["agent"], cc["agent"])
+    assert comparable(cw["history"]) == comparable(cc["history"])
+
+
+def test_a_gpu_runs_checkpoint_resumes_here_in_this_command_lines_mode(tmp_path, capsys):
+    """A checkpoint written by a `--cuda --cuda-graphs --compile` run (its settings and optimiser flags forged here,
+    as no GPU is at hand) continues on the CPU when resumed without those flags: the device and execution mode
+    follow the command line, the algorithm's settings follow the checkpoint, the random streams restart."""
+    a2pr.train(tiny(tmp_path, total_steps=100))
+    path = tmp_path / "run" / "checkpoint.pt"
+    ck = checkpoint(tmp_path / "run")
+    ck["args"].update(cuda=True, cuda_graphs=True, compile=True)
+    ck["device"] = "cuda"
+    for state in ck["optimizers"].values():
+        for group in state["param_groups"]:
+            group["capturable"] = True
+    torch.save(ck, path)
+    s = a2pr.train(a2pr.Args(resume=str(tmp_path / "run"), total_steps=200, quiet=True))
+    assert s["steps"] == 200 and np.isfinite(s["final_score"])
+    assert "continuing on the other device with fresh random streams" in capsys.readouterr().err
+    after = checkpoint(tmp_path / "run")
+    assert (after["args"]["cuda"], after["args"]["cuda_graphs"], after["args"]["compile"]) == (False, False, False)
+    assert after["args"]["batch_size"] == 32 and after["device"] == "cpu"
+    assert all(not g["capturable"] for st in after["optimizers"].values() for g in st["param_groups"])
+    # ...and the other way: a checkpoint made without graphs gets capturable optimisers when the new run captures
+    graphs = dataclasses.replace(a2pr.args_from_checkpoint(after), cuda=True, cuda_graphs=True)
+    _, opt, _ = a2pr.build_learner(graphs, 3, 1, "cpu", after)
+    assert all(g["capturable"] for o in opt.all().values() for g in o.param_groups)
+
+
+def test_resume_errors_are_one_line(tmp_path):
+    with pytest.raises(A2PRError, match="no checkpoint.pt there"):
+        a2pr.train(a2pr.Args(resume=str(tmp_path)))
+    (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(A2PRError, match="cannot be read as an a2pr checkpoint"):
+        a2pr.train(a2pr.Args(resume=str(tmp_path)))
+    torch.save({"weights": torch.zeros(1)}, tmp_path / "checkpoint.pt")
+    with pytest.raises(A2PRError, match="not an a2pr checkpoint"):
+        a2pr.train(a2pr.Args(resume=str(tmp_path)))
+
+
+def test_non_finite_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = a2pr.value_loss
+
+    def poisoned(*args):
+        calls["n"] += 1
+        out = real(*args)
+        return out * float("nan") if calls["n"] >= 130 else out
+
+    monkeypatch.setattr(a2pr, "value_loss", poisoned)
+    with pytest.raises(a2pr.A2PRError, match=r"non-finite value loss at step 130.*last good checkpoint"):
+        a2pr.train(tiny(tmp_path, save_freq=50))
+    ck = checkpoint(tmp_path / "run")
+    assert ck["step"] == 100
+    assert all(torch.isfinite(v).all() for v in ck["agent"].values())
+
+
+N_STEPS = 21  # the restored run's next step (22) is an actor step: actor, targets and all four optimisers move
+
+
+@pytest.fixture(scope="module")
+def pendulum_data_dir(tmp_path_factory):
+    """The built-in dataset, generated once for the module."""
+    d = str(tmp_path_factory.mktemp("data"))
+    a2pr.load_dataset(a2pr.Args(env="pendulum-mostly-random-v0", data_dir=d), log=NOOP_LOG)
+    return d
+
+
+def train_recording_evaluations(args):
+    """train(args), recording the actor and the normalisation statistics of every evaluate call."""
+    calls = []
+    real = a2pr.evaluate
+
+    def recording(actor, env_id, obs_mean, obs_std, *rest, **kw):
+        calls.append(dict(actor=actor, obs_mean=np.array(obs_mean), obs_std=np.array(obs_std)))
+        return real(actor, env_id, obs_mean, obs_std, *rest, **kw)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(a2pr, "evaluate", recording)
+        summary = a2pr.train(args)
+    return summary, calls
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory, pendulum_data_dir):
+    save = tmp_path_factory.mktemp("runs")
+    return train_recording_evaluations(tiny(save, data_dir=pendulum_data_dir, total_steps=N_STEPS, batch_size=16, eval_freq=10,
+                                           log_freq=10, run_name="n"))
+
+
+def test_loaded_policy_acts_exactly_like_the_in_memory_actor(short_run):
+    summary, calls = short_run
+    actor, mean, std = calls[-1]["actor"], calls[-1]["obs_mean"], calls[-1]["obs_std"]
+    ck = checkpoint(summary["run_dir"])
+    policy = a2pr.load_policy(summary["run_dir"])
+    obs = np.random.default_rng(0).uniform([-1, -1, -8], [1, 1, 8], size=(6, 3)).astype(np.float32)
+    with torch.no_grad():
+        unit = actor(torch.as_tensor((obs - mean) / std)[None])[0].numpy()
+    expected = a2pr.to_env_actions(unit, ck["action_low"], ck["action_high"])
+    np.testing.assert_array_equal(policy(obs), expected)
+    np.testing.assert_array_equal(policy(obs[2]), expected[2])  # one observation -> one action
+    assert (expected >= -2).all() and (expected <= 2).all()     # Pendulum's torque bounds
+
+
+def test_normalisation_stats_come_from_the_data_and_reach_evaluation_and_checkpoint(short_run, pendulum_data_dir):
+    summary, calls = short_run
+    ck = checkpoint(summary["run_dir"])
+    ds = a2pr.load_dataset(a2pr.Args(**ck["args"]), log=NOOP_LOG)
+    obs = ds.observations.astype(np.float64)
+    want_mean, want_std = obs.mean(0), obs.std(0) + 1e-3  # spec: mean, std + 1e-3
+    assert len(calls) == 3  # steps 10, 20 and the last step, 21
+    for call in calls:
+        np.testing.assert_allclose(call["obs_mean"], want_mean, rtol=1e-4, atol=1e-5)  # float32 statistics
+        np.testing.assert_allclose(call["obs_std"], want_std, rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(ck["obs_mean"], calls[-1]["obs_mean"])
+    np.testing.assert_array_equal(ck["obs_std"], calls[-1]["obs_std"])
+
+
+def test_evaluate_feeds_the_actor_normalised_observations():
+    import gymnasium as gym
+
+    actor = a2pr.Actor(1, 3, 1, 8, 2)
+    a2pr.init_ensemble(actor, [0])
+    seen = []
+    actor.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].clone()))
+    mean, std = np.array([0.1, -0.2, 0.3], np.float32), np.array([2.0, 0.5, 4.0], np.float32)
+    a2pr.evaluate(actor, "Pendulum-v1", mean, std, np.array([-2.0], np.float32), np.array([2.0], np.float32),
+                  episodes=1, seed=123)
+    env = gym.make("Pendulum-v1")
+    first_obs = env.reset(seed=123)[0]
+    env.close()
+    torch.testing.assert_close(seen[0], torch.as_tensor((first_obs - mean) / std, dtype=torch.float32)[None, None])
+
+
+def test_side_by_side_evaluation_equals_one_episode_at_a_time_and_reused_envs_equal_fresh_ones():
+    """evaluate plays all K x episodes episodes in lockstep; each episode's return is the one it gets when played
+    alone with its own env seed, for every agent; and the envs a run makes once give what fresh envs give."""
+    actor = a2pr.Actor(2, 3, 1, 16, 2)
+    a2pr.init_ensemble(actor, [0, 1])
+    ev = dict(env_id="Pendulum-v1", obs_mean=np.zeros(3, np.float32), obs_std=np.ones(3, np.float32),
+              action_low=np.array([-2.0], np.float32), action_high=np.array([2.0], np.float32))
+    together = a2pr.evaluate(actor, **ev, episodes=3, seed=40)
+    assert together.shape == (2, 3)
+    alone = np.concatenate([a2pr.evaluate(actor, **ev, episodes=1, seed=40 + e) for e in range(3)], axis=1)
+    np.testing.assert_allclose(together, alone, rtol=1e-6)
+    assert len(np.unique(together.round(6))) == 6, "agents and episodes should differ"
+    envs = a2pr.make_eval_envs("Pendulum-v1", 2, 3)
+    try:
+        np.testing.assert_array_equal(a2pr.evaluate(actor, **ev, episodes=3, seed=40, envs=envs), together)
+        a2pr.evaluate(actor, **ev, episodes=3, seed=99, envs=envs)  # another evaluation in between
+        np.testing.assert_array_equal(a2pr.evaluate(actor, **ev, episodes=3, seed=40, envs=envs), together)
+        with pytest.raises(ValueError, match="envs must be 2 agents x 4 episodes, got 2 x 3"):
+            a2pr.evaluate(actor, **ev, episodes=4, seed=40, envs=envs)
+    finally:
+        a2pr.close_envs(envs)
+
+
+def test_eval_obs_noise_changes_returns_and_zero_noise_is_deterministic(tmp_path):
+    s = a2pr.train(tiny(tmp_path, total_steps=100))
+    ck = checkpoint(s["run_dir"])
+    args = a2pr.resolve_args(a2pr.Args(**ck["args"]))[0]
+    agent = a2pr.Agent([args.seed], 3, 1, args)
+    agent.load_state_dict(ck["agent"])
+    ev = dict(env_id="Pendulum-v1", obs_mean=ck["obs_mean"], obs_std=ck["obs_std"], action_low=ck["action_low"],
+              action_high=ck["action_high"], episodes=2, seed=7)
+    clean1, clean2 = a2pr.evaluate(agent.actor, **ev), a2pr.evaluate(agent.actor, **ev)
+    noisy = a2pr.evaluate(agent.actor, **ev, obs_noise=0.5)
+    np.testing.assert_array_equal(clean1, clean2)
+    assert not np.allclose(clean1, noisy)
+
+
+def test_presets_fill_unset_fields_and_explicit_flags_win():
+    args, source = a2pr.resolve_args(a2pr.Args(env="hopper-medium-v2"))
+    assert (args.alpha, args.vae_weight, args.bc_weight, args.discount) == (2.5, 1.0, 0.4, 0.995)
+    assert args.critic_hidden == 256 and args.vae_hidden == 750 and args.total_steps == 1_000_000
+    assert source["bc_weight"] == "preset hopper-medium-v2" and source["batch_size"] == "spec default"
+    explicit = a2pr.resolve_args(a2pr.parse_args(["--env", "hopper-medium-v2", "--mask", "2.0"]))[0]
+    assert explicit.bc_weight == 2.0 and explicit.discount == 0.995
+    spec = a2pr.resolve_args(a2pr.Args(env="hopper-medium-v2", preset="spec"))[0]
+    assert (spec.bc_weight, spec.discount) == (1.0, 0.99)
+    cpu = a2pr.resolve_args(a2pr.Args())[0]
+    assert cpu.preset == "pendulum-cpu" and cpu.actor_hidden < 256
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_cuda_without_gpu_stops_at_once_with_a_clear_message(tmp_path):
+    t0 = time.time()
+    r = run_cli("--cuda", "--save-dir", str(tmp_path))
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and "Traceback" not in r.stderr
+    assert "--cuda" in r.stderr and "no CUDA GPU" in r.stderr
+    assert not (tmp_path / "runs").exists() and not list(tmp_path.iterdir())
+    assert time.time() - t0 < 30
+
+
+@pytest.mark.parametrize("argv, expect", [
+    (["--batch-size", "-5"], "--batch-size must be a positive integer, got -5"),
+    (["--batch-size", "many"], "argument --batch-size: invalid int value: 'many'"),
+    (["--env", "pendulum-expret-v0"], "unknown dataset 'pendulum-expret-v0'; closest: pendulum-expert-v0"),
+    (["--preset", "hopper-medum-v2"], "unknown preset 'hopper-medum-v2'"),
+    (["--discount", "1.5"], "--discount must be in [0, 1)"),
+    (["--bc-target", "best"], "argument --bc-target: invalid choice: 'best'"),
+    (["--cuda-graphs"], "--cuda-graphs needs --cuda"),
+    (["--mix", "pendulum-expert-v0"], "--mix must be NAME:FRACTION"),
+    (["--benchmark", "update", "--bench-modes", "eager,fast"], "--bench-modes must list distinct paths among"),
+    (["--benchmark", "update", "--bench-modes", "eager,graphs"], "--cuda-graphs needs --cuda"),
+    (["--benchmark", "update", "--bench-repeats", "0"], "--bench-repeats must be a positive integer, got 0"),
+])
+def test_bad_flags_get_one_line_errors(tmp_path, argv, expect):
+    r = run_cli(*argv, "--save-dir", str(tmp_path), "--total-steps", "10")
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr and r.stderr.strip().count("\n") == 0, r.stderr
+    assert expect in r.stderr
+
+
+def test_help_has_one_line_per_flag():
+    text = a2pr.build_parser().format_help()
+    for f in a2pr.dataclasses.fields(a2pr.Args):
+        assert f"--{f.name.replace('_', '-')}" in text
+        assert f.metadata["help"] and "\n" not in f.metadata["help"]
+    assert "--mask" in text
+
+
+def test_importing_a2pr_changes_nothing_in_the_process():
+    """Importing the file has no side effect: the umask (and so the permissions of files the importer writes) stays."""
+    code = ("import os; os.umask(0o027); import a2pr; m = os.umask(0); print(oct(m))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=HERE, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "0o27"
+
+
+def test_reading_map_points_at_its_definitions():
+    """The docstring's reading map (line: name) names the line where each definition or appendix begins; after
+    moving code, the failure message lists the lines to write."""
+    import re
+
+    lines = (HERE / "a2pr.py").read_text().split("\n")
+    entries = re.findall(r"^\s+(\d+)\s+([\w ]+?):\s", a2pr.__doc__.split("Reading map")[1], flags=re.M)
+    assert len(entries) >= 15
+    wrong = []
+    for line, name in entries:
+        pat = re.compile(rf"^(def|class) {re.escape(name)}\b|^# {re.escape(name)}\.")
+        actual = next((i + 1 for i, text in enumerate(lines) if pat.match(text)), None)
+        if actual != int(line):
+            wrong.append(f"{name}: map says {line}, it is at {actual}")
+    assert not wrong, "update the reading map: " + "; ".join(wrong)
+    main_line = next(i for i, t in enumerate(lines) if t.startswith("def main("))
+    first_net = next(i for i, t in enumerate(lines) if re.match(r"class \w+\(nn\.Module\)", t))
+    assert first_net < 300 and main_line < next(i for i, t in enumerate(lines) if t.startswith("# Appendix A."))
+    assert lines[-2:] == ['if __name__ == "__main__":', "    sys.exit(main())"] or lines[-3:-1] == [
+        'if __name__ == "__main__":', "    sys.exit(main())"]
+
+
+# ================================================================================================================
+# 3. Data sources: built-in datasets, D4RL names (cache and download), Minari ids, local files, mixes, bad input
+# ================================================================================================================
+def make_rows(lengths, obs_dim=11, act_dim=3, reward=0.0, seed=0, terminal_every=0):
+    """D4RL rows: one episode per length; time-out at its end, or a terminal for every `terminal_every`-th."""
+    rng = np.random.default_rng(seed)
+    n = int(sum(lengths))
+    rows = dict(observations=rng.standard_normal((n, obs_dim)).astype(np.float32),
+                actions=rng.uniform(-1, 1, (n, act_dim)).astype(np.float32),
+                rewards=np.full(n, reward, dtype=np.float32),
+                terminals=np.zeros(n, dtype=bool), timeouts=np.zeros(n, dtype=bool))
+    ends = np.cumsum(lengths) - 1
+    for i, e in enumerate(ends):
+        if terminal_every and i % terminal_every == 0:
+            rows["terminals"][e] = True
+        else:
+            rows["timeouts"][e] = True
+    return rows
+
+
+def d4rl_file(name, rows, attrs=None) -> Path:
+    path = a2pr.d4rl_cache_dir() / a2pr.D4RL_DATASETS[name].filename
+    write_d4rl_hdf5(path, rows, attrs or {})
+    return path
+
+
+def file_bytes(tmp_path, rows) -> bytes:
+    p = tmp_path / "src.hdf5"
+    write_d4rl_hdf5(p, rows, {})
+    return p.read_bytes()
+
+
 # ----------------------------------------------------------------------------------------------------------------
-# The tutorial notebook. Regenerate its committed outputs with the current code (full settings, ~3 minutes):
+# 3.1 Built-in datasets and the D4RL registry
+# ----------------------------------------------------------------------------------------------------------------
+def test_builtin_dataset_is_cached_reproducible_and_in_d4rl_layout(tmp_path):
+    args = a2pr.Args(env="pendulum-mostly-random-v0", data_dir=str(tmp_path))
+    ds = a2pr.load_dataset(args, log=lambda *_: None)
+    files = list(tmp_path.iterdir())
+    assert [f.suffix for f in files] == [".hdf5"]
+    rows, attrs = a2pr.read_d4rl_hdf5(files[0])
+    assert set(a2pr.D4RL_KEYS) <= set(rows)
+    assert attrs["env_id"] == "Pendulum-v1" and attrs["ref_min_score"] < attrs["ref_max_score"]
+    mtime = files[0].stat().st_mtime_ns
+    again = a2pr.load_dataset(args, log=lambda *_: None)
+    assert files[0].stat().st_mtime_ns == mtime  # read from the cache, not made again
+    np.testing.assert_array_equal(ds.observations, again.observations)
+    # 200 episodes of 200 steps; the time-out row of every episode has no next state and is dropped
+    assert len(ds.rewards) == 200 * 199 and not ds.terminals.any()
+    # trajectory-wise 95/5 mix: the last 10 of 200 episodes are the expert's
+    scores = a2pr.normalized_score(ds.episode_returns, ds.ref_min_score, ds.ref_max_score)
+    assert len(scores) == 200
+    assert scores[-10:].min() > 60 and np.median(scores[:190]) < 30
+
+
+def test_builtin_family_orders_by_quality(tmp_path):
+    avg = {}
+    for name in ("random", "medium", "expert"):
+        ds = a2pr.load_dataset(a2pr.Args(env=f"pendulum-{name}-v0", data_dir=str(tmp_path)), log=lambda *_: None)
+        avg[name] = a2pr.normalized_score(ds.episode_returns, ds.ref_min_score, ds.ref_max_score).mean()
+    assert abs(avg["random"]) < 10 and 90 < avg["expert"] < 110
+    assert avg["random"] + 15 < avg["medium"] < avg["expert"] - 15
+
+
+def test_builtin_dataset_from_cache(tmp_path):
+    rows = make_rows([200] * 3, 3, 1)
+    path = tmp_path / "a2pr" / "pendulum-random-v0-seed0-v1.hdf5"
+    write_d4rl_hdf5(path, rows, dict(env_id="Pendulum-v1", ref_min_score=-1200.0, ref_max_score=-150.0))
+    got, attrs = load_rows("pendulum-random-v0", tiny(data_dir=str(tmp_path / "a2pr")), NOOP_LOG)
+    assert attrs["kind"] == "builtin" and attrs["env_id"] == "Pendulum-v1" and str(path) in attrs["source"]
+    assert len(got["rewards"]) == 600
+
+
+def test_registry_urls_dims_and_refs():
+    assert len(a2pr.D4RL_DATASETS) == 4 * 6
+    base = "http://rail.eecs.berkeley.edu/datasets/offline_rl/gym_mujoco_v2/"
+    assert a2pr.D4RL_DATASETS["hopper-medium-v2"].url == base + "hopper_medium-v2.hdf5"
+    assert a2pr.D4RL_DATASETS["walker2d-medium-replay-v2"].url == base + "walker2d_medium_replay-v2.hdf5"
+    assert a2pr.D4RL_DATASETS["halfcheetah-medium-expert-v2"].filename == "halfcheetah_medium_expert-v2.hdf5"
+    assert a2pr.D4RL_DATASETS["ant-full-replay-v2"].filename == "ant_full_replay-v2.hdf5"
+    e = a2pr.D4RL_DATASETS["ant-random-v2"]
+    assert (e.obs_dim, e.act_dim, e.ref_min_score, e.ref_max_score) == (111, 8, -325.6, 3879.7)
+    e = a2pr.D4RL_DATASETS["walker2d-expert-v2"]
+    assert (e.env_id, e.obs_dim, e.act_dim, e.ref_min_score, e.ref_max_score) == ("Walker2d-v4", 17, 6, 1.629008,
+                                                                                   4592.3)
+
+
+@pytest.mark.parametrize("family", list(a2pr.D4RL_FAMILIES))
+def test_eval_env_dims_match_d4rl(family):
+    env_id, obs_dim, act_dim = a2pr.D4RL_FAMILIES[family][:3]
+    assert a2pr.env_dims(env_id, "test") == (obs_dim, act_dim)
+
+
+def test_d4rl_ant_env_is_ant_v4_with_zero_contact_forces():
+    a2pr.register_a2pr_envs()
+    assert gym.make("Ant-v4").observation_space.shape == (27,)
+    assert gym.make("Ant-v4", use_contact_forces=True).observation_space.shape == (111,)
+    ours, ref = gym.make(a2pr.ANT_D4RL_ENV_ID), gym.make("Ant-v4")
+    o, _ = ours.reset(seed=3)
+    r, _ = ref.reset(seed=3)
+    assert o.shape == (111,) and not o[27:].any() and np.array_equal(o[:27], r)
+    a = ours.action_space.sample()
+    o2, rew, *_ = ours.step(a)
+    r2, rew_ref, *_ = ref.step(a)
+    assert np.array_equal(o2[:27], r2) and rew == rew_ref and ours.spec.max_episode_steps == 1000
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 3.2 D4RL names: cache, download
+# ----------------------------------------------------------------------------------------------------------------
+def test_d4rl_name_from_cache():
+    rows = make_rows([30] * 4)
+    path = d4rl_file("hopper-medium-v2", rows)
+    got, attrs = load_rows("hopper-medium-v2", tiny(), NOOP_LOG)
+    assert attrs["env_id"] == "Hopper-v4" and attrs["kind"] == "d4rl"
+    assert (attrs["ref_min_score"], attrs["ref_max_score"]) == (-20.272305, 3234.3)
+    assert str(path) in attrs["source"] and "cached" in attrs["source"]
+    np.testing.assert_array_equal(got["observations"], rows["observations"])
+    tr = rows_to_transitions(got)
+    assert len(tr["rewards"]) == 120 - 4  # the time-out rows are dropped (D4RL's qlearning_dataset)
+
+
+def test_d4rl_cached_file_with_wrong_dims():
+    path = d4rl_file("hopper-medium-v2", make_rows([10], obs_dim=12))
+    with pytest.raises(A2PRError, match=r"observation dim 12 .* has 11 and 3") as e:
+        load_rows("hopper-medium-v2", tiny(), NOOP_LOG)
+    assert str(path) in str(e.value)
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    files: dict[str, bytes] = {}
+    mode = "full"
+    hits: list[str] = []
+
+    def do_GET(self):
+        name = self.path.rsplit("/", 1)[-1]
+        self.hits.append(name)
+        if name not in self.files:
+            self.send_error(404)
+            return
+        data = self.files[name]
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if self.mode == "cut":  # the connection drops half-way
+            self.wfile.write(data[: len(data) // 2])
+            self.wfile.flush()
+            self.close_connection = True
+            return
+        self.wfile.write(data)
+
+    def log_message(self, *a):
+        pass
+
+
+@pytest.fixture
+def server(monkeypatch):
+    handler = type("H", (_Handler,), dict(files={}, mode="full", hits=[]))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    handler.port = httpd.server_address[1]
+    monkeypatch.setenv("A2PR_D4RL_MIRROR", f"http://127.0.0.1:{handler.port}/datasets")
+    yield handler
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def leftovers(d: Path):
+    return sorted(p.name for p in d.glob("*.part")) if d.exists() else []
+
+
+def test_download_success_then_cached(server, tmp_path, capsys):
+    rows = make_rows([200] * 20)
+    server.files["hopper_medium-v2.hdf5"] = file_bytes(tmp_path, rows)
+    got, attrs = load_rows("hopper-medium-v2", tiny(), NOOP_LOG)
+    final = a2pr.d4rl_cache_dir() / "hopper_medium-v2.hdf5"
+    assert final.is_file() and leftovers(final.parent) == [] and "downloaded" in attrs["source"]
+    assert "100.0%" in capsys.readouterr().err  # the plain-text progress bar
+    np.testing.assert_array_equal(got["actions"], rows["actions"])
+    server.files.clear()
+    got2, attrs2 = load_rows("hopper-medium-v2", tiny(), NOOP_LOG)  # now from the cache: no request
+    assert "cached" in attrs2["source"] and server.hits == ["hopper_medium-v2.hdf5"]
+
+
+def test_download_interrupted_leaves_nothing(server, tmp_path):
+    server.files["hopper_random-v2.hdf5"] = file_bytes(tmp_path, make_rows([200] * 20))
+    server.mode = "cut"
+    with pytest.raises(A2PRError, match="incomplete|interrupted") as e:
+        load_rows("hopper-random-v2", tiny(), NOOP_LOG)
+    final = a2pr.d4rl_cache_dir() / "hopper_random-v2.hdf5"
+    assert not final.exists() and leftovers(final.parent) == []
+    assert str(final) in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("payload, match", [("garbage", "not a valid dataset"), ("dims", "observation dim 17")])
+def test_download_invalid_file_is_not_kept(server, tmp_path, payload, match):
+    data = b"\x89HDF\r\n" + b"x" * 5000 if payload == "garbage" else file_bytes(tmp_path, make_rows([50], 17, 6))
+    server.files["hopper_expert-v2.hdf5"] = data
+    with pytest.raises(A2PRError, match=match):
+        load_rows("hopper-expert-v2", tiny(), NOOP_LOG)
+    final = a2pr.d4rl_cache_dir() / "hopper_expert-v2.hdf5"
+    assert not final.exists() and leftovers(final.parent) == []
+
+
+def test_download_ctrl_c_removes_part(tmp_path, server):
+    server.files["x.hdf5"] = b"abc"
+    dest = tmp_path / "cache" / "x.hdf5"
+
+    def validate(_):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        a2pr.download_file(f"http://127.0.0.1:{server.port}/x.hdf5", dest, validate, timeout=2)
+    assert not dest.exists() and leftovers(dest.parent) == []
+
+
+def test_server_that_never_answers_times_out(monkeypatch):
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # connections complete in the backlog, but nothing is ever sent back
+    monkeypatch.setenv("A2PR_D4RL_MIRROR", f"http://127.0.0.1:{silent.getsockname()[1]}")
+    t0 = time.time()
+    try:
+        with pytest.raises(A2PRError, match=r"timed out after 1s|no data for 1s"):
+            load_rows("walker2d-medium-v2", tiny(download_timeout=1.0), NOOP_LOG)
+    finally:
+        silent.close()
+    assert time.time() - t0 < 5
+    assert leftovers(a2pr.d4rl_cache_dir()) == []
+
+
+def test_unreachable_host_fails_fast_with_one_line(monkeypatch):
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there now
+    monkeypatch.setenv("A2PR_D4RL_MIRROR", f"http://127.0.0.1:{port}/d4rl")
+    t0 = time.time()
+    with pytest.raises(A2PRError) as e:
+        load_rows("halfcheetah-medium-replay-v2", tiny(), NOOP_LOG)
+    msg = str(e.value)
+    assert time.time() - t0 < 3 and "\n" not in msg
+    assert f"http://127.0.0.1:{port}/d4rl/halfcheetah_medium_replay-v2.hdf5" in msg
+    assert str(a2pr.d4rl_cache_dir() / "halfcheetah_medium_replay-v2.hdf5") in msg
+    assert "pendulum-mostly-random-v0" in msg and "Connection" in msg
+
+
+def test_real_d4rl_url_is_never_contacted_in_tests():
+    with pytest.raises(A2PRError, match="rail.eecs.berkeley.edu.*blocked"):  # the isolation fixture works
+        load_rows("ant-medium-v2", tiny(), NOOP_LOG)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 3.3 Minari
+# ----------------------------------------------------------------------------------------------------------------
+def minari_dataset(dataset_id, episodes, env="Hopper-v4", eval_env=None, ref=(-20.0, 3000.0), **kw):
+    import minari
+    from minari.data_collector.episode_buffer import EpisodeBuffer
+
+    buffers = [EpisodeBuffer(id=i, observations=e["obs"], actions=e["act"], rewards=list(e["rew"]),
+                             terminations=list(e["term"]), truncations=list(e["trunc"])) for i, e in
+               enumerate(episodes)]
+    extra = dict(ref_min_score=ref[0], ref_max_score=ref[1]) if ref else {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return minari.create_dataset_from_buffers(dataset_id, buffers, env=env, eval_env=eval_env,
+                                                  algorithm_name="test", author="test", author_email="t@t",
+                                                  code_permalink="none", description="test", **extra, **kw)
+
+
+def episodes(lengths, ends, obs_dim=11, act_dim=3, seed=0):
+    """ends[i] in {'term', 'trunc', 'none'}: how episode i stops."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for n, end in zip(lengths, ends):
+        out.append(dict(obs=rng.standard_normal((n + 1, obs_dim)).astype(np.float32),
+                        act=rng.uniform(-1, 1, (n, act_dim)).astype(np.float32),
+                        rew=rng.standard_normal(n).astype(np.float32),
+                        term=[False] * (n - 1) + [end == "term"], trunc=[False] * (n - 1) + [end == "trunc"]))
+    return out
+
+
+@pytest.fixture
+def no_minari_download(monkeypatch):
+    import minari.storage.local as local
+
+    calls = []
+
+    def fake(dataset_id, *a, **k):
+        calls.append(dataset_id)
+        raise ConnectionError("no network in tests")
+
+    monkeypatch.setattr(local.hosting, "download_dataset", fake)
+    return calls
+
+
+def test_minari_local_dataset_rows_next_obs_eval_env_and_notice(no_minari_download):
+    eps = episodes([5, 6, 7], ["term", "trunc", "none"])
+    minari_dataset("mujoco/hopper/test-v0", eps)
+    logged = []
+    rows, attrs = load_rows("mujoco/hopper/test-v0", tiny(), logged.append)
+    assert no_minari_download == []  # local: nothing downloaded
+    assert attrs["kind"] == "minari" and attrs["notice"] == a2pr.MINARI_MUJOCO_NOTICE
+    assert any(a2pr.MINARI_MUJOCO_NOTICE in m for m in logged)
+    assert (attrs["ref_min_score"], attrs["ref_max_score"]) == (-20.0, 3000.0)
+    # rows: one per step; every step becomes a transition whose next state is the true next observation
+    tr = rows_to_transitions(rows)
+    assert len(tr["rewards"]) == 18
+    np.testing.assert_array_equal(tr["observations"], np.concatenate([e["obs"][:-1] for e in eps]))
+    np.testing.assert_array_equal(tr["next_observations"], np.concatenate([e["obs"][1:] for e in eps]))
+    np.testing.assert_array_equal(rows["terminals"].nonzero()[0], [4])
+    np.testing.assert_array_equal(rows["timeouts"].nonzero()[0], [10, 17])  # truncated + stopped episodes
+    np.testing.assert_array_equal(tr["terminals"], rows["terminals"].astype(np.float32))
+    # the eval env is an EnvSpec that gymnasium.make accepts again, once per agent
+    spec = attrs["env_id"]
+    envs = [gym.make(spec) for _ in range(2)]
+    assert all(e.observation_space.shape == (11,) and e.spec.id == "Hopper-v4" for e in envs)
+
+
+def test_minari_eval_env_is_the_datasets_eval_env():
+    minari_dataset("D4RL/hopper/evalenv-v0", episodes([4], ["term"]), eval_env="Hopper-v5")
+    _, attrs = load_rows("D4RL/hopper/evalenv-v0", tiny(), NOOP_LOG)
+    assert attrs["env_id"].id == "Hopper-v5" and "notice" not in attrs
+
+
+class DictObsEnv(gym.Env):
+    """A goal-conditioned toy env with Dict observations (like antmaze/pointmaze)."""
+    observation_space = gym.spaces.Dict({"observation": gym.spaces.Box(-1, 1, (4,)),
+                                         "desired_goal": gym.spaces.Box(-1, 1, (2,)),
+                                         "achieved_goal": gym.spaces.Box(-1, 1, (2,))})
+    action_space = gym.spaces.Box(-1, 1, (2,))
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        return self.observation_space.sample(), {}
+
+    def step(self, action):
+        return self.observation_space.sample(), 0.0, False, False, {}
+
+
+def test_minari_dict_observations_are_flattened_like_gymnasium():
+    spec = gym.envs.registration.EnvSpec("DictObs-v0", entry_point="test_a2pr:DictObsEnv",
+                                         max_episode_steps=10)
+    rng = np.random.default_rng(1)
+    n = 6
+    obs = {k: rng.standard_normal((n + 1, s.shape[0])).astype(np.float32)
+           for k, s in DictObsEnv.observation_space.spaces.items()}
+    ep = dict(obs=obs, act=rng.uniform(-1, 1, (n, 2)).astype(np.float32), rew=np.zeros(n, np.float32),
+              term=[False] * n, trunc=[False] * (n - 1) + [True])
+    minari_dataset("test/dictobs/goal-v0", [ep], env=spec)
+    rows, attrs = load_rows("test/dictobs/goal-v0", tiny(), NOOP_LOG)
+    space = DictObsEnv.observation_space
+    expect = np.stack([gym.spaces.flatten(space, {k: v[t] for k, v in obs.items()}) for t in range(n + 1)])
+    np.testing.assert_allclose(rows["observations"], expect[:-1])
+    np.testing.assert_allclose(rows["next_observations"], expect[1:])
+    env = gym.make(attrs["env_id"])
+    assert env.observation_space.shape == (8,) and env.reset(seed=0)[0].shape == (8,)
+
+
+ROBOTICS_SPEC = dict(id="AntMaze_UMaze-v4", entry_point="gymnasium_robotics.envs.maze.ant_maze_v4:AntMazeEnv",
+                     max_episode_steps=700)
+
+
+@pytest.mark.parametrize("with_requirements", [True, False])
+def test_minari_robotics_env_without_gymnasium_robotics(with_requirements):
+    import importlib.util
+
+    if importlib.util.find_spec("gymnasium_robotics"):
+        pytest.skip("gymnasium-robotics is installed here")
+    spec = gym.envs.registration.EnvSpec(**ROBOTICS_SPEC)
+    name = f"D4RL/antmaze/umaze{int(with_requirements)}-v1"
+    minari_dataset(name, episodes([5], ["trunc"], obs_dim=11, act_dim=3), env=None, eval_env=spec, ref=None,
+                   observation_space=gym.spaces.Box(-np.inf, np.inf, (11,)), action_space=gym.spaces.Box(-1, 1, (3,)),
+                   requirements=["gymnasium-robotics>=1.2.4"] if with_requirements else None)
+    with pytest.raises(A2PRError, match=r"needs the gymnasium-robotics package .*pip install gymnasium-robotics$"):
+        load_rows(name, tiny(), NOOP_LOG)
+
+
+def test_minari_not_local_tries_download_and_fails_in_one_line(no_minari_download):
+    with pytest.raises(A2PRError) as e:
+        load_rows("D4RL/pen/human-v2", tiny(), NOOP_LOG)
+    msg = str(e.value)
+    assert no_minari_download == ["D4RL/pen/human-v2"] and "\n" not in msg
+    assert "D4RL/pen/human-v2" in msg and "no network in tests" in msg and "pendulum-random-v0" in msg
+
+
+def test_minari_without_reference_scores():
+    minari_dataset("mujoco/hopper/noref-v0", episodes([4], ["term"]), ref=None)
+    with pytest.raises(A2PRError, match="no ref_min_score/ref_max_score.*--ref-scores"):
+        load_rows("mujoco/hopper/noref-v0", tiny(), NOOP_LOG)
+    _, attrs = load_rows("mujoco/hopper/noref-v0", tiny(ref_scores="0,100"), NOOP_LOG)
+    assert (attrs["ref_min_score"], attrs["ref_max_score"]) == (0.0, 100.0)
+
+
+def test_minari_nan_and_dimension_mismatch():
+    eps = episodes([4], ["term"])
+    eps[0]["rew"][2] = np.nan
+    minari_dataset("mujoco/hopper/nan-v0", eps)
+    with pytest.raises(A2PRError, match=r"Minari dataset mujoco/hopper/nan-v0: 'rewards' contains NaN"):
+        load_rows("mujoco/hopper/nan-v0", tiny(), NOOP_LOG)
+    minari_dataset("mujoco/hopper/dims-v0", episodes([4], ["term"], obs_dim=12), env=None, eval_env="Hopper-v4",
+                   observation_space=gym.spaces.Box(-np.inf, np.inf, (12,)), action_space=gym.spaces.Box(-1, 1, (3,)))
+    with pytest.raises(A2PRError, match=r"mujoco/hopper/dims-v0: the data has observation dim 12 .* Hopper-v4"):
+        load_rows("mujoco/hopper/dims-v0", tiny(), NOOP_LOG)
+
+
+def test_minari_corrupt_data_file():
+    d = minari_dataset("mujoco/hopper/broken-v0", episodes([30] * 5, ["term"] * 5))
+    data = Path(d.storage.data_path) / "main_data.hdf5"
+    data.write_bytes(data.read_bytes()[:2000])
+    with pytest.raises(A2PRError, match="mujoco/hopper/broken-v0") as e:
+        load_rows("mujoco/hopper/broken-v0", tiny(), NOOP_LOG)
+    assert "\n" not in str(e.value)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 3.4 Local files and unknown names
+# ----------------------------------------------------------------------------------------------------------------
+def test_local_file_eval_env_from_name(tmp_path):
+    p = tmp_path / "data" / "walker2d_medium-v2.hdf5"
+    write_d4rl_hdf5(p, make_rows([20] * 3, 17, 6), {})
+    rows, attrs = load_rows(str(p), tiny(), NOOP_LOG)
+    assert attrs["env_id"] == "Walker2d-v4" and attrs["ref_max_score"] == 4592.3 and attrs["kind"] == "file"
+    assert "file name" in attrs["source"]
+
+
+def test_local_file_eval_env_from_flag_attrs_and_errors(tmp_path):
+    p = tmp_path / "mydata.hdf5"
+    write_d4rl_hdf5(p, make_rows([20] * 3), {})
+    with pytest.raises(A2PRError, match=r"mydata.hdf5: cannot tell which env .* --eval-env"):
+        load_rows(str(p), tiny(), NOOP_LOG)
+    _, attrs = load_rows(str(p), tiny(eval_env="Hopper-v4"), NOOP_LOG)
+    assert attrs["env_id"] == "Hopper-v4" and attrs["ref_min_score"] == -20.272305
+    with pytest.raises(A2PRError, match=r"mydata.hdf5: the data has observation dim 11 .* HalfCheetah-v4"):
+        load_rows(str(p), tiny(eval_env="HalfCheetah-v4"), NOOP_LOG)
+    p2 = tmp_path / "pend.hdf5"
+    write_d4rl_hdf5(p2, make_rows([20] * 3, 3, 1), {})
+    with pytest.raises(A2PRError, match="no reference returns.*--ref-scores"):
+        load_rows(str(p2), tiny(eval_env="Pendulum-v1"), NOOP_LOG)
+    _, attrs = load_rows(str(p2), tiny(eval_env="Pendulum-v1", ref_scores="-1200,-150"), NOOP_LOG)
+    assert (attrs["ref_min_score"], attrs["ref_max_score"]) == (-1200.0, -150.0)
+    write_d4rl_hdf5(p2, make_rows([20] * 3, 3, 1), dict(env_id="Pendulum-v1", ref_min_score=-1000.0,
+                                                        ref_max_score=-100.0))
+    _, attrs = load_rows(str(p2), tiny(), NOOP_LOG)  # a2pr's own files carry env_id and reference returns
+    assert attrs["env_id"] == "Pendulum-v1" and attrs["ref_max_score"] == -100.0
+    with pytest.raises(A2PRError, match=r"no_such\.hdf5: file not found"):
+        load_rows(str(tmp_path / "no_such.hdf5"), tiny(), NOOP_LOG)
+    with pytest.raises(A2PRError, match=r"bad_env.hdf5: cannot make the evaluation env 'Nope-v9'"):
+        write_d4rl_hdf5(tmp_path / "bad_env.hdf5", make_rows([5]), {})
+        load_rows(str(tmp_path / "bad_env.hdf5"), tiny(eval_env="Nope-v9"), NOOP_LOG)
+
+
+def _bad_file(tmp_path, kind) -> Path:
+    p = tmp_path / f"hopper_{kind}.hdf5"
+    rows = make_rows([20] * 50)
+    if kind == "truncated":
+        write_d4rl_hdf5(p, rows, {})
+        p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+    elif kind == "garbage":
+        p.write_bytes(b"this is not an HDF5 file" * 100)
+    elif kind == "missing":
+        with h5py.File(p, "w") as f:
+            for k in ("observations", "actions", "rewards", "terminals"):
+                f.create_dataset(k, data=rows[k])
+    elif kind == "nan":
+        rows["observations"][7, 3] = np.inf
+        write_d4rl_hdf5(p, rows, {})
+    elif kind == "empty":
+        write_d4rl_hdf5(p, {k: v[:0] for k, v in rows.items()}, {})
+    elif kind == "dims":
+        write_d4rl_hdf5(p, make_rows([20], act_dim=4), {})
+    return p
+
+
+@pytest.mark.parametrize("kind, match", [
+    ("truncated", "cannot read the HDF5 file"), ("garbage", "cannot read the HDF5 file"),
+    ("missing", r"missing keys \['timeouts'\]"), ("nan", "'observations' contains NaN or inf"),
+    ("empty", "the dataset is empty"), ("dims", r"action dim 4, but the evaluation env Hopper-v4")])
+def test_bad_files_one_line_naming_the_file(tmp_path, kind, match):
+    p = _bad_file(tmp_path, kind)
+    with pytest.raises(A2PRError, match=match) as e:
+        load_rows(str(p), tiny(), NOOP_LOG)
+    assert str(p) in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("name, close", [("hoper-medium-v2", "hopper-medium-v2"),
+                                         ("hopper-medium-v0", "hopper-medium-v2"),
+                                         ("halfcheetah-medium_expert-v2", "halfcheetah-medium-expert-v2"),
+                                         ("pendulum-random", "pendulum-random-v0")])
+def test_unknown_names_list_closest(name, close):
+    with pytest.raises(A2PRError, match="unknown dataset") as e:
+        load_rows(name, tiny(), NOOP_LOG)
+    msg = str(e.value)
+    assert close in msg.split("closest:")[1].split(";")[0] and "\n" not in msg
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 3.5 Mixes, and real sources end to end
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def random_and_expert():
+    rng = np.random.default_rng(5)
+    d4rl_file("hopper-random-v2", make_rows(list(rng.integers(5, 21, 300)), reward=0.0, seed=1, terminal_every=2))
+    d4rl_file("hopper-expert-v2", make_rows([50] * 100, reward=1.0, seed=2))
+    d4rl_file("walker2d-expert-v2", make_rows([50] * 4, 17, 6, reward=1.0))
+
+
+def count(rows):
+    b = a2pr.episode_bounds(rows)
+    good = np.array([rows["rewards"][s] == 1.0 for s, _ in b])
+    lens = b[:, 1] - b[:, 0]
+    return int(good.sum()), int(lens[good].sum()), int((~good).sum()), int(lens[~good].sum())
+
+
+def test_mix_proportions(random_and_expert):
+    rows, attrs = load_rows("hopper-random-v2", tiny(mix="hopper-expert-v2:0.1"), NOOP_LOG)
+    n_good_eps, n_good, n_base_eps, n_base = count(rows)
+    assert (n_good_eps, n_good) == (10, 500)  # 10 % of the expert set's 5,000 rows = 10 whole episodes
+    assert 4500 <= n_base < 4500 + 20  # the rest: whole random episodes (overshoot < one episode)
+    assert attrs["mix"]["good_rows"] == 500 and attrs["mix"]["base_rows"] == n_base
+    assert attrs["env_id"] == "Hopper-v4" and "mix of hopper-random-v2" in attrs["source"]
+    rows1, _ = load_rows("hopper-random-v2", tiny(mix="hopper-expert-v2:1%"), NOOP_LOG)
+    assert count(rows1)[:2] == (1, 50)  # 1 % of 5,000 = 50 rows = one expert episode
+
+
+def test_mix_reproducible_and_seeded(random_and_expert):
+    a, _ = load_rows("hopper-random-v2", tiny(mix="hopper-expert-v2:0.1", dataset_seed=3), NOOP_LOG)
+    b, _ = load_rows("hopper-random-v2", tiny(mix="hopper-expert-v2:0.1", dataset_seed=3), NOOP_LOG)
+    c, _ = load_rows("hopper-random-v2", tiny(mix="hopper-expert-v2:0.1", dataset_seed=4), NOOP_LOG)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert len(a["rewards"]) != len(c["rewards"]) or not np.array_equal(a["observations"], c["observations"])
+
+
+@pytest.mark.parametrize("mix, match", [("hopper-expert-v2", "NAME:FRACTION"), ("hopper-expert-v2:0", "0 < FRACTION"),
+                                        ("hopper-expert-v2:1.5", "0 < FRACTION"), (":0.1", "NAME:FRACTION"),
+                                        ("hopper-expert-v2:abc", "NAME:FRACTION"),
+                                        ("walker2d-expert-v2:0.1", "same env"),
+                                        ("hoper-expert-v2:0.1", "closest: hopper-expert-v2")])
+def test_mix_errors(random_and_expert, mix, match):
+    with pytest.raises(A2PRError, match=match):
+        load_rows("hopper-random-v2", tiny(mix=mix), NOOP_LOG)
+
+
+@settings(deadline=None)
+@given(base_lens=st.lists(st.integers(1, 15), min_size=1, max_size=12),
+       good_lens=st.lists(st.integers(1, 15), min_size=1, max_size=12),
+       fraction=st.floats(0.01, 0.99), seed=st.integers(0, 2**16))
+def test_mix_invariants(base_lens, good_lens, fraction, seed):
+    base = make_rows(base_lens, 2, 1, reward=0.0, seed=seed)
+    base["timeouts"][-1] = False  # a trailing partial episode, as at the end of some D4RL files
+    good = make_rows(good_lens, 2, 1, reward=1.0, seed=seed + 1, terminal_every=2)
+    rows, info = a2pr.mix_rows(base, good, fraction, seed)
+    total, target = sum(good_lens), max(1, int(np.floor(fraction * sum(good_lens) + 0.5)))
+    assert target <= info["good_rows"] < target + max(good_lens)
+    assert total - target <= info["base_rows"] < total - target + max(base_lens) or total - target <= 0
+    n_good_eps, n_good, _, n_base = count(rows)
+    assert (n_good, n_base) == (info["good_rows"], info["base_rows"])
+    # every episode in the mix is a whole source episode, ended by a terminal or a time-out
+    assert rows["terminals"][-1] or rows["timeouts"][-1]
+    src_good = {good["observations"][s:e].tobytes() for s, e in a2pr.episode_bounds(good)}
+    src_base = {base["observations"][s:e].tobytes() for s, e in a2pr.episode_bounds(base)}
+    for s, e in a2pr.episode_bounds(rows):
+        assert rows["observations"][s:e].tobytes() in (src_good if rows["rewards"][s] == 1.0 else src_base)
+    again, _ = a2pr.mix_rows(base, good, fraction, seed)
+    assert all(np.array_equal(again[k], rows[k]) for k in rows)
+
+
+def test_d4rl_name_trains_end_to_end_with_its_preset_and_eval_env(tmp_path):
+    """The user's command, minus the GPU: hopper-medium-v2 from the D4RL cache, the published preset, evaluation
+    in Hopper-v4 with D4RL's reference returns."""
+    d4rl_file("hopper-medium-v2", make_rows([50] * 10, reward=1.0))
+    s = a2pr.train(tiny(tmp_path, env="hopper-medium-v2", total_steps=20, eval_freq=20, log_freq=10))
+    ck = checkpoint(s["run_dir"])
+    assert ck["env_id"] == "Hopper-v4" and ck["ref_scores"] == (-20.272305, 3234.3)
+    assert (ck["args"]["bc_weight"], ck["args"]["discount"], ck["args"]["preset"]) == (0.4, 0.995, "hopper-medium-v2")
+    assert s["dataset_score"] == pytest.approx(a2pr.normalized_score(50.0, -20.272305, 3234.3))
+    assert np.isfinite(s["final_score"])
+
+
+def test_mix_flag_end_to_end_from_the_command_line(tmp_path):
+    d4rl_file("hopper-random-v2", make_rows([40] * 50, reward=0.0, seed=1))
+    d4rl_file("hopper-expert-v2", make_rows([100] * 20, reward=1.0, seed=2))
+    ds_ = a2pr.load_dataset(tiny(env="hopper-random-v2", mix="hopper-expert-v2:0.1"), log=NOOP_LOG)
+    returns = ds_.episode_returns
+    assert (returns == 100).sum() == 2 and len(returns) == 2 + 45  # 200 of 2,000 rows expert, 1,800 random
+    assert "mix of hopper-random-v2" in ds_.source
+
+
+# ================================================================================================================
+# 4. Speed paths give the same results: K seeds as one computation, torch.compile, CUDA graphs; benchmarks
+# ================================================================================================================
+def synthetic_data(obs_dim=5, act_dim=2, n=4000, device="cpu") -> a2pr.DeviceData:
+    return a2pr.synthetic_data(obs_dim, act_dim, n, device)
+
+
+def run_updates(args, data, steps, device="cpu"):
+    agent, opt, gens = a2pr.build_learner(args, data.obs.shape[1], data.act.shape[1], device)
+    updater = a2pr.Updater(agent, opt, data, gens, args)
+    return agent, [updater(step) for step in range(1, steps + 1)]
+
+
+def test_seed_k_of_a_multi_seed_run_matches_the_single_seed_run():
+    """--num-seeds K trains K independent agents as one batched computation: agent k follows exactly the path of a
+    single run with seed+k (float tolerance: the batched matmuls may round differently)."""
+    data, k_seeds = synthetic_data(), 3
+    multi, m_multi = run_updates(tiny(resolve=True, seed=7, num_seeds=k_seeds), data, 100)
+    for k in range(k_seeds):
+        single, m_single = run_updates(tiny(resolve=True, seed=7 + k), data, 100)
+        for step, (mm, ms) in enumerate(zip(m_multi, m_single), 1):
+            assert mm.keys() == ms.keys()
+            for name in ms:
+                assert torch.allclose(mm[name][k], ms[name][0], rtol=1e-4, atol=1e-5), (k, step, name)
+        multi_params = multi.state_dict()
+        for name, p in single.state_dict().items():
+            per = multi_params[name].shape[0] // k_seeds
+            assert torch.allclose(multi_params[name][k * per:(k + 1) * per], p, rtol=1e-4, atol=1e-5), (k, name)
+
+
+@pytest.mark.slow
+def test_compiled_update_gives_the_eager_losses():
+    """--compile: same losses and parameters as eager on the same batches and noise (absolute tolerance 1e-5 in
+    float32; inductor fuses elementwise ops, which changes rounding only)."""
+    data = synthetic_data()
+    eager, m_eager = run_updates(tiny(resolve=True), data, 4)
+    comp, m_comp = run_updates(tiny(resolve=True, compile=True), data, 4)
+    for me, mc in zip(m_eager, m_comp):
+        for name in me:
+            assert torch.allclose(me[name], mc[name], rtol=1e-5, atol=1e-5), name
+    for p, q in zip(eager.parameters(), comp.parameters()):
+        assert torch.allclose(p, q, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_update_gives_the_eager_losses():
+    """--cuda-graphs: replaying the captured update gives the eager losses on the GPU (tolerance 1e-4: cuBLAS may
+    pick other kernels inside a graph)."""
+    data = synthetic_data(device="cuda")
+    eager, m_eager = run_updates(tiny(resolve=True, cuda=True), data, 12, "cuda")
+    graph, m_graph = run_updates(tiny(resolve=True, cuda=True, cuda_graphs=True), data, 12, "cuda")
+    for step, (me, mg) in enumerate(zip(m_eager, m_graph), 1):
+        for name in me:
+            assert torch.allclose(me[name], mg[name], rtol=1e-4, atol=1e-4), (step, name)
+    for p, q in zip(eager.parameters(), graph.parameters()):
+        assert torch.allclose(p, q, rtol=1e-4, atol=1e-4)
+
+
+class SimulatedCudaGraphs:
+    """CUDA-graph semantics on the CPU, to test the Updater's orchestration where no GPU is at hand: a capture
+    records the update without running it (its outputs are placeholders), and a replay runs the recorded update
+    on the static inputs it was recorded with and writes the results into those placeholders in place. What this
+    cannot check is CUDA itself (memory pools, capturable kernels): test_cuda_graph_update_gives_the_eager_losses."""
+
+    def __init__(self, monkeypatch):
+        self.recording, self.captures, self.replays = None, 0, 0
+        stream = types.SimpleNamespace(wait_stream=lambda other: None)
+        sim = self
+
+        class Graph:
+            def replay(self):
+                sim.replays += 1
+                for k, v in self.run().items():
+                    self.out[k].copy_(v)
+
+        @contextlib.contextmanager
+        def graph(g):
+            self.recording = g
+            yield
+            self.recording = None
+            self.captures += 1
+
+        monkeypatch.setattr(torch.cuda, "Stream", lambda: stream)
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda: stream)
+        monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+        monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+        monkeypatch.setattr(torch.cuda, "graph", graph)
+        self.real_core = a2pr.update_core
+        monkeypatch.setattr(a2pr, "update_core", self.core)  # Updaters made from now on run through the simulation
+
+    def core(self, agent, opt, batch, noise, actor_turn, a):
+        if self.recording is None:
+            return self.real_core(agent, opt, batch, noise, actor_turn, a)
+        g = self.recording
+        g.run = lambda: self.real_core(agent, opt, batch, noise, actor_turn, a)
+        shadow_agent, shadow_opt = copy.deepcopy((agent, opt))  # only for the outputs' shapes; nothing is stepped
+        g.out = {k: torch.full_like(v, float("nan"))
+                 for k, v in self.real_core(shadow_agent, shadow_opt, batch, noise, actor_turn, a).items()}
+        return g.out
+
+
+def test_cuda_graph_orchestration_replays_each_step_on_its_own_batch(monkeypatch):
+    """The --cuda-graphs Updater, with CUDA graphs simulated on the CPU: 4 eager warm-up steps, one capture for
+    critic steps and one for actor steps, then every step replays the right graph on that step's own batch and
+    noise (copied into the static inputs) and returns its own metrics, not the next replay's. The run equals the
+    eager run step for step."""
+    sim = SimulatedCudaGraphs(monkeypatch)
+    data, steps = synthetic_data(), 12
+    eager, m_eager = run_updates(tiny(resolve=True), data, steps)
+    args = tiny(resolve=True, cuda=True, cuda_graphs=True)
+    agent, opt, gens = a2pr.build_learner(args, data.obs.shape[1], data.act.shape[1], "cpu")
+    assert all(g["capturable"] for o in opt.all().values() for g in o.param_groups)
+    updater = a2pr.Updater(agent, opt, data, gens, args)
+    m_graph = [updater(step) for step in range(1, steps + 1)]
+    assert (sim.captures, sim.replays) == (2, steps - a2pr.Updater.WARMUP)
+    for step, (me, mg) in enumerate(zip(m_eager, m_graph), 1):
+        assert me.keys() == mg.keys(), step
+        for name in me:
+            assert torch.allclose(me[name], mg[name], rtol=1e-5, atol=1e-6), (step, name)
+    for p, q in zip(eager.parameters(), agent.parameters()):
+        assert torch.allclose(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_a_failed_cuda_graph_capture_is_a_one_line_error(monkeypatch):
+    SimulatedCudaGraphs(monkeypatch)
+
+    def refuse(g):
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore detail")
+
+    monkeypatch.setattr(torch.cuda, "graph", refuse)
+    with pytest.raises(A2PRError, match=r"^CUDA graph capture of the critic step failed \(RuntimeError: CUDA error: "
+                                        r"operation not permitted when stream is capturing\); run without "
+                                        r"--cuda-graphs") as e:  # after the eager warm-up, at the first capture
+        run_updates(tiny(resolve=True, cuda=True, cuda_graphs=True), synthetic_data(), a2pr.Updater.WARMUP + 1)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("what", ["update", "data"])
+def test_benchmark_modes_print_one_json_line(what):
+    extra = ["--bench-steps", "3", "--actor-hidden", "8", "--critic-hidden", "8", "--value-hidden", "8",
+             "--vae-hidden", "8", "--batch-size", "16"] if what == "update" else []
+    r = run_cli("--benchmark", what, *extra)
+    assert r.returncode == 0, r.stderr
+    (line,) = r.stdout.strip().splitlines()
+    out = json.loads(line)
+    assert out["benchmark"] == what and out["device"] == "cpu"
+    assert out["steps_per_s"] > 0 if what == "update" else out["transitions"] == 999_000
+
+
+def test_benchmark_times_paths_side_by_side_and_reports_medians():
+    """--bench-modes eager,compile --bench-repeats 3: each path gets its own rounds, interleaved; steps/s is the
+    median of its rounds, and the top-level figure is the first path's."""
+    r = run_cli("--benchmark", "update", "--bench-steps", "2", "--bench-modes", "eager,compile", "--bench-repeats",
+                "3", "--num-seeds", "2", "--actor-hidden", "8", "--critic-hidden", "8", "--value-hidden", "8",
+                "--vae-hidden", "8", "--batch-size", "16")
+    assert r.returncode == 0, r.stderr
+    (line,) = r.stdout.strip().splitlines()
+    out = json.loads(line)
+    assert list(out["modes"]) == ["eager", "compile"] and out["repeats"] == 3
+    for m in out["modes"].values():
+        assert len(m["runs"]) == 3 and all(x > 0 for x in m["runs"])
+        assert m["steps_per_s"] == pytest.approx(float(np.median(m["runs"])), abs=0.01)
+        assert m["agent_steps_per_s"] == pytest.approx(2 * m["steps_per_s"], abs=0.02)
+    assert out["steps_per_s"] == out["modes"]["eager"]["steps_per_s"]
+
+
+# ================================================================================================================
+# 5. The tutorial notebook. Regenerate its committed outputs with the current code (full settings, ~3 minutes):
 #     A2PR_REGENERATE_NOTEBOOK=1 python -m pytest -k tutorial
-# ----------------------------------------------------------------------------------------------------------------
+# ================================================================================================================
 NOTEBOOK = HERE / "tutorial.ipynb"
 
 
