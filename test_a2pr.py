@@ -2072,7 +2072,7 @@ def test_benchmark_times_paths_side_by_side_and_reports_medians():
     median of its rounds, and the top-level figure is the first path's."""
     r = run_cli("--benchmark", "update", "--bench-steps", "2", "--bench-modes", "eager,compile", "--bench-repeats",
                 "3", "--num-seeds", "2", "--actor-hidden", "8", "--critic-hidden", "8", "--value-hidden", "8",
-                "--vae-hidden", "8", "--batch-size", "16")
+                "--vae-hidden", "8", "--batch-size", "16", timeout=600)  # compiling takes minutes on a busy CPU
     assert r.returncode == 0, r.stderr
     (line,) = r.stdout.strip().splitlines()
     out = json.loads(line)
