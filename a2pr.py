@@ -11,25 +11,26 @@ good and frees the policy where it is not. Algorithm contract: A2PR_SPEC.md (its
     python a2pr.py --env hopper-medium-v2 --cuda     # D4RL data and the published per-task preset
 
 Reading map (line: what). Everything above main() is A2PR; below it, appendices a reader may skip:
-     74  Args:             Args and the published per-task presets (spec: defaults and presets)
-    190  EnsembleLinear:   networks: Actor, TwinCritic, ValueNet, VAE, in the (K, B, .) ensemble layout
-    306  td_target:        losses, one pure function per spec step
-    351  select_bc_target: advantage selection and the adaptive gate (spec 4)
-    400  critic_step:      spec 1: critics, TD3 target with policy smoothing
-    413  q1_data_and_y2:   spec 2: y2 from the just-updated online critics
-    422  value_step:       spec 2: V towards min(y, y2)
-    430  vae_step:         spec 3: advantage-weighted VAE
-    456  actor_step:       spec 4: actor, then the soft target updates
-    484  update_core:      one gradient step: spec 1-4 in order
-    528  Dataset:          the data as the networks see it: normalisation, action scaling, device batches
-    625  evaluate:         deterministic evaluation, D4RL normalised score
-    794  train:            train(args) -> summary: setup, then the loop
-    866  main:             the command line's entry point
-    883  Appendix A:       data sources: built-in, D4RL, HDF5, downloads, Minari, mixes
-   1639  Appendix B:       speed paths: Updater, torch.compile, CUDA graphs, benchmarks
-   1808  Appendix C:       run files: checkpoints, CSV, plot, trackers, load_run, load_policy
-   2032  Appendix D:       the theory on finite MDPs
-   2095  Appendix E:       the command line: parser, presets, validation
+     75  Args:             Args and the published per-task presets (spec: defaults and presets)
+    210  EnsembleLinear:   networks: Actor, TwinCritic, ValueNet, VAE, in the (K, B, .) ensemble layout
+    326  td_target:        losses, one pure function per spec step
+    371  select_bc_target: advantage selection and the adaptive gate (spec 4)
+    420  critic_step:      spec 1: critics, TD3 target with policy smoothing
+    433  q1_data_and_y2:   spec 2: y2 from the just-updated online critics
+    442  value_step:       spec 2: V towards min(y, y2)
+    450  vae_step:         spec 3: advantage-weighted VAE
+    476  actor_step:       spec 4: actor, then the soft target updates
+    504  update_core:      one gradient step: spec 1-4 in order
+    548  Dataset:          the data as the networks see it: normalisation, action scaling, device batches
+    645  evaluate:         deterministic evaluation, D4RL normalised score
+    814  train:            train(args) -> summary: setup, then the loop
+    886  main:             the command line's entry point
+    905  Appendix A:       data sources: built-in, D4RL, HDF5, downloads, Minari, mixes
+   1661  Appendix B:       sweeps on Ray: suites, variants, results tables with bootstrap CIs
+   2335  Appendix C:       speed paths: Updater, torch.compile, CUDA graphs, benchmarks
+   2504  Appendix D:       run files: checkpoints, CSV, plot, trackers, load_run, load_policy
+   2728  Appendix E:       the theory on finite MDPs
+   2791  Appendix F:       the command line: parser, presets, validation
 """
 
 from __future__ import annotations
@@ -146,6 +147,25 @@ class Args:
     bench_repeats: int = _arg(1, "--benchmark update: timed rounds per path, interleaved; the median is reported")
     bench_dims: str = _arg("11,3", "OBS,ACT dims of the synthetic data of --benchmark update (hopper: 11,3)",
                            metavar="OBS,ACT")
+    # --- sweeps (many runs on Ray: Appendix B; Ray is needed only for these) ---
+    sweep: str | None = _arg(None, "run a suite on Ray: paper (the paper's 9 D4RL sets), mixes (random data + 1 or 5 "
+                             "percent expert/medium), builtin (Pendulum) or envs (--sweep-envs)",
+                             choices=("paper", "mixes", "builtin", "envs"), metavar="SUITE")
+    sweep_envs: str | None = _arg(None, "--sweep envs: these datasets, comma-separated; ENV+NAME:FRAC for a --mix",
+                                  metavar="A,B")
+    seeds: int = _arg(5, "--sweep: seeds per dataset and variant (--seed onwards), --num-seeds of them per Ray task")
+    variants: str = _arg("a2pr", "--sweep: side by side, among a2pr, td3bc (--bc-target data --gate always), no-gate "
+                         "(--gate always), vae-only (--bc-target vae)", metavar="V,...")
+    sweep_dir: str | None = _arg(None, "--sweep: folder of its run folders and results (default sweeps/SUITE)",
+                                 metavar="DIR")
+    task_cpus: float = _arg(1.0, "--sweep: CPU cores per Ray task; each task runs torch on that many threads (>= 1)")
+    task_gpus: float | None = _arg(None, "--sweep: GPUs per Ray task, e.g. 0.25 packs four runs on one GPU "
+                                   "(default: 1 with --cuda, else 0)")
+    task_retries: int = _arg(3, "--sweep: times Ray reruns a task whose worker died; the rerun resumes the checkpoint")
+    ray_address: str | None = _arg(None, "--sweep: Ray cluster to run on, e.g. auto or HOST:6379 (default "
+                                   "$RAY_ADDRESS, else a local Ray on this machine)", metavar="ADDR")
+    noise_levels: str | None = _arg(None, "--sweep: also evaluate every final policy under Gaussian observation noise "
+                                    "of these stds, e.g. 0,0.01,0.05,0.1", metavar="S,...")
 
 
 # Spec defaults for the fields that presets may change (None above means "preset, else this").
@@ -868,6 +888,8 @@ def main(argv=None) -> int:
         args = parse_args(argv)
         if args.benchmark:
             print(json.dumps((benchmark_update if args.benchmark == "update" else benchmark_data)(args)))
+        elif args.sweep or args.sweep_envs:
+            sweep(args)
         else:
             train(args)
     except A2PRError as e:
@@ -1636,7 +1658,681 @@ def load_dataset(args: Args, log=print) -> Dataset:
 
 
 # ================================================================================================================
-# Appendix B. Speed paths: the same update run eagerly, through torch.compile, or replayed as CUDA graphs
+# Appendix B. Sweeps (Ray). Many runs at once: `--sweep SUITE` trains every (dataset, variant, block of seeds) of a
+# suite as one Ray task, on this machine or on a Ray cluster, skips finished runs and resumes unfinished ones from
+# their checkpoints, then writes results.csv, results.md (mean ± std per dataset, the paper's score beside it, IQM
+# and mean over datasets with stratified-bootstrap 95 % CIs, probability of improvement) and results.png. Each task
+# is an ordinary `train(args)` call, so nothing here is needed to understand A2PR; Ray is imported only inside these
+# functions. A cluster needs the same a2pr.py path and a shared filesystem for --sweep-dir on every node (as with
+# SLURM).
+# ================================================================================================================
+SWEEP_FIELDS = ("sweep", "sweep_envs", "seeds", "variants", "sweep_dir", "task_cpus", "task_gpus", "task_retries",
+                "ray_address", "noise_levels")
+# The ablations as the existing flags (spec 4): which action the actor is pulled to, and in which states.
+SWEEP_VARIANTS = {
+    "a2pr": dict(bc_target="select", gate="adaptive"),   # A2PR: advantage selection, adaptive gate
+    "td3bc": dict(bc_target="data", gate="always"),      # TD3+BC's actor loss: dataset action, every state
+    "no-gate": dict(bc_target="select", gate="always"),  # selection kept, constraint in every state
+    "vae-only": dict(bc_target="vae", gate="adaptive"),  # VAE action always (no comparison), adaptive gate
+}
+_MIX_FAMILIES = ("hopper", "halfcheetah", "walker2d")
+SWEEP_SUITES = {
+    "paper": [f"{f}-{k}-v2" for k in ("medium", "medium-replay", "medium-expert") for f in _MIX_FAMILIES],
+    "mixes": [f"{f}-random-v2+{f}-{good}-v2:{frac}" for f in _MIX_FAMILIES for good in ("expert", "medium")
+              for frac in ("0.01", "0.05")],
+    "builtin": list(BUILTIN_DATASETS),
+}
+# A2PR's normalised scores in the paper's table (spec), 1M steps.
+PAPER_SCORES = {"halfcheetah-medium-v2": 68.6, "hopper-medium-v2": 100.8, "walker2d-medium-v2": 89.7,
+                "halfcheetah-medium-replay-v2": 56.6, "hopper-medium-replay-v2": 101.5,
+                "walker2d-medium-replay-v2": 94.4, "halfcheetah-medium-expert-v2": 98.3,
+                "hopper-medium-expert-v2": 112.1, "walker2d-medium-expert-v2": 114.6}
+BOOTSTRAP_REPS = 10_000
+# Test hook, read by the sweep's driver only: every run's first attempt kills its own Ray worker with SIGKILL as soon
+# as the run has written a checkpoint (a marker file in the run folder keeps it to once), to test retry + resume.
+SWEEP_KILL_HOOK = "A2PR_TEST_KILL_AFTER_CHECKPOINT"
+RAY_INSTALL = "pip install 'ray>=2.40,<3' (or: pip install -r requirements-sweep.txt)"
+
+
+# --- statistics (rliable's definitions, numpy only) ---------------------------------------------------------------
+def iqm(scores, axis=None):
+    """Interquartile mean: the mean of the middle 50 % of the scores (= scipy.stats.trim_mean(x, 0.25), as rliable;
+    int(n/4) scores are cut at each end). axis=-1 computes one IQM per row."""
+    x = np.sort(np.asarray(scores, dtype=np.float64), axis=axis)
+    if axis is None:
+        x = x.ravel()
+    n = x.shape[-1]
+    cut = int(0.25 * n)
+    return x[..., cut:n - cut].mean(-1)
+
+
+def aggregate_mean(per_task):
+    """Mean over tasks of each task's mean score (each task counts once, whatever its number of runs)."""
+    return np.mean([np.asarray(t, dtype=np.float64).mean(-1) for t in per_task], axis=0)
+
+
+def aggregate_iqm(per_task):
+    """IQM of all runs of all tasks together (rliable's IQM of the runs x tasks score matrix)."""
+    return iqm(np.concatenate([np.asarray(t, dtype=np.float64) for t in per_task], axis=-1), axis=-1)
+
+
+def probability_of_improvement(x, y):
+    """P(X > Y) as rliable defines it: for each task, the probability that a random run of X scores higher than a
+    random run of Y (ties count 1/2, the Mann-Whitney U statistic / (n m)), averaged over tasks. x and y are lists
+    of per-task score arrays (the same tasks in the same order); arrays of shape (R, n) give R values at once."""
+    if len(x) != len(y) or not len(x):
+        raise ValueError("probability_of_improvement needs the same, non-empty list of tasks for x and y")
+    per_task = []
+    for xt, yt in zip(x, y):
+        xt, yt = np.asarray(xt, dtype=np.float64)[..., :, None], np.asarray(yt, dtype=np.float64)[..., None, :]
+        per_task.append(((xt > yt) + 0.5 * (xt == yt)).mean((-2, -1)))
+    return np.mean(per_task, axis=0)
+
+
+def stratified_bootstrap_ci(groups, stat, reps: int = BOOTSTRAP_REPS, seed: int = 0, level: float = 0.95):
+    """(point, low, high): stat on the data, and the percentile confidence interval of stat over `reps` stratified
+    bootstrap resamples: the runs of each group (a task; for a comparison, a task of one algorithm) are drawn with
+    replacement within that group, independently of the others (rliable's StratifiedBootstrap). stat takes a list
+    of per-group arrays, of shape (n,) for the point and (reps, n) for the resamples. Deterministic given seed."""
+    groups = [np.asarray(g, dtype=np.float64).ravel() for g in groups]
+    if not groups or any(len(g) == 0 for g in groups):
+        raise ValueError("stratified_bootstrap_ci needs at least one score in every group")
+    rng = np.random.default_rng(seed)
+    point = float(stat(groups))
+    boot = np.asarray(stat([g[rng.integers(0, len(g), size=(reps, len(g)))] for g in groups]), dtype=np.float64)
+    tail = 100.0 * (1.0 - level) / 2.0
+    low, high = np.percentile(boot, [tail, 100.0 - tail])
+    return point, float(low), float(high)
+
+
+# --- the plan: which runs, in which folders ----------------------------------------------------------------------
+def _sweep_list(text, what: str) -> list[str]:
+    items = [x.strip() for x in str(text or "").split(",") if x.strip()]
+    if not items:
+        raise A2PRError(f"{what} must be a comma-separated list, got {text!r}")
+    return items
+
+
+def sweep_suite(args: Args) -> str:
+    if args.sweep_envs and args.sweep not in (None, "envs"):
+        raise A2PRError(f"give --sweep {args.sweep} or --sweep-envs, not both")
+    suite = args.sweep or "envs"
+    if suite == "envs" and not args.sweep_envs:
+        raise A2PRError("--sweep envs needs --sweep-envs A,B,... (datasets; ENV+NAME:FRAC for a mix)")
+    if suite not in ("envs", *SWEEP_SUITES):
+        raise A2PRError(f"unknown --sweep suite {suite!r}; known: {', '.join(SWEEP_SUITES)}, envs")
+    return suite
+
+
+def noise_levels(args: Args) -> list[float]:
+    if args.noise_levels is None:
+        return []
+    try:
+        levels = [float(x) for x in _sweep_list(args.noise_levels, "--noise-levels")]
+    except ValueError:
+        levels = [float("nan")]
+    if not all(math.isfinite(x) and x >= 0 for x in levels):
+        raise A2PRError(f"--noise-levels must be stds >= 0, comma-separated, e.g. 0,0.01,0.05,0.1, got "
+                        f"{args.noise_levels!r}")
+    return sorted(set(levels))
+
+
+def sweep_task_gpus(args: Args) -> float:
+    return (1.0 if args.cuda else 0.0) if args.task_gpus is None else args.task_gpus
+
+
+def plan_sweep(args: Args) -> list[dict]:
+    """Every run of the sweep: one per (dataset, variant, block of --num-seeds seeds), in a deterministic folder
+    `{dataset}__{variant}__seeds{first}-{last}` under --sweep-dir. A run's Args is the sweep's Args with the dataset,
+    seeds and ablation fields replaced, so training flags given with --sweep apply to every run and win over presets,
+    and preset fields left unset are resolved per dataset by resolve_args, as for a single run."""
+    suite = sweep_suite(args)
+    variants = _sweep_list(args.variants, "--variants")
+    bad = [v for v in variants if v not in SWEEP_VARIANTS]
+    if bad or len(set(variants)) < len(variants):
+        raise A2PRError(f"--variants must list distinct names among {', '.join(SWEEP_VARIANTS)}, got {args.variants!r}")
+    for name in ("seeds", "num_seeds", "task_retries"):
+        v, least = getattr(args, name), 0 if name == "task_retries" else 1
+        if not isinstance(v, int) or isinstance(v, bool) or v < least:
+            raise A2PRError(f"--{name.replace('_', '-')} must be an integer >= {least}, got {v!r}")
+    if not (math.isfinite(args.task_cpus) and args.task_cpus > 0):
+        raise A2PRError(f"--task-cpus must be a positive number, got {args.task_cpus!r}")
+    gpus = sweep_task_gpus(args)
+    if not (math.isfinite(gpus) and gpus >= 0):
+        raise A2PRError(f"--task-gpus must be a number >= 0, got {args.task_gpus!r}")
+    if args.cuda and gpus == 0:
+        raise A2PRError("--cuda with --task-gpus 0: Ray would hide the GPUs from the tasks; give --task-gpus > 0")
+    noise_levels(args)
+    defaults = Args()
+    for name in ("bc_target", "gate", "mix", "resume", "run_name"):
+        if getattr(args, name) != getattr(defaults, name):
+            instead = {"bc_target": "--variants", "gate": "--variants", "mix": "ENV+NAME:FRAC in --sweep-envs",
+                       "resume": "the same --sweep command again", "run_name": "--sweep-dir"}[name]
+            raise A2PRError(f"--{name.replace('_', '-')} is set per run by --sweep; use {instead}")
+    sweep_dir = Path(args.sweep_dir or Path("sweeps") / suite)
+    base = dataclasses.replace(args, **{f: getattr(defaults, f) for f in SWEEP_FIELDS}, resume=None, quiet=True,
+                               save_dir=str(sweep_dir), data_dir=str(data_dir(args)))
+    entries = SWEEP_SUITES[suite] if suite in SWEEP_SUITES else _sweep_list(args.sweep_envs, "--sweep-envs")
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    runs = []
+    for dataset in entries:
+        env, _, mix = dataset.partition("+")
+        for variant in variants:
+            for i in range(0, len(seeds), args.num_seeds):
+                block = seeds[i:i + args.num_seeds]
+                folder = re.sub(r"[^\w.+-]", "_", f"{dataset}__{variant}__seeds{block[0]}-{block[-1]}")
+                run_args = dataclasses.replace(base, env=env, mix=mix or None, seed=block[0], num_seeds=len(block),
+                                               run_name=folder, **SWEEP_VARIANTS[variant])
+                runs.append(dict(dataset=dataset, env=env, mix=mix or None, variant=variant, seeds=block,
+                                 run_dir=str(sweep_dir / folder), args=run_args))
+    return runs
+
+
+# Settings that may differ between a run folder and a later sweep command without changing the run's results.
+_SWEEP_FREE = {"resume", "quiet", "total_steps", "cuda", "compile", "cuda_graphs", "save_dir", "run_name",
+               "data_dir", "download_timeout", "log_freq", "save_freq", "tensorboard", "wandb", "wandb_project"}
+
+
+def sweep_run_state(run: dict, total_steps: int, levels: list[float]) -> str:
+    """done (finished, every noise level evaluated) | noise (finished, noise levels missing) | resume (a checkpoint,
+    no finished summary) | new."""
+    run_dir = Path(run["run_dir"])
+    summary = run_dir / "summary.json"
+    if summary.exists():
+        s = json.loads(summary.read_text())
+        if not s.get("interrupted", True) and s.get("steps", 0) >= total_steps:
+            have = _read_json(run_dir / "noise.json").get("scores", {})
+            return "done" if all(repr(x) in have for x in levels) else "noise"
+    return "resume" if (run_dir / "checkpoint.pt").exists() else "new"
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def check_run_folder(run: dict, resolved: Args) -> None:
+    """A folder left by an earlier sweep must hold the run this command asks for, else its scores would be mixed
+    into the table silently."""
+    path = Path(run["run_dir"]) / "checkpoint.pt"
+    if not path.exists():
+        return
+    saved = _load_checkpoint(path.parent)["args"]
+    diff = [k for k, v in dataclasses.asdict(resolved).items()
+            if k not in _SWEEP_FREE and k in saved and saved[k] != v]
+    if diff:
+        what = ", ".join(f"{k}={saved[k]!r} there, {getattr(resolved, k)!r} now" for k in diff[:3])
+        raise A2PRError(f"{path.parent} was trained with other settings ({what}); give another --sweep-dir or "
+                        "remove that folder")
+
+
+# --- one Ray task ------------------------------------------------------------------------------------------------
+def run_sweep_task(task: dict) -> dict:
+    """What a Ray worker runs for one run folder: train it (fresh, or resumed from its checkpoint), then evaluate
+    the final policy under observation noise, and record wall time, host and node in sweep.json. Plain dicts in and
+    out. Ray reruns the task if its worker dies; the rerun resumes from the last checkpoint."""
+    torch.set_num_threads(task["threads"])
+    run_dir, t0 = Path(task["run_dir"]), time.time()
+    stop_hook = _kill_after_first_checkpoint(run_dir) if task.get("kill_after_checkpoint") else None
+    try:
+        state = sweep_run_state(task, task["total_steps"], task["noise_levels"])
+        resumed_at = None
+        if state in ("new", "resume"):
+            a = Args(**task["args"])
+            if state == "resume":
+                resumed_at = int(_load_checkpoint(run_dir)["step"])
+                a = Args(resume=str(run_dir), total_steps=a.total_steps, quiet=True, cuda=a.cuda, compile=a.compile,
+                         cuda_graphs=a.cuda_graphs)
+            if train(a)["interrupted"]:
+                return dict(run_dir=str(run_dir), interrupted=True)
+        noise = evaluate_noise(run_dir, task["noise_levels"], task["eval_episodes"])
+    finally:
+        if stop_hook:
+            stop_hook.set()
+    info = _read_json(run_dir / "sweep.json")
+    import platform
+
+    try:
+        import ray
+
+        node = ray.get_runtime_context().get_node_id()
+    except Exception:  # run outside Ray (tests call it directly)
+        node = None
+    info.update(wall_s=info.get("wall_s", 0.0) + time.time() - t0, host=platform.node(), node=node,
+                threads=torch.get_num_threads(), attempts=info.get("attempts", 0) + 1,
+                resumed_at=info.get("resumed_at", []) + ([resumed_at] if resumed_at is not None else []))
+    atomic_write(run_dir / "sweep.json", lambda tmp: Path(tmp).write_text(json.dumps(info, indent=2)))
+    return dict(run_dir=str(run_dir), interrupted=False, noise=noise)
+
+
+def _kill_after_first_checkpoint(run_dir: Path):
+    """The SWEEP_KILL_HOOK test hook: SIGKILL this worker once the run has a checkpoint, once per run folder."""
+    import threading
+
+    marker, stop = run_dir / ".test-killed", threading.Event()
+    if marker.exists():
+        return None
+
+    def watch():
+        while not stop.wait(0.005):
+            if (run_dir / "checkpoint.pt").exists():
+                marker.touch()
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, daemon=True).start()
+    return stop
+
+
+def evaluate_noise(run_dir: Path, levels: list[float], episodes: int) -> dict:
+    """Normalised score of each seed's final policy with Gaussian observation noise of each std (evaluate's
+    obs_noise), on episodes seeded apart from the training evaluations; kept in noise.json, computed once."""
+    path = run_dir / "noise.json"
+    out = _read_json(path)
+    if out.get("episodes") != episodes:
+        out = dict(episodes=episodes, scores={})
+    missing = [x for x in levels if repr(x) not in out["scores"]]
+    if missing:
+        run = load_run(run_dir)
+        ref_min, ref_max = run["ref_scores"]
+        for x in missing:
+            rets = evaluate(run["agent"].actor, run["env_id"], run["obs_mean"], run["obs_std"], run["action_low"],
+                            run["action_high"], episodes, seed=run["args"].seed + 20_000, obs_noise=x)
+            out["scores"][repr(x)] = normalized_score(rets, ref_min, ref_max).mean(1).tolist()
+        atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(out, indent=2)))
+    return out
+
+
+# --- the driver --------------------------------------------------------------------------------------------------
+def _import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise A2PRError(f"--sweep needs Ray, which is not installed: {RAY_INSTALL}") from None
+    return ray
+
+
+def _start_ray(ray, args: Args, code_dir: str) -> bool:
+    """Connect to --ray-address / $RAY_ADDRESS, else start a quiet local Ray with this machine's cores. Workers
+    import a2pr from code_dir (the same path on every node). Returns whether we started it (and must stop it)."""
+    if ray.is_initialized():  # e.g. a notebook that started Ray itself: use it as it is
+        return False
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import logging
+    from ray.job_config import JobConfig
+
+    quiet = dict(job_config=JobConfig(code_search_path=[code_dir]), log_to_driver=False,
+                 logging_level=logging.ERROR)
+    address = args.ray_address or os.environ.get("RAY_ADDRESS")
+    try:
+        if address:
+            ray.init(address=address, **quiet)
+        else:
+            cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+            ray.init(num_cpus=cpus, include_dashboard=False, object_store_memory=128 * 2**20, **quiet)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        where = f"the Ray cluster at {address}" if address else "a local Ray"
+        raise A2PRError(f"--sweep could not start {where}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") \
+            from None
+    return True
+
+
+def sweep(args: Args) -> dict:
+    """Plan the sweep, run what is not finished on Ray (one task per run folder), then write the results. Returns
+    dict(sweep_dir, results_csv, results_md, results_png, ran, skipped, failed)."""
+    ray = _import_ray()
+    runs = plan_sweep(args)
+    suite, levels = sweep_suite(args), noise_levels(args)
+    sweep_dir = Path(runs[0]["run_dir"]).parent
+    kill = os.environ.get(SWEEP_KILL_HOOK) == "1"
+    resolved, todo = {}, []
+    for run in runs:
+        resolved[run["run_dir"]] = r = resolve_args(run["args"])[0]
+        check_run_folder(run, r)
+        state = sweep_run_state(run, r.total_steps, levels)
+        run["state"] = state
+        if state != "done":
+            todo.append(run)
+    print(f"sweep {suite}: {len(runs)} runs in {sweep_dir} ({len(runs) - len(todo)} finished, "
+          f"{sum(r['state'] == 'resume' for r in todo)} to resume, {sum(r['state'] == 'new' for r in todo)} new, "
+          f"{sum(r['state'] == 'noise' for r in todo)} to evaluate under noise)", file=sys.stderr)
+    failed = []
+    if todo:
+        seen = set()
+        for run in todo:  # load (download, generate) each dataset once here, not in every task at once
+            key = (run["env"], run["mix"])
+            if key not in seen and run["state"] != "noise":
+                seen.add(key)
+                load_dataset(run["args"], log=lambda *m, **k: print(*m, file=sys.stderr, **k))
+        failed = _run_on_ray(ray, args, todo, resolved, levels, kill, suite)
+    out = write_sweep_results(args, runs, sweep_dir, levels, suite)
+    out.update(ran=[r["run_dir"] for r in todo], skipped=[r["run_dir"] for r in runs if r["state"] == "done"],
+               failed=failed)
+    print(f"sweep {suite}: results in {out['results_md']}", file=sys.stderr)
+    if failed:
+        raise A2PRError(f"{len(failed)} of {len(runs)} runs failed (first: {failed[0][0]}: {failed[0][1]}); "
+                        f"{out['results_md']} has the others; run the same command again to retry")
+    return out
+
+
+def _run_on_ray(ray, args: Args, todo: list[dict], resolved: dict, levels: list[float], kill: bool,
+                suite: str) -> list[tuple[str, str]]:
+    """Submit one task per unfinished run folder and wait, printing a progress line; returns the failed runs."""
+    code = Path(__file__).resolve()
+    started = _start_ray(ray, args, str(code.parent))
+    try:
+        # The task must be importable by name on the workers (code_search_path), also when this file runs as a script.
+        mod = sys.modules.get(code.stem) if __name__ == "__main__" else sys.modules[__name__]
+        if mod is None:
+            import importlib
+
+            mod = importlib.import_module(code.stem)
+        gpus = sweep_task_gpus(args)
+        remote = ray.remote(mod.run_sweep_task)
+        options = dict(num_cpus=args.task_cpus, num_gpus=gpus, max_retries=args.task_retries, retry_exceptions=False)
+        pending = {}
+        for run in todo:
+            r = resolved[run["run_dir"]]  # absolute paths: a worker on another node has another working folder
+            absolute = dataclasses.replace(run["args"], save_dir=str(Path(run["args"].save_dir).resolve()),
+                                           data_dir=str(Path(run["args"].data_dir).resolve()))
+            task = dict(run_dir=str(Path(run["run_dir"]).resolve()), args=dataclasses.asdict(absolute),
+                        total_steps=r.total_steps, noise_levels=levels, eval_episodes=r.eval_episodes,
+                        kill_after_checkpoint=kill, threads=max(1, int(args.task_cpus)))
+            pending[remote.options(name=Path(run["run_dir"]).name, **options).remote(task)] = run
+        res = ray.cluster_resources()
+        slots = int(res.get("CPU", 0) // args.task_cpus)
+        if gpus:
+            slots = min(slots, int(res.get("GPU", 0) // gpus))
+        print(f"sweep {suite}: {len(todo)} Ray tasks on {len(ray.nodes())} node(s), {res.get('CPU', 0):g} CPUs, "
+              f"{res.get('GPU', 0):g} GPUs: {max(slots, 0)} at a time ({args.task_cpus:g} CPU, {gpus:g} GPU each)",
+              file=sys.stderr)
+        failed, done, t0, tty = [], 0, time.time(), sys.stderr.isatty()
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
+            for ref in ready:
+                run = pending.pop(ref)
+                done += 1
+                try:
+                    if ray.get(ref)["interrupted"]:
+                        failed.append((run["run_dir"], "interrupted"))
+                except Exception as e:  # the task's own error (e.g. A2PRError), or retries used up
+                    cause = getattr(e, "cause", None) or e
+                    failed.append((run["run_dir"], (str(cause).strip().splitlines() or [type(cause).__name__])[-1]))
+            elapsed = time.time() - t0
+            running = min(len(pending), max(slots, 1))
+            left = f"about {_fmt_time(elapsed / done * len(pending))} left" if done else "time left: unknown yet"
+            line = (f"sweep {suite}: {done}/{len(todo)} done, {running} running, {len(pending) - running} queued"
+                    f"{f', {len(failed)} failed' if failed else ''} | {_fmt_time(elapsed)} elapsed, {left}")
+            if tty:
+                print("\r" + line.ljust(100), end="" if pending else "\n", file=sys.stderr, flush=True)
+            elif ready or not pending:
+                print(line, file=sys.stderr, flush=True)
+        return failed
+    except KeyboardInterrupt:
+        print("\nsweep interrupted: finished runs are kept; the same command resumes the others from their "
+              "checkpoints", file=sys.stderr)
+        raise
+    finally:
+        if started:
+            ray.shutdown()
+
+
+# --- results -----------------------------------------------------------------------------------------------------
+def _eval_curves(run_dir: Path, seeds: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, scores (seeds, steps)) of a run's evaluations, from its metrics.csv."""
+    path = run_dir / "metrics.csv"
+    if not path.exists():
+        return np.zeros(0), np.zeros((len(seeds), 0))
+    rows = [r for r in csv.DictReader(open(path)) if r.get("eval/normalized_score_mean", "") != ""]
+    cols = ([f"eval/normalized_score_seed{s}" for s in seeds] if len(seeds) > 1 else ["eval/normalized_score_mean"])
+    return (np.array([int(r["step"]) for r in rows]),
+            np.array([[float(r[c]) for r in rows] for c in cols]).reshape(len(seeds), len(rows)))
+
+
+def _train_seconds(run_dir: Path) -> float:
+    """Training time of the steps that count: time_s restarts at 0 when a run resumes, so sum each segment's end."""
+    path = run_dir / "metrics.csv"
+    times = [float(r["time_s"]) for r in csv.DictReader(open(path))] if path.exists() else []
+    return float(sum(a for a, b in zip(times, times[1:] + [-1.0]) if b < a))
+
+
+def collect_sweep(runs: list[dict], levels: list[float]) -> list[dict]:
+    """One row per seed of every finished run folder, read from the folder's files."""
+    rows = []
+    for run in runs:
+        d = Path(run["run_dir"])
+        s = _read_json(d / "summary.json")
+        if not s or s.get("interrupted", True):
+            continue
+        info, noise = _read_json(d / "sweep.json"), _read_json(d / "noise.json").get("scores", {})
+        secs = _train_seconds(d)
+        for i, seed in enumerate(s["seeds"]):
+            row = dict(dataset=run["dataset"], variant=run["variant"], seed=seed, final_score=s["final_scores"][i],
+                       best_score=s["best_scores"][i], steps=s["steps"],
+                       steps_per_s=round(s["steps"] / secs, 2) if secs else "", wall_s=round(info.get("wall_s", 0), 1),
+                       seeds_in_run=len(s["seeds"]), host=info.get("host", ""), run_dir=str(d))
+            row.update({f"noise_{x:g}": noise[repr(x)][i] for x in levels if repr(x) in noise})
+            rows.append(row)
+    return rows
+
+
+def _versions() -> str:
+    import platform
+
+    out = [f"python {platform.python_version()}", f"torch {torch.__version__}", f"numpy {np.__version__}"]
+    for name in ("ray", "gymnasium"):
+        try:
+            out.append(f"{name} {__import__(name).__version__}")
+        except ImportError:
+            pass
+    return ", ".join(out)
+
+
+def _hardware() -> str:
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = (", GPU " + torch.cuda.get_device_name()) if torch.cuda.is_available() else ", no GPU"
+    return f"{platform.node()}: {cpu}, {os.cpu_count()} cores{gpu}"
+
+
+def _command_line(args: Args) -> str:
+    defaults, parts = Args(), ["python a2pr.py"]
+    for f in dataclasses.fields(Args):
+        v = getattr(args, f.name)
+        if v != getattr(defaults, f.name):
+            flag = "--" + f.name.replace("_", "-")
+            parts.append(flag if v is True else f"{flag} {v}")
+    return " ".join(parts)
+
+
+def sweep_tables(rows: list[dict], levels: list[float], variants: list[str]) -> str:
+    """results.md's tables: per dataset and variant, then the aggregates with their bootstrap CIs."""
+    def pm(x):
+        return f"{np.mean(x):.1f} ± {np.std(x):.1f}"
+
+    def ci(t):
+        return f"{t[0]:.1f} [{t[1]:.1f}, {t[2]:.1f}]"
+
+    datasets = list(dict.fromkeys(r["dataset"] for r in rows))
+    by = {}
+    for r in rows:
+        by.setdefault((r["dataset"], r["variant"]), []).append(r)
+    out = ["## Per dataset", "", "| dataset | variant | seeds | final score | best score | paper (A2PR) | steps | "
+           "steps/s | wall time |", "|---|---|---|---|---|---|---|---|---|"]
+    for d in datasets:
+        for v in variants:
+            rs = by.get((d, v))
+            if not rs:
+                continue
+            folders = {r["run_dir"]: r for r in rs}.values()
+            sps = [f["steps_per_s"] for f in folders if f["steps_per_s"] != ""]
+            paper = PAPER_SCORES.get(d) if v == "a2pr" else None
+            speed = f"{np.mean(sps):.0f}" if sps else "–"
+            out.append(f"| {d} | {v} | {len(rs)} | {pm([r['final_score'] for r in rs])} | "
+                       f"{pm([r['best_score'] for r in rs])} | {'–' if paper is None else paper} | "
+                       f"{rs[0]['steps']:,} | {speed} | {_fmt_time(sum(f['wall_s'] for f in folders))} |")
+    out += ["", "Scores are D4RL-normalised (0 = random, 100 = expert), mean ± std over seeds (final = last "
+            "evaluation, best = best evaluation). steps/s: gradient steps per second of a run folder (each step "
+            "updates all the seeds that share it); wall time: sum over the run folders of their tasks' wall time "
+            "(data loading and evaluation included)."]
+    per_variant = {v: [np.array([r["final_score"] for r in by[(d, v)]]) for d in datasets if (d, v) in by]
+                   for v in variants}
+    out += ["", f"## Aggregate over datasets (final score; stratified bootstrap, 95 % CI, {BOOTSTRAP_REPS:,} "
+            "resamples)", "", "| variant | datasets | runs | mean | IQM |", "|---|---|---|---|---|"]
+    for v, tasks in per_variant.items():
+        if tasks:
+            out.append(f"| {v} | {len(tasks)} | {sum(len(t) for t in tasks)} | "
+                       f"{ci(stratified_bootstrap_ci(tasks, aggregate_mean))} | "
+                       f"{ci(stratified_bootstrap_ci(tasks, aggregate_iqm))} |")
+    out += ["", "Mean: the mean over datasets of each dataset's mean score. IQM: the interquartile mean of all runs "
+            "(the middle 50 %). CIs: runs resampled with replacement within each dataset independently (rliable's "
+            "stratified bootstrap), percentile interval."]
+    if "a2pr" in variants and len(variants) > 1:
+        out += ["", "## Probability of improvement", "", "| comparison | datasets | P(X > Y) [95 % CI] |",
+                "|---|---|---|"]
+        for v in variants:
+            if v == "a2pr":
+                continue
+            common = [d for d in datasets if (d, "a2pr") in by and (d, v) in by]
+            if not common:
+                continue
+            x = [np.array([r["final_score"] for r in by[(d, "a2pr")]]) for d in common]
+            y = [np.array([r["final_score"] for r in by[(d, v)]]) for d in common]
+            t = stratified_bootstrap_ci(x + y, lambda g, n=len(x): probability_of_improvement(g[:n], g[n:]))
+            out.append(f"| P(a2pr > {v}) | {len(common)} | {t[0]:.2f} [{t[1]:.2f}, {t[2]:.2f}] |")
+        out += ["", "rliable's definition: for each dataset, the probability that a random run of X has a higher "
+                "final score than a random run of Y (ties count 1/2), averaged over datasets; the runs of each "
+                "variant on each dataset are resampled independently for the CI."]
+    if levels:
+        out += ["", "## Final policy under Gaussian observation noise (std per observation dimension)", "",
+                "| dataset | variant | " + " | ".join(f"σ = {x:g}" for x in levels) + " |",
+                "|---|---|" + "---|" * len(levels)]
+        for d in datasets:
+            for v in variants:
+                rs = by.get((d, v))
+                if rs:
+                    out.append(f"| {d} | {v} | " + " | ".join(
+                        pm([r[f"noise_{x:g}"] for r in rs]) if all(f"noise_{x:g}" in r for r in rs) else "–"
+                        for x in levels) + " |")
+        for v, tasks in per_variant.items():
+            if tasks:
+                cells = []
+                for x in levels:
+                    g = [np.array([r.get(f"noise_{x:g}", np.nan) for r in by[(d, v)]]) for d in datasets
+                         if (d, v) in by]
+                    cells.append(ci(stratified_bootstrap_ci(g, aggregate_mean)) if all(np.isfinite(t).all()
+                                                                                    for t in g) else "–")
+                out.append(f"| **mean over datasets** [95 % CI] | {v} | " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
+
+
+def write_sweep_results(args: Args, runs: list[dict], sweep_dir: Path, levels: list[float], suite: str) -> dict:
+    rows = collect_sweep(runs, levels)
+    variants = [v for v in _sweep_list(args.variants, "--variants")]
+    paths = dict(sweep_dir=str(sweep_dir), results_csv=str(sweep_dir / "results.csv"),
+                 results_md=str(sweep_dir / "results.md"), results_png=str(sweep_dir / "results.png"))
+    cols = ["dataset", "variant", "seed", "final_score", "best_score", *[f"noise_{x:g}" for x in levels], "steps",
+            "steps_per_s", "wall_s", "seeds_in_run", "host", "run_dir"]
+
+    def write_csv_rows(tmp):
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=cols, restval="")
+            w.writeheader()
+            w.writerows(rows)
+
+    atomic_write(Path(paths["results_csv"]), write_csv_rows)
+    finished = len({r["run_dir"] for r in rows})
+    head = [f"# Sweep `{suite}`: {finished} of {len(runs)} run folders finished", "",
+            f"- command: `{_command_line(args)}`",
+            f"- datasets: {', '.join(dict.fromkeys(r['dataset'] for r in runs))}",
+            "- variants: " + ", ".join(f"{v} (--bc-target {SWEEP_VARIANTS[v]['bc_target']} --gate "
+                                        f"{SWEEP_VARIANTS[v]['gate']})" for v in variants),
+            f"- seeds: {args.seed}..{args.seed + args.seeds - 1}, {args.num_seeds} per Ray task "
+            f"({args.task_cpus:g} CPU, {sweep_task_gpus(args):g} GPU each)",
+            f"- hardware (the machine that wrote this file): {_hardware()}; hosts that trained: "
+            f"{', '.join(sorted({r['host'] for r in rows if r['host']})) or '–'}",
+            f"- versions: {_versions()}",
+            f"- written {time.strftime('%Y-%m-%d %H:%M:%S')}", ""]
+    text = "\n".join(head) + "\n" + (sweep_tables(rows, levels, variants) if rows else "No finished runs yet.\n")
+    atomic_write(Path(paths["results_md"]), lambda tmp: Path(tmp).write_text(text))
+    if rows:
+        plot_sweep(Path(paths["results_png"]), runs, rows, levels, variants, suite)
+    return paths
+
+
+def plot_sweep(path: Path, runs: list[dict], rows: list[dict], levels: list[float], variants: list[str],
+               suite: str) -> None:
+    """Per-dataset learning curves (mean over seeds, 95 % bootstrap band), the aggregate intervals, and the score
+    under observation noise; matplotlib's Figure API, as plot_curves."""
+    from matplotlib.figure import Figure
+
+    datasets = list(dict.fromkeys(r["dataset"] for r in rows))
+    ncols = max(3, min(4, len(datasets)))
+    nrows = -(-len(datasets) // ncols) + 1
+    fig = Figure(figsize=(4.2 * ncols, 3.3 * nrows))
+    axes = np.atleast_2d(fig.subplots(nrows, ncols, squeeze=False))
+    colors = {v: f"C{i}" for i, v in enumerate(SWEEP_VARIANTS)}
+    done = {r["run_dir"] for r in rows}
+    for ax, d in zip(axes[:-1].ravel(), datasets):
+        for v in variants:
+            curves = [_eval_curves(Path(r["run_dir"]), r["seeds"]) for r in runs
+                      if r["dataset"] == d and r["variant"] == v and r["run_dir"] in done]
+            curves = [c for c in curves if len(c[0])]
+            if not curves:
+                continue
+            steps = min((c[0] for c in curves), key=len)
+            scores = np.concatenate([c[1][:, :len(steps)] for c in curves])
+            band = np.array([stratified_bootstrap_ci([col], aggregate_mean, reps=1000)[1:] for col in scores.T])
+            ax.plot(steps, scores.mean(0), color=colors[v], label=v)
+            ax.fill_between(steps, band[:, 0], band[:, 1], color=colors[v], alpha=0.2)
+        if d in PAPER_SCORES:
+            ax.axhline(PAPER_SCORES[d], ls="--", c="gray", lw=1, label="paper (A2PR)")
+        ax.set(title=d, xlabel="gradient step", ylabel="normalised score")
+        ax.legend(fontsize=7)
+    for ax in axes[:-1].ravel()[len(datasets):]:
+        ax.set_visible(False)
+    bottom = axes[-1]
+    for k, (name, stat) in enumerate((("mean", aggregate_mean), ("IQM", aggregate_iqm))):
+        ax = bottom[k]
+        for i, v in enumerate(variants):
+            tasks = [np.array([r["final_score"] for r in rows if r["dataset"] == d and r["variant"] == v])
+                     for d in datasets]
+            tasks = [t for t in tasks if len(t)]
+            if tasks:
+                p, lo, hi = stratified_bootstrap_ci(tasks, stat)
+                ax.barh(i, hi - lo, left=lo, height=0.5, color=colors[v], alpha=0.6)
+                ax.plot([p, p], [i - 0.25, i + 0.25], color="k")
+        ax.set(yticks=range(len(variants)), yticklabels=variants, xlabel="normalised score",
+               title=f"{name} over datasets, 95 % CI")
+    ax = bottom[2]
+    if levels:
+        for v in variants:
+            pts = []
+            for x in levels:
+                g = [np.array([r.get(f"noise_{x:g}", np.nan) for r in rows if r["dataset"] == d and r["variant"] == v])
+                     for d in datasets]
+                g = [t for t in g if len(t)]
+                pts.append(stratified_bootstrap_ci(g, aggregate_mean) if g and all(np.isfinite(t).all() for t in g)
+                           else (np.nan,) * 3)
+            pts = np.array(pts)
+            ax.plot(levels, pts[:, 0], marker="o", color=colors[v], label=v)
+            ax.fill_between(levels, pts[:, 1], pts[:, 2], color=colors[v], alpha=0.2)
+        ax.set(xlabel="observation noise std", ylabel="normalised score", title="final policy under noise")
+        ax.legend(fontsize=7)
+    else:
+        ax.set_visible(False)
+    for ax in bottom[3:]:
+        ax.set_visible(False)
+    fig.suptitle(f"sweep {suite}")
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+
+
+# ================================================================================================================
+# Appendix C. Speed paths: the same update run eagerly, through torch.compile, or replayed as CUDA graphs
 # (Updater), and the benchmarks that time them. Not needed to understand A2PR: every path computes update() above.
 # ================================================================================================================
 class Updater:
@@ -1805,7 +2501,7 @@ def benchmark_data(args: Args) -> dict:
 
 
 # ================================================================================================================
-# Appendix C. Run files: atomic writes, checkpoints, the metrics CSV, the learning-curve plot, TensorBoard and
+# Appendix D. Run files: atomic writes, checkpoints, the metrics CSV, the learning-curve plot, TensorBoard and
 # wandb, and loading a finished run or its policy. Not needed to understand A2PR: they record what train() does.
 # ================================================================================================================
 def _umask() -> int:
@@ -2029,7 +2725,7 @@ def _open_trackers(args: Args, run_dir: Path) -> list[tuple]:
 
 
 # ================================================================================================================
-# Appendix D. The theory on finite MDPs (spec, "What the theory promises"): augmented_behaviour_policy builds the
+# Appendix E. The theory on finite MDPs (spec, "What the theory promises"): augmented_behaviour_policy builds the
 # paper's augmented behaviour policy with prefer_generated exactly as select_bc_target does above. Exact float64
 # linear solves, no sampling, so the theorems (improvement, robustness, bounded gap) are tested exactly. Shapes: P
 # (S, A, S) with P[s, a, s'] the transition probability, R (S, A), a policy (S, A) with rows on the simplex, rho
@@ -2092,7 +2788,7 @@ def total_variation(p, q) -> np.ndarray:
 
 
 # ================================================================================================================
-# Appendix E. The command line: the parser built from Args, preset resolution and validation (one clear line per
+# Appendix F. The command line: the parser built from Args, preset resolution and validation (one clear line per
 # mistake, before any work). Not needed to understand A2PR: train(args) takes an Args however it was made.
 # ================================================================================================================
 class _Parser(argparse.ArgumentParser):

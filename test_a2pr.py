@@ -2134,3 +2134,232 @@ def test_committed_notebook_carries_its_outputs_and_pictures():
     pictures = [o for o in outputs if "image/png" in o.get("data", {})]
     assert len(pictures) >= 6  # one figure (several panels) per section
     assert "FAST=False" in "".join(str(o.get("text", "")) for o in outputs), "outputs must be from full settings"
+
+
+# ================================================================================================================
+# Sweeps (Ray)
+# ================================================================================================================
+import importlib.util  # noqa: E402
+
+needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="needs Ray: pip install -r "
+                               "requirements-sweep.txt")
+SWEEP_TINY = ["--total-steps", "40", "--eval-freq", "20", "--eval-episodes", "1", "--batch-size", "16",
+              "--actor-hidden", "8", "--critic-hidden", "8", "--value-hidden", "8", "--vae-hidden", "8"]
+TIMING_COLUMNS = ("steps_per_s", "wall_s", "host", "run_dir")
+
+
+def sweep_args(sweep_dir, *argv) -> a2pr.Args:
+    return a2pr.parse_args([*SWEEP_TINY, "--sweep-dir", str(sweep_dir), *argv])
+
+
+def results_table(sweep_dir) -> list[dict]:
+    """results.csv without the columns that legitimately differ between two sweeps (timings, folders)."""
+    return [{k: v for k, v in r.items() if k not in TIMING_COLUMNS}
+            for r in csv.DictReader(open(Path(sweep_dir) / "results.csv"))]
+
+
+def test_sweep_iqm_by_hand():
+    assert a2pr.iqm(np.arange(1, 9)) == 4.5                 # middle 50 % of 1..8: 3, 4, 5, 6
+    assert a2pr.iqm([100, 1, 2, 3, 4]) == 3.0               # n = 5: int(5/4) = 1 cut at each end: 2, 3, 4
+    assert a2pr.iqm([7.0]) == 7.0 and a2pr.iqm([1, 3]) == 2.0
+    np.testing.assert_array_equal(a2pr.iqm(np.array([[1, 2, 3, 4], [4, 0, 0, 8]]), axis=-1), [2.5, 2.0])
+    assert a2pr.aggregate_iqm([[1, 2], [3, 4, 5, 6, 7, 8]]) == 4.5
+    assert a2pr.aggregate_mean([[0, 2], [10, 10, 10, 10]]) == 5.5   # each task counts once
+
+
+def test_sweep_probability_of_improvement_by_hand():
+    assert a2pr.probability_of_improvement([[1, 1]], [[1, 1]]) == 0.5            # ties count 1/2
+    assert a2pr.probability_of_improvement([[2, 3]], [[1, 3]]) == 0.625          # (1 + 0 + 1 + 1/2) / 4
+    assert a2pr.probability_of_improvement([[5], [0]], [[1], [1]]) == 0.5        # averaged over tasks
+    assert a2pr.probability_of_improvement([[5, 6]], [[1, 2, 3]]) == 1.0
+    x, y = [np.array([3.0, 1, 2])], [np.array([2.0, 2, 0])]
+    assert a2pr.probability_of_improvement(x, y) + a2pr.probability_of_improvement(y, x) == 1.0
+    with pytest.raises(ValueError):
+        a2pr.probability_of_improvement([[1]], [[1], [2]])
+
+
+def test_sweep_stratified_bootstrap_ci():
+    assert a2pr.stratified_bootstrap_ci([np.full(5, 3.0)], a2pr.aggregate_iqm, reps=200) == (3.0, 3.0, 3.0)
+    # stratified: each task keeps its own runs, so two constant tasks give a constant mean (a pooled bootstrap
+    # would mix them and vary)
+    assert a2pr.stratified_bootstrap_ci([[0.0, 0.0], [10.0, 10.0, 10.0]], a2pr.aggregate_mean, reps=200) == \
+        (5.0, 5.0, 5.0)
+    scores = [np.random.default_rng(t).normal(50, 10, 5) for t in range(4)]
+    p, lo, hi = a2pr.stratified_bootstrap_ci(scores, a2pr.aggregate_mean, reps=2000, seed=1)
+    assert p == pytest.approx(np.mean([s.mean() for s in scores])) and lo < p < hi
+    assert a2pr.stratified_bootstrap_ci(scores, a2pr.aggregate_mean, reps=2000, seed=1) == (p, lo, hi)
+    assert a2pr.stratified_bootstrap_ci(scores, a2pr.aggregate_mean, reps=2000, seed=2) != (p, lo, hi)
+    # the percentile interval of the bootstrap means by hand, one task
+    one, rng = np.array([1.0, 2.0, 4.0]), np.random.default_rng(0)
+    means = one[rng.integers(0, 3, size=(500, 3))].mean(1)
+    assert a2pr.stratified_bootstrap_ci([one], a2pr.aggregate_mean, reps=500, seed=0)[1:] == \
+        pytest.approx(tuple(np.percentile(means, [2.5, 97.5])))
+    poi = a2pr.stratified_bootstrap_ci([[2, 3], [1, 3]], lambda g: a2pr.probability_of_improvement(g[:1], g[1:]))
+    assert poi[0] == 0.625 and 0 <= poi[1] <= 0.625 <= poi[2] <= 1
+
+
+def test_sweep_plan_suites_seed_blocks_variants_and_flags_over_presets(tmp_path):
+    runs = a2pr.plan_sweep(sweep_args(tmp_path, "--sweep", "paper", "--seeds", "5", "--num-seeds", "2",
+                                      "--variants", "a2pr,td3bc,no-gate,vae-only"))
+    assert len(runs) == 9 * 4 * 3
+    assert sorted({r["dataset"] for r in runs}) == sorted(a2pr.PAPER_SCORES)
+    assert [r["seeds"] for r in runs[:3]] == [[0, 1], [2, 3], [4]]
+    assert [Path(r["run_dir"]).name for r in runs[:3]] == [
+        "hopper-medium-v2__a2pr__seeds0-1", "hopper-medium-v2__a2pr__seeds2-3", "hopper-medium-v2__a2pr__seeds4-4"]
+    by = {(r["dataset"], r["variant"], r["seeds"][0]): a2pr.resolve_args(r["args"])[0] for r in runs}
+    cheetah = by[("halfcheetah-medium-expert-v2", "td3bc", 2)]
+    assert (cheetah.alpha, cheetah.bc_weight, cheetah.seed, cheetah.num_seeds) == (40.0, 10.0, 2, 2)  # its preset
+    assert (cheetah.bc_target, cheetah.gate) == ("data", "always")
+    assert cheetah.total_steps == 40 and cheetah.eval_freq == 20 and cheetah.critic_hidden == 8  # flags win
+    assert (by[("hopper-medium-v2", "no-gate", 0)].bc_target, by[("hopper-medium-v2", "no-gate", 0)].gate) == \
+        ("select", "always")
+    assert by[("hopper-medium-v2", "vae-only", 0)].bc_target == "vae"
+    assert by[("hopper-medium-v2", "a2pr", 4)].num_seeds == 1
+    assert cheetah.save_dir == str(tmp_path) and cheetah.run_name == "halfcheetah-medium-expert-v2__td3bc__seeds2-3"
+    alpha = a2pr.plan_sweep(sweep_args(tmp_path, "--sweep", "paper", "--seeds", "1", "--alpha", "7"))
+    assert {a2pr.resolve_args(r["args"])[0].alpha for r in alpha} == {7.0}
+    mixes = a2pr.plan_sweep(sweep_args(tmp_path, "--sweep", "mixes", "--seeds", "1"))
+    assert len(mixes) == 12 and (mixes[0]["args"].env, mixes[0]["args"].mix) == \
+        ("hopper-random-v2", "hopper-expert-v2:0.01")
+    assert {r["args"].mix.split(":")[1] for r in mixes} == {"0.01", "0.05"}
+    builtin = a2pr.plan_sweep(a2pr.parse_args(["--sweep", "builtin", "--seeds", "1"]))
+    assert [r["env"] for r in builtin] == list(a2pr.BUILTIN_DATASETS)
+    assert builtin[0]["run_dir"] == str(Path("sweeps/builtin/pendulum-random-v0__a2pr__seeds0-0"))
+    assert a2pr.resolve_args(builtin[0]["args"])[0].preset == "pendulum-cpu"
+    envs = a2pr.plan_sweep(a2pr.parse_args(["--sweep-envs", "pendulum-medium-v0+pendulum-expert-v0:0.05"]))
+    assert envs[0]["args"].mix == "pendulum-expert-v0:0.05" and len(envs) == 5
+
+
+@pytest.mark.parametrize("argv, expect", [
+    (["--sweep", "builtin", "--variants", "a2pr,best"], "--variants must list distinct names among"),
+    (["--sweep", "builtin", "--seeds", "0"], "--seeds must be an integer >= 1"),
+    (["--sweep", "builtin", "--gate", "always"], "--gate is set per run by --sweep; use --variants"),
+    (["--sweep", "envs"], "--sweep envs needs --sweep-envs"),
+    (["--sweep", "builtin", "--noise-levels", "0,-1"], "--noise-levels must be stds >= 0"),
+    (["--sweep", "builtin", "--cuda", "--task-gpus", "0"], "--cuda with --task-gpus 0"),
+    (["--sweep", "all"], "argument --sweep: invalid choice: 'all'"),
+])
+def test_sweep_bad_flags_get_one_line_errors(tmp_path, capsys, argv, expect):
+    try:  # in-process (a subprocess per case would cost a torch import each)
+        code = a2pr.main([*argv, "--sweep-dir", str(tmp_path / "sw")])
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and err.strip().count("\n") == 0, err
+    assert expect in err
+    assert not (tmp_path / "sw").exists()
+
+
+def test_sweep_without_ray_says_how_to_install(monkeypatch, capsys, tmp_path):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now raises ImportError
+    assert a2pr.main(["--sweep", "builtin", "--sweep-dir", str(tmp_path / "sw")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "needs Ray" in err and "pip install 'ray" in err
+    assert not (tmp_path / "sw").exists()
+
+
+def test_sweep_importing_a2pr_does_not_import_ray():
+    r = subprocess.run([sys.executable, "-c", "import a2pr, sys; print('ray' in sys.modules)"], cwd=HERE,
+                       capture_output=True, text=True, timeout=60)
+    assert r.stdout.strip() == "False", r.stderr
+
+
+def test_sweep_task_resumes_an_unfinished_run_to_the_uninterrupted_result(tmp_path):
+    """The task a Ray worker runs, called directly: a run folder cut short (a checkpoint, no finished summary) is
+    resumed and ends bit-identical to the uninterrupted run; a finished folder is left alone."""
+    run = a2pr.plan_sweep(sweep_args(tmp_path / "sw", "--sweep-envs", "pendulum-medium-v0", "--seeds", "1"))[0]
+    whole = a2pr.train(dataclasses.replace(run["args"], save_dir=str(tmp_path), run_name="whole"))
+    a2pr.train(dataclasses.replace(run["args"], total_steps=20))  # the same folder, cut at step 20
+    resolved = a2pr.resolve_args(run["args"])[0]
+    assert a2pr.sweep_run_state(run, resolved.total_steps, []) == "resume"
+    task = dict(run_dir=run["run_dir"], args=dataclasses.asdict(run["args"]), total_steps=40, noise_levels=[0.0],
+                eval_episodes=1, threads=1)
+    a2pr.run_sweep_task(task)
+    assert a2pr.sweep_run_state(run, 40, [0.0]) == "done"
+    assert_same_state(checkpoint(run["run_dir"])["agent"], checkpoint(whole["run_dir"])["agent"])
+    info = json.loads((Path(run["run_dir"]) / "sweep.json").read_text())
+    assert info["resumed_at"] == [20] and info["threads"] == 1
+    before = (Path(run["run_dir"]) / "checkpoint.pt").stat().st_mtime_ns
+    a2pr.run_sweep_task(task)
+    assert (Path(run["run_dir"]) / "checkpoint.pt").stat().st_mtime_ns == before
+
+
+@needs_ray
+@pytest.mark.slow
+def test_sweep_builtin_end_to_end_on_a_local_ray_and_rerun_does_nothing(tmp_path):
+    argv = ["--sweep", "builtin", "--seeds", "2", "--num-seeds", "2", "--variants", "a2pr,td3bc",
+            "--noise-levels", "0,0.1", *SWEEP_TINY, "--sweep-dir", str(tmp_path / "sw")]
+    r = run_cli(*argv, timeout=400, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "8 new" in r.stderr and "8/8 done, 0 running, 0 queued" in r.stderr
+    sw = tmp_path / "sw"
+    rows = list(csv.DictReader(open(sw / "results.csv")))
+    assert len(rows) == 4 * 2 * 2 and {r["variant"] for r in rows} == {"a2pr", "td3bc"}
+    assert all(np.isfinite(float(r[c])) for r in rows for c in ("final_score", "best_score", "noise_0", "noise_0.1"))
+    assert {r["steps"] for r in rows} == {"40"}
+    md = (sw / "results.md").read_text()
+    for text in ("| pendulum-expert-v0 | td3bc | 2 |", "## Aggregate over datasets", "| a2pr | 4 | 8 |",
+                 "P(a2pr > td3bc)", "σ = 0.1", "torch 2", "ray 2"):
+        assert text in md, text
+    assert md.count(" [") >= 4  # confidence intervals
+    assert (sw / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    files = sorted(p for p in sw.glob("*/*") if p.suffix in (".pt", ".json", ".csv"))
+    stamps = [p.stat().st_mtime_ns for p in files]
+    again = run_cli(*argv, timeout=200, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert "(8 finished, 0 to resume, 0 new, 0 to evaluate under noise)" in again.stderr
+    assert "Ray tasks" not in again.stderr
+    assert [p.stat().st_mtime_ns for p in files] == stamps  # no run trained or evaluated again
+    assert results_table(sw) == [{k: v for k, v in r.items() if k not in TIMING_COLUMNS} for r in rows]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """Two Ray nodes of one CPU each on this machine, shared by the cluster tests."""
+    pytest.importorskip("ray")
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args=dict(num_cpus=1, include_dashboard=False))
+    cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    yield cluster
+    import ray
+
+    ray.shutdown()
+    cluster.shutdown()
+
+
+KILL_SWEEP = ["--sweep-envs", "pendulum-medium-v0", "--seeds", "2", "--total-steps", "400", "--eval-freq", "100"]
+
+
+@pytest.fixture(scope="module")
+def cluster_sweep(ray_cluster, tmp_path_factory):
+    """An uninterrupted sweep of two single-seed runs on the two-node cluster, reached through --ray-address."""
+    sw = tmp_path_factory.mktemp("cluster") / "sw"
+    out = a2pr.sweep(sweep_args(sw, *KILL_SWEEP, "--ray-address", ray_cluster.address))
+    return sw, out
+
+
+@needs_ray
+@pytest.mark.slow
+def test_sweep_runs_on_a_two_node_cluster_through_ray_address(cluster_sweep):
+    sw, out = cluster_sweep
+    assert len(out["ran"]) == 2 and not out["failed"]
+    nodes = {json.loads((Path(d) / "sweep.json").read_text())["node"] for d in out["ran"]}
+    assert len(nodes) == 2  # one CPU per node and one CPU per task: the two tasks ran on different nodes
+    assert len(results_table(sw)) == 2
+
+
+@needs_ray
+@pytest.mark.slow
+def test_sweep_worker_killed_mid_run_is_retried_and_the_table_equals_the_uninterrupted_one(
+        cluster_sweep, ray_cluster, tmp_path, monkeypatch):
+    reference, _ = cluster_sweep
+    monkeypatch.setenv(a2pr.SWEEP_KILL_HOOK, "1")  # each run's first attempt SIGKILLs its worker after a checkpoint
+    out = a2pr.sweep(sweep_args(tmp_path / "sw", *KILL_SWEEP, "--ray-address", ray_cluster.address))
+    assert not out["failed"]
+    for d in out["ran"]:
+        assert (Path(d) / ".test-killed").exists()
+    resumed = [json.loads((Path(d) / "sweep.json").read_text())["resumed_at"] for d in out["ran"]]
+    assert any(resumed), "at least one run should have been killed before it finished, then resumed"
+    assert results_table(tmp_path / "sw") == results_table(reference)
