@@ -2252,12 +2252,19 @@ def test_train_returns_interrupted_with_the_signal_and_main_exits_128_plus_it(tm
         os.kill(os.getpid(), signal.SIGTERM)  # handled by train: it finishes the update, saves and stops
         return real(*a, **k)
 
+    def unhandled(*_):
+        raise AssertionError("SIGTERM reached the default handler: the run would have died unsaved")
+
     monkeypatch.setattr(a2pr, "evaluation", evaluation_then_sigterm)
-    s = a2pr.train(quick(tmp_path, total_steps=100, eval_freq=10))
-    assert s["interrupted"] and s["signal"] == "SIGTERM" and s["steps"] == 10
-    assert checkpoint(tmp_path / "run")["step"] == 10
-    assert a2pr.main(["--resume", str(tmp_path / "run"), "--quiet"]) == 143
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # train puts the handlers back
+    old = signal.signal(signal.SIGTERM, unhandled)
+    try:
+        s = a2pr.train(quick(tmp_path, total_steps=100, eval_freq=10))
+        assert s["interrupted"] and s["signal"] == "SIGTERM" and s["steps"] == 10
+        assert checkpoint(tmp_path / "run")["step"] == 10
+        assert a2pr.main(["--resume", str(tmp_path / "run"), "--quiet"]) == 143
+        assert signal.getsignal(signal.SIGTERM) is unhandled  # train puts the handlers back
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def test_download_removes_parts_left_by_killed_downloads(tmp_path):
