@@ -23,13 +23,13 @@ Reading map (line: what). Everything above main() is A2PR; below it, appendices 
     491  update_core:      one gradient step: spec 1-4 in order
     535  Dataset:          the data as the networks see it: normalisation, action scaling, device batches
     649  evaluate:         deterministic evaluation, D4RL normalised score
-    834  train:            train(args) -> summary: setup, then the loop
-    909  main:             the command line's entry point
-    926  Appendix A:       data sources: built-in, D4RL, HDF5, downloads, Minari, mixes
-   1710  Appendix B:       speed paths: Updater, torch.compile, CUDA graphs, benchmarks
-   1879  Appendix C:       run files: checkpoints, CSV, plot, trackers, load_run, load_policy
-   2236  Appendix D:       the theory on finite MDPs
-   2299  Appendix E:       the command line: parser, presets, validation
+    853  train:            train(args) -> summary: setup, then the loop
+    929  main:             the command line's entry point
+    946  Appendix A:       data sources: built-in, D4RL, HDF5, downloads, Minari, mixes
+   1731  Appendix B:       speed paths: Updater, torch.compile, CUDA graphs, benchmarks
+   1900  Appendix C:       run files: checkpoints, CSV, plot, trackers, load_run, load_policy
+   2259  Appendix D:       the theory on finite MDPs
+   2322  Appendix E:       the command line: parser, presets, validation
 """
 
 from __future__ import annotations
@@ -723,8 +723,27 @@ def out_of_memory_as_error(args: Args):
                                                                     r"out of memory", str(e), re.IGNORECASE)):
             raise
         raise A2PRError(f"out of memory on the {'GPU' if args.cuda else 'CPU'} ({str(e).splitlines()[0][:160]}); "
-                        f"lower --batch-size (now {args.batch_size}) or --num-seeds (now {args.num_seeds}), or the "
-                        "network sizes (--actor-hidden, --critic-hidden, --value-hidden, --vae-hidden)") from None
+                        + _lower_memory(args)) from None
+
+
+def _lower_memory(args: Args) -> str:
+    return (f"lower --batch-size (now {args.batch_size}) or --num-seeds (now {args.num_seeds}), or the network "
+            "sizes (--actor-hidden, --critic-hidden, --value-hidden, --vae-hidden)")
+
+
+def check_batch_fits(args: Args, obs_dim: int, act_dim: int, device: torch.device) -> None:
+    """Before any allocation: a batch whose tensors alone exceed the device's memory stops with one line (on a CPU
+    the kernel would otherwise kill the process, with no message, once the pages are touched)."""
+    if device.type == "cuda":
+        total = torch.cuda.mem_get_info(device)[1]
+    elif hasattr(os, "sysconf") and "SC_PHYS_PAGES" in os.sysconf_names:
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    else:
+        return
+    need = args.num_seeds * args.batch_size * (8 + 4 * (2 * obs_dim + act_dim + 2))  # indices, then (s, a, r, s', d)
+    if need > total:
+        raise A2PRError(f"a batch needs at least {need / 2**30:,.1f} GiB but the {device.type.upper()} has "
+                        f"{total / 2**30:,.1f} GiB; {_lower_memory(args)}")
 
 
 def agent_seeds(args: Args) -> list[int]:
@@ -851,6 +870,7 @@ def train(args: Args) -> dict:
     dataset_score = float(normalized_score(ds.episode_returns, ds.ref_min_score, ds.ref_max_score).mean())
 
     # The learner, and the update that moves it: eager by default; --compile / --cuda-graphs run the same update.
+    check_batch_fits(args, obs_dim, act_dim, device)
     with out_of_memory_as_error(args):
         data = prepare_data(ds, args, device, stats)
         agent, opt, gens = build_learner(args, obs_dim, act_dim, device, ckpt)
@@ -1254,6 +1274,7 @@ def download_file(url: str, dest: Path, validate, timeout: float = 10.0, offline
     renamed to dest only once complete (Content-Length matched) and valid, and removed on any failure (also
     Ctrl-C): dest is never half-written or corrupt. Connection and stalled reads give up after `timeout` s."""
     check_writable(dest.parent, "downloads are cached there (D4RL: $D4RL_DATASET_DIR)")
+    dest.parent.mkdir(parents=True, exist_ok=True)
     remove_dead_parts(dest)
     part = dest.with_name(f"{dest.name}.{os.getpid()}.part")
     where = f"put the file there by hand (e.g. wget -O {dest} {url}) and run again"
@@ -1911,13 +1932,15 @@ def atomic_write(path: Path, write) -> None:
 
 
 def check_writable(folder: Path, what: str) -> None:
-    """A real test write into `folder` (made if missing), before any work: a read-only or impossible folder is one
-    line naming the flag to change, not a traceback after the data has loaded."""
+    """A real test write into `folder` (or, if it does not exist yet, its nearest existing parent), before any
+    work: a read-only or impossible folder is one line naming the flag to change, not a traceback later."""
     try:
         if folder.exists() and not folder.is_dir():
             raise NotADirectoryError(errno.ENOTDIR, "it is a file, not a folder")
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".a2pr-write-test-")
+        existing = next(p for p in (folder.absolute(), *folder.absolute().parents) if p.exists())
+        if not existing.is_dir():  # a file where a parent folder should be
+            raise NotADirectoryError(errno.ENOTDIR, f"{existing} is a file")
+        fd, tmp = tempfile.mkstemp(dir=existing, prefix=".a2pr-write-test-")  # made later: a failed run leaves none
         os.close(fd)
         os.remove(tmp)
     except OSError as e:

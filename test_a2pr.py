@@ -2325,7 +2325,7 @@ def test_a_read_only_save_dir_for_real(tmp_path):
 
 def test_a_read_only_data_dir_is_one_line(tmp_path, monkeypatch):
     (tmp_path / "file").write_text("")
-    with pytest.raises(A2PRError, match=r"is not a writable folder \(Not a directory\); built-in datasets are "
+    with pytest.raises(A2PRError, match=r"data is not a writable folder \(.*file is a file\); built-in datasets are "
                                         r"cached there: point --data-dir or \$A2PR_DATA_DIR to a writable folder"):
         a2pr.load_dataset(args(env="pendulum-random-v0", data_dir=str(tmp_path / "file" / "data")), log=quiet)
     monkeypatch.setenv("A2PR_DATA_DIR", str(tmp_path / "data"))
@@ -2451,3 +2451,18 @@ def test_checkpoints_hold_only_plain_data_and_an_older_format_gets_one_line(tmp_
     with pytest.raises(A2PRError, match=r"written by an older a2pr.py \(numpy arrays inside, which a safe load "
                                         r"refuses\)"):
         a2pr.load_run(tmp_path / "run")
+
+
+def test_a_batch_bigger_than_the_machine_stops_before_any_allocation(tmp_path, monkeypatch):
+    monkeypatch.setattr(a2pr, "prepare_data", lambda *a: pytest.fail("nothing is allocated"))
+    with pytest.raises(A2PRError, match=r"a batch needs at least [\d,.]+ GiB but the CPU has [\d,.]+ GiB; lower "
+                                        r"--batch-size \(now 2000000000\) or --num-seeds \(now 50\)"):
+        a2pr.train(quick(tmp_path, batch_size=2_000_000_000, num_seeds=50))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_run_leaves_no_empty_folders(tmp_path):
+    """Not even the --save-dir it would have made: a run that stops before its first update leaves nothing."""
+    r = run_cli(*TINY_CLI, "--save-dir", str(tmp_path / "runs"), "--env", str(tmp_path / "missing.hdf5"))
+    assert "file not found" in one_line(r)
+    assert list(tmp_path.iterdir()) == []
