@@ -28,8 +28,8 @@ Reading map (line: what). Everything above main() is A2PR; below it, appendices 
     946  Appendix A:       data sources: built-in, D4RL, HDF5, downloads, Minari, mixes
    1731  Appendix B:       speed paths: Updater, torch.compile, CUDA graphs, benchmarks
    1900  Appendix C:       run files: checkpoints, CSV, plot, trackers, load_run, load_policy
-   2259  Appendix D:       the theory on finite MDPs
-   2322  Appendix E:       the command line: parser, presets, validation
+   2265  Appendix D:       the theory on finite MDPs
+   2328  Appendix E:       the command line: parser, presets, validation
 """
 
 from __future__ import annotations
@@ -2030,8 +2030,14 @@ def run_paths(run_dir: Path) -> dict[str, Path]:
 
 
 def resume_command(run_dir: Path) -> str:
-    """The command that continues a run, quoted so that it pastes into a shell (a save dir may hold spaces)."""
-    return f"python a2pr.py --resume {shlex.quote(str(run_dir))}"
+    """The command that continues a run, quoted so that it pastes into a shell (a save dir may hold spaces), from
+    the folder the run was started in."""
+    script = Path(__file__).resolve()
+    try:
+        script = script.relative_to(Path.cwd().resolve())  # "python a2pr.py" when started next to it
+    except ValueError:
+        pass
+    return f"python {shlex.quote(str(script))} --resume {shlex.quote(str(run_dir))}"
 
 
 def lock_run_dir(run_dir: Path):

@@ -2164,7 +2164,7 @@ TINY_CLI = ["--total-steps", "20", "--eval-freq", "20", "--log-freq", "10", "--b
 def test_an_explicit_run_name_that_holds_a_run_stops_and_leaves_it_untouched(tmp_path):
     a2pr.train(quick(tmp_path))
     before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()}
-    with pytest.raises(A2PRError, match=r"already holds a run's files; continue that run with python a2pr.py "
+    with pytest.raises(A2PRError, match=r"already holds a run's files; continue that run with python \S*a2pr.py "
                                         r"--resume .*run, or choose another --run-name") as e:
         a2pr.train(quick(tmp_path, seed=1))
     assert "\n" not in str(e.value)
@@ -2242,7 +2242,8 @@ def test_sigterm_saves_exits_143_and_prints_a_resume_command_that_pastes(tmp_pat
     line = next(x for x in err.splitlines() if "Continue with: " in x)
     assert f"interrupted by SIGTERM at step {step:,}" in line
     argv = shlex.split(line.split("Continue with: ", 1)[1])
-    assert argv[:3] == ["python", "a2pr.py", "--resume"] and Path(argv[3]) == save / "it's"
+    assert argv[0] == "python" and Path(argv[1]).resolve() == (HERE / "a2pr.py").resolve()
+    assert argv[2] == "--resume" and Path(argv[3]) == save / "it's"
 
 
 def test_train_returns_interrupted_with_the_signal_and_main_exits_128_plus_it(tmp_path, monkeypatch, capsys):
@@ -2370,7 +2371,7 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_and_the_previous_checkpoint
     monkeypatch.setattr(Path, "write_bytes", write_bytes)
     with pytest.raises(A2PRError, match=r"cannot write .*checkpoint.pt \(No space left on device\); its previous "
                                         r"version is intact; the disk is full: free some space; continue with "
-                                        r"python a2pr.py --resume ") as e:
+                                        r"python \S*a2pr.py --resume ") as e:
         a2pr.train(quick(tmp_path, total_steps=40, save_freq=20))
     assert "\n" not in str(e.value)
     monkeypatch.undo()
