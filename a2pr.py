@@ -11,41 +11,48 @@ good and frees the policy where it is not. Algorithm contract: A2PR_SPEC.md (its
     python a2pr.py --env hopper-medium-v2 --cuda     # D4RL data and the published per-task preset
 
 Reading map (line: what). Everything above main() is A2PR; below it, appendices a reader may skip:
-     75  Args:             Args and the published per-task presets (spec: defaults and presets)
-    210  EnsembleLinear:   networks: Actor, TwinCritic, ValueNet, VAE, in the (K, B, .) ensemble layout
-    326  td_target:        losses, one pure function per spec step
-    371  select_bc_target: advantage selection and the adaptive gate (spec 4)
-    420  critic_step:      spec 1: critics, TD3 target with policy smoothing
-    433  q1_data_and_y2:   spec 2: y2 from the just-updated online critics
-    442  value_step:       spec 2: V towards min(y, y2)
-    450  vae_step:         spec 3: advantage-weighted VAE
-    476  actor_step:       spec 4: actor, then the soft target updates
-    504  update_core:      one gradient step: spec 1-4 in order
-    548  Dataset:          the data as the networks see it: normalisation, action scaling, device batches
-    645  evaluate:         deterministic evaluation, D4RL normalised score
-    814  train:            train(args) -> summary: setup, then the loop
-    886  main:             the command line's entry point
-    905  Appendix A:       data sources: built-in, D4RL, HDF5, downloads, Minari, mixes
-   1661  Appendix B:       sweeps on Ray: suites, variants, results tables with bootstrap CIs
-   2335  Appendix C:       speed paths: Updater, torch.compile, CUDA graphs, benchmarks
-   2504  Appendix D:       run files: checkpoints, CSV, plot, trackers, load_run, load_policy
-   2728  Appendix E:       the theory on finite MDPs
-   2791  Appendix F:       the command line: parser, presets, validation
+     82  Args:             Args and the published per-task presets (spec: defaults and presets)
+    217  EnsembleLinear:   networks: Actor, TwinCritic, ValueNet, VAE, in the (K, B, .) ensemble layout
+    333  td_target:        losses, one pure function per spec step
+    378  select_bc_target: advantage selection and the adaptive gate (spec 4)
+    427  critic_step:      spec 1: critics, TD3 target with policy smoothing
+    440  q1_data_and_y2:   spec 2: y2 from the just-updated online critics
+    449  value_step:       spec 2: V towards min(y, y2)
+    457  vae_step:         spec 3: advantage-weighted VAE
+    483  actor_step:       spec 4: actor, then the soft target updates
+    511  update_core:      one gradient step: spec 1-4 in order
+    555  Dataset:          the data as the networks see it: normalisation, action scaling, device batches
+    669  evaluate:         deterministic evaluation, D4RL normalised score
+    873  train:            train(args) -> summary: setup, then the loop
+    949  main:             the command line's entry point
+    968  Appendix A:       data sources: built-in, D4RL, HDF5, downloads, Minari, mixes
+   1753  Appendix B:       sweeps on Ray: suites, variants, results tables with bootstrap CIs
+   2427  Appendix C:       speed paths: Updater, torch.compile, CUDA graphs, benchmarks
+   2596  Appendix D:       run files: checkpoints, CSV, plot, trackers, load_run, load_policy
+   2961  Appendix E:       the theory on finite MDPs
+   3024  Appendix F:       the command line: parser, presets, validation
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import csv
 import dataclasses
 import difflib
+import errno
 import functools
+import glob
 import http.client
+import io
+import itertools
 import json
 import math
 import os
+import pickle
 import re
+import shlex
 import signal
 import socket
 import sys
@@ -607,6 +614,23 @@ def prepare_data(ds: Dataset, args: Args, device: torch.device, stats=None) -> D
                       obs_mean=mean, obs_std=std)
 
 
+def warn_about_data(ds: Dataset, args: Args) -> None:
+    """Data that is legal but suspicious: one `warning:` line each (shown even with --quiet), saying what is odd
+    and what the run does about it."""
+    n, warn = len(ds.rewards), functools.partial(print, file=sys.stderr)
+    outside = int(((ds.actions < ds.action_low) | (ds.actions > ds.action_high)).any(1).sum())
+    if outside:
+        warn(f"warning: {outside:,} of {n:,} dataset actions ({100 * outside / n:.1f}%) lie outside the eval env's "
+             f"action bounds [{ds.action_low.tolist()}, {ds.action_high.tolist()}]; they are clipped to the bounds "
+             "for training")
+    if ds.terminals.all():
+        warn(f"warning: every one of the {n:,} transitions is terminal, so the critics never bootstrap (they learn "
+             "the immediate reward only); training goes on")
+    if args.batch_size > n:
+        warn(f"warning: --batch-size {args.batch_size} is larger than the dataset ({n:,} transitions); batches are "
+             "drawn with replacement, so every batch repeats transitions")
+
+
 def sample_batch(data: DeviceData, batch_size: int, gens: list[torch.Generator]):
     """One batch per agent seed, each from that seed's own generator: tensors of shape (K, B, ...)."""
     idx = torch.stack([torch.randint(len(data), (batch_size,), generator=g, device=data.obs.device)
@@ -684,14 +708,16 @@ def run_settings(args: Args) -> tuple[Args, dict[str, str], dict | None]:
     ckpt = None
     if args.resume:
         ckpt = _load_checkpoint(Path(args.resume))
-        saved = args_from_checkpoint(ckpt)
+        saved, given = args_from_checkpoint(ckpt), given_fields(args)
+        check_resume_flags(args, saved, given)  # a flag that contradicts the checkpoint is an error, never ignored
         if ckpt.get("device", "cpu") != ("cuda" if args.cuda else "cpu"):
             print(f"note: the checkpoint was written on {ckpt.get('device', 'cpu')}; continuing on the other device "
                   "with fresh random streams, so the run will not be bit-identical to an uninterrupted one",
                   file=sys.stderr)
-        args = dataclasses.replace(saved, resume=args.resume, cuda=args.cuda, cuda_graphs=args.cuda_graphs,
-                                   compile=args.compile, quiet=args.quiet,
-                                   total_steps=args.total_steps or saved.total_steps)
+        mode = ("cuda", "cuda_graphs", "compile", "quiet")  # how this process runs: always this command line's
+        args = dataclasses.replace(saved, **{k: getattr(args, k) for k in RESUME_MAY_CHANGE if k in given or k in mode})
+        args, source = resolve_args(args)
+        return args, {k: "flag" if k in given else "checkpoint" for k in source}, ckpt
     args, source = resolve_args(args)
     return args, source, ckpt
 
@@ -705,6 +731,39 @@ def make_device(args: Args) -> torch.device:
                             "install a CUDA build of torch or drop --cuda to train on the CPU")
         return torch.device("cuda")
     return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def out_of_memory_as_error(args: Args):
+    """Data, networks or a batch too big for the device: one line naming what to lower, not a traceback."""
+    try:
+        yield
+    except RuntimeError as e:  # torch.OutOfMemoryError is one; the CPU allocator raises a plain RuntimeError
+        if not (isinstance(e, torch.OutOfMemoryError) or re.search(r"not enough memory|can't allocate memory|"
+                                                                    r"out of memory", str(e), re.IGNORECASE)):
+            raise
+        raise A2PRError(f"out of memory on the {'GPU' if args.cuda else 'CPU'} ({str(e).splitlines()[0][:160]}); "
+                        + _lower_memory(args)) from None
+
+
+def _lower_memory(args: Args) -> str:
+    return (f"lower --batch-size (now {args.batch_size}) or --num-seeds (now {args.num_seeds}), or the network "
+            "sizes (--actor-hidden, --critic-hidden, --value-hidden, --vae-hidden)")
+
+
+def check_batch_fits(args: Args, obs_dim: int, act_dim: int, device: torch.device) -> None:
+    """Before any allocation: a batch whose tensors alone exceed the device's memory stops with one line (on a CPU
+    the kernel would otherwise kill the process, with no message, once the pages are touched)."""
+    if device.type == "cuda":
+        total = torch.cuda.mem_get_info(device)[1]
+    elif hasattr(os, "sysconf") and "SC_PHYS_PAGES" in os.sysconf_names:
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    else:
+        return
+    need = args.num_seeds * args.batch_size * (8 + 4 * (2 * obs_dim + act_dim + 2))  # indices, then (s, a, r, s', d)
+    if need > total:
+        raise A2PRError(f"a batch needs at least {need / 2**30:,.1f} GiB but the {device.type.upper()} has "
+                        f"{total / 2**30:,.1f} GiB; {_lower_memory(args)}")
 
 
 def agent_seeds(args: Args) -> list[int]:
@@ -819,37 +878,40 @@ def train(args: Args) -> dict:
     device = make_device(args)
     if args.tensorboard or args.wandb:
         _check_trackers(args)
+    check_writable(Path(args.resume or args.save_dir), "--resume needs to write there" if args.resume
+                   else "choose another --save-dir")
     seeds = agent_seeds(args)
 
     # The data as the networks see it; a resumed run keeps the state normalisation it started with.
     ds = load_dataset(args, log)
+    warn_about_data(ds, args)
     stats = (np.asarray(ckpt["obs_mean"]), np.asarray(ckpt["obs_std"])) if ckpt else None
-    data = prepare_data(ds, args, device, stats)
     obs_dim, act_dim = ds.observations.shape[1], ds.actions.shape[1]
     dataset_score = float(normalized_score(ds.episode_returns, ds.ref_min_score, ds.ref_max_score).mean())
 
     # The learner, and the update that moves it: eager by default; --compile / --cuda-graphs run the same update.
-    agent, opt, gens = build_learner(args, obs_dim, act_dim, device, ckpt)
+    check_batch_fits(args, obs_dim, act_dim, device)
+    with out_of_memory_as_error(args):
+        data = prepare_data(ds, args, device, stats)
+        agent, opt, gens = build_learner(args, obs_dim, act_dim, device, ckpt)
     updater = Updater(agent, opt, data, gens, args)
     progress = (Progress(np.asarray(ckpt["best"], dtype=float), ckpt["history"], ckpt["step"]) if ckpt
                 else Progress(np.full(len(seeds), -np.inf), []))
     progress.last_score = history_last_score(progress.history)
     window = MetricWindow(len(seeds), device, progress.step, ckpt)
-    paths = run_paths(Path(args.resume) if args.resume else Path(args.save_dir) / (
-        args.run_name or f"{args.env.replace('/', '_')}__seed{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}"))
 
     log(f"A2PR on {ds.name} ({len(data):,} transitions, obs {obs_dim}, act {act_dim}; {ds.source}); "
         f"eval env {env_label(ds.env_id)}; device {device}; seeds {seeds}")
     log(f"dataset average normalised score: {dataset_score:.1f}")
     log("settings: " + ", ".join(f"{k}={getattr(args, k)} ({source[k]})" for k in SPEC_DEFAULTS)
         + f", eps_a={args.eps_a}, policy_freq={args.policy_freq}, bc_target={args.bc_target}, gate={args.gate}")
-    if ckpt:
-        log(f"resuming {paths['run_dir']} at step {progress.step:,}")
     eval_envs = make_eval_envs(ds.env_id, len(seeds), args.eval_episodes)  # made once; each evaluation reseeds
-    writers = _open_trackers(args, paths["run_dir"])
-    t_start = time.time()
+    run = claim_run_dir(args)  # a fresh folder (or the resumed one), locked while this process writes it
+    paths, writers, t_start = run.paths, [], time.time()
+    log(f"resuming {paths['run_dir']} at step {progress.step:,}" if ckpt else f"run folder {paths['run_dir']}")
     try:
-        with _StopFlag() as stop:
+        writers = _open_trackers(args, paths["run_dir"])
+        with _StopFlag() as stop, out_of_memory_as_error(args):
             while progress.step < args.total_steps:
                 progress.step += 1
                 step = progress.step
@@ -876,11 +938,12 @@ def train(args: Args) -> dict:
                     save_checkpoint(paths["checkpoint"], args, agent, opt, gens, device, progress, window, data, ds)
                 if stop.set:
                     break
+        return finish_run(args, ds, progress, paths, dataset_score, time.time() - t_start, log, stop.signal)
     finally:
         close_envs(eval_envs)
         for _, close in writers:
             close()
-    return finish_run(args, ds, progress, paths, dataset_score, time.time() - t_start, log)
+        run.release()  # unlocks; a folder this run made and never wrote to is removed
 
 
 def main(argv=None) -> int:
@@ -890,8 +953,8 @@ def main(argv=None) -> int:
             print(json.dumps((benchmark_update if args.benchmark == "update" else benchmark_data)(args)))
         elif args.sweep or args.sweep_envs:
             sweep(args)
-        else:
-            train(args)
+        elif (stopped_by := train(args)["signal"]) is not None:  # `a2pr.py && next` must not go on after a kill
+            return 128 + signal.Signals[stopped_by]  # 130 after Ctrl-C, 143 after SIGTERM, as the shell reports
     except A2PRError as e:
         print(f"a2pr.py: error: {e}", file=sys.stderr)
         return 2
@@ -998,8 +1061,12 @@ def write_d4rl_hdf5(path: Path, rows: dict[str, np.ndarray], attrs: dict) -> Non
 D4RL_KEYS = ("observations", "actions", "rewards", "terminals", "timeouts")
 
 
-def read_d4rl_hdf5(path: Path) -> tuple[dict[str, np.ndarray], dict]:
-    """Read a D4RL-layout HDF5 file, checking that it is complete and sane (one-line errors naming the file)."""
+CACHE_REMEDY = "it is a2pr's cached copy: delete it and let it be made again"
+
+
+def read_d4rl_hdf5(path: Path, cached: bool = False) -> tuple[dict[str, np.ndarray], dict]:
+    """Read a D4RL-layout HDF5 file, checking that it is complete and sane (one-line errors naming the file).
+    `cached`: a2pr's own cached copy, which may be deleted and made again (never said of a user's own file)."""
     import h5py
 
     try:
@@ -1010,7 +1077,8 @@ def read_d4rl_hdf5(path: Path) -> tuple[dict[str, np.ndarray], dict]:
             rows = {k: f[k][()] for k in D4RL_KEYS}
             attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
     except OSError as e:
-        raise A2PRError(f"{path}: cannot read the HDF5 file ({e}); delete it and let it be made again") from None
+        raise A2PRError(f"{path}: cannot read the HDF5 file ({e}); " + (CACHE_REMEDY if cached else
+                        "check that it is a complete HDF5 file in D4RL's layout")) from None
     if rows["observations"].ndim != 2 or rows["actions"].ndim != 2:
         raise A2PRError(f"{path}: observations and actions must be 2-D arrays")
     n = len(rows["observations"])
@@ -1227,7 +1295,9 @@ def download_file(url: str, dest: Path, validate, timeout: float = 10.0, offline
     """Download url to dest and return validate(part_path)'s result. The bytes go to DEST.<pid>.part, which is
     renamed to dest only once complete (Content-Length matched) and valid, and removed on any failure (also
     Ctrl-C): dest is never half-written or corrupt. Connection and stalled reads give up after `timeout` s."""
+    check_writable(dest.parent, "downloads are cached there (D4RL: $D4RL_DATASET_DIR)")
     dest.parent.mkdir(parents=True, exist_ok=True)
+    remove_dead_parts(dest)
     part = dest.with_name(f"{dest.name}.{os.getpid()}.part")
     where = f"put the file there by hand (e.g. wget -O {dest} {url}) and run again"
 
@@ -1265,7 +1335,7 @@ def download_file(url: str, dest: Path, validate, timeout: float = 10.0, offline
         try:
             result = validate(part)
         except A2PRError as e:
-            reason = str(e).replace(str(part) + ": ", "").replace("; delete it and let it be made again", "")
+            reason = str(e).replace(str(part) + ": ", "").replace("; " + CACHE_REMEDY, "")
             raise A2PRError(f"the file downloaded from {url} is not a valid dataset ({reason}); nothing was saved "
                             f"at {dest}") from None
         os.replace(part, dest)
@@ -1273,6 +1343,26 @@ def download_file(url: str, dest: Path, validate, timeout: float = 10.0, offline
     finally:
         if part.exists():
             part.unlink()
+
+
+def remove_dead_parts(dest: Path) -> None:
+    """Remove DEST.<pid>.part files left by downloads whose process is gone (killed with -9: no cleanup ran)."""
+    for part in dest.parent.glob(f"{glob.escape(dest.name)}.*.part"):
+        pid = part.name[len(dest.name) + 1:-len(".part")]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            part.unlink(missing_ok=True)
+
+
+def _process_alive(pid: int) -> bool:
+    if os.name == "nt":  # Windows' os.kill terminates the process instead of probing it: assume it is alive
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists but belongs to someone else (PermissionError), or cannot tell: leave its file alone
+        return True
+    return True
 
 
 # --- Sources: D4RL names, local files, built-in datasets
@@ -1297,7 +1387,7 @@ def load_d4rl(name: str, args: Args, log=print) -> tuple[dict, dict]:
     against = f"{name} ({entry.env_id})"
 
     def read_checked(p: Path) -> dict:
-        rows, _ = read_d4rl_hdf5(p)
+        rows, _ = read_d4rl_hdf5(p, cached=True)
         check_dims(rows, entry.obs_dim, entry.act_dim, str(p), against)
         return rows
 
@@ -1370,11 +1460,13 @@ def load_builtin(name: str, args: Args, log=print) -> tuple[dict, dict]:
     seed = args.dataset_seed
     path = data_dir(args) / f"{name}-seed{seed}-v{BUILTIN_VERSION}.hdf5"
     if not path.exists():
+        check_writable(path.parent, "built-in datasets are cached there: point --data-dir or $A2PR_DATA_DIR to a "
+                                    "writable folder")
         t0 = time.time()
         rows, attrs = make_builtin_dataset(name, seed)
         write_d4rl_hdf5(path, rows, attrs)
         log(f"generated {name} ({len(rows['rewards']):,} rows) in {time.time() - t0:.1f}s -> {path}")
-    rows, attrs = read_d4rl_hdf5(path)
+    rows, attrs = read_d4rl_hdf5(path, cached=True)
     return rows, dict(env_id=attrs["env_id"], ref_min_score=float(attrs["ref_min_score"]),
                       ref_max_score=float(attrs["ref_max_score"]), source=f"built-in, {path}")
 
@@ -2501,8 +2593,9 @@ def benchmark_data(args: Args) -> dict:
 
 
 # ================================================================================================================
-# Appendix D. Run files: atomic writes, checkpoints, the metrics CSV, the learning-curve plot, TensorBoard and
-# wandb, and loading a finished run or its policy. Not needed to understand A2PR: they record what train() does.
+# Appendix D. Run files: atomic writes, the run folder (claimed fresh and locked while written), checkpoints (plain
+# data, loaded with weights_only=True), the metrics CSV, the learning-curve plot, TensorBoard and wandb, and loading
+# a finished run or its policy. Not needed to understand A2PR: they record what train() does.
 # ================================================================================================================
 def _umask() -> int:
     """The process umask (reading it means setting it: set it straight back). Read when a file is written, not at
@@ -2513,19 +2606,41 @@ def _umask() -> int:
 
 
 def atomic_write(path: Path, write) -> None:
-    """Call write(tmp_path), then rename over `path` (rename is atomic on POSIX and Windows)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
+    """Call write(tmp_path), then rename over `path` (rename is atomic on POSIX and Windows). A failed write (disk
+    full, read-only folder) is one line saying so; the previous version of `path`, if any, is left intact."""
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+        os.close(fd)
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; results get the user's usual permissions
         os.replace(tmp, path)
+    except OSError as e:
+        kept = "its previous version is intact" if path.exists() else "nothing was written"
+        full = "; the disk is full: free some space" if e.errno == errno.ENOSPC else ""
+        raise A2PRError(f"cannot write {path} ({e.strerror or e}); {kept}{full}") from None
     finally:
-        if os.path.exists(tmp):
+        if tmp and os.path.exists(tmp):
             os.remove(tmp)
+
+
+def check_writable(folder: Path, what: str) -> None:
+    """A real test write into `folder` (or, if it does not exist yet, its nearest existing parent), before any
+    work: a read-only or impossible folder is one line naming the flag to change, not a traceback later."""
+    try:
+        if folder.exists() and not folder.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, "it is a file, not a folder")
+        existing = next(p for p in (folder.absolute(), *folder.absolute().parents) if p.exists())
+        if not existing.is_dir():  # a file where a parent folder should be
+            raise NotADirectoryError(errno.ENOTDIR, f"{existing} is a file")
+        fd, tmp = tempfile.mkstemp(dir=existing, prefix=".a2pr-write-test-")  # made later: a failed run leaves none
+        os.close(fd)
+        os.remove(tmp)
+    except OSError as e:
+        raise A2PRError(f"{folder} is not a writable folder ({e.strerror or e}); {what}") from None
 
 
 CSV_COLUMNS = (["step", "time_s"] + [column for column, _ in METRICS.values()]
@@ -2578,58 +2693,158 @@ def _fmt_time(s: float) -> str:
 
 
 class _StopFlag:
-    """Ctrl-C sets a flag that the loop checks between updates, so the checkpoint is never taken mid-update.
-    A second Ctrl-C interrupts at once."""
+    """Ctrl-C, or SIGTERM (what SLURM, Ray and Kubernetes send before killing a job), sets a flag that the loop
+    checks between updates, so the checkpoint is never taken mid-update; `signal` names the one that came. A second
+    signal interrupts at once."""
+    SIGNALS = ("SIGINT", "SIGTERM")
 
     def __init__(self):
-        self.set, self._old = False, None
+        self.set, self.signal, self._old = False, None, {}
 
     def __enter__(self):
         import threading
 
         if threading.current_thread() is threading.main_thread():
-            self._old = signal.signal(signal.SIGINT, self._handle)
+            self._old = {name: signal.signal(getattr(signal, name), self._handle) for name in self.SIGNALS
+                         if hasattr(signal, name)}
         return self
 
-    def _handle(self, *_):
+    def _handle(self, signum, _frame):
         if self.set:
             raise KeyboardInterrupt
-        self.set = True
+        self.set, self.signal = True, signal.Signals(signum).name
 
     def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
+        for name, old in self._old.items():
+            signal.signal(getattr(signal, name), old)
 
 
 def run_paths(run_dir: Path) -> dict[str, Path]:
     """The files of a run folder."""
-    run_dir.mkdir(parents=True, exist_ok=True)
     return dict(run_dir=run_dir, csv=run_dir / "metrics.csv", png=run_dir / "learning_curve.png",
                 checkpoint=run_dir / "checkpoint.pt", summary=run_dir / "summary.json")
 
 
+def resume_command(run_dir: Path) -> str:
+    """The command that continues a run, quoted so that it pastes into a shell (a save dir may hold spaces), from
+    the folder the run was started in."""
+    script = Path(__file__).resolve()
+    try:
+        script = script.relative_to(Path.cwd().resolve())  # "python a2pr.py" when started next to it
+    except ValueError:
+        pass
+    return f"python {shlex.quote(str(script))} --resume {shlex.quote(str(run_dir))}"
+
+
+def lock_run_dir(run_dir: Path):
+    """Lock run_dir/.lock for this process and return the open file (the lock lasts while it is open). flock is
+    dropped by the OS when the process dies, so even kill -9 leaves no stale lock. Windows: msvcrt's byte lock."""
+    f = open(run_dir / ".lock", "a+")
+    try:
+        try:
+            import fcntl
+        except ImportError:  # Windows
+            import msvcrt
+
+            f.seek(0)
+            msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
+        else:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip()
+        f.close()
+        raise A2PRError(f"{run_dir} is in use by another a2pr.py process" + (f" (pid {holder})" if holder else "")
+                        + f"; wait for it to end (or stop it), then continue with {resume_command(run_dir)}") \
+            from None
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))  # for the message a second writer gets
+    f.flush()
+    return f
+
+
+@dataclass
+class RunFolder:
+    """A run folder claimed by this process: locked while it writes there, and removed again by release() if this
+    run made it and wrote nothing into it (a run that failed before its first update leaves no empty folder)."""
+    paths: dict[str, Path]
+    lock: typing.Any
+    made: bool
+
+    def release(self) -> None:
+        run_dir = self.paths["run_dir"]
+        if self.made and all(p.name == ".lock" for p in run_dir.iterdir()):
+            (run_dir / ".lock").unlink()
+            run_dir.rmdir()
+        self.lock.close()
+
+
+def claim_run_dir(args: Args) -> RunFolder:
+    """The run's folder, locked. A fresh run never writes into a folder that holds another run's files: a default
+    name (ENV__seedS__TIME) that is taken gets a free suffix -2, -3, ... (os.mkdir without exist_ok, so two runs
+    started in the same second cannot share one); an explicit --run-name that holds files stops with one line."""
+    if args.resume:
+        run_dir = Path(args.resume)
+        return RunFolder(run_paths(run_dir), lock_run_dir(run_dir), made=False)
+    base = args.run_name or f"{args.env.replace('/', '_')[-100:]}__seed{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
+    for i in itertools.count(1):
+        run_dir = Path(args.save_dir) / (base if i == 1 else f"{base}-{i}")
+        try:
+            run_dir.parent.mkdir(parents=True, exist_ok=True)
+            os.mkdir(run_dir)
+            made = True
+        except FileExistsError:
+            if not args.run_name:
+                continue
+            made = False
+        except OSError as e:
+            hint = "choose a shorter --run-name" if e.errno == errno.ENAMETOOLONG else "choose another --run-name"
+            raise A2PRError(f"cannot make the run folder {run_dir} ({e.strerror or e}); {hint}") from None
+        if not run_dir.is_dir():
+            raise A2PRError(f"--run-name {args.run_name}: {run_dir} is a file, not a folder; choose another name")
+        lock = lock_run_dir(run_dir)
+        if not made and any(p.name != ".lock" for p in run_dir.iterdir()):
+            lock.close()
+            raise A2PRError(f"{run_dir} already holds a run's files; continue that run with {resume_command(run_dir)}"
+                            f", or choose another --run-name")
+        if i > 1:
+            print(f"note: {Path(args.save_dir) / base} exists; this run writes to {run_dir}", file=sys.stderr)
+        return RunFolder(run_paths(run_dir), lock, made)
+
+
 def save_checkpoint(path: Path, args: Args, agent, opt, gens, device, progress, window, data, ds) -> None:
     """Everything a run needs to continue exactly: settings, networks, optimisers, random streams, progress, the
-    metric window's partial sums, and what evaluation needs (state normalisation, action bounds, env)."""
+    metric window's partial sums, and what evaluation needs (state normalisation, action bounds, env). Only
+    tensors, numbers, strings, lists and dicts (an EnvSpec as JSON text), so it loads with weights_only=True."""
     state = dict(args=dataclasses.asdict(args), agent=agent.state_dict(),
                  optimizers={k: o.state_dict() for k, o in opt.all().items()},
                  rng=[g.get_state() for g in gens], device=device.type, step=progress.step,
                  best=progress.best.tolist(), history=progress.history,
                  metric_sums=window.sums.cpu(), metric_counts=window.counts,
-                 obs_mean=data.obs_mean, obs_std=data.obs_std, env_id=ds.env_id, dataset=ds.name,
-                 action_low=ds.action_low, action_high=ds.action_high,
-                 ref_scores=(ds.ref_min_score, ds.ref_max_score))
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+                 obs_mean=torch.as_tensor(data.obs_mean), obs_std=torch.as_tensor(data.obs_std),
+                 env_id=env_label(ds.env_id), env_spec=None if isinstance(ds.env_id, str) else ds.env_id.to_json(),
+                 dataset=ds.name, action_low=torch.as_tensor(ds.action_low),
+                 action_high=torch.as_tensor(ds.action_high), ref_scores=(ds.ref_min_score, ds.ref_max_score))
+    buf = io.BytesIO()  # serialised in memory, so that a full disk is an OSError from the write, not torch's own error
+    torch.save(state, buf)
+    try:
+        atomic_write(path, lambda tmp: Path(tmp).write_bytes(buf.getbuffer()))
+    except A2PRError as e:
+        raise A2PRError(f"{e}; continue with {resume_command(path.parent)}" if path.exists() else str(e)) from None
 
 
-def finish_run(args: Args, ds, progress, paths: dict, dataset_score: float, elapsed: float, log) -> dict:
-    """Write summary.json and the learning curve, tell the user how the run ended, and return the summary."""
+def finish_run(args: Args, ds, progress, paths: dict, dataset_score: float, elapsed: float, log,
+               stopped_by: str | None = None) -> dict:
+    """Write summary.json and the learning curve, tell the user how the run ended, and return the summary (with
+    the signal that stopped it, if one did: main() exits 128 + its number)."""
     seeds, history, best = agent_seeds(args), progress.history, progress.best
     interrupted = progress.step < args.total_steps
     final = [r for r in history if "eval/normalized_score_mean" in r]
     final_scores = ([final[-1].get(f"eval/normalized_score_seed{s}", final[-1]["eval/normalized_score_mean"])
                      for s in seeds] if final else [float("nan")] * len(seeds))
     summary = dict(env=args.env, seeds=seeds, steps=progress.step, interrupted=interrupted,
+                   signal=stopped_by if interrupted else None,
                    final_score=float(np.mean(final_scores)), final_score_std=float(np.std(final_scores)),
                    best_score=_finite_or_none(best.mean()), final_scores=[float(x) for x in final_scores],
                    best_scores=[_finite_or_none(b) for b in best], dataset_score=dataset_score,
@@ -2638,8 +2853,8 @@ def finish_run(args: Args, ds, progress, paths: dict, dataset_score: float, elap
     if history and final:
         plot_curves(paths["png"], history, dataset_score, f"A2PR on {ds.name}")
     if interrupted:
-        print(f"interrupted at step {progress.step:,}; checkpoint saved. Continue with: python a2pr.py --resume "
-              f"{paths['run_dir']}", file=sys.stderr)  # shown even with --quiet: it is how the user gets their run back
+        print(f"interrupted{f' by {stopped_by}' if stopped_by else ''} at step {progress.step:,}; checkpoint saved. "
+              f"Continue with: {resume_command(paths['run_dir'])}", file=sys.stderr)  # shown even with --quiet
     else:
         log(f"done: final score {summary['final_score']:.1f} +- {summary['final_score_std']:.1f}, best "
             f"{float(best.mean()):.1f}, dataset average {dataset_score:.1f} ({_fmt_time(elapsed)}); "
@@ -2687,13 +2902,31 @@ def _load_checkpoint(run_dir: Path) -> dict:
     path = run_dir / "checkpoint.pt"
     if not path.exists():
         raise A2PRError(f"--resume {run_dir}: no checkpoint.pt there; give the folder of a run that saved one")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    try:  # weights_only: a shared checkpoint's pickle may carry code; only tensors and plain data are let through
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = (re.findall(r"GLOBAL (\S+)", str(e)) or ["?"])[0]
+        if found.startswith("numpy"):
+            raise A2PRError(f"{path}: written by an older a2pr.py (numpy arrays inside, which a safe load refuses); "
+                            "continue it with the a2pr.py that wrote it, or start a new run") from None
+        raise A2PRError(f"{path}: refused, nothing in it was run: it holds Python objects ({found}) that could run "
+                        "code when loaded; a2pr checkpoints hold only tensors and plain data, so this one was not "
+                        "written by a2pr.py or was altered") from None
     except Exception as e:  # a truncated or foreign file
         raise A2PRError(f"{path}: cannot be read as an a2pr checkpoint ({type(e).__name__}: {e})") from None
     needed = {"args", "agent", "optimizers", "rng", "step", "obs_mean", "obs_std", "history"}
-    if not isinstance(ckpt, dict) or not needed <= ckpt.keys():
-        raise A2PRError(f"{path}: not an a2pr checkpoint (it lacks {sorted(needed - set(ckpt or {}))})")
+    if not isinstance(ckpt, dict):
+        raise A2PRError(f"{path}: not an a2pr checkpoint (it holds a {type(ckpt).__name__}, not a dict of settings "
+                        "and states)")
+    if not needed <= ckpt.keys():
+        raise A2PRError(f"{path}: not an a2pr checkpoint (it lacks {sorted(needed - set(ckpt))})")
+    for k in ("obs_mean", "obs_std", "action_low", "action_high"):  # tensors on disk, numpy arrays in memory
+        if k in ckpt:
+            ckpt[k] = np.asarray(ckpt[k])
+    if ckpt.get("env_spec"):  # a Minari dataset's eval env: an EnvSpec, stored as JSON text
+        from gymnasium.envs.registration import EnvSpec
+
+        ckpt["env_id"] = EnvSpec.from_json(ckpt["env_spec"])
     return ckpt
 
 
@@ -2792,7 +3025,12 @@ def total_variation(p, q) -> np.ndarray:
 # mistake, before any work). Not needed to understand A2PR: train(args) takes an Args however it was made.
 # ================================================================================================================
 class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not a usage dump
+    def error(self, message):  # one line, not a usage dump; an unknown flag gets the closest known one
+        if message.startswith("unrecognized arguments:"):
+            known = [o for a in self._actions for o in a.option_strings]
+            close = {w: difflib.get_close_matches(w.split("=")[0], known, n=1, cutoff=0.6)
+                     for w in message.split(":", 1)[1].split() if w.startswith("-")}
+            message += "".join(f" ({w}: did you mean {c[0]}?)" for w, c in close.items() if c)
         self.exit(2, f"a2pr.py: error: {message} (see python a2pr.py --help)\n")
 
 
@@ -2819,7 +3057,44 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv=None) -> Args:
-    return Args(**vars(build_parser().parse_args(argv)))
+    """Args from the command line, remembering which flags were given (a flag given with its default value still
+    counts: on --resume it must agree with the checkpoint)."""
+    args = Args(**vars(build_parser().parse_args(argv)))
+    given = build_parser()
+    for action in given._actions:  # no defaults: the namespace then holds only the flags that were given
+        action.default = argparse.SUPPRESS
+    args.given = frozenset(vars(given.parse_args(argv)))
+    return args
+
+
+# On --resume the checkpoint's settings win; these follow the command line: the run's length, how the update
+# executes (device, --compile, --cuda-graphs) and where the data is found, none of which changes what is learned.
+RESUME_MAY_CHANGE = ("resume", "total_steps", "cuda", "compile", "cuda_graphs", "quiet", "data_dir",
+                     "download_timeout")
+
+
+def given_fields(args: Args) -> set[str]:
+    """The settings the user gave: the command line's record, else (train(Args(...)) from Python) every field that
+    differs from its default."""
+    recorded = getattr(args, "given", None)
+    if recorded is not None:
+        return set(recorded)
+    return {f.name for f in dataclasses.fields(Args) if getattr(args, f.name) != f.default}
+
+
+def check_resume_flags(args: Args, saved: Args, given: set[str]) -> None:
+    """--resume continues the checkpoint's run: a given setting that contradicts it is an error naming both."""
+    clash = []
+    for name in sorted(given - set(RESUME_MAY_CHANGE)):
+        mine, theirs = getattr(args, name), getattr(saved, name)
+        if name == "preset" and mine == "auto":
+            mine = auto_preset(saved.env)
+        if mine != theirs:
+            clash.append(f"--{name.replace('_', '-')} {mine} contradicts the checkpoint's {theirs}")
+    if clash:
+        raise A2PRError(f"--resume {args.resume}: {'; '.join(clash)}. Drop the flag to continue the run as it was "
+                        "(only --total-steps, --cuda, --compile, --cuda-graphs, --data-dir may change), or start a "
+                        "new run with it")
 
 
 def auto_preset(env: str) -> str:
@@ -2876,8 +3151,15 @@ def validate_args(args: Args) -> None:
         raise A2PRError(f"--tau must be in (0, 1], got {args.tau!r}")
     if not (math.isfinite(args.download_timeout) and args.download_timeout > 0):
         raise A2PRError(f"--download-timeout must be a positive number of seconds, got {args.download_timeout!r}")
-    if not math.isfinite(args.eps_a):
-        raise A2PRError(f"--eps-a must be a finite number, got {args.eps_a!r}")
+    for name in ["eps_a", "reward_scale", "reward_shift"]:
+        if not math.isfinite(getattr(args, name)):
+            raise A2PRError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(args, name)!r}")
+    # Evaluation seeds its envs with seed + 10000 + episode, and gymnasium takes seeds >= 0 only.
+    top = 2**63 - 1 - 10_000 - args.num_seeds - args.eval_episodes
+    if not (isinstance(args.seed, int) and 0 <= args.seed <= top):
+        raise A2PRError(f"--seed must be an integer from 0 to {top}, got {args.seed!r}")
+    if not (isinstance(args.dataset_seed, int) and 0 <= args.dataset_seed < 2**63):
+        raise A2PRError(f"--dataset-seed must be an integer >= 0, got {args.dataset_seed!r}")
     if args.compile and args.cuda_graphs:  # each is checked against eager on its own; together they are not yet verified
         raise A2PRError("use --compile or --cuda-graphs, not both (the combination is not verified yet)")
     if args.bc_target not in ("select", "data", "vae"):

@@ -107,7 +107,7 @@ def run_cli(*argv, timeout=120, **popen):
 
 
 def checkpoint(run_dir) -> dict:
-    return torch.load(Path(run_dir) / "checkpoint.pt", map_location="cpu", weights_only=False)
+    return torch.load(Path(run_dir) / "checkpoint.pt", map_location="cpu", weights_only=True)
 
 
 def comparable(history: list[dict]) -> list[dict]:
@@ -1067,7 +1067,7 @@ def test_ctrl_c_saves_and_resume_is_exact(tmp_path):
     time.sleep(0.3)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=90)
-    assert proc.returncode == 0, err
+    assert proc.returncode == 130, err
     step = checkpoint(tmp_path / "cut")["step"]
     assert 0 < step < 1500, "the interrupt should land mid-run"
     assert "--resume" in out + err
@@ -2363,3 +2363,337 @@ def test_sweep_worker_killed_mid_run_is_retried_and_the_table_equals_the_uninter
     resumed = [json.loads((Path(d) / "sweep.json").read_text())["resumed_at"] for d in out["ran"]]
     assert any(resumed), "at least one run should have been killed before it finished, then resumed"
     assert results_table(tmp_path / "sw") == results_table(reference)
+
+
+# ================================================================================================================
+# Safety: nothing lost, nothing unsafe (issue 11)
+# ================================================================================================================
+import concurrent.futures  # noqa: E402  (this section's own imports, kept with it)
+import errno  # noqa: E402
+import shlex  # noqa: E402
+
+
+def quick(tmp_path, **kw) -> a2pr.Args:
+    """tiny(), shorter still: 20 steps, one evaluation at the end."""
+    return tiny(tmp_path, **{"total_steps": 20, "eval_freq": 20, "log_freq": 10, **kw})
+
+
+def one_line(r) -> str:
+    """The command failed with exit 2 and one `a2pr.py: error:` line, no traceback; returns that line."""
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert "Traceback" not in r.stderr and r.stderr.strip().count("\n") == 0, r.stderr
+    assert r.stderr.startswith("a2pr.py: error: ")
+    return r.stderr.strip()
+
+
+TINY_CLI = ["--total-steps", "20", "--eval-freq", "20", "--log-freq", "10", "--batch-size", "32", "--actor-hidden",
+            "16", "--critic-hidden", "16", "--value-hidden", "16", "--vae-hidden", "16", "--eval-episodes", "1"]
+
+
+# --- Lost or clobbered work -------------------------------------------------------------------------------------
+def test_an_explicit_run_name_that_holds_a_run_stops_and_leaves_it_untouched(tmp_path):
+    a2pr.train(quick(tmp_path))
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()}
+    with pytest.raises(A2PRError, match=r"already holds a run's files; continue that run with python \S*a2pr.py "
+                                        r"--resume .*run, or choose another --run-name") as e:
+        a2pr.train(quick(tmp_path, seed=1))
+    assert "\n" not in str(e.value)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()} == before
+
+
+def test_default_names_started_in_the_same_second_get_free_suffixes(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(a2pr.time, "strftime", lambda *_: "20250101-000000")  # both runs start "in the same second"
+    a, b = (a2pr.train(quick(tmp_path, run_name=None)) for _ in range(2))
+    first = tmp_path / "pendulum-mostly-random-v0__seed0__20250101-000000"
+    assert Path(a["run_dir"]) == first and Path(b["run_dir"]) == first.with_name(first.name + "-2")
+    assert f"this run writes to {b['run_dir']}" in capsys.readouterr().err
+    assert checkpoint(first)["step"] == checkpoint(b["run_dir"])["step"] == 20  # both runs survive
+
+
+def test_claiming_run_folders_is_race_free(tmp_path, monkeypatch):
+    monkeypatch.setattr(a2pr.time, "strftime", lambda *_: "T")
+    args = quick(tmp_path, run_name=None)
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        runs = list(pool.map(lambda _: a2pr.claim_run_dir(args), range(16)))
+    assert len({r.paths["run_dir"] for r in runs}) == 16
+    for r in runs:
+        r.release()  # made by this run and never written to: removed again
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_run_folder_is_locked_while_written_and_kill_9_leaves_no_stale_lock(tmp_path):
+    a2pr.train(quick(tmp_path))
+    run = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, a2pr, pathlib; "
+                               "lock = a2pr.lock_run_dir(pathlib.Path(sys.argv[1])); print('locked', flush=True); "
+                               "time.sleep(120)", str(run)], stdout=subprocess.PIPE, text=True, cwd=HERE)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(A2PRError, match=rf"is in use by another a2pr.py process \(pid {holder.pid}\); wait"):
+            a2pr.train(a2pr.Args(resume=str(run), total_steps=40, quiet=True))
+    finally:
+        holder.kill()  # SIGKILL: no cleanup code runs in the holder
+        holder.wait()
+    assert a2pr.train(a2pr.Args(resume=str(run), total_steps=40, quiet=True))["steps"] == 40
+
+
+def test_resume_flags_that_contradict_the_checkpoint_are_errors_and_settings_say_checkpoint(tmp_path, capsys):
+    a2pr.train(quick(tmp_path))
+    run = str(tmp_path / "run")
+    with pytest.raises(A2PRError, match=r"--env pendulum-expert-v0 contradicts the checkpoint's "
+                                        r"pendulum-mostly-random-v0"):
+        a2pr.train(a2pr.Args(resume=run, env="pendulum-expert-v0"))
+    # the command line counts a flag given with its default value too (seed 0 is the default; the run has seed 0)
+    msg = one_line(run_cli("--resume", run, "--batch-size", "64", "--seed", "0"))
+    assert "--batch-size 64 contradicts the checkpoint's 32" in msg and "--seed" not in msg
+    assert "--batch-size 64" in one_line(run_cli("--resume", run, "--batch-size", "64"))
+    capsys.readouterr()
+    s = a2pr.train(a2pr.Args(resume=run, total_steps=30))  # the length may change
+    out = capsys.readouterr().out
+    assert s["steps"] == 30
+    assert "total_steps=30 (flag), batch_size=32 (checkpoint)" in out and "actor_hidden=16 (checkpoint)" in out
+
+
+def test_sigterm_saves_exits_143_and_prints_a_resume_command_that_pastes(tmp_path):
+    save = tmp_path / "my runs"  # a space: the printed command must still paste
+    flags = [*TINY_CLI, "--total-steps", "3000", "--eval-freq", "1000", "--log-freq", "100", "--save-freq", "100",
+             "--save-dir", str(save), "--run-name", "it's", "--quiet"]
+    proc = subprocess.Popen([sys.executable, str(HERE / "a2pr.py"), *flags], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    ck_path = save / "it's" / "checkpoint.pt"
+    deadline = time.time() + 90
+    while not ck_path.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=90)
+    assert proc.returncode == 143, err
+    step = checkpoint(save / "it's")["step"]
+    assert 0 < step < 3000
+    line = next(x for x in err.splitlines() if "Continue with: " in x)
+    assert f"interrupted by SIGTERM at step {step:,}" in line
+    argv = shlex.split(line.split("Continue with: ", 1)[1])
+    assert argv[0] == "python" and Path(argv[1]).resolve() == (HERE / "a2pr.py").resolve()
+    assert argv[2] == "--resume" and Path(argv[3]) == save / "it's"
+
+
+def test_train_returns_interrupted_with_the_signal_and_main_exits_128_plus_it(tmp_path, monkeypatch, capsys):
+    real = a2pr.evaluation
+
+    def evaluation_then_sigterm(*a, **k):
+        os.kill(os.getpid(), signal.SIGTERM)  # handled by train: it finishes the update, saves and stops
+        return real(*a, **k)
+
+    def unhandled(*_):
+        raise AssertionError("SIGTERM reached the default handler: the run would have died unsaved")
+
+    monkeypatch.setattr(a2pr, "evaluation", evaluation_then_sigterm)
+    old = signal.signal(signal.SIGTERM, unhandled)
+    try:
+        s = a2pr.train(quick(tmp_path, total_steps=100, eval_freq=10))
+        assert s["interrupted"] and s["signal"] == "SIGTERM" and s["steps"] == 10
+        assert checkpoint(tmp_path / "run")["step"] == 10
+        assert a2pr.main(["--resume", str(tmp_path / "run"), "--quiet"]) == 143
+        assert signal.getsignal(signal.SIGTERM) is unhandled  # train puts the handlers back
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def test_download_removes_parts_left_by_killed_downloads(tmp_path):
+    dest = tmp_path / "cache" / "x.hdf5"
+    dest.parent.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    gone = dest.with_name(f"x.hdf5.{int(dead.stdout)}.part")  # its process has exited: nothing will finish it
+    alive = dest.with_name(f"x.hdf5.{os.getppid()}.part")      # a live process's download in progress
+    other = dest.with_name(f"y.hdf5.{int(dead.stdout)}.part")  # another file's part is not this download's business
+    for p in (gone, alive, other):
+        p.write_bytes(b"half")
+    with pytest.raises(A2PRError):
+        a2pr.download_file("http://127.0.0.1:9/x.hdf5", dest, lambda p: p, timeout=1)
+    assert not gone.exists() and alive.exists() and other.exists()
+
+
+# --- One clear line instead of a traceback, before any training --------------------------------------------------
+@pytest.mark.parametrize("case, expect", [
+    ("save-dir-is-a-file", "is not a writable folder (it is a file, not a folder); choose another --save-dir"),
+    ("run-name-too-long", "(File name too long); choose a shorter --run-name"),
+    ("seed", "--seed must be an integer from 0 to"),
+    ("dataset-seed", "--dataset-seed must be an integer >= 0, got -1"),
+    ("reward-scale", "--reward-scale must be a finite number, got inf"),
+    ("unknown-flag", "unrecognized arguments: --batchsize 32 (--batchsize: did you mean --batch-size?)"),
+])
+def test_mistakes_are_one_line_before_any_training(tmp_path, case, expect):
+    (tmp_path / "file").write_text("not a folder")
+    argv = {"save-dir-is-a-file": ["--save-dir", str(tmp_path / "file")],
+            "run-name-too-long": ["--run-name", "x" * 300],
+            "seed": ["--seed", "-20000"], "dataset-seed": ["--dataset-seed", "-1"],
+            "reward-scale": ["--reward-scale", "inf"], "unknown-flag": ["--batchsize", "32"]}[case]
+    r = run_cli(*TINY_CLI, "--save-dir", str(tmp_path / "runs"), *argv)
+    assert expect in one_line(r)
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").iterdir())  # no run folder left
+
+
+def deny_writes(monkeypatch):
+    """What a read-only folder does to a writer (the tests run as root, whom chmod does not stop)."""
+    def mkstemp(*a, **k):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(a2pr.tempfile, "mkstemp", mkstemp)
+
+
+def test_a_read_only_save_dir_is_one_line_before_the_data_loads(tmp_path, monkeypatch):
+    monkeypatch.setattr(a2pr, "load_dataset", lambda *a: pytest.fail("the save dir is checked first"))
+    deny_writes(monkeypatch)
+    with pytest.raises(A2PRError, match=r"runs is not a writable folder \(Permission denied\); choose another "
+                                        r"--save-dir"):
+        a2pr.train(quick(tmp_path, save_dir=str(tmp_path / "runs")))
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root writes into read-only folders")
+def test_a_read_only_save_dir_for_real(tmp_path):
+    (tmp_path / "ro").mkdir(mode=0o500)
+    assert "is not a writable folder (Permission denied)" in one_line(run_cli("--save-dir", str(tmp_path / "ro")))
+
+
+def test_a_read_only_data_dir_is_one_line(tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(A2PRError, match=r"data is not a writable folder \(.*file is a file\); built-in datasets are "
+                                        r"cached there: point --data-dir or \$A2PR_DATA_DIR to a writable folder"):
+        a2pr.load_dataset(tiny(env="pendulum-random-v0", data_dir=str(tmp_path / "file" / "data")), log=NOOP_LOG)
+    monkeypatch.setenv("A2PR_DATA_DIR", str(tmp_path / "data"))
+    deny_writes(monkeypatch)
+    with pytest.raises(A2PRError, match=r"data is not a writable folder \(Permission denied\)"):
+        a2pr.load_dataset(tiny(env="pendulum-random-v0"), log=NOOP_LOG)
+
+
+def test_a_checkpoint_that_holds_a_tensor_is_one_line(tmp_path):
+    torch.save(torch.zeros(3), tmp_path / "checkpoint.pt")
+    with pytest.raises(A2PRError, match=r"not an a2pr checkpoint \(it holds a Tensor, not a dict"):
+        a2pr.train(a2pr.Args(resume=str(tmp_path)))
+
+
+@pytest.mark.parametrize("where, error", [
+    ("prepare_data", torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")),
+    ("sample_batch", RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: not enough "
+                                  "memory: you tried to allocate 80000000000 bytes.")),
+])
+def test_out_of_memory_is_one_line_naming_what_to_lower_and_leaves_no_run_folder(tmp_path, monkeypatch, where,
+                                                                                    error):
+    def allocate(*a, **k):
+        raise error
+
+    monkeypatch.setattr(a2pr, where, allocate)
+    with pytest.raises(A2PRError, match=r"out of memory on the CPU .*; lower --batch-size \(now 32\) or "
+                                        r"--num-seeds \(now 1\), or the network sizes") as e:
+        a2pr.train(quick(tmp_path))
+    assert "\n" not in str(e.value)
+    assert list(tmp_path.iterdir()) == []  # the run folder made for it was empty and is gone
+
+
+def test_a_full_disk_during_a_checkpoint_is_one_line_and_the_previous_checkpoint_survives(tmp_path, monkeypatch):
+    real, calls = Path.write_bytes, {"n": 0}
+
+    def write_bytes(self, data):
+        calls["n"] += 1
+        if calls["n"] >= 2:  # the first checkpoint fits, the second does not
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", write_bytes)
+    with pytest.raises(A2PRError, match=r"cannot write .*checkpoint.pt \(No space left on device\); its previous "
+                                        r"version is intact; the disk is full: free some space; continue with "
+                                        r"python \S*a2pr.py --resume ") as e:
+        a2pr.train(quick(tmp_path, total_steps=40, save_freq=20))
+    assert "\n" not in str(e.value)
+    monkeypatch.undo()
+    assert checkpoint(tmp_path / "run")["step"] == 20
+    assert sorted(p.name for p in (tmp_path / "run").iterdir() if p.suffix == ".tmp") == []
+
+
+def test_a_users_own_file_is_never_called_something_to_delete(tmp_path):
+    own = tmp_path / "hopper_mine.hdf5"
+    own.write_bytes(b"this is not an HDF5 file" * 100)
+    with pytest.raises(A2PRError, match="cannot read the HDF5 file") as e:
+        load_rows(str(own), tiny(), NOOP_LOG)
+    assert "delete" not in str(e.value)
+    cached = a2pr.d4rl_cache_dir() / "hopper_medium-v2.hdf5"  # a2pr's own cache: made again if deleted
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(own.read_bytes())
+    with pytest.raises(A2PRError, match="a2pr's cached copy: delete it and let it be made again"):
+        load_rows("hopper-medium-v2", tiny(), NOOP_LOG)
+
+
+# --- Data that is legal but suspicious ---------------------------------------------------------------------------
+def test_suspicious_data_gets_warning_lines_saying_what_the_run_does(tmp_path, capsys):
+    rows = make_rows([10] * 4, obs_dim=3, act_dim=1, terminal_every=1)  # every episode ends in a terminal
+    rows["actions"][:5] = 3.0  # Pendulum's torque bounds are [-2, 2]
+    rows["terminals"][:] = True
+    path = tmp_path / "odd.hdf5"
+    write_d4rl_hdf5(path, rows, dict(env_id="Pendulum-v1", ref_min_score=-1200.0, ref_max_score=-150.0))
+    s = a2pr.train(quick(tmp_path, env=str(path), total_steps=2, eval_freq=2, log_freq=2, batch_size=64))
+    assert s["steps"] == 2
+    err = capsys.readouterr().err
+    assert ("warning: 5 of 39 dataset actions (12.8%) lie outside the eval env's action bounds [[-2.0], [2.0]]; "
+            "they are clipped to the bounds for training") in err
+    assert "warning: every one of the 39 transitions is terminal" in err
+    assert "warning: --batch-size 64 is larger than the dataset (39 transitions); batches are drawn with " in err
+
+
+# --- Safe to load what someone else shared -----------------------------------------------------------------------
+class _RunsCode:
+    """A pickle payload: loading it calls Path.touch on the marker (harmless, and visible)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_checkpoint_whose_pickle_runs_code_is_refused_and_nothing_runs(tmp_path):
+    marker = tmp_path / "marker"
+    trap = tmp_path / "shared"
+    trap.mkdir()
+    needed = ("args", "agent", "optimizers", "rng", "step", "obs_mean", "obs_std", "history")
+    torch.save({k: _RunsCode(marker) for k in needed}, trap / "checkpoint.pt")
+    for load in (lambda: a2pr.train(a2pr.Args(resume=str(trap))), lambda: a2pr.load_policy(trap)):
+        with pytest.raises(A2PRError, match=r"refused, nothing in it was run: it holds Python objects "
+                                            r"\(\S+\) that could run code when loaded"):
+            load()
+        assert not marker.exists()
+    torch.load(trap / "checkpoint.pt", weights_only=False)  # the payload is real: an unsafe load runs it
+    assert marker.exists()
+
+
+def test_checkpoints_hold_only_plain_data_and_an_older_format_gets_one_line(tmp_path, monkeypatch):
+    real = a2pr.load_rows
+
+    def with_env_spec(*a, **k):  # as a Minari dataset gives it: an EnvSpec, not an id
+        rows, attrs = real(*a, **k)
+        return rows, dict(attrs, env_id=gym.spec("Pendulum-v1"))
+
+    monkeypatch.setattr(a2pr, "load_rows", with_env_spec)
+    a2pr.train(quick(tmp_path))
+    ck = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)  # raises if anything else is inside
+    assert isinstance(ck["obs_mean"], torch.Tensor) and isinstance(ck["env_spec"], str)
+    run = a2pr.load_run(tmp_path / "run")
+    assert run["env_id"] == gym.spec("Pendulum-v1") and isinstance(run["obs_mean"], np.ndarray)
+    ck["obs_mean"] = ck["obs_mean"].numpy()  # how the previous a2pr.py stored it
+    torch.save(ck, tmp_path / "run" / "checkpoint.pt")
+    with pytest.raises(A2PRError, match=r"written by an older a2pr.py \(numpy arrays inside, which a safe load "
+                                        r"refuses\)"):
+        a2pr.load_run(tmp_path / "run")
+
+
+def test_a_batch_bigger_than_the_machine_stops_before_any_allocation(tmp_path, monkeypatch):
+    monkeypatch.setattr(a2pr, "prepare_data", lambda *a: pytest.fail("nothing is allocated"))
+    with pytest.raises(A2PRError, match=r"a batch needs at least [\d,.]+ GiB but the CPU has [\d,.]+ GiB; lower "
+                                        r"--batch-size \(now 2000000000\) or --num-seeds \(now 50\)"):
+        a2pr.train(quick(tmp_path, batch_size=2_000_000_000, num_seeds=50))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_run_leaves_no_empty_folders(tmp_path):
+    """Not even the --save-dir it would have made: a run that stops before its first update leaves nothing."""
+    r = run_cli(*TINY_CLI, "--save-dir", str(tmp_path / "runs"), "--env", str(tmp_path / "missing.hdf5"))
+    assert "file not found" in one_line(r)
+    assert list(tmp_path.iterdir()) == []
