@@ -35,6 +35,7 @@ Reading map (line: what). Everything above main() is A2PR; below it, appendices 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import csv
 import dataclasses
@@ -46,7 +47,6 @@ import math
 import os
 import re
 import signal
-import socket
 import sys
 import tempfile
 import time
@@ -1462,6 +1462,43 @@ def minari_eval_spec(ds, dataset_id: str):
     return spec
 
 
+@contextlib.contextmanager
+def hf_download_timeout(seconds: float):
+    """--download-timeout for Minari's downloads, which go through huggingface_hub. socket.setdefaulttimeout never
+    reaches it: it passes its own timeouts (none at all when it lists datasets), retries a timed-out request five
+    times with back-off, and fetches large files through hf_xet's own (Rust) client. So, for the download only,
+    its shared HTTP client gets a transport that puts `seconds` on every connect and every read and turns a timeout
+    or a network error into an OSError (which it does not retry), and hf_xet is switched off (files then come over
+    plain HTTPS). HF_ENDPOINT, read by huggingface_hub, still chooses the server."""
+    try:
+        import httpx2
+        from huggingface_hub import constants, set_client_factory
+        from huggingface_hub.utils import _http as hf_http
+    except ImportError as e:
+        raise A2PRError(f"Minari downloads need huggingface_hub ({e}): pip install \"minari[hf]\"") from None
+
+    class Transport(httpx2.HTTPTransport):
+        def handle_request(self, request):
+            request.extensions["timeout"] = httpx2.Timeout(seconds).as_dict()
+            try:
+                return super().handle_request(request)
+            except httpx2.TimeoutException:
+                raise TimeoutError(f"no answer from {request.url.host}:{request.url.port} for {seconds:g}s "
+                                   f"(--download-timeout)") from None
+            except httpx2.NetworkError as e:
+                raise ConnectionError(f"{request.url.host}:{request.url.port}: {e}") from None
+
+    old_factory, old_xet = hf_http._GLOBAL_CLIENT_FACTORY, constants.HF_HUB_DISABLE_XET
+    hooks = old_factory().event_hooks  # keep huggingface_hub's own request hook (offline mode, request ids)
+    set_client_factory(lambda: httpx2.Client(transport=Transport(), follow_redirects=True, event_hooks=hooks))
+    constants.HF_HUB_DISABLE_XET = True
+    try:
+        yield
+    finally:
+        set_client_factory(old_factory)
+        constants.HF_HUB_DISABLE_XET = old_xet
+
+
 def load_minari(dataset_id: str, args: Args, log=print) -> tuple[dict, dict]:
     try:
         import minari
@@ -1473,16 +1510,13 @@ def load_minari(dataset_id: str, args: Args, log=print) -> tuple[dict, dict]:
         ds = minari.load_dataset(dataset_id, download=False)
     except FileNotFoundError:
         log(f"downloading Minari dataset {dataset_id} -> {minari_local_path(dataset_id)}")
-        old = socket.getdefaulttimeout()
-        socket.setdefaulttimeout(args.download_timeout)
         try:
-            ds = minari.load_dataset(dataset_id, download=True)
+            with hf_download_timeout(args.download_timeout):
+                ds = minari.load_dataset(dataset_id, download=True)
         except Exception as e:
             raise A2PRError(f"cannot download {where} ({type(e).__name__}: {e}); check the id (minari list remote) "
                             f"and your connection, or put it under {minari_local_path(dataset_id)} "
                             f"(MINARI_DATASETS_PATH), {_offline_hint()}") from None
-        finally:
-            socket.setdefaulttimeout(old)
     except Exception as e:  # unsupported version, corrupt metadata
         raise A2PRError(f"cannot load {where} ({type(e).__name__}: {e})") from None
     meta = ds.storage.metadata

@@ -2133,3 +2133,142 @@ def test_committed_notebook_carries_its_outputs_and_pictures():
     pictures = [o for o in outputs if "image/png" in o.get("data", {})]
     assert len(pictures) >= 6  # one figure (several panels) per section
     assert "FAST=False" in "".join(str(o.get("text", "")) for o in outputs), "outputs must be from full settings"
+
+
+# ================================================================================================================
+# A real machine: downloads, versions, configs, trackers, export (issue 12)
+# ================================================================================================================
+def requirements() -> dict:
+    from packaging.requirements import Requirement
+
+    lines = [ln.split("#")[0].strip() for ln in (HERE / "requirements.txt").read_text().splitlines()]
+    return {(r := Requirement(ln)).name.lower(): r for ln in lines if ln}
+
+
+def test_requirements_install_minaris_download_extra_and_admit_the_installed_versions():
+    import importlib.metadata
+
+    from packaging.version import Version
+
+    reqs = requirements()
+    extras = importlib.metadata.metadata("minari").get_all("Provides-Extra")
+    assert "hf" in extras and "hf" in reqs["minari"].extras  # without it: "huggingface_hub is not installed"
+    for name in ["torch", "numpy", "gymnasium", "mujoco", "minari", "h5py", "matplotlib", "huggingface-hub",
+                 "tensorboard", "wandb", "pytest", "hypothesis"]:
+        assert name in reqs, name
+        r = reqs[name]
+        installed = Version(importlib.metadata.version(name)).base_version  # 2.13.0+cpu -> 2.13.0
+        assert r.specifier.contains(installed, prereleases=True), (name, installed, str(r.specifier))
+        assert any(s.operator in ("<", "<=", "==", "~=") for s in r.specifier), f"{name} has no upper bound"
+    assert not reqs["numpy"].specifier.contains("1.26")  # minari 0.5 needs numpy 2
+
+
+class FakeHuggingFace(http.server.BaseHTTPRequestHandler):
+    """The Hugging Face Hub endpoints Minari's download makes (minari/storage/remotes/huggingface.py through
+    huggingface_hub): list datasets, a repo's revision and file tree, and HEAD/GET of /resolve/ files."""
+    repos: dict[str, dict[str, bytes]] = {}
+    hits: list[str] = []
+    sha = "0123456789abcdef0123456789abcdef01234567"
+
+    def _send(self, code, body=b"", headers=()):
+        self.send_response(code)
+        for k, v in headers:
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _json(self, obj):
+        self._send(200, json.dumps(obj).encode(), [("Content-Type", "application/json")])
+
+    def do_HEAD(self):
+        self.do_GET()
+
+    def do_GET(self):
+        import hashlib
+        import urllib.parse
+
+        url = urllib.parse.urlsplit(self.path)
+        parts = [urllib.parse.unquote(p) for p in url.path.strip("/").split("/")]
+        self.hits.append(f"{self.command} {url.path}")
+        query = urllib.parse.parse_qs(url.query)
+        if parts == ["api", "datasets"]:  # list_datasets(author=..., search=...)
+            ids = [r for r in self.repos if r.split("/")[0] in query.get("author", [r.split("/")[0]])
+                   and all(s in r for s in query.get("search", []))]
+            return self._json([{"id": r} for r in ids])
+        if parts[:2] == ["api", "datasets"] and len(parts) >= 5 and "/".join(parts[2:4]) in self.repos:
+            repo = "/".join(parts[2:4])
+            files = self.repos[repo]
+            if parts[4] == "revision":  # repo_info
+                return self._json({"id": repo, "sha": self.sha, "siblings": [{"rfilename": p} for p in files]})
+            if parts[4] == "tree":  # list_repo_tree
+                return self._json([{"type": "file", "path": p, "size": len(b), "oid": hashlib.sha1(b).hexdigest()}
+                                   for p, b in files.items()])
+        if parts[0] == "datasets" and len(parts) > 5 and parts[3] == "resolve":  # hf_hub_download
+            data = self.repos.get("/".join(parts[1:3]), {}).get("/".join(parts[5:]))
+            if data is None:
+                return self._send(404, b"", [("X-Error-Code", "EntryNotFound")])
+            return self._send(200, data, [("X-Repo-Commit", self.sha), ("ETag", f'"{hashlib.sha1(data).hexdigest()}"')])
+        self._send(404, b"", [("X-Error-Code", "RepoNotFound")])
+
+    def log_message(self, *a):
+        pass
+
+
+@pytest.fixture
+def hugging_face(tmp_path, monkeypatch):
+    """A local Hub serving farama-minari/mujoco with one small dataset, mujoco/hopper/tiny-v0 (made by minari
+    itself, laid out as Minari uploads it); the Minari root is then emptied, so loading it must download it."""
+    root = tmp_path / "minari"
+    minari_dataset("mujoco/hopper/tiny-v0", episodes([30, 20], ["term", "trunc"]))
+    files = {p.relative_to(root / "mujoco").as_posix(): p.read_bytes() for p in (root / "mujoco").rglob("*")
+             if p.is_file()}
+    files["namespace_metadata.json"] = json.dumps({"datasets": ["mujoco/hopper/tiny-v0"],
+                                                   "namespaces": ["mujoco/hopper"]}).encode()
+    import shutil
+
+    shutil.rmtree(root)
+    handler = type("H", (FakeHuggingFace,), dict(repos={"farama-minari/mujoco": files}, hits=[]))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{httpd.server_address[1]}")
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    yield handler
+    httpd.shutdown()
+    httpd.server_close()
+
+
+TINY_FLAGS = ["--total-steps", "4", "--batch-size", "8", "--actor-hidden", "8", "--critic-hidden", "8",
+              "--value-hidden", "8", "--vae-hidden", "8", "--eval-freq", "4", "--log-freq", "2", "--eval-episodes",
+              "1", "--quiet"]
+
+
+@pytest.mark.slow
+def test_minari_dataset_downloads_from_the_hub_endpoint_and_trains(hugging_face, tmp_path):
+    r = run_cli("--env", "mujoco/hopper/tiny-v0", *TINY_FLAGS, "--save-dir", str(tmp_path / "runs"),
+                "--run-name", "m", timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "minari" / "mujoco" / "hopper" / "tiny-v0" / "data" / "main_data.hdf5").exists()
+    assert any(h.startswith("GET /datasets/farama-minari/mujoco/resolve/") and h.endswith("main_data.hdf5")
+               for h in hugging_face.hits)
+    assert json.loads((tmp_path / "runs" / "m" / "summary.json").read_text())["steps"] == 4
+
+
+def test_minari_download_from_a_server_that_never_answers_stops_within_the_timeout(tmp_path, monkeypatch):
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)  # connections complete in the backlog, but nothing is ever sent back
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{silent.getsockname()[1]}")
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    try:
+        t0 = time.time()
+        r = run_cli("--env", "mujoco/hopper/medium-v0", "--download-timeout", "1", "--save-dir", str(tmp_path),
+                    timeout=60)
+        elapsed = time.time() - t0
+    finally:
+        silent.close()
+    err = r.stderr.strip()
+    assert r.returncode == 2 and len(err.splitlines()) == 1, err[-2000:]
+    assert "cannot download Minari dataset mujoco/hopper/medium-v0" in err and "for 1s" in err
+    assert elapsed < 15  # python + torch start-up, then 1 s of waiting, not huggingface_hub's retries
