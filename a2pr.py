@@ -41,16 +41,19 @@ import csv
 import dataclasses
 import difflib
 import functools
+import hashlib
 import http.client
 import json
 import math
 import os
+import platform
 import re
 import signal
 import sys
 import tempfile
 import time
 import typing
+import warnings
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
@@ -137,6 +140,10 @@ class Args:
     wandb: bool = _arg(False, "also log to Weights & Biases (needs the wandb package)")
     wandb_project: str = _arg("a2pr", "wandb project name")
     quiet: bool = _arg(False, "print only the final summary")
+    config: str | None = _arg(None, "run with the settings of a run's config.json; flags given here win", metavar="FILE")
+    export: str | None = _arg(None, "write the run's policy as one TorchScript file (RUN_DIR/policy.pt): raw observation "
+                              "-> env action, loadable with torch.jit.load alone", metavar="RUN_DIR")
+    best: bool = _arg(False, "with --export: the policy of the best evaluation (each seed's own) -> policy_best.pt")
     # --- benchmarks (no dataset, no env) ---
     benchmark: str | None = _arg(None, "time the real update on synthetic data (update) or loading a 1M-row D4RL "
                                  "file (data); prints one JSON line", choices=("update", "data"), metavar="WHAT")
@@ -825,8 +832,9 @@ def train(args: Args) -> dict:
         + f", eps_a={args.eps_a}, policy_freq={args.policy_freq}, bc_target={args.bc_target}, gate={args.gate}")
     if ckpt:
         log(f"resuming {paths['run_dir']} at step {progress.step:,}")
+    write_config(paths["config"], args, source)  # every setting, where it came from, and the versions it ran on
     eval_envs = make_eval_envs(ds.env_id, len(seeds), args.eval_episodes)  # made once; each evaluation reseeds
-    writers = _open_trackers(args, paths["run_dir"])
+    writers = _open_trackers(args, paths["run_dir"], progress.step)
     t_start = time.time()
     try:
         with _StopFlag() as stop:
@@ -845,7 +853,7 @@ def train(args: Args) -> dict:
                     if is_eval:
                         eval_row, scores = evaluation(agent, ds, data, args, device, eval_envs)
                         row.update(eval_row)
-                        progress.best = np.maximum(progress.best, scores)
+                        keep_best_policy(paths["best_policy"], progress, scores, step, agent, data, ds, args)
                         progress.last_score = eval_row["eval/normalized_score_mean"]
                     progress.history.append(row)
                     for log_row, _ in writers:
@@ -868,6 +876,8 @@ def main(argv=None) -> int:
         args = parse_args(argv)
         if args.benchmark:
             print(json.dumps((benchmark_update if args.benchmark == "update" else benchmark_data)(args)))
+        elif args.export:
+            print(export_policy(args.export, best=args.best))
         else:
             train(args)
     except A2PRError as e:
@@ -1943,7 +1953,35 @@ def run_paths(run_dir: Path) -> dict[str, Path]:
     """The files of a run folder."""
     run_dir.mkdir(parents=True, exist_ok=True)
     return dict(run_dir=run_dir, csv=run_dir / "metrics.csv", png=run_dir / "learning_curve.png",
-                checkpoint=run_dir / "checkpoint.pt", summary=run_dir / "summary.json")
+                checkpoint=run_dir / "checkpoint.pt", summary=run_dir / "summary.json",
+                config=run_dir / "config.json", best_policy=run_dir / "best_policy.pt")
+
+
+def run_versions(args: Args) -> dict:
+    """What a run ran on: python and the libraries that decide its numbers, the device, and a2pr.py's own hash."""
+    import importlib.metadata
+
+    out = dict(python=platform.python_version(), torch=torch.__version__, numpy=np.__version__)
+    for name in ("gymnasium", "mujoco", "minari", "h5py"):
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    out["device"] = (f"cuda: {torch.cuda.get_device_name()}" if args.cuda and torch.cuda.is_available()
+                     else f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores")
+    out["a2pr_sha256"] = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+    return out
+
+
+def write_config(path: Path, args: Args, source: dict[str, str]) -> None:
+    """config.json: every resolved setting with where it came from (a preset-controlled field as resolve_args says;
+    any other "flag" where it differs from the Args default, else "default"), and the versions the run ran on.
+    `--config path` runs with these settings again."""
+    default = Args()
+    settings = dataclasses.asdict(args)
+    origin = {k: source.get(k) or ("flag" if v != getattr(default, k) else "default") for k, v in settings.items()}
+    config = dict(settings=settings, source=origin, versions=run_versions(args))
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
 
 
 def save_checkpoint(path: Path, args: Args, agent, opt, gens, device, progress, window, data, ds) -> None:
@@ -1960,6 +1998,31 @@ def save_checkpoint(path: Path, args: Args, agent, opt, gens, device, progress, 
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
+def keep_best_policy(path: Path, progress, scores: np.ndarray, step: int, agent, data, ds, args: Args) -> None:
+    """Whenever an evaluation beats a seed's best so far, that seed's actor becomes its slice of best_policy.pt
+    (with the state normalisation and action bounds), so that the best score comes with its weights. Only tensors,
+    numbers and strings, so torch.load(weights_only=True) reads it."""
+    better = scores > progress.best
+    progress.best = np.maximum(progress.best, scores)
+    if not better.any():
+        return
+    if path.exists():
+        kept = torch.load(path, map_location="cpu", weights_only=True)
+    else:  # the first evaluation beats -inf for every seed, so every slice is filled below
+        kept = dict(actor={k: v.detach().cpu().clone() for k, v in agent.actor.state_dict().items()},
+                    scores=torch.full((len(scores),), -math.inf, dtype=torch.float64),
+                    steps=torch.zeros(len(scores), dtype=torch.long))
+    idx = torch.as_tensor(np.nonzero(better)[0])
+    for k, v in agent.actor.state_dict().items():  # every actor tensor is (K, ...): seed k is slice k
+        kept["actor"][k][idx] = v.detach().cpu()[idx]
+    kept["scores"][idx] = torch.as_tensor(scores[better], dtype=torch.float64)
+    kept["steps"][idx] = step
+    kept.update(obs_mean=torch.as_tensor(data.obs_mean), obs_std=torch.as_tensor(data.obs_std),
+                action_low=torch.as_tensor(ds.action_low), action_high=torch.as_tensor(ds.action_high),
+                args=dataclasses.asdict(args), env=env_label(ds.env_id))
+    atomic_write(path, lambda tmp: torch.save(kept, tmp))
+
+
 def finish_run(args: Args, ds, progress, paths: dict, dataset_score: float, elapsed: float, log) -> dict:
     """Write summary.json and the learning curve, tell the user how the run ended, and return the summary."""
     seeds, history, best = agent_seeds(args), progress.history, progress.best
@@ -1971,7 +2034,7 @@ def finish_run(args: Args, ds, progress, paths: dict, dataset_score: float, elap
                    final_score=float(np.mean(final_scores)), final_score_std=float(np.std(final_scores)),
                    best_score=_finite_or_none(best.mean()), final_scores=[float(x) for x in final_scores],
                    best_scores=[_finite_or_none(b) for b in best], dataset_score=dataset_score,
-                   **{k: str(v) for k, v in paths.items()})
+                   versions=run_versions(args), **{k: str(v) for k, v in paths.items()})
     atomic_write(paths["summary"], lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
     if history and final:
         plot_curves(paths["png"], history, dataset_score, f"A2PR on {ds.name}")
@@ -2012,6 +2075,75 @@ def load_policy(run_dir: str | Path, device="cpu", seed_index: int = 0):
     return policy
 
 
+class _Affine(nn.Module):
+    """One actor layer of all K seeds, computed as in training (baddbmm over the leading seed dimension)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor):
+        super().__init__()
+        self.register_buffer("weight", weight)
+        self.register_buffer("bias", bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.baddbmm(self.bias, x, self.weight)
+
+
+class DeployedPolicy(nn.Module):
+    """Raw env observation(s) (..., obs_dim) -> env action(s) (..., act_dim): state normalisation, the actor and the
+    action bounds in one module, the same operations as load_policy (all K seeds' actors run, as in training, and
+    seed_index's action is kept: a K-member batched product can differ from a 1-member one in the last bit)."""
+
+    def __init__(self, actor_state: dict, seed_index: int, obs_mean, obs_std, action_low, action_high):
+        super().__init__()
+        n = len([k for k in actor_state if k.endswith(".weight")])
+        mods: list[nn.Module] = []
+        for i in range(n):
+            mods.append(_Affine(actor_state[f"net.{2 * i}.weight"].clone(), actor_state[f"net.{2 * i}.bias"].clone()))
+            if i < n - 1:
+                mods.append(nn.ReLU())
+        self.net = nn.ModuleList(mods)
+        self.k, self.seed_index = int(actor_state["net.0.weight"].shape[0]), int(seed_index)
+        for name, v in dict(obs_mean=obs_mean, obs_std=obs_std, action_low=action_low, action_high=action_high).items():
+            self.register_buffer(name, torch.as_tensor(np.asarray(v)))
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        x = obs.to(torch.float32)
+        lead = x.shape[:-1]
+        x = ((x - self.obs_mean) / self.obs_std).reshape(1, -1, x.shape[-1]).expand(self.k, -1, -1)
+        for m in self.net:
+            x = m(x)
+        a = torch.tanh(x)[self.seed_index]
+        low, high = self.action_low, self.action_high
+        a = torch.clamp(low + 0.5 * (a + 1.0) * (high - low), low, high).to(torch.float32)
+        return a.reshape(lead + [a.shape[-1]])
+
+
+def export_policy(run_dir: str | Path, best: bool = False, seed_index: int = 0) -> Path:
+    """Write RUN_DIR/policy.pt (the checkpoint's actor) or, with best, policy_best.pt (best_policy.pt's): one
+    TorchScript file that torch.jit.load reads in a program that has never seen a2pr.py. Returns its path."""
+    run_dir = Path(run_dir)
+    if best:
+        src = run_dir / "best_policy.pt"
+        if not src.exists():
+            raise A2PRError(f"--export {run_dir} --best: no best_policy.pt there (a run writes it at its first "
+                            "evaluation)")
+        try:
+            state = torch.load(src, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise A2PRError(f"{src}: cannot be read ({type(e).__name__}: {e})") from None
+        actor = state["actor"]
+    else:
+        state = _load_checkpoint(run_dir)
+        actor = {k[len("actor."):]: v for k, v in state["agent"].items() if k.startswith("actor.")}
+    module = DeployedPolicy(actor, seed_index, *(np.asarray(state[k], dtype=np.float32)
+                                                 for k in ("obs_mean", "obs_std", "action_low", "action_high")))
+    with warnings.catch_warnings():  # torch.jit is in maintenance; scripting still works and loads everywhere
+        warnings.simplefilter("ignore", DeprecationWarning)
+        scripted = torch.jit.script(module.eval())
+        out = run_dir / ("policy_best.pt" if best else "policy.pt")
+        atomic_write(out, lambda tmp: torch.jit.save(scripted, tmp))
+    return out
+
+
 def args_from_checkpoint(ckpt: dict) -> Args:
     """The run's settings; keys this version does not know (a newer a2pr) are reported, not a crash."""
     known = {f.name for f in dataclasses.fields(Args)}
@@ -2044,19 +2176,32 @@ def _check_trackers(args: Args) -> None:
         raise A2PRError("--wandb needs the wandb package: pip install wandb")
 
 
-def _open_trackers(args: Args, run_dir: Path) -> list[tuple]:
-    """Optional TensorBoard / wandb sinks, each a (log(row), close()) pair."""
+def _wandb_run_id(run_dir: Path) -> str:
+    """The run folder's W&B run id, kept in wandb.json so that every --resume continues the same W&B run."""
+    path = run_dir / "wandb.json"
+    if path.exists():
+        return str(json.loads(path.read_text())["id"])
+    run_id = f"{re.sub(r'[^A-Za-z0-9_-]', '-', run_dir.name)[:40]}-{os.urandom(4).hex()}"
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps({"id": run_id})))
+    return run_id
+
+
+def _open_trackers(args: Args, run_dir: Path, step: int = 0) -> list[tuple]:
+    """Optional TensorBoard / wandb sinks, each a (log(row), close()) pair. A run resumed at `step` continues the
+    same W&B run (its id is kept in the run folder; runs are grouped by dataset), and TensorBoard drops what was
+    logged after the checkpoint (purge_step), so no step appears twice."""
     sinks = []
     if args.tensorboard:
         from torch.utils.tensorboard import SummaryWriter
 
-        tb = SummaryWriter(str(run_dir / "tensorboard"))
+        tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=step + 1 if step else None)
         sinks.append((lambda row: [tb.add_scalar(k, v, row["step"]) for k, v in row.items() if k != "step"],
                       tb.close))
     if args.wandb:
         import wandb
 
-        run = wandb.init(project=args.wandb_project, name=run_dir.name, config=dataclasses.asdict(args), resume="allow")
+        run = wandb.init(project=args.wandb_project, name=run_dir.name, id=_wandb_run_id(run_dir), resume="allow",
+                         group=args.env, config=dataclasses.asdict(args))
         sinks.append((lambda row: run.log({k: v for k, v in row.items() if k != "step"}, step=row["step"]),
                       run.finish))
     return sinks
@@ -2134,8 +2279,9 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"a2pr.py: error: {message} (see python a2pr.py --help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The command line, built from Args: one flag per field, its help line from the field's metadata."""
+def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
+    """The command line, built from Args: one flag per field, its help line from the field's metadata. With
+    defaults=False, a field not given on the command line is absent from the result (--config uses that)."""
     p = _Parser(prog="a2pr.py", description=__doc__.split("\n\n")[0],
                 formatter_class=lambda prog: argparse.HelpFormatter(prog, max_help_position=30, width=120))
     hints = typing.get_type_hints(Args)
@@ -2144,7 +2290,7 @@ def build_parser() -> argparse.ArgumentParser:
         typ = hints[f.name]
         hide = f.default is None or typ is bool or str(f.default) in f.metadata["help"]
         shown = "" if hide else f" (default {f.default})"
-        kw = dict(dest=f.name, help=f.metadata["help"] + shown, default=f.default)
+        kw = dict(dest=f.name, help=f.metadata["help"] + shown, default=f.default if defaults else argparse.SUPPRESS)
         if typ is bool:
             kw["action"] = argparse.BooleanOptionalAction if f.metadata.get("negatable") else "store_true"
         else:
@@ -2157,7 +2303,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv=None) -> Args:
-    return Args(**vars(build_parser().parse_args(argv)))
+    """Args from the command line; with --config FILE, the fields not given on the command line come from FILE."""
+    values = vars(build_parser().parse_args(argv))
+    if values["config"]:
+        given = vars(build_parser(defaults=False).parse_args(argv))
+        values.update({k: v for k, v in load_config(values["config"]).items() if k not in given})
+    return Args(**values)
+
+
+NOT_FROM_CONFIG = ("config", "resume", "run_name", "export", "best")  # where and what to run, not the settings
+
+
+def load_config(path: str) -> dict:
+    """The settings of a run's config.json (write_config), minus where and what to run: a re-run gets its own
+    folder. A file of another a2pr version may hold fields this one does not know: a one-line error names them."""
+    try:
+        settings = json.loads(Path(path).read_text())["settings"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise A2PRError(f"--config {path}: not a run's config.json ({type(e).__name__}: {e})") from None
+    unknown = sorted(set(settings) - {f.name for f in dataclasses.fields(Args)})
+    if unknown:
+        raise A2PRError(f"--config {path}: settings this a2pr.py does not know: {', '.join(unknown)}")
+    return {k: v for k, v in settings.items() if k not in NOT_FROM_CONFIG}
 
 
 def auto_preset(env: str) -> str:
