@@ -11,25 +11,25 @@ good and frees the policy where it is not. Algorithm contract: A2PR_SPEC.md (its
     python a2pr.py --env hopper-medium-v2 --cuda     # D4RL data and the published per-task preset
 
 Reading map (line: what). Everything above main() is A2PR; below it, appendices a reader may skip:
-     74  Args:             Args and the published per-task presets (spec: defaults and presets)
-    190  EnsembleLinear:   networks: Actor, TwinCritic, ValueNet, VAE, in the (K, B, .) ensemble layout
-    306  td_target:        losses, one pure function per spec step
-    351  select_bc_target: advantage selection and the adaptive gate (spec 4)
-    400  critic_step:      spec 1: critics, TD3 target with policy smoothing
-    413  q1_data_and_y2:   spec 2: y2 from the just-updated online critics
-    422  value_step:       spec 2: V towards min(y, y2)
-    430  vae_step:         spec 3: advantage-weighted VAE
-    456  actor_step:       spec 4: actor, then the soft target updates
-    484  update_core:      one gradient step: spec 1-4 in order
-    528  Dataset:          the data as the networks see it: normalisation, action scaling, device batches
-    625  evaluate:         deterministic evaluation, D4RL normalised score
-    794  train:            train(args) -> summary: setup, then the loop
-    866  main:             the command line's entry point
-    883  Appendix A:       data sources: built-in, D4RL, HDF5, downloads, Minari, mixes
-   1639  Appendix B:       speed paths: Updater, torch.compile, CUDA graphs, benchmarks
-   1808  Appendix C:       run files: checkpoints, CSV, plot, trackers, load_run, load_policy
-   2032  Appendix D:       the theory on finite MDPs
-   2095  Appendix E:       the command line: parser, presets, validation
+     77  Args:             Args and the published per-task presets (spec: defaults and presets)
+    197  EnsembleLinear:   networks: Actor, TwinCritic, ValueNet, VAE, in the (K, B, .) ensemble layout
+    313  td_target:        losses, one pure function per spec step
+    358  select_bc_target: advantage selection and the adaptive gate (spec 4)
+    407  critic_step:      spec 1: critics, TD3 target with policy smoothing
+    420  q1_data_and_y2:   spec 2: y2 from the just-updated online critics
+    429  value_step:       spec 2: V towards min(y, y2)
+    437  vae_step:         spec 3: advantage-weighted VAE
+    463  actor_step:       spec 4: actor, then the soft target updates
+    491  update_core:      one gradient step: spec 1-4 in order
+    535  Dataset:          the data as the networks see it: normalisation, action scaling, device batches
+    632  evaluate:         deterministic evaluation, D4RL normalised score
+    801  train:            train(args) -> summary: setup, then the loop
+    874  main:             the command line's entry point
+    893  Appendix A:       data sources: built-in, D4RL, HDF5, downloads, Minari, mixes
+   1683  Appendix B:       speed paths: Updater, torch.compile, CUDA graphs, benchmarks
+   1852  Appendix C:       run files: checkpoints, CSV, plot, trackers, load_run, load_policy
+   2212  Appendix D:       the theory on finite MDPs
+   2275  Appendix E:       the command line: parser, presets, validation
 """
 
 from __future__ import annotations
@@ -1849,8 +1849,9 @@ def benchmark_data(args: Args) -> dict:
 
 
 # ================================================================================================================
-# Appendix C. Run files: atomic writes, checkpoints, the metrics CSV, the learning-curve plot, TensorBoard and
-# wandb, and loading a finished run or its policy. Not needed to understand A2PR: they record what train() does.
+# Appendix C. Run files: atomic writes, config.json (settings, their sources, versions), checkpoints, the best
+# policy, the metrics CSV, the learning-curve plot, TensorBoard and wandb, loading a finished run or its policy, and
+# exporting that policy as TorchScript. Not needed to understand A2PR: they record what train() does.
 # ================================================================================================================
 def _umask() -> int:
     """The process umask (reading it means setting it: set it straight back). Read when a file is written, not at
@@ -2271,8 +2272,9 @@ def total_variation(p, q) -> np.ndarray:
 
 
 # ================================================================================================================
-# Appendix E. The command line: the parser built from Args, preset resolution and validation (one clear line per
-# mistake, before any work). Not needed to understand A2PR: train(args) takes an Args however it was made.
+# Appendix E. The command line: the parser built from Args, --config (a run's config.json as the defaults), preset
+# resolution and validation (one clear line per mistake, before any work). Not needed to understand A2PR:
+# train(args) takes an Args however it was made.
 # ================================================================================================================
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, not a usage dump
