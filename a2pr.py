@@ -11,26 +11,26 @@ good and frees the policy where it is not. Algorithm contract: A2PR_SPEC.md (its
     python a2pr.py --env hopper-medium-v2 --cuda     # D4RL data and the published per-task preset
 
 Reading map (line: what). Everything above main() is A2PR; below it, appendices a reader may skip:
-     82  Args:             Args and the published per-task presets (spec: defaults and presets)
-    217  EnsembleLinear:   networks: Actor, TwinCritic, ValueNet, VAE, in the (K, B, .) ensemble layout
-    333  td_target:        losses, one pure function per spec step
-    378  select_bc_target: advantage selection and the adaptive gate (spec 4)
-    427  critic_step:      spec 1: critics, TD3 target with policy smoothing
-    440  q1_data_and_y2:   spec 2: y2 from the just-updated online critics
-    449  value_step:       spec 2: V towards min(y, y2)
-    457  vae_step:         spec 3: advantage-weighted VAE
-    483  actor_step:       spec 4: actor, then the soft target updates
-    511  update_core:      one gradient step: spec 1-4 in order
-    555  Dataset:          the data as the networks see it: normalisation, action scaling, device batches
-    669  evaluate:         deterministic evaluation, D4RL normalised score
-    873  train:            train(args) -> summary: setup, then the loop
-    949  main:             the command line's entry point
-    968  Appendix A:       data sources: built-in, D4RL, HDF5, downloads, Minari, mixes
-   1753  Appendix B:       sweeps on Ray: suites, variants, results tables with bootstrap CIs
-   2427  Appendix C:       speed paths: Updater, torch.compile, CUDA graphs, benchmarks
-   2596  Appendix D:       run files: checkpoints, CSV, plot, trackers, load_run, load_policy
-   2961  Appendix E:       the theory on finite MDPs
-   3024  Appendix F:       the command line: parser, presets, validation
+     84  Args:             Args and the published per-task presets (spec: defaults and presets)
+    223  EnsembleLinear:   networks: Actor, TwinCritic, ValueNet, VAE, in the (K, B, .) ensemble layout
+    339  td_target:        losses, one pure function per spec step
+    384  select_bc_target: advantage selection and the adaptive gate (spec 4)
+    433  critic_step:      spec 1: critics, TD3 target with policy smoothing
+    446  q1_data_and_y2:   spec 2: y2 from the just-updated online critics
+    455  value_step:       spec 2: V towards min(y, y2)
+    463  vae_step:         spec 3: advantage-weighted VAE
+    489  actor_step:       spec 4: actor, then the soft target updates
+    517  update_core:      one gradient step: spec 1-4 in order
+    561  Dataset:          the data as the networks see it: normalisation, action scaling, device batches
+    675  evaluate:         deterministic evaluation, D4RL normalised score
+    879  train:            train(args) -> summary: setup, then the loop
+    956  main:             the command line's entry point
+    977  Appendix A:       data sources: built-in, D4RL, HDF5, downloads, Minari, mixes
+   1796  Appendix B:       sweeps on Ray: suites, variants, results tables with bootstrap CIs
+   2470  Appendix C:       speed paths: Updater, torch.compile, CUDA graphs, benchmarks
+   2639  Appendix D:       run files: checkpoints, CSV, plot, trackers, load_run, load_policy
+   3141  Appendix E:       the theory on finite MDPs
+   3204  Appendix F:       the command line: parser, presets, validation
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ import difflib
 import errno
 import functools
 import glob
+import hashlib
 import http.client
 import io
 import itertools
@@ -51,14 +52,15 @@ import json
 import math
 import os
 import pickle
+import platform
 import re
 import shlex
 import signal
-import socket
 import sys
 import tempfile
 import time
 import typing
+import warnings
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
@@ -145,6 +147,10 @@ class Args:
     wandb: bool = _arg(False, "also log to Weights & Biases (needs the wandb package)")
     wandb_project: str = _arg("a2pr", "wandb project name")
     quiet: bool = _arg(False, "print only the final summary")
+    config: str | None = _arg(None, "run with the settings of a run's config.json; flags given here win", metavar="FILE")
+    export: str | None = _arg(None, "write the run's policy as one TorchScript file (RUN_DIR/policy.pt): raw observation "
+                              "-> env action, loadable with torch.jit.load alone", metavar="RUN_DIR")
+    best: bool = _arg(False, "with --export: the policy of the best evaluation (each seed's own) -> policy_best.pt")
     # --- benchmarks (no dataset, no env) ---
     benchmark: str | None = _arg(None, "time the real update on synthetic data (update) or loading a 1M-row D4RL "
                                  "file (data); prints one JSON line", choices=("update", "data"), metavar="WHAT")
@@ -910,7 +916,8 @@ def train(args: Args) -> dict:
     paths, writers, t_start = run.paths, [], time.time()
     log(f"resuming {paths['run_dir']} at step {progress.step:,}" if ckpt else f"run folder {paths['run_dir']}")
     try:
-        writers = _open_trackers(args, paths["run_dir"])
+        write_config(paths["config"], args, source)  # every setting, where it came from, and the versions
+        writers = _open_trackers(args, paths["run_dir"], progress.step)
         with _StopFlag() as stop, out_of_memory_as_error(args):
             while progress.step < args.total_steps:
                 progress.step += 1
@@ -927,7 +934,7 @@ def train(args: Args) -> dict:
                     if is_eval:
                         eval_row, scores = evaluation(agent, ds, data, args, device, eval_envs)
                         row.update(eval_row)
-                        progress.best = np.maximum(progress.best, scores)
+                        keep_best_policy(paths["best_policy"], progress, scores, step, agent, data, ds, args)
                         progress.last_score = eval_row["eval/normalized_score_mean"]
                     progress.history.append(row)
                     for log_row, _ in writers:
@@ -953,6 +960,8 @@ def main(argv=None) -> int:
             print(json.dumps((benchmark_update if args.benchmark == "update" else benchmark_data)(args)))
         elif args.sweep or args.sweep_envs:
             sweep(args)
+        elif args.export:
+            print(export_policy(args.export, best=args.best))
         elif (stopped_by := train(args)["signal"]) is not None:  # `a2pr.py && next` must not go on after a kill
             return 128 + signal.Signals[stopped_by]  # 130 after Ctrl-C, 143 after SIGTERM, as the shell reports
     except A2PRError as e:
@@ -1576,6 +1585,43 @@ def minari_eval_spec(ds, dataset_id: str):
     return spec
 
 
+@contextlib.contextmanager
+def hf_download_timeout(seconds: float):
+    """--download-timeout for Minari's downloads, which go through huggingface_hub. socket.setdefaulttimeout never
+    reaches it: it passes its own timeouts (none at all when it lists datasets), retries a timed-out request five
+    times with back-off, and fetches large files through hf_xet's own (Rust) client. So, for the download only,
+    its shared HTTP client gets a transport that puts `seconds` on every connect and every read and turns a timeout
+    or a network error into an OSError (which it does not retry), and hf_xet is switched off (files then come over
+    plain HTTPS). HF_ENDPOINT, read by huggingface_hub, still chooses the server."""
+    try:
+        import httpx2
+        from huggingface_hub import constants, set_client_factory
+        from huggingface_hub.utils import _http as hf_http
+    except ImportError as e:
+        raise A2PRError(f"Minari downloads need huggingface_hub ({e}): pip install \"minari[hf]\"") from None
+
+    class Transport(httpx2.HTTPTransport):
+        def handle_request(self, request):
+            request.extensions["timeout"] = httpx2.Timeout(seconds).as_dict()
+            try:
+                return super().handle_request(request)
+            except httpx2.TimeoutException:
+                raise TimeoutError(f"no answer from {request.url.host}:{request.url.port} for {seconds:g}s "
+                                   f"(--download-timeout)") from None
+            except httpx2.NetworkError as e:
+                raise ConnectionError(f"{request.url.host}:{request.url.port}: {e}") from None
+
+    old_factory, old_xet = hf_http._GLOBAL_CLIENT_FACTORY, constants.HF_HUB_DISABLE_XET
+    hooks = old_factory().event_hooks  # keep huggingface_hub's own request hook (offline mode, request ids)
+    set_client_factory(lambda: httpx2.Client(transport=Transport(), follow_redirects=True, event_hooks=hooks))
+    constants.HF_HUB_DISABLE_XET = True
+    try:
+        yield
+    finally:
+        set_client_factory(old_factory)
+        constants.HF_HUB_DISABLE_XET = old_xet
+
+
 def load_minari(dataset_id: str, args: Args, log=print) -> tuple[dict, dict]:
     try:
         import minari
@@ -1587,16 +1633,13 @@ def load_minari(dataset_id: str, args: Args, log=print) -> tuple[dict, dict]:
         ds = minari.load_dataset(dataset_id, download=False)
     except FileNotFoundError:
         log(f"downloading Minari dataset {dataset_id} -> {minari_local_path(dataset_id)}")
-        old = socket.getdefaulttimeout()
-        socket.setdefaulttimeout(args.download_timeout)
         try:
-            ds = minari.load_dataset(dataset_id, download=True)
+            with hf_download_timeout(args.download_timeout):
+                ds = minari.load_dataset(dataset_id, download=True)
         except Exception as e:
             raise A2PRError(f"cannot download {where} ({type(e).__name__}: {e}); check the id (minari list remote) "
                             f"and your connection, or put it under {minari_local_path(dataset_id)} "
                             f"(MINARI_DATASETS_PATH), {_offline_hint()}") from None
-        finally:
-            socket.setdefaulttimeout(old)
     except Exception as e:  # unsupported version, corrupt metadata
         raise A2PRError(f"cannot load {where} ({type(e).__name__}: {e})") from None
     meta = ds.storage.metadata
@@ -2593,9 +2636,10 @@ def benchmark_data(args: Args) -> dict:
 
 
 # ================================================================================================================
-# Appendix D. Run files: atomic writes, the run folder (claimed fresh and locked while written), checkpoints (plain
-# data, loaded with weights_only=True), the metrics CSV, the learning-curve plot, TensorBoard and wandb, and loading
-# a finished run or its policy. Not needed to understand A2PR: they record what train() does.
+# Appendix D. Run files: atomic writes, the run folder (claimed fresh and locked while written), config.json
+# (settings, their sources, versions), checkpoints (plain data, loaded with weights_only=True), the best policy, the
+# metrics CSV, the learning-curve plot, TensorBoard and wandb, loading a finished run or its policy, and exporting
+# that policy as TorchScript. Not needed to understand A2PR: they record what train() does.
 # ================================================================================================================
 def _umask() -> int:
     """The process umask (reading it means setting it: set it straight back). Read when a file is written, not at
@@ -2722,7 +2766,35 @@ class _StopFlag:
 def run_paths(run_dir: Path) -> dict[str, Path]:
     """The files of a run folder."""
     return dict(run_dir=run_dir, csv=run_dir / "metrics.csv", png=run_dir / "learning_curve.png",
-                checkpoint=run_dir / "checkpoint.pt", summary=run_dir / "summary.json")
+                checkpoint=run_dir / "checkpoint.pt", summary=run_dir / "summary.json",
+                config=run_dir / "config.json", best_policy=run_dir / "best_policy.pt")
+
+
+def run_versions(args: Args) -> dict:
+    """What a run ran on: python and the libraries that decide its numbers, the device, and a2pr.py's own hash."""
+    import importlib.metadata
+
+    out = dict(python=platform.python_version(), torch=torch.__version__, numpy=np.__version__)
+    for name in ("gymnasium", "mujoco", "minari", "h5py"):
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    out["device"] = (f"cuda: {torch.cuda.get_device_name()}" if args.cuda and torch.cuda.is_available()
+                     else f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores")
+    out["a2pr_sha256"] = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+    return out
+
+
+def write_config(path: Path, args: Args, source: dict[str, str]) -> None:
+    """config.json: every resolved setting with where it came from (a preset-controlled field as resolve_args says;
+    any other "flag" where it differs from the Args default, else "default"), and the versions the run ran on.
+    `--config path` runs with these settings again."""
+    default = Args()
+    settings = dataclasses.asdict(args)
+    origin = {k: source.get(k) or ("flag" if v != getattr(default, k) else "default") for k, v in settings.items()}
+    config = dict(settings=settings, source=origin, versions=run_versions(args))
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
 
 
 def resume_command(run_dir: Path) -> str:
@@ -2767,14 +2839,15 @@ def lock_run_dir(run_dir: Path):
 @dataclass
 class RunFolder:
     """A run folder claimed by this process: locked while it writes there, and removed again by release() if this
-    run made it and wrote nothing into it (a run that failed before its first update leaves no empty folder)."""
+    run made it and wrote nothing but its config.json into it (a run that failed before its first update leaves no
+    folder behind)."""
     paths: dict[str, Path]
     lock: typing.Any
     made: bool
 
     def release(self) -> None:
         run_dir = self.paths["run_dir"]
-        if self.made and all(p.name == ".lock" for p in run_dir.iterdir()):
+        if self.made and all(p.name in (".lock", "config.json") for p in run_dir.iterdir()):
             (run_dir / ".lock").unlink()
             run_dir.rmdir()
         self.lock.close()
@@ -2834,6 +2907,31 @@ def save_checkpoint(path: Path, args: Args, agent, opt, gens, device, progress, 
         raise A2PRError(f"{e}; continue with {resume_command(path.parent)}" if path.exists() else str(e)) from None
 
 
+def keep_best_policy(path: Path, progress, scores: np.ndarray, step: int, agent, data, ds, args: Args) -> None:
+    """Whenever an evaluation beats a seed's best so far, that seed's actor becomes its slice of best_policy.pt
+    (with the state normalisation and action bounds), so that the best score comes with its weights. Only tensors,
+    numbers and strings, so torch.load(weights_only=True) reads it."""
+    better = scores > progress.best
+    progress.best = np.maximum(progress.best, scores)
+    if not better.any():
+        return
+    if path.exists():
+        kept = torch.load(path, map_location="cpu", weights_only=True)
+    else:  # the first evaluation beats -inf for every seed, so every slice is filled below
+        kept = dict(actor={k: v.detach().cpu().clone() for k, v in agent.actor.state_dict().items()},
+                    scores=torch.full((len(scores),), -math.inf, dtype=torch.float64),
+                    steps=torch.zeros(len(scores), dtype=torch.long))
+    idx = torch.as_tensor(np.nonzero(better)[0])
+    for k, v in agent.actor.state_dict().items():  # every actor tensor is (K, ...): seed k is slice k
+        kept["actor"][k][idx] = v.detach().cpu()[idx]
+    kept["scores"][idx] = torch.as_tensor(scores[better], dtype=torch.float64)
+    kept["steps"][idx] = step
+    kept.update(obs_mean=torch.as_tensor(data.obs_mean), obs_std=torch.as_tensor(data.obs_std),
+                action_low=torch.as_tensor(ds.action_low), action_high=torch.as_tensor(ds.action_high),
+                args=dataclasses.asdict(args), env=env_label(ds.env_id))
+    atomic_write(path, lambda tmp: torch.save(kept, tmp))
+
+
 def finish_run(args: Args, ds, progress, paths: dict, dataset_score: float, elapsed: float, log,
                stopped_by: str | None = None) -> dict:
     """Write summary.json and the learning curve, tell the user how the run ended, and return the summary (with
@@ -2848,7 +2946,7 @@ def finish_run(args: Args, ds, progress, paths: dict, dataset_score: float, elap
                    final_score=float(np.mean(final_scores)), final_score_std=float(np.std(final_scores)),
                    best_score=_finite_or_none(best.mean()), final_scores=[float(x) for x in final_scores],
                    best_scores=[_finite_or_none(b) for b in best], dataset_score=dataset_score,
-                   **{k: str(v) for k, v in paths.items()})
+                   versions=run_versions(args), **{k: str(v) for k, v in paths.items()})
     atomic_write(paths["summary"], lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
     if history and final:
         plot_curves(paths["png"], history, dataset_score, f"A2PR on {ds.name}")
@@ -2887,6 +2985,75 @@ def load_policy(run_dir: str | Path, device="cpu", seed_index: int = 0):
         return to_env_actions(actor(x)[seed_index].cpu().numpy(), low, high).reshape(*np.shape(obs)[:-1], len(low))
 
     return policy
+
+
+class _Affine(nn.Module):
+    """One actor layer of all K seeds, computed as in training (baddbmm over the leading seed dimension)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor):
+        super().__init__()
+        self.register_buffer("weight", weight)
+        self.register_buffer("bias", bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.baddbmm(self.bias, x, self.weight)
+
+
+class DeployedPolicy(nn.Module):
+    """Raw env observation(s) (..., obs_dim) -> env action(s) (..., act_dim): state normalisation, the actor and the
+    action bounds in one module, the same operations as load_policy (all K seeds' actors run, as in training, and
+    seed_index's action is kept: a K-member batched product can differ from a 1-member one in the last bit)."""
+
+    def __init__(self, actor_state: dict, seed_index: int, obs_mean, obs_std, action_low, action_high):
+        super().__init__()
+        n = len([k for k in actor_state if k.endswith(".weight")])
+        mods: list[nn.Module] = []
+        for i in range(n):
+            mods.append(_Affine(actor_state[f"net.{2 * i}.weight"].clone(), actor_state[f"net.{2 * i}.bias"].clone()))
+            if i < n - 1:
+                mods.append(nn.ReLU())
+        self.net = nn.ModuleList(mods)
+        self.k, self.seed_index = int(actor_state["net.0.weight"].shape[0]), int(seed_index)
+        for name, v in dict(obs_mean=obs_mean, obs_std=obs_std, action_low=action_low, action_high=action_high).items():
+            self.register_buffer(name, torch.as_tensor(np.asarray(v)))
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        x = obs.to(torch.float32)
+        lead = x.shape[:-1]
+        x = ((x - self.obs_mean) / self.obs_std).reshape(1, -1, x.shape[-1]).expand(self.k, -1, -1)
+        for m in self.net:
+            x = m(x)
+        a = torch.tanh(x)[self.seed_index]
+        low, high = self.action_low, self.action_high
+        a = torch.clamp(low + 0.5 * (a + 1.0) * (high - low), low, high).to(torch.float32)
+        return a.reshape(lead + [a.shape[-1]])
+
+
+def export_policy(run_dir: str | Path, best: bool = False, seed_index: int = 0) -> Path:
+    """Write RUN_DIR/policy.pt (the checkpoint's actor) or, with best, policy_best.pt (best_policy.pt's): one
+    TorchScript file that torch.jit.load reads in a program that has never seen a2pr.py. Returns its path."""
+    run_dir = Path(run_dir)
+    if best:
+        src = run_dir / "best_policy.pt"
+        if not src.exists():
+            raise A2PRError(f"--export {run_dir} --best: no best_policy.pt there (a run writes it at its first "
+                            "evaluation)")
+        try:
+            state = torch.load(src, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise A2PRError(f"{src}: cannot be read ({type(e).__name__}: {e})") from None
+        actor = state["actor"]
+    else:
+        state = _load_checkpoint(run_dir)
+        actor = {k[len("actor."):]: v for k, v in state["agent"].items() if k.startswith("actor.")}
+    module = DeployedPolicy(actor, seed_index, *(np.asarray(state[k], dtype=np.float32)
+                                                 for k in ("obs_mean", "obs_std", "action_low", "action_high")))
+    with warnings.catch_warnings():  # torch.jit is in maintenance; scripting still works and loads everywhere
+        warnings.simplefilter("ignore", DeprecationWarning)
+        scripted = torch.jit.script(module.eval())
+        out = run_dir / ("policy_best.pt" if best else "policy.pt")
+        atomic_write(out, lambda tmp: torch.jit.save(scripted, tmp))
+    return out
 
 
 def args_from_checkpoint(ckpt: dict) -> Args:
@@ -2939,19 +3106,32 @@ def _check_trackers(args: Args) -> None:
         raise A2PRError("--wandb needs the wandb package: pip install wandb")
 
 
-def _open_trackers(args: Args, run_dir: Path) -> list[tuple]:
-    """Optional TensorBoard / wandb sinks, each a (log(row), close()) pair."""
+def _wandb_run_id(run_dir: Path) -> str:
+    """The run folder's W&B run id, kept in wandb.json so that every --resume continues the same W&B run."""
+    path = run_dir / "wandb.json"
+    if path.exists():
+        return str(json.loads(path.read_text())["id"])
+    run_id = f"{re.sub(r'[^A-Za-z0-9_-]', '-', run_dir.name)[:40]}-{os.urandom(4).hex()}"
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps({"id": run_id})))
+    return run_id
+
+
+def _open_trackers(args: Args, run_dir: Path, step: int = 0) -> list[tuple]:
+    """Optional TensorBoard / wandb sinks, each a (log(row), close()) pair. A run resumed at `step` continues the
+    same W&B run (its id is kept in the run folder; runs are grouped by dataset), and TensorBoard drops what was
+    logged after the checkpoint (purge_step), so no step appears twice."""
     sinks = []
     if args.tensorboard:
         from torch.utils.tensorboard import SummaryWriter
 
-        tb = SummaryWriter(str(run_dir / "tensorboard"))
+        tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=step + 1 if step else None)
         sinks.append((lambda row: [tb.add_scalar(k, v, row["step"]) for k, v in row.items() if k != "step"],
                       tb.close))
     if args.wandb:
         import wandb
 
-        run = wandb.init(project=args.wandb_project, name=run_dir.name, config=dataclasses.asdict(args), resume="allow")
+        run = wandb.init(project=args.wandb_project, name=run_dir.name, id=_wandb_run_id(run_dir), resume="allow",
+                         group=args.env, config=dataclasses.asdict(args))
         sinks.append((lambda row: run.log({k: v for k, v in row.items() if k != "step"}, step=row["step"]),
                       run.finish))
     return sinks
@@ -3021,8 +3201,9 @@ def total_variation(p, q) -> np.ndarray:
 
 
 # ================================================================================================================
-# Appendix F. The command line: the parser built from Args, preset resolution and validation (one clear line per
-# mistake, before any work). Not needed to understand A2PR: train(args) takes an Args however it was made.
+# Appendix F. The command line: the parser built from Args, --config (a run's config.json as the defaults), preset
+# resolution and validation (one clear line per mistake, before any work). Not needed to understand A2PR:
+# train(args) takes an Args however it was made.
 # ================================================================================================================
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, not a usage dump; an unknown flag gets the closest known one
@@ -3034,8 +3215,9 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"a2pr.py: error: {message} (see python a2pr.py --help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The command line, built from Args: one flag per field, its help line from the field's metadata."""
+def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
+    """The command line, built from Args: one flag per field, its help line from the field's metadata. With
+    defaults=False, a field not given on the command line is absent from the result (--config uses that)."""
     p = _Parser(prog="a2pr.py", description=__doc__.split("\n\n")[0],
                 formatter_class=lambda prog: argparse.HelpFormatter(prog, max_help_position=30, width=120))
     hints = typing.get_type_hints(Args)
@@ -3044,7 +3226,7 @@ def build_parser() -> argparse.ArgumentParser:
         typ = hints[f.name]
         hide = f.default is None or typ is bool or str(f.default) in f.metadata["help"]
         shown = "" if hide else f" (default {f.default})"
-        kw = dict(dest=f.name, help=f.metadata["help"] + shown, default=f.default)
+        kw = dict(dest=f.name, help=f.metadata["help"] + shown, default=f.default if defaults else argparse.SUPPRESS)
         if typ is bool:
             kw["action"] = argparse.BooleanOptionalAction if f.metadata.get("negatable") else "store_true"
         else:
@@ -3058,12 +3240,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv=None) -> Args:
     """Args from the command line, remembering which flags were given (a flag given with its default value still
-    counts: on --resume it must agree with the checkpoint)."""
-    args = Args(**vars(build_parser().parse_args(argv)))
-    given = build_parser()
-    for action in given._actions:  # no defaults: the namespace then holds only the flags that were given
-        action.default = argparse.SUPPRESS
-    args.given = frozenset(vars(given.parse_args(argv)))
+    counts: on --resume it must agree with the checkpoint); with --config FILE, the fields not given on the command
+    line come from FILE."""
+    values = vars(build_parser().parse_args(argv))
+    given = vars(build_parser(defaults=False).parse_args(argv))  # no defaults: only the flags that were given
+    if values["config"]:
+        values.update({k: v for k, v in load_config(values["config"]).items() if k not in given})
+    args = Args(**values)
+    args.given = frozenset(given)
     return args
 
 
@@ -3095,6 +3279,22 @@ def check_resume_flags(args: Args, saved: Args, given: set[str]) -> None:
         raise A2PRError(f"--resume {args.resume}: {'; '.join(clash)}. Drop the flag to continue the run as it was "
                         "(only --total-steps, --cuda, --compile, --cuda-graphs, --data-dir may change), or start a "
                         "new run with it")
+
+
+NOT_FROM_CONFIG = ("config", "resume", "run_name", "export", "best")  # where and what to run, not the settings
+
+
+def load_config(path: str) -> dict:
+    """The settings of a run's config.json (write_config), minus where and what to run: a re-run gets its own
+    folder. A file of another a2pr version may hold fields this one does not know: a one-line error names them."""
+    try:
+        settings = json.loads(Path(path).read_text())["settings"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise A2PRError(f"--config {path}: not a run's config.json ({type(e).__name__}: {e})") from None
+    unknown = sorted(set(settings) - {f.name for f in dataclasses.fields(Args)})
+    if unknown:
+        raise A2PRError(f"--config {path}: settings this a2pr.py does not know: {', '.join(unknown)}")
+    return {k: v for k, v in settings.items() if k not in NOT_FROM_CONFIG}
 
 
 def auto_preset(env: str) -> str:

@@ -2697,3 +2697,363 @@ def test_a_failed_run_leaves_no_empty_folders(tmp_path):
     r = run_cli(*TINY_CLI, "--save-dir", str(tmp_path / "runs"), "--env", str(tmp_path / "missing.hdf5"))
     assert "file not found" in one_line(r)
     assert list(tmp_path.iterdir()) == []
+
+
+# ================================================================================================================
+# A real machine: downloads, versions, configs, trackers, export (issue 12)
+# ================================================================================================================
+def requirements() -> dict:
+    from packaging.requirements import Requirement
+
+    lines = [ln.split("#")[0].strip() for ln in (HERE / "requirements.txt").read_text().splitlines()]
+    return {(r := Requirement(ln)).name.lower(): r for ln in lines if ln}
+
+
+def test_requirements_install_minaris_download_extra_and_admit_the_installed_versions():
+    import importlib.metadata
+
+    from packaging.version import Version
+
+    reqs = requirements()
+    extras = importlib.metadata.metadata("minari").get_all("Provides-Extra")
+    assert "hf" in extras and "hf" in reqs["minari"].extras  # without it: "huggingface_hub is not installed"
+    for name in ["torch", "numpy", "gymnasium", "mujoco", "minari", "h5py", "matplotlib", "huggingface-hub",
+                 "tensorboard", "wandb", "pytest", "hypothesis"]:
+        assert name in reqs, name
+        r = reqs[name]
+        installed = Version(importlib.metadata.version(name)).base_version  # 2.13.0+cpu -> 2.13.0
+        assert r.specifier.contains(installed, prereleases=True), (name, installed, str(r.specifier))
+        assert any(s.operator in ("<", "<=", "==", "~=") for s in r.specifier), f"{name} has no upper bound"
+    assert not reqs["numpy"].specifier.contains("1.26")  # minari 0.5 needs numpy 2
+
+
+class FakeHuggingFace(http.server.BaseHTTPRequestHandler):
+    """The Hugging Face Hub endpoints Minari's download makes (minari/storage/remotes/huggingface.py through
+    huggingface_hub): list datasets, a repo's revision and file tree, and HEAD/GET of /resolve/ files."""
+    repos: dict[str, dict[str, bytes]] = {}
+    hits: list[str] = []
+    sha = "0123456789abcdef0123456789abcdef01234567"
+
+    def _send(self, code, body=b"", headers=()):
+        self.send_response(code)
+        for k, v in headers:
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _json(self, obj):
+        self._send(200, json.dumps(obj).encode(), [("Content-Type", "application/json")])
+
+    def do_HEAD(self):
+        self.do_GET()
+
+    def do_GET(self):
+        import hashlib
+        import urllib.parse
+
+        url = urllib.parse.urlsplit(self.path)
+        parts = [urllib.parse.unquote(p) for p in url.path.strip("/").split("/")]
+        self.hits.append(f"{self.command} {url.path}")
+        query = urllib.parse.parse_qs(url.query)
+        if parts == ["api", "datasets"]:  # list_datasets(author=..., search=...)
+            ids = [r for r in self.repos if r.split("/")[0] in query.get("author", [r.split("/")[0]])
+                   and all(s in r for s in query.get("search", []))]
+            return self._json([{"id": r} for r in ids])
+        if parts[:2] == ["api", "datasets"] and len(parts) >= 5 and "/".join(parts[2:4]) in self.repos:
+            repo = "/".join(parts[2:4])
+            files = self.repos[repo]
+            if parts[4] == "revision":  # repo_info
+                return self._json({"id": repo, "sha": self.sha, "siblings": [{"rfilename": p} for p in files]})
+            if parts[4] == "tree":  # list_repo_tree
+                return self._json([{"type": "file", "path": p, "size": len(b), "oid": hashlib.sha1(b).hexdigest()}
+                                   for p, b in files.items()])
+        if parts[0] == "datasets" and len(parts) > 5 and parts[3] == "resolve":  # hf_hub_download
+            data = self.repos.get("/".join(parts[1:3]), {}).get("/".join(parts[5:]))
+            if data is None:
+                return self._send(404, b"", [("X-Error-Code", "EntryNotFound")])
+            return self._send(200, data, [("X-Repo-Commit", self.sha), ("ETag", f'"{hashlib.sha1(data).hexdigest()}"')])
+        self._send(404, b"", [("X-Error-Code", "RepoNotFound")])
+
+    def log_message(self, *a):
+        pass
+
+
+@pytest.fixture
+def hugging_face(tmp_path, monkeypatch):
+    """A local Hub serving farama-minari/mujoco with one small dataset, mujoco/hopper/tiny-v0 (made by minari
+    itself, laid out as Minari uploads it); the Minari root is then emptied, so loading it must download it."""
+    root = tmp_path / "minari"
+    minari_dataset("mujoco/hopper/tiny-v0", episodes([30, 20], ["term", "trunc"]))
+    files = {p.relative_to(root / "mujoco").as_posix(): p.read_bytes() for p in (root / "mujoco").rglob("*")
+             if p.is_file()}
+    files["namespace_metadata.json"] = json.dumps({"datasets": ["mujoco/hopper/tiny-v0"],
+                                                   "namespaces": ["mujoco/hopper"]}).encode()
+    import shutil
+
+    shutil.rmtree(root)
+    handler = type("H", (FakeHuggingFace,), dict(repos={"farama-minari/mujoco": files}, hits=[]))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{httpd.server_address[1]}")
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    yield handler
+    httpd.shutdown()
+    httpd.server_close()
+
+
+TINY_FLAGS = ["--total-steps", "4", "--batch-size", "8", "--actor-hidden", "8", "--critic-hidden", "8",
+              "--value-hidden", "8", "--vae-hidden", "8", "--eval-freq", "4", "--log-freq", "2", "--eval-episodes",
+              "1", "--quiet"]
+
+
+@pytest.mark.slow
+def test_minari_dataset_downloads_from_the_hub_endpoint_and_trains(hugging_face, tmp_path):
+    r = run_cli("--env", "mujoco/hopper/tiny-v0", *TINY_FLAGS, "--save-dir", str(tmp_path / "runs"),
+                "--run-name", "m", timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "minari" / "mujoco" / "hopper" / "tiny-v0" / "data" / "main_data.hdf5").exists()
+    assert any(h.startswith("GET /datasets/farama-minari/mujoco/resolve/") and h.endswith("main_data.hdf5")
+               for h in hugging_face.hits)
+    assert json.loads((tmp_path / "runs" / "m" / "summary.json").read_text())["steps"] == 4
+
+
+def test_minari_download_from_a_server_that_never_answers_stops_within_the_timeout(tmp_path, monkeypatch):
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)  # connections complete in the backlog, but nothing is ever sent back
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{silent.getsockname()[1]}")
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    try:
+        t0 = time.time()
+        r = run_cli("--env", "mujoco/hopper/medium-v0", "--download-timeout", "1", "--save-dir", str(tmp_path),
+                    timeout=60)
+        elapsed = time.time() - t0
+    finally:
+        silent.close()
+    err = r.stderr.strip()
+    assert r.returncode == 2 and len(err.splitlines()) == 1, err[-2000:]
+    assert "cannot download Minari dataset mujoco/hopper/medium-v0" in err and "for 1s" in err
+    assert elapsed < 15  # python + torch start-up, then 1 s of waiting, not huggingface_hub's retries
+
+
+def test_every_run_writes_config_json_with_sources_and_versions_and_summary_carries_the_versions(tmp_path):
+    import hashlib
+
+    s = a2pr.train(tiny(tmp_path, seed=3))
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    settings, source, versions = config["settings"], config["source"], config["versions"]
+    assert settings == dataclasses.asdict(dataclasses.replace(tiny(tmp_path, seed=3), preset="pendulum-cpu",
+                                                              discount=0.99, alpha=2.5, bc_weight=1.0,
+                                                              vae_weight=1.0, save_freq=100))
+    assert source["total_steps"] == "flag" and source["discount"] == "spec default" and source["alpha"] == "spec default"
+    assert source["seed"] == "flag" and source["tau"] == "default" and source["env"] == "default"
+    assert set(source) == set(settings)
+    assert versions["torch"] == torch.__version__ and versions["numpy"] == np.__version__
+    assert versions["gymnasium"] == gym.__version__ and versions["python"] == sys.version.split()[0]
+    import mujoco
+
+    assert versions["mujoco"] == mujoco.__version__ and versions["minari"] and versions["device"].startswith("cpu")
+    assert versions["a2pr_sha256"] == hashlib.sha256((HERE / "a2pr.py").read_bytes()).hexdigest()
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["versions"] == versions == s["versions"]
+
+
+def test_config_reruns_a_run_and_flags_on_the_command_line_win(tmp_path):
+    first = tmp_path / "runs" / "first"
+    a2pr.train(tiny(tmp_path / "runs", run_name="first", tau=0.01, bc_target="data", preset="spec",
+                    total_steps=100, eval_freq=50))
+    cfg = str(first / "config.json")
+    again = a2pr.parse_args(["--config", cfg, "--run-name", "again"])
+    saved = json.loads(Path(cfg).read_text())["settings"]
+    assert {k: v for k, v in dataclasses.asdict(again).items() if k not in a2pr.NOT_FROM_CONFIG} == \
+        {k: v for k, v in saved.items() if k not in a2pr.NOT_FROM_CONFIG}
+    assert again.run_name == "again" and again.config == cfg and again.tau == 0.01 and again.bc_target == "data"
+    won = a2pr.parse_args(["--config", cfg, "--tau", "0.005", "--seed", "4"])  # given explicitly, even the default
+    assert won.tau == 0.005 and won.seed == 4 and won.bc_target == "data" and won.run_name is None
+    r = run_cli("--config", cfg, "--run-name", "again", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rerun = json.loads((tmp_path / "runs" / "again" / "config.json").read_text())
+    assert {k: v for k, v in rerun["settings"].items() if k not in a2pr.NOT_FROM_CONFIG} == \
+        {k: v for k, v in saved.items() if k not in a2pr.NOT_FROM_CONFIG}
+    a, b = (json.loads((tmp_path / "runs" / n / "summary.json").read_text()) for n in ("first", "again"))
+    assert a["final_scores"] == b["final_scores"] and a["best_scores"] == b["best_scores"]
+
+
+@pytest.mark.parametrize("content, match", [("{not json", "not a run's config.json"),
+                                            ('{"env": "x"}', "not a run's config.json"),
+                                            ('{"settings": {"alhpa": 1.0}}', "does not know: alhpa")])
+def test_config_errors_are_one_line(tmp_path, content, match):
+    (tmp_path / "c.json").write_text(content)
+    with pytest.raises(A2PRError, match=match):
+        a2pr.parse_args(["--config", str(tmp_path / "c.json")])
+    r = run_cli("--config", str(tmp_path / "missing.json"))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "missing.json" in r.stderr
+
+
+def test_best_policy_keeps_each_seeds_best_evaluation_with_its_weights(tmp_path, monkeypatch):
+    planned = iter([np.array([1.0, 4.0]), np.array([5.0, 2.0]), np.array([3.0, 6.0]), np.array([2.0, 1.0])])
+    actors = {}
+
+    def evaluation(agent, ds, data, args, device, envs):
+        scores = next(planned)
+        actors[len(actors) + 1] = {k: v.clone() for k, v in agent.actor.state_dict().items()}
+        return {"eval/return_mean": 0.0, "eval/normalized_score_mean": float(scores.mean()),
+                "eval/normalized_score_std": float(scores.std())}, scores
+
+    monkeypatch.setattr(a2pr, "evaluation", evaluation)
+    s = a2pr.train(tiny(tmp_path, num_seeds=2, eval_freq=50))
+    best = torch.load(tmp_path / "run" / "best_policy.pt", weights_only=True)  # tensors and plain types only
+    assert best["scores"].tolist() == [5.0, 6.0] and best["steps"].tolist() == [100, 150]
+    assert s["best_scores"] == [5.0, 6.0]
+    for name, v in best["actor"].items():
+        assert torch.equal(v[0], actors[2][name][0]) and torch.equal(v[1], actors[3][name][1]), name
+    assert not torch.equal(best["actor"]["net.0.weight"][0], actors[4]["net.0.weight"][0])
+    ck = checkpoint(tmp_path / "run")
+    assert torch.equal(best["obs_mean"], torch.as_tensor(ck["obs_mean"]))
+    assert torch.equal(best["action_low"], torch.as_tensor(ck["action_low"]))
+
+
+DEPLOY = """
+import sys, numpy as np, torch
+policy = torch.jit.load(sys.argv[1])
+obs = np.load(sys.argv[2])
+with torch.no_grad():
+    np.save(sys.argv[3], policy(torch.from_numpy(obs)).numpy())
+    np.save(sys.argv[4], policy(torch.from_numpy(obs[0])).numpy())
+assert not any(m.startswith("a2pr") for m in sys.modules), "the deployed program imported a2pr"
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("best", [False, True])
+def test_exported_policy_acts_like_load_policy_in_a_program_without_a2pr(tmp_path, best):
+    a2pr.train(tiny(tmp_path / "runs", num_seeds=2))
+    run = tmp_path / "runs" / "run"
+    r = run_cli("--export", str(run), *(["--best"] if best else []))
+    assert r.returncode == 0, r.stderr[-2000:]
+    path = run / ("policy_best.pt" if best else "policy.pt")
+    assert r.stdout.strip() == str(path)
+    obs = (np.random.default_rng(0).standard_normal((64, 3)) * 3).astype(np.float32)
+    np.save(tmp_path / "obs.npy", obs)
+    deploy = tmp_path / "deploy"
+    deploy.mkdir()  # a folder without a2pr.py, and a2pr's folder is not on the path
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-c", DEPLOY, str(path), str(tmp_path / "obs.npy"),
+                          str(tmp_path / "batch.npy"), str(tmp_path / "one.npy")], cwd=deploy, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    if best:  # load_policy's view of the best weights: the checkpoint's actor replaced by best_policy.pt's
+        kept = torch.load(run / "best_policy.pt", weights_only=True)["actor"]
+        ck = checkpoint(run)
+        ck["agent"].update({f"actor.{k}": v for k, v in kept.items()})
+        torch.save(ck, run / "checkpoint.pt")
+    expect = a2pr.load_policy(run)
+    assert np.array_equal(np.load(tmp_path / "batch.npy"), expect(obs))
+    assert np.array_equal(np.load(tmp_path / "one.npy"), expect(obs[0]))
+
+
+def test_export_errors_are_one_line(tmp_path):
+    r = run_cli("--export", str(tmp_path / "nothing"))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "no checkpoint.pt" in r.stderr
+    a2pr.train(tiny(tmp_path, total_steps=50))
+    (tmp_path / "run" / "best_policy.pt").unlink()  # as in a run stopped before its first evaluation
+    with pytest.raises(A2PRError, match="no best_policy.pt"):
+        a2pr.export_policy(tmp_path / "run", best=True)
+
+
+def keep_checkpoint_at(monkeypatch, step: int, copy_to: Path) -> None:
+    """Copy the checkpoint written at `step` aside: putting it back later is a run killed after that step."""
+    import shutil
+
+    save = a2pr.save_checkpoint
+
+    def saving(path, args, agent, opt, gens, device, progress, *rest):
+        save(path, args, agent, opt, gens, device, progress, *rest)
+        if progress.step == step:
+            shutil.copy(path, copy_to)
+
+    monkeypatch.setattr(a2pr, "save_checkpoint", saving)
+
+
+def test_tensorboard_resume_after_a_kill_logs_every_step_once(tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    keep_checkpoint_at(monkeypatch, 100, tmp_path / "ck100.pt")
+    a2pr.train(tiny(tmp_path, tensorboard=True, save_freq=100))  # logged 50..200; say it was killed after 200's row
+    (tmp_path / "ck100.pt").replace(tmp_path / "run" / "checkpoint.pt")  # ... with its last checkpoint at 100
+    a2pr.train(a2pr.Args(resume=str(tmp_path / "run"), quiet=True))  # logs 150 and 200 again
+    acc = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("losses/critic")] == [50, 100, 150, 200]
+    assert [e.step for e in acc.Scalars("eval/normalized_score_mean")] == [100, 200]
+
+
+def test_wandb_resume_continues_the_same_run_grouped_by_dataset(tmp_path, monkeypatch):
+    import wandb
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    calls, real_init = [], wandb.init
+
+    def init(**kw):
+        calls.append(kw)
+        return real_init(**kw)
+
+    monkeypatch.setattr(wandb, "init", init)
+    a2pr.train(tiny(tmp_path, wandb=True, total_steps=100))
+    a2pr.train(a2pr.Args(resume=str(tmp_path / "run"), total_steps=200, quiet=True))
+    assert len(calls) == 2 and calls[0]["id"] and calls[0]["id"] == calls[1]["id"]
+    assert all(c["resume"] in ("allow", "must") and c["group"] == "pendulum-mostly-random-v0" for c in calls)
+    assert json.loads((tmp_path / "run" / "wandb.json").read_text())["id"] == calls[0]["id"]
+    offline = sorted(p.name for p in (tmp_path / "wandb").glob("offline-run-*"))
+    assert len(offline) == 2 and all(p.endswith(calls[0]["id"]) for p in offline)
+
+
+def readme_commands() -> list[str]:
+    """The `python a2pr.py ...` lines of the README's shell blocks, comments dropped, in order."""
+    import re
+
+    blocks = re.findall(r"```bash\n(.*?)```", (HERE / "README.md").read_text(), re.S)
+    lines = [ln.split("  #")[0].strip() for b in blocks for ln in b.replace("\\\n", " ").splitlines()]
+    return [ln[ln.index("python a2pr.py"):].split("&&")[0].strip() for ln in lines if "python a2pr.py" in ln]
+
+
+def test_readme_install_line_gives_the_cpu_build_on_any_cpu_machine():
+    import re
+
+    from packaging.specifiers import SpecifierSet
+
+    readme = (HERE / "README.md").read_text()
+    install = readme.split("```bash\n")[1].split("```")[0]
+    assert "torch==2.13.0" not in install  # the CPU wheel only where a local copy exists; elsewhere the CUDA build
+    assert "--index-url https://download.pytorch.org/whl/cpu" in install and "pip install -r requirements.txt" in install
+    spec = SpecifierSet(re.search(r'"torch([^"]+)"', install).group(1))
+    assert spec == requirements()["torch"].specifier
+    assert "`.ci/run`" in readme and "torch==2.13.0" in (HERE / ".ci" / "run").read_text()  # the local wheel here
+
+
+def test_readme_commands_parse_and_name_only_folders_an_earlier_command_makes():
+    import shlex
+
+    made = set()
+    for cmd in readme_commands():
+        argv = shlex.split(cmd.replace("$task", "hopper-medium-v2"))[2:]
+        if any("$(" in a for a in argv) or argv == ["--help"]:
+            continue
+        ns = vars(a2pr.build_parser().parse_args(argv))  # every flag as printed exists
+        for flag in ("resume", "export"):
+            if ns[flag]:
+                assert Path(ns[flag]).name in made, f"{cmd}: no earlier README command makes {ns[flag]}"
+        if ns["config"]:
+            assert Path(ns["config"]).parent.name in made, cmd
+        if ns["run_name"]:
+            made.add(ns["run_name"])
+    assert made  # the resume example names a folder that the README itself creates
+
+
+def test_readme_states_only_speed_ratios_measured_side_by_side():
+    readme = (HERE / "README.md").read_text()
+    assert "1.95" not in readme  # against a figure measured on another day
+    assert "1.18×" in readme and "25.1" in readme and "29.7" in readme and "interleaved, 3 runs each" in readme
