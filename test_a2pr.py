@@ -1904,7 +1904,7 @@ def test_loaded_policy_acts_exactly_like_the_in_memory_actor(short_run):
     obs = np.random.default_rng(0).uniform([-1, -1, -8], [1, 1, 8], size=(6, 3)).astype(np.float32)
     with torch.no_grad():
         unit = actor(torch.as_tensor((obs - mean) / std)[None])[0].numpy()
-    expected = a2pr.to_env_actions(unit, ck["action_low"], ck["action_high"])
+    expected = a2pr.to_env_actions(unit, ck["action_low"].numpy(), ck["action_high"].numpy())
     np.testing.assert_array_equal(policy(obs), expected)
     np.testing.assert_array_equal(policy(obs[2]), expected[2])  # one observation -> one action
     assert (expected >= -2).all() and (expected <= 2).all()     # Pendulum's torque bounds
