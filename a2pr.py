@@ -3071,15 +3071,15 @@ def _load_checkpoint(run_dir: Path) -> dict:
         raise A2PRError(f"--resume {run_dir}: no checkpoint.pt there; give the folder of a run that saved one")
     try:  # weights_only: a shared checkpoint's pickle may carry code; only tensors and plain data are let through
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        found = (re.findall(r"GLOBAL (\S+)", str(e)) or ["?"])[0]
-        if found.startswith("numpy"):
+    except Exception as e:
+        found = re.findall(r"GLOBAL (\S+)", str(e)) if isinstance(e, pickle.UnpicklingError) else []
+        if found and found[0].startswith("numpy"):
             raise A2PRError(f"{path}: written by an older a2pr.py (numpy arrays inside, which a safe load refuses); "
                             "continue it with the a2pr.py that wrote it, or start a new run") from None
-        raise A2PRError(f"{path}: refused, nothing in it was run: it holds Python objects ({found}) that could run "
-                        "code when loaded; a2pr checkpoints hold only tensors and plain data, so this one was not "
-                        "written by a2pr.py or was altered") from None
-    except Exception as e:  # a truncated or foreign file
+        if found:
+            raise A2PRError(f"{path}: refused, nothing in it was run: it holds Python objects ({found[0]}) that "
+                            "could run code when loaded; a2pr checkpoints hold only tensors and plain data, so this "
+                            "one was not written by a2pr.py or was altered") from None
         raise A2PRError(f"{path}: cannot be read as an a2pr checkpoint ({type(e).__name__}: {e})") from None
     needed = {"args", "agent", "optimizers", "rng", "step", "obs_mean", "obs_std", "history"}
     if not isinstance(ckpt, dict):

@@ -1174,7 +1174,7 @@ def test_loaded_policy_acts_exactly_like_the_in_memory_actor(short_run):
     obs = np.random.default_rng(0).uniform([-1, -1, -8], [1, 1, 8], size=(6, 3)).astype(np.float32)
     with torch.no_grad():
         unit = actor(torch.as_tensor((obs - mean) / std)[None])[0].numpy()
-    expected = a2pr.to_env_actions(unit, ck["action_low"], ck["action_high"])
+    expected = a2pr.to_env_actions(unit, ck["action_low"].numpy(), ck["action_high"].numpy())
     np.testing.assert_array_equal(policy(obs), expected)
     np.testing.assert_array_equal(policy(obs[2]), expected[2])  # one observation -> one action
     assert (expected >= -2).all() and (expected <= 2).all()     # Pendulum's torque bounds
@@ -1239,8 +1239,8 @@ def test_eval_obs_noise_changes_returns_and_zero_noise_is_deterministic(tmp_path
     args = a2pr.resolve_args(a2pr.Args(**ck["args"]))[0]
     agent = a2pr.Agent([args.seed], 3, 1, args)
     agent.load_state_dict(ck["agent"])
-    ev = dict(env_id="Pendulum-v1", obs_mean=ck["obs_mean"], obs_std=ck["obs_std"], action_low=ck["action_low"],
-              action_high=ck["action_high"], episodes=2, seed=7)
+    ev = dict(env_id="Pendulum-v1", obs_mean=ck["obs_mean"].numpy(), obs_std=ck["obs_std"].numpy(),
+              action_low=ck["action_low"].numpy(), action_high=ck["action_high"].numpy(), episodes=2, seed=7)
     clean1, clean2 = a2pr.evaluate(agent.actor, **ev), a2pr.evaluate(agent.actor, **ev)
     noisy = a2pr.evaluate(agent.actor, **ev, obs_noise=0.5)
     np.testing.assert_array_equal(clean1, clean2)
