@@ -29,8 +29,8 @@ Reading map (line: what). Everything above main() is A2PR; below it, appendices 
    1796  Appendix B:       sweeps on Ray: suites, variants, results tables with bootstrap CIs
    2470  Appendix C:       speed paths: Updater, torch.compile, CUDA graphs, benchmarks
    2639  Appendix D:       run files: checkpoints, CSV, plot, trackers, load_run, load_policy
-   3141  Appendix E:       the theory on finite MDPs
-   3204  Appendix F:       the command line: parser, presets, validation
+   3142  Appendix E:       the theory on finite MDPs
+   3205  Appendix F:       the command line: parser, presets, validation
 """
 
 from __future__ import annotations
@@ -2026,12 +2026,8 @@ def run_sweep_task(task: dict) -> dict:
     info = _read_json(run_dir / "sweep.json")
     import platform
 
-    try:
-        import ray
-
-        node = ray.get_runtime_context().get_node_id()
-    except Exception:  # run outside Ray (tests call it directly)
-        node = None
+    ray = sys.modules.get("ray")  # never start a Ray here: get_runtime_context() would start a local one
+    node = ray.get_runtime_context().get_node_id() if ray is not None and ray.is_initialized() else None
     info.update(wall_s=info.get("wall_s", 0.0) + time.time() - t0, host=platform.node(), node=node,
                 threads=torch.get_num_threads(), attempts=info.get("attempts", 0) + 1,
                 resumed_at=info.get("resumed_at", []) + ([resumed_at] if resumed_at is not None else []))
@@ -2162,7 +2158,11 @@ def _run_on_ray(ray, args: Args, todo: list[dict], resolved: dict, levels: list[
             mod = importlib.import_module(code.stem)
         gpus = sweep_task_gpus(args)
         remote = ray.remote(mod.run_sweep_task)
-        options = dict(num_cpus=args.task_cpus, num_gpus=gpus, max_retries=args.task_retries, retry_exceptions=False)
+        # PYTHONPATH too: a Ray that was already running (a notebook's, a test's) has no code_search_path for a2pr.
+        options = dict(num_cpus=args.task_cpus, num_gpus=gpus, max_retries=args.task_retries, retry_exceptions=False,
+                       scheduling_strategy="SPREAD",  # runs over all nodes rather than packed onto the first
+                       runtime_env=dict(env_vars=dict(PYTHONPATH=os.pathsep.join(
+                           p for p in (str(code.parent), os.environ.get("PYTHONPATH")) if p))))
         pending = {}
         for run in todo:
             r = resolved[run["run_dir"]]  # absolute paths: a worker on another node has another working folder
@@ -2848,7 +2848,8 @@ class RunFolder:
     def release(self) -> None:
         run_dir = self.paths["run_dir"]
         if self.made and all(p.name in (".lock", "config.json") for p in run_dir.iterdir()):
-            (run_dir / ".lock").unlink()
+            for name in (".lock", "config.json"):
+                (run_dir / name).unlink(missing_ok=True)
             run_dir.rmdir()
         self.lock.close()
 
