@@ -27,10 +27,10 @@ Reading map (line: what). Everything above main() is A2PR; below it, appendices 
     956  main:             the command line's entry point
     977  Appendix A:       data sources: built-in, D4RL, HDF5, downloads, Minari, mixes
    1796  Appendix B:       sweeps on Ray: suites, variants, results tables with bootstrap CIs
-   2470  Appendix C:       speed paths: Updater, torch.compile, CUDA graphs, benchmarks
-   2639  Appendix D:       run files: checkpoints, CSV, plot, trackers, load_run, load_policy
-   3142  Appendix E:       the theory on finite MDPs
-   3205  Appendix F:       the command line: parser, presets, validation
+   2458  Appendix C:       speed paths: Updater, torch.compile, CUDA graphs, benchmarks
+   2627  Appendix D:       run files: checkpoints, CSV, plot, trackers, load_run, load_policy
+   3136  Appendix E:       the theory on finite MDPs
+   3199  Appendix F:       the command line: parser, presets, validation
 """
 
 from __future__ import annotations
@@ -2024,8 +2024,6 @@ def run_sweep_task(task: dict) -> dict:
         if stop_hook:
             stop_hook.set()
     info = _read_json(run_dir / "sweep.json")
-    import platform
-
     ray = sys.modules.get("ray")  # never start a Ray here: get_runtime_context() would start a local one
     node = ray.get_runtime_context().get_node_id() if ray is not None and ray.is_initialized() else None
     info.update(wall_s=info.get("wall_s", 0.0) + time.time() - t0, host=platform.node(), node=node,
@@ -2250,20 +2248,10 @@ def collect_sweep(runs: list[dict], levels: list[float]) -> list[dict]:
 
 
 def _versions() -> str:
-    import platform
-
-    out = [f"python {platform.python_version()}", f"torch {torch.__version__}", f"numpy {np.__version__}"]
-    for name in ("ray", "gymnasium"):
-        try:
-            out.append(f"{name} {__import__(name).__version__}")
-        except ImportError:
-            pass
-    return ", ".join(out)
+    return ", ".join(f"{k} {v}" for k, v in library_versions(("ray",)).items() if v)
 
 
 def _hardware() -> str:
-    import platform
-
     cpu = platform.processor() or platform.machine()
     try:
         cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
@@ -2770,16 +2758,22 @@ def run_paths(run_dir: Path) -> dict[str, Path]:
                 config=run_dir / "config.json", best_policy=run_dir / "best_policy.pt")
 
 
-def run_versions(args: Args) -> dict:
-    """What a run ran on: python and the libraries that decide its numbers, the device, and a2pr.py's own hash."""
+def library_versions(extra: tuple[str, ...] = ()) -> dict:
+    """python and the libraries that decide a run's numbers (None where one is not installed)."""
     import importlib.metadata
 
     out = dict(python=platform.python_version(), torch=torch.__version__, numpy=np.__version__)
-    for name in ("gymnasium", "mujoco", "minari", "h5py"):
+    for name in ("gymnasium", "mujoco", "minari", "h5py", *extra):
         try:
             out[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             out[name] = None
+    return out
+
+
+def run_versions(args: Args) -> dict:
+    """What a run ran on: python and the libraries that decide its numbers, the device, and a2pr.py's own hash."""
+    out = library_versions()
     out["device"] = (f"cuda: {torch.cuda.get_device_name()}" if args.cuda and torch.cuda.is_available()
                      else f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores")
     out["a2pr_sha256"] = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
