@@ -2322,9 +2322,8 @@ def ray_cluster():
     # Ray >= 2.5x turns token auth on for a local cluster once this process has started one (RAY_AUTH_MODE=token in
     # os.environ), and looks for the token under ~/.ray; every test here has its own HOME, so a cluster shared by
     # several tests would find none and its GCS would abort. A loopback-only test cluster runs without tokens.
-    old_mode = os.environ.get("RAY_AUTH_MODE")
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    try:
+    with pytest.MonkeyPatch.context() as mp:  # a module-scoped fixture cannot take the monkeypatch fixture
+        mp.setenv("RAY_AUTH_MODE", "disabled")
         cluster = Cluster(initialize_head=True, head_node_args=dict(num_cpus=1, include_dashboard=False))
         cluster.add_node(num_cpus=1)
         cluster.wait_for_nodes()
@@ -2333,8 +2332,6 @@ def ray_cluster():
 
         ray.shutdown()
         cluster.shutdown()
-    finally:
-        os.environ.pop("RAY_AUTH_MODE") if old_mode is None else os.environ.__setitem__("RAY_AUTH_MODE", old_mode)
 
 
 KILL_SWEEP = ["--sweep-envs", "pendulum-medium-v0", "--seeds", "2", "--total-steps", "400", "--eval-freq", "100"]
