@@ -1,36 +1,60 @@
 """A2PR: Adaptive Advantage-guided Policy Regularization for offline RL, in one file.
 
 A2PR (Liu et al., ICML 2024, arXiv 2405.19909) is TD3+BC with a smarter behaviour-cloning term. An
-advantage-weighted VAE learns to generate the dataset's *better* actions; for every state the actor is pulled
-towards whichever of {dataset action, VAE action} has the larger advantage Q(s,a) - V(s), and only in states where
-that advantage is positive (the adaptive gate). On low-quality data this keeps TD3+BC's safety where the data is
-good and frees the policy where it is not. Algorithm contract: A2PR_SPEC.md (its numbered steps are cited as
-"spec 1..4" below). Default behaviour follows the released implementation, which produced the paper's numbers.
+advantage-weighted VAE learns to generate the dataset's *better* actions; in every state the actor is pulled towards
+whichever of {dataset action, VAE action} has the larger advantage Q(s,a) - V(s), and only where one of them has a
+positive advantage (the adaptive gate). The defaults follow the released code, which produced the paper's numbers.
 
-    python a2pr.py                                   # built-in Pendulum dataset, CPU, a few minutes
+    python a2pr.py                                   # built-in Pendulum dataset, CPU, about 3 minutes on 2 cores
     python a2pr.py --env hopper-medium-v2 --cuda     # D4RL data and the published per-task preset
 
+The contract: one gradient step on a batch (s, a, r, s', d), d = 1 only on a true terminal (never on a time-out).
+The networks work in [-1, 1] action units (max action 1); each loss is one Adam step on its own network.
+  spec 1  critics  e = clip(N(0, sigma^2), -c, c), sigma = 0.2, c = 0.5;  a' = clip(pi_targ(s') + e, -1, 1)
+                   y = r + gamma (1 - d) min(Q1_targ, Q2_targ)(s', a');   L_Q = MSE(Q1(s,a), y) + MSE(Q2(s,a), y)
+  spec 2  value    v = V(s), evaluated once before V's step and reused by spec 3 and 4;
+                   y2 = r + gamma (1 - d) min(Q1, Q2)(s', a') from the just-updated online critics, same a'
+                   L_V = MSE(v, min(y, y2))
+  spec 3  VAE      (a_hat, mu, sigma) = VAE(s, a), z = mu + sigma N(0, I);  w = vae_weight 1[Q1(s,a) > v]
+                   L_VAE = mean(w (a_hat - a)^2) + 0.5 KL,  KL = -0.5 mean(1 + log sigma^2 - mu^2 - sigma^2)
+  spec 4  actor    every policy_freq = 2 steps: p = pi(s);  lambda = alpha / mean|Q1(s, p)|, detached;
+                   p_hat = decoder(s, z), z from the encoder of (s, p); A_vae = Q1(s, p_hat) - v; A_data = Q1(s, a) - v
+                   target = p_hat where A_vae >= A_data, else a                 (advantage selection, ties to p_hat)
+                   gate   = bc_weight 1[A_vae >= eps_A or A_data > eps_A]      (the adaptive constraint)
+                   L_pi = -lambda mean Q1(s, p) + mean(gate (p - target)^2);  then theta_targ <- tau theta +
+                   (1 - tau) theta_targ for the actor and the critics (on actor steps only)
+Defaults: 1M steps, batch 256, gamma 0.99, tau 0.005, alpha 2.5, bc_weight 1, vae_weight 1, eps_A 0; Adam, lr 3e-4
+(VAE 1e-3); actor 3 x 256, critics and V 4 x 256, VAE 2 x 750 with latent 2 x act dim (log sigma in [-4, 15]);
+states normalised with the data's mean and std + 1e-3; every 5,000 steps 10 deterministic episodes, scored as
+D4RL's 100 (R - R_random) / (R_expert - R_random). The released code's per-task settings: D4RL_PRESETS.
+Where the released code, followed here, differs from the paper's prose: the gate is a logical OR at eps_A = 0, so a
+state where neither action has a positive advantage gets no constraint at all; p_hat is not detached, so the
+behaviour term also moves p through the VAE; the VAE learns at Adam's default 1e-3; bc_weight is called `mask`
+(accepted as --mask). The one deliberate difference: actions are rescaled from the env's bounds to [-1, 1] (the
+released code divides by max_action, which is wrong for asymmetric bounds).
+
 Reading map (line: what). Everything above main() is A2PR; below it, appendices a reader may skip:
-     84  Args:             Args and the published per-task presets (spec: defaults and presets)
-    223  EnsembleLinear:   networks: Actor, TwinCritic, ValueNet, VAE, in the (K, B, .) ensemble layout
-    339  td_target:        losses, one pure function per spec step
-    384  select_bc_target: advantage selection and the adaptive gate (spec 4)
-    433  critic_step:      spec 1: critics, TD3 target with policy smoothing
-    446  q1_data_and_y2:   spec 2: y2 from the just-updated online critics
-    455  value_step:       spec 2: V towards min(y, y2)
-    463  vae_step:         spec 3: advantage-weighted VAE
-    489  actor_step:       spec 4: actor, then the soft target updates
-    517  update_core:      one gradient step: spec 1-4 in order
-    561  Dataset:          the data as the networks see it: normalisation, action scaling, device batches
-    675  evaluate:         deterministic evaluation, D4RL normalised score
-    879  train:            train(args) -> summary: setup, then the loop
-    956  main:             the command line's entry point
-    977  Appendix A:       data sources: built-in, D4RL, HDF5, downloads, Minari, mixes
-   1796  Appendix B:       sweeps on Ray: suites, variants, results tables with bootstrap CIs
-   2458  Appendix C:       speed paths: Updater, torch.compile, CUDA graphs, benchmarks
-   2627  Appendix D:       run files: checkpoints, CSV, plot, trackers, load_run, load_policy
-   3136  Appendix E:       the theory on finite MDPs
-   3199  Appendix F:       the command line: parser, presets, validation
+    107  Args:             Args and the published per-task presets (D4RL_PRESETS)
+    229  EnsembleLinear:   networks: Actor, TwinCritic, ValueNet, VAE, in the (K, B, .) ensemble layout
+    345  td_target:        losses, one pure function per spec step
+    389  select_bc_target: advantage selection and the adaptive gate (spec 4)
+    438  critic_step:      spec 1: critics, TD3 target with policy smoothing
+    451  q1_data_and_y2:   spec 2: y2 from the just-updated online critics
+    459  value_step:       spec 2: V towards min(y, y2)
+    467  vae_step:         spec 3: advantage-weighted VAE
+    493  actor_step:       spec 4: actor, then the soft target updates
+    521  update_core:      spec 1-4 in order, on a batch with its noise
+    537  update:           one gradient step: a batch per seed, its noise, update_core
+    568  Dataset:          the data as the networks see it: normalisation, action scaling, device batches
+    664  Policy:           the deployed policy: normalise -> actor -> env action bounds
+    712  evaluate:         deterministic evaluation, D4RL normalised score
+    891  train:            train(args) -> summary: setup, then the loop
+    955  main:             the command line's entry point
+    974  Appendix A:       data sources: built-in, D4RL, HDF5, downloads, Minari, mixes
+   1653  Appendix B:       speed paths: torch.compile, CUDA graphs, --benchmark update
+   1771  Appendix C:       run files: folders, locks, checkpoints, config.json, CSV, plot, trackers, export
+   2245  Appendix D:       the theory on finite MDPs
+   2308  Appendix E:       the command line: parser, --config, presets, validation
 """
 
 from __future__ import annotations
@@ -43,7 +67,6 @@ import dataclasses
 import difflib
 import errno
 import functools
-import glob
 import hashlib
 import http.client
 import io
@@ -58,9 +81,9 @@ import shlex
 import signal
 import sys
 import tempfile
+import threading
 import time
 import typing
-import warnings
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
@@ -147,38 +170,21 @@ class Args:
     wandb: bool = _arg(False, "also log to Weights & Biases (needs the wandb package)")
     wandb_project: str = _arg("a2pr", "wandb project name")
     quiet: bool = _arg(False, "print only the final summary")
-    config: str | None = _arg(None, "run with the settings of a run's config.json; flags given here win", metavar="FILE")
-    export: str | None = _arg(None, "write the run's policy as one TorchScript file (RUN_DIR/policy.pt): raw observation "
-                              "-> env action, loadable with torch.jit.load alone", metavar="RUN_DIR")
-    best: bool = _arg(False, "with --export: the policy of the best evaluation (each seed's own) -> policy_best.pt")
+    config: str | None = _arg(None, "run with the settings of a run's config.json; flags given here win",
+                              metavar="FILE")
+    export: str | None = _arg(None, "write the run's policy as one torch.export program (RUN_DIR/policy.pt2): raw "
+                              "observations -> env actions, loadable with torch alone", metavar="RUN_DIR")
+    best: bool = _arg(False, "with --export: the policy of the best evaluation (each seed's own) -> policy_best.pt2")
     # --- benchmarks (no dataset, no env) ---
-    benchmark: str | None = _arg(None, "time the real update on synthetic data (update) or loading a 1M-row D4RL "
-                                 "file (data); prints one JSON line", choices=("update", "data"), metavar="WHAT")
+    benchmark: str | None = _arg(None, "time the real update on synthetic data (update); prints one JSON line",
+                                 choices=("update",), metavar="WHAT")
     bench_steps: int = _arg(200, "timed updates of --benchmark update, after 20 warm-up updates")
     bench_modes: str | None = _arg(None, "--benchmark update: time these update paths side by side, e.g. "
                                    "eager,compile,graphs (default: the path the flags select)", metavar="MODES")
     bench_repeats: int = _arg(1, "--benchmark update: timed rounds per path, interleaved; the median is reported")
     bench_dims: str = _arg("11,3", "OBS,ACT dims of the synthetic data of --benchmark update (hopper: 11,3)",
                            metavar="OBS,ACT")
-    # --- sweeps (many runs on Ray: Appendix B; Ray is needed only for these) ---
-    sweep: str | None = _arg(None, "run a suite on Ray: paper (the paper's 9 D4RL sets), mixes (random data + 1 or 5 "
-                             "percent expert/medium), builtin (Pendulum) or envs (--sweep-envs)",
-                             choices=("paper", "mixes", "builtin", "envs"), metavar="SUITE")
-    sweep_envs: str | None = _arg(None, "--sweep envs: these datasets, comma-separated; ENV+NAME:FRAC for a --mix",
-                                  metavar="A,B")
-    seeds: int = _arg(5, "--sweep: seeds per dataset and variant (--seed onwards), --num-seeds of them per Ray task")
-    variants: str = _arg("a2pr", "--sweep: side by side, among a2pr, td3bc (--bc-target data --gate always), no-gate "
-                         "(--gate always), vae-only (--bc-target vae)", metavar="V,...")
-    sweep_dir: str | None = _arg(None, "--sweep: folder of its run folders and results (default sweeps/SUITE)",
-                                 metavar="DIR")
-    task_cpus: float = _arg(1.0, "--sweep: CPU cores per Ray task; each task runs torch on that many threads (>= 1)")
-    task_gpus: float | None = _arg(None, "--sweep: GPUs per Ray task, e.g. 0.25 packs four runs on one GPU "
-                                   "(default: 1 with --cuda, else 0)")
-    task_retries: int = _arg(3, "--sweep: times Ray reruns a task whose worker died; the rerun resumes the checkpoint")
-    ray_address: str | None = _arg(None, "--sweep: Ray cluster to run on, e.g. auto or HOST:6379 (default "
-                                   "$RAY_ADDRESS, else a local Ray on this machine)", metavar="ADDR")
-    noise_levels: str | None = _arg(None, "--sweep: also evaluate every final policy under Gaussian observation noise "
-                                    "of these stds, e.g. 0,0.01,0.05,0.1", metavar="S,...")
+
 
 
 # Spec defaults for the fields that presets may change (None above means "preset, else this").
@@ -336,10 +342,9 @@ def init_ensemble(module: nn.Module, seeds: list[int]) -> None:
 # Losses: pure functions, one per spec step. Tensors carry a leading seed dimension K; each returns per-seed (K,)
 # values so that summing over K gives every seed exactly its own gradient.
 # ----------------------------------------------------------------------------------------------------------------
-def td_target(critic_target: TwinCritic, r, s2, a2, d, discount: float) -> torch.Tensor:
-    """Spec 1: y = r + gamma (1 - d) min(Q1', Q2')(s', a')."""
-    q1, q2 = critic_target(s2, a2)
-    return r + discount * (1.0 - d) * torch.min(q1, q2)
+def td_target(q1_next, q2_next, r, d, discount: float) -> torch.Tensor:
+    """Spec 1 and 2: y = r + gamma (1 - d) min(Q1, Q2)(s', a'), from the target critics (y) or the online ones (y2)."""
+    return r + discount * (1.0 - d) * torch.min(q1_next, q2_next)
 
 
 def critic_loss(critic: TwinCritic, s, a, y) -> torch.Tensor:
@@ -436,7 +441,7 @@ def critic_step(agent: Agent, opt: Optimizers, s, a, r, s2, d, smoothing_noise, 
     with torch.no_grad():
         eps = (smoothing_noise * args.policy_noise).clamp(-args.noise_clip, args.noise_clip)
         a2 = (agent.actor_target(s2) + eps).clamp(-1.0, 1.0)
-        y = td_target(agent.critic_target, r, s2, a2, d, args.discount)
+        y = td_target(*agent.critic_target(s2, a2), r, d, args.discount)
     loss = critic_loss(agent.critic, s, a, y)
     _step(opt.critic, loss.sum())
     return y, a2, loss.detach()
@@ -444,12 +449,11 @@ def critic_step(agent: Agent, opt: Optimizers, s, a, r, s2, d, smoothing_noise, 
 
 @torch.no_grad()
 def q1_data_and_y2(critic: TwinCritic, s, a, r, s2, a2, d, discount: float):
-    """Q1(s, a) (spec 3 and 4) and y2 = td_target(critic, r, s', a', d) (spec 2), both from the just-updated online
-    critics. Literally these are critic.q1(s, a) and td_target(critic, ...); one forward over the stacked batch
-    [s; s'] gives both for the price of one (a test checks it equals the literal form)."""
+    """Q1(s, a) (spec 3 and 4) and y2 (spec 2), both from the just-updated online critics: one forward over the
+    stacked batch [s; s'] gives both (a test checks it equals critic.q1(s, a) and td_target(*critic(s', a'), ...))."""
     n = s.shape[1]
     q1, q2 = critic(torch.cat([s, s2], 1), torch.cat([a, a2], 1))
-    return q1[:, :n], r + discount * (1.0 - d) * torch.min(q1[:, n:], q2[:, n:])
+    return q1[:, :n], td_target(q1[:, n:], q2[:, n:], r, d, discount)
 
 
 def value_step(agent: Agent, opt: Optimizers, s, y, y2):
@@ -530,12 +534,15 @@ def update_core(agent: Agent, opt: Optimizers, batch, noise: dict, actor_turn: b
     return out
 
 
-def update(agent: Agent, opt: Optimizers, batch, step: int, args: Args, gens: list[torch.Generator]) -> dict:
-    """One A2PR gradient step (spec 1-4) on a batch of shape (K, B, ...); returns per-seed metric tensors.
-    `step` counts from 1; the actor and the targets move when step % policy_freq == 0 (as in TD3)."""
+def update(agent: Agent, opt: Optimizers, data: DeviceData, step: int, args: Args, gens: list[torch.Generator],
+           core: typing.Callable = update_core) -> dict:
+    """One A2PR gradient step: a batch per seed, the step's noise, then spec 1-4 (update_core). `step` counts from 1;
+    the actor and the targets move when step % policy_freq == 0 (as in TD3). `core` is update_core itself, or the
+    same function compiled or replayed as CUDA graphs (Appendix B: speed_path)."""
     actor_turn = step % args.policy_freq == 0
+    batch = sample_batch(data, args.batch_size, gens)
     noise = draw_noise(gens, batch, agent.vae.latent_dim, actor_turn)
-    return update_core(agent, opt, batch, noise, actor_turn, args)
+    return core(agent, opt, batch, noise, actor_turn, args)
 
 
 # One place for the metric names: what update() returns -> its column in the CSV, TensorBoard and wandb, and
@@ -581,9 +588,10 @@ def to_unit_actions(a: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndar
     return np.clip(2.0 * (a - low) / (high - low) - 1.0, -1.0, 1.0).astype(np.float32)
 
 
-def to_env_actions(a: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
-    """[-1, 1] -> env bounds; clipped because float32 rounding can put a saturated action one ulp outside."""
-    return np.clip(low + 0.5 * (a + 1.0) * (high - low), low, high).astype(np.float32)
+def to_env_actions(a, low, high):
+    """[-1, 1] -> env bounds, for numpy arrays and tensors alike; clipped because float32 rounding can put a
+    saturated action one ulp outside."""
+    return (low + 0.5 * (a + 1.0) * (high - low)).clip(low, high)
 
 
 @dataclass
@@ -650,14 +658,44 @@ def randn(gens: list[torch.Generator], shape, device) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Evaluation: deterministic episodes in the evaluation env, reported as D4RL's normalised score.
+# Evaluation: the policy a user deploys (normalise -> actor -> env bounds), run for deterministic episodes in the
+# evaluation env and reported as D4RL's normalised score.
 # ----------------------------------------------------------------------------------------------------------------
+class Policy(nn.Module):
+    """Raw observations (K, N, obs_dim), agent k's in row k -> env actions (K, N, act_dim): the dataset's state
+    normalisation, the actor, the env's action bounds. Evaluation, load_policy and --export all run this module, so
+    what is evaluated is what is shipped."""
+
+    def __init__(self, actor: Actor, obs_mean, obs_std, action_low, action_high):
+        super().__init__()
+        self.actor = actor
+        for name, v in dict(obs_mean=obs_mean, obs_std=obs_std, action_low=action_low, action_high=action_high).items():
+            self.register_buffer(name, torch.as_tensor(np.asarray(v, dtype=np.float32)))
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return to_env_actions(self.actor((obs - self.obs_mean) / self.obs_std), self.action_low, self.action_high)
+
+
+class OneSeed(nn.Module):
+    """Seed `index` of a Policy for observations (..., obs_dim). All K actors run, as in training: a K-member batched
+    product can differ from a 1-member one in the last bit."""
+
+    def __init__(self, policy: Policy, index: int = 0):
+        super().__init__()
+        self.policy, self.index = policy, index
+        self.k = policy.actor.net[0].weight.shape[0]
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        x = obs.to(torch.float32).reshape(1, -1, obs.shape[-1]).expand(self.k, -1, -1)
+        return self.policy(x)[self.index].reshape(obs.shape[:-1] + (-1,))
+
+
 def normalized_score(ret, ref_min: float, ref_max: float):
     """D4RL's normalised score: 0 = random policy, 100 = expert."""
     return 100.0 * (np.asarray(ret, dtype=np.float64) - ref_min) / (ref_max - ref_min)
 
 
-def make_eval_envs(env_id: str, agents: int, episodes: int) -> list[list]:
+def make_eval_envs(env_id, agents: int, episodes: int) -> list[list]:
     """One env per (agent, episode), made once per run and reused by every evaluation (each episode reseeds)."""
     import gymnasium as gym
 
@@ -666,36 +704,29 @@ def make_eval_envs(env_id: str, agents: int, episodes: int) -> list[list]:
 
 
 def close_envs(envs: list[list]) -> None:
-    for row in envs:
-        for env in row:
-            env.close()
+    for env in itertools.chain.from_iterable(envs):
+        env.close()
 
 
 @torch.no_grad()
-def evaluate(actor: Actor, env_id: str, obs_mean, obs_std, action_low, action_high, episodes: int, seed: int,
-             obs_noise: float = 0.0, device="cpu", envs: list[list] | None = None) -> np.ndarray:
-    """Deterministic returns, shape (K, episodes). Every agent's episodes run side by side, one env each, so each
-    env step is one batched actor forward over (K, episodes) (on a GPU: one transfer per step, not per episode).
-    Episode e uses env seed `seed + e` for every agent, so evaluations are comparable across steps and agents and
-    reproducible on resume. `envs` (from make_eval_envs) are reused if given, else made and closed here."""
-    k = actor.net[0].weight.shape[0]
+def evaluate(policy: Policy, env_id, episodes: int, seed: int, obs_noise: float = 0.0,
+             envs: list[list] | None = None) -> np.ndarray:
+    """Deterministic returns, shape (K, episodes). All episodes of all agents run side by side, so each env step is
+    one batched forward (on a GPU: one transfer per step). Episode e uses env seed `seed + e` for every agent, so
+    evaluations are comparable across steps and agents and reproducible on resume. `envs` (make_eval_envs) are
+    reused if given, else made and closed here."""
+    k, device = policy.actor.net[0].weight.shape[0], policy.obs_mean.device
     own = envs is None
     envs = make_eval_envs(env_id, k, episodes) if own else envs
-    if (len(envs), len(envs[0])) != (k, episodes):
-        raise ValueError(f"evaluate: envs must be {k} agents x {episodes} episodes, got {len(envs)} x {len(envs[0])}")
     try:
-        obs = np.stack([[env.reset(seed=seed + e)[0] for e, env in enumerate(row)] for row in envs])
-        obs = obs.astype(np.float32)
+        obs = np.stack([[env.reset(seed=seed + e)[0] for e, env in enumerate(row)] for row in envs]).astype(np.float32)
         noise_rng = np.random.default_rng([seed, 12345])
-        returns = np.zeros((k, episodes))
-        alive = np.ones((k, episodes), dtype=bool)
+        returns, alive = np.zeros((k, episodes)), np.ones((k, episodes), dtype=bool)
         while alive.any():
             o = obs + obs_noise * noise_rng.standard_normal(obs.shape) if obs_noise > 0 else obs
-            x = torch.as_tensor((o - obs_mean) / obs_std, dtype=torch.float32, device=device)  # (K, episodes, obs)
-            act = to_env_actions(actor(x).cpu().numpy(), action_low, action_high)
+            act = policy(torch.as_tensor(o, dtype=torch.float32, device=device)).cpu().numpy()
             for i, e in zip(*np.nonzero(alive)):
-                nxt, r, term, trunc, _ = envs[i][e].step(act[i, e])
-                obs[i, e] = nxt
+                obs[i, e], r, term, trunc, _ = envs[i][e].step(act[i, e])
                 returns[i, e] += r
                 alive[i, e] = not (term or trunc)
         return returns
@@ -707,36 +738,18 @@ def evaluate(actor: Actor, env_id: str, obs_mean, obs_std, action_low, action_hi
 # ----------------------------------------------------------------------------------------------------------------
 # Training: train(args) -> summary dict (the notebook and the tests call it directly), then main().
 # ----------------------------------------------------------------------------------------------------------------
-def run_settings(args: Args) -> tuple[Args, dict[str, str], dict | None]:
-    """The run's resolved settings, where each came from, and the checkpoint when resuming. On --resume the
-    checkpoint's settings win so that the run continues unchanged; the length may change, and how the update
-    executes (device, --compile, --cuda-graphs) follows this command line, so a GPU run can go on here."""
-    ckpt = None
-    if args.resume:
-        ckpt = _load_checkpoint(Path(args.resume))
-        saved, given = args_from_checkpoint(ckpt), given_fields(args)
-        check_resume_flags(args, saved, given)  # a flag that contradicts the checkpoint is an error, never ignored
-        if ckpt.get("device", "cpu") != ("cuda" if args.cuda else "cpu"):
-            print(f"note: the checkpoint was written on {ckpt.get('device', 'cpu')}; continuing on the other device "
-                  "with fresh random streams, so the run will not be bit-identical to an uninterrupted one",
-                  file=sys.stderr)
-        mode = ("cuda", "cuda_graphs", "compile", "quiet")  # how this process runs: always this command line's
-        args = dataclasses.replace(saved, **{k: getattr(args, k) for k in RESUME_MAY_CHANGE if k in given or k in mode})
-        args, source = resolve_args(args)
-        return args, {k: "flag" if k in given else "checkpoint" for k in source}, ckpt
-    args, source = resolve_args(args)
-    return args, source, ckpt
-
-
 def make_device(args: Args) -> torch.device:
     if args.cuda_graphs and not args.cuda:
         raise A2PRError("--cuda-graphs needs --cuda (CUDA graphs exist only on a GPU)")
-    if args.cuda:
-        if not torch.cuda.is_available():
-            raise A2PRError("--cuda was given but PyTorch sees no CUDA GPU (torch.cuda.is_available() is False); "
-                            "install a CUDA build of torch or drop --cuda to train on the CPU")
-        return torch.device("cuda")
-    return torch.device("cpu")
+    if args.cuda and not torch.cuda.is_available():
+        raise A2PRError("--cuda was given but PyTorch sees no CUDA GPU (torch.cuda.is_available() is False); "
+                        "install a CUDA build of torch or drop --cuda to train on the CPU")
+    return torch.device("cuda" if args.cuda else "cpu")
+
+
+def _lower_memory(args: Args) -> str:
+    return (f"lower --batch-size (now {args.batch_size}) or --num-seeds (now {args.num_seeds}), or the network "
+            "sizes (--actor-hidden, --critic-hidden, --value-hidden, --vae-hidden)")
 
 
 @contextlib.contextmanager
@@ -752,17 +765,12 @@ def out_of_memory_as_error(args: Args):
                         + _lower_memory(args)) from None
 
 
-def _lower_memory(args: Args) -> str:
-    return (f"lower --batch-size (now {args.batch_size}) or --num-seeds (now {args.num_seeds}), or the network "
-            "sizes (--actor-hidden, --critic-hidden, --value-hidden, --vae-hidden)")
-
-
 def check_batch_fits(args: Args, obs_dim: int, act_dim: int, device: torch.device) -> None:
     """Before any allocation: a batch whose tensors alone exceed the device's memory stops with one line (on a CPU
-    the kernel would otherwise kill the process, with no message, once the pages are touched)."""
+    the kernel would otherwise kill the process without a message once the pages are touched)."""
     if device.type == "cuda":
         total = torch.cuda.mem_get_info(device)[1]
-    elif hasattr(os, "sysconf") and "SC_PHYS_PAGES" in os.sysconf_names:
+    elif "SC_PHYS_PAGES" in getattr(os, "sysconf_names", {}):
         total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     else:
         return
@@ -806,10 +814,18 @@ class Progress:
     step: int = 0
     last_score: float = float("nan")
 
+    @classmethod
+    def start(cls, k: int, ckpt: dict | None) -> "Progress":
+        if not ckpt:
+            return cls(np.full(k, -np.inf), [])
+        scores = [r["eval/normalized_score_mean"] for r in ckpt["history"] if "eval/normalized_score_mean" in r]
+        return cls(np.asarray(ckpt["best"], dtype=float), ckpt["history"], ckpt["step"],
+                   scores[-1] if scores else float("nan"))
+
 
 class MetricWindow:
-    """Sums of update()'s metrics since the last CSV row, kept on the device: the loop never waits for the GPU
-    between rows. It also remembers the first step at which a loss was not finite."""
+    """Sums of update()'s metrics since the last CSV row, kept on the device so the loop never waits for the GPU
+    between rows; it also remembers the first step at which a loss was not finite."""
 
     def __init__(self, k: int, device, step: int, ckpt: dict | None = None):
         self.sums = torch.zeros(len(METRICS), k, device=device)
@@ -843,22 +859,18 @@ class MetricWindow:
     def row(self, step: int, elapsed: float) -> dict:
         """One CSV row: the window's mean of each metric (actor metrics over actor steps), steps/s; then reset."""
         row: dict = {"step": step, "time_s": round(elapsed, 2)}
-        means = dict(zip(METRICS, self.sums.mean(-1).tolist()))
-        for k, (column, actor_only) in METRICS.items():
-            n = self.counts["actor"] if actor_only else self.counts["critic"]
-            if n:
-                row[column] = means[k] / n
+        for (k, (column, actor_only)), total in zip(METRICS.items(), self.sums.mean(-1).tolist()):
+            if n := self.counts["actor" if actor_only else "critic"]:
+                row[column] = total / n
         row["charts/SPS"] = round(self.steps / max(time.time() - self.t0, 1e-9), 1)
         self.sums.zero_()
-        self.counts = {"critic": 0, "actor": 0}
-        self.steps, self.t0 = 0, time.time()
+        self.counts, self.steps, self.t0 = {"critic": 0, "actor": 0}, 0, time.time()
         return row
 
 
-def evaluation(agent: Agent, ds: Dataset, data: DeviceData, args: Args, device, envs) -> tuple[dict, np.ndarray]:
-    """Evaluate every seed's actor; returns the CSV columns and the per-seed normalised scores."""
-    rets = evaluate(agent.actor, ds.env_id, data.obs_mean, data.obs_std, ds.action_low, ds.action_high,
-                    args.eval_episodes, seed=args.seed + 10_000, obs_noise=args.eval_obs_noise, device=device,
+def evaluation(policy: Policy, ds: Dataset, args: Args, envs) -> tuple[dict, np.ndarray]:
+    """Evaluate every seed's policy; returns the CSV columns and the per-seed normalised scores."""
+    rets = evaluate(policy, ds.env_id, args.eval_episodes, seed=args.seed + 10_000, obs_noise=args.eval_obs_noise,
                     envs=envs)
     scores = normalized_score(rets, ds.ref_min_score, ds.ref_max_score).mean(1)  # per seed
     row = {"eval/return_mean": float(rets.mean()), "eval/normalized_score_mean": float(scores.mean()),
@@ -873,75 +885,62 @@ def progress_line(step: int, args: Args, row: dict, progress: Progress) -> str:
     return (f"step {step:>9,}/{args.total_steps:,} | {row['charts/SPS']:7.1f} steps/s | score "
             f"{progress.last_score:6.1f} (best {float(progress.best.mean()):6.1f}) | critic "
             f"{row.get('losses/critic', float('nan')):.3g} gate {row.get('charts/gate_fraction', float('nan')):.2f} "
-            f"vae-target {row.get('charts/vae_target_fraction', float('nan')):.2f} | left {_fmt_time(left)}")
+            f"vae-target {row.get('charts/vae_target_fraction', float('nan')):.2f} | left {fmt_time(left)}")
 
 
-def train(args: Args) -> dict:
-    """Train A2PR and return a summary: final and best normalised scores (mean over seeds and per seed), the
-    dataset's own average score, and the paths of the run folder, CSV, plot and checkpoint."""
-    args, source, ckpt = run_settings(args)
+def train(args: Args, given: set[str] | None = None) -> dict:
+    """Train A2PR and return a summary: final and best normalised scores (mean and per seed), the dataset's own
+    average score, and the paths of the run's files. `given`: the flags the user typed (parse_args)."""
+    args, source, ckpt = run_settings(args, given)  # on --resume: the checkpoint's settings and state
     log = (lambda *m, **k: None) if args.quiet else print
     device = make_device(args)
-    if args.tensorboard or args.wandb:
-        _check_trackers(args)
-    check_writable(Path(args.resume or args.save_dir), "--resume needs to write there" if args.resume
-                   else "choose another --save-dir")
-    seeds = agent_seeds(args)
-
-    # The data as the networks see it; a resumed run keeps the state normalisation it started with.
+    check_outputs(args)  # trackers installed, folders writable: before any work
     ds = load_dataset(args, log)
     warn_about_data(ds, args)
-    stats = (np.asarray(ckpt["obs_mean"]), np.asarray(ckpt["obs_std"])) if ckpt else None
     obs_dim, act_dim = ds.observations.shape[1], ds.actions.shape[1]
     dataset_score = float(normalized_score(ds.episode_returns, ds.ref_min_score, ds.ref_max_score).mean())
-
-    # The learner, and the update that moves it: eager by default; --compile / --cuda-graphs run the same update.
     check_batch_fits(args, obs_dim, act_dim, device)
-    with out_of_memory_as_error(args):
-        data = prepare_data(ds, args, device, stats)
+    with out_of_memory_as_error(args):  # a resumed run keeps the state normalisation it started with
+        data = prepare_data(ds, args, device, (ckpt["obs_mean"], ckpt["obs_std"]) if ckpt else None)
         agent, opt, gens = build_learner(args, obs_dim, act_dim, device, ckpt)
-    updater = Updater(agent, opt, data, gens, args)
-    progress = (Progress(np.asarray(ckpt["best"], dtype=float), ckpt["history"], ckpt["step"]) if ckpt
-                else Progress(np.full(len(seeds), -np.inf), []))
-    progress.last_score = history_last_score(progress.history)
-    window = MetricWindow(len(seeds), device, progress.step, ckpt)
-
-    log(f"A2PR on {ds.name} ({len(data):,} transitions, obs {obs_dim}, act {act_dim}; {ds.source}); "
-        f"eval env {env_label(ds.env_id)}; device {device}; seeds {seeds}")
-    log(f"dataset average normalised score: {dataset_score:.1f}")
-    log("settings: " + ", ".join(f"{k}={getattr(args, k)} ({source[k]})" for k in SPEC_DEFAULTS)
+    policy = Policy(agent.actor, data.obs_mean, data.obs_std, ds.action_low, ds.action_high).to(device)
+    core = speed_path(args)  # update_core, or the same function compiled / replayed as CUDA graphs
+    progress = Progress.start(len(gens), ckpt)
+    window = MetricWindow(len(gens), device, progress.step, ckpt)
+    log(f"A2PR on {ds.name} ({len(data):,} transitions, obs {obs_dim}, act {act_dim}; {ds.source}); eval env "
+        f"{env_label(ds.env_id)}; device {device}; seeds {agent_seeds(args)}\ndataset average normalised score: "
+        f"{dataset_score:.1f}\nsettings: " + ", ".join(f"{k}={getattr(args, k)} ({source[k]})" for k in SPEC_DEFAULTS)
         + f", eps_a={args.eps_a}, policy_freq={args.policy_freq}, bc_target={args.bc_target}, gate={args.gate}")
-    eval_envs = make_eval_envs(ds.env_id, len(seeds), args.eval_episodes)  # made once; each evaluation reseeds
+    eval_envs = make_eval_envs(ds.env_id, len(gens), args.eval_episodes)  # made once; each evaluation reseeds
     run = claim_run_dir(args)  # a fresh folder (or the resumed one), locked while this process writes it
     paths, writers, t_start = run.paths, [], time.time()
     log(f"resuming {paths['run_dir']} at step {progress.step:,}" if ckpt else f"run folder {paths['run_dir']}")
     try:
         write_config(paths["config"], args, source)  # every setting, where it came from, and the versions
-        writers = _open_trackers(args, paths["run_dir"], progress.step)
-        with _StopFlag() as stop, out_of_memory_as_error(args):
+        writers = open_trackers(args, paths["run_dir"], progress.step)
+        with StopFlag() as stop, out_of_memory_as_error(args):
             while progress.step < args.total_steps:
-                progress.step += 1
-                step = progress.step
-                window.add(updater(step))  # sample a batch per seed and update (spec 1-4)
+                progress.step = step = progress.step + 1
+                window.add(update(agent, opt, data, step, args, gens, core))  # spec 1-4 on a fresh batch per seed
                 is_eval = step % args.eval_freq == 0 or step == args.total_steps
                 is_log = is_eval or step % args.log_freq == 0
-                is_save = step % args.save_freq == 0 or step == args.total_steps
-                if not (is_log or is_save or stop.set):
+                is_save = stop.set or step % args.save_freq == 0 or step == args.total_steps
+                if not (is_log or is_save):
                     continue
                 window.check_finite(paths["checkpoint"])
                 if is_log:  # one row of the CSV: the window's mean losses, and the evaluation when due
                     row = window.row(step, time.time() - t_start)
                     if is_eval:
-                        eval_row, scores = evaluation(agent, ds, data, args, device, eval_envs)
+                        eval_row, scores = evaluation(policy, ds, args, eval_envs)
                         row.update(eval_row)
                         keep_best_policy(paths["best_policy"], progress, scores, step, agent, data, ds, args)
                         progress.last_score = eval_row["eval/normalized_score_mean"]
                     progress.history.append(row)
                     for log_row, _ in writers:
                         log_row(row)
-                    write_csv(paths["csv"], progress.history)
+                    write_csv(paths["csv"], progress.history, CSV_COLUMNS)
                     log(progress_line(step, args, row, progress))
-                if is_save or stop.set:  # on Ctrl-C the window's partial sums are saved too: resume is exact
+                if is_save:  # on Ctrl-C / SIGTERM the window's partial sums are saved too: resume is exact
                     save_checkpoint(paths["checkpoint"], args, agent, opt, gens, device, progress, window, data, ds)
                 if stop.set:
                     break
@@ -955,14 +954,12 @@ def train(args: Args) -> dict:
 
 def main(argv=None) -> int:
     try:
-        args = parse_args(argv)
+        args, given = parse_args(argv)
         if args.benchmark:
-            print(json.dumps((benchmark_update if args.benchmark == "update" else benchmark_data)(args)))
-        elif args.sweep or args.sweep_envs:
-            sweep(args)
+            print(json.dumps(benchmark_update(args)))
         elif args.export:
             print(export_policy(args.export, best=args.best))
-        elif (stopped_by := train(args)["signal"]) is not None:  # `a2pr.py && next` must not go on after a kill
+        elif (stopped_by := train(args, given)["signal"]) is not None:  # `a2pr.py && next` must not go on after a kill
             return 128 + signal.Signals[stopped_by]  # 130 after Ctrl-C, 143 after SIGTERM, as the shell reports
     except A2PRError as e:
         print(f"a2pr.py: error: {e}", file=sys.stderr)
@@ -1113,76 +1110,29 @@ def qlearning_transitions(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
                 terminals=rows["terminals"][idx].astype(np.float32))
 
 
-# --- D4RL registry (MuJoCo locomotion v2). URLs and reference returns as in D4RL's d4rl/infos.py and
-# d4rl/gym_mujoco/__init__.py: gym_mujoco_v2/<env>_<kind with '_' for '-'>-v2.hdf5, cached under the URL's basename.
+# --- D4RL registry (MuJoCo locomotion v2), as in D4RL's d4rl/infos.py: <env>_<kind with '_' for '-'>-v2.hdf5 files
 D4RL_BASE_URL = "http://rail.eecs.berkeley.edu/datasets/offline_rl/gym_mujoco_v2"
-
-
-D4RL_KINDS = ("random", "medium", "medium-replay", "medium-expert", "expert", "full-replay")
-
-
 ANT_D4RL_ENV_ID = "a2pr/AntD4RL-v4"  # Ant-v4 whose 84 contact-force dims are zero, as in D4RL's ant-v2 files
-
-
-D4RL_FAMILIES = {
-    # family: (evaluation env id, obs dim, act dim, ref_min_score (random policy), ref_max_score (expert))
+D4RL_FAMILIES = {  # family: (evaluation env id, obs dim, act dim, ref_min_score (random policy), ref_max_score)
     "hopper": ("Hopper-v4", 11, 3, -20.272305, 3234.3),
     "halfcheetah": ("HalfCheetah-v4", 17, 6, -280.178953, 12135.0),
     "walker2d": ("Walker2d-v4", 17, 6, 1.629008, 4592.3),
     "ant": (ANT_D4RL_ENV_ID, 111, 8, -325.6, 3879.7),
 }
-
-
-@dataclasses.dataclass(frozen=True)
-class D4RLEntry:
-    name: str            # hopper-medium-replay-v2
-    family: str          # hopper
-    url: str             # .../gym_mujoco_v2/hopper_medium_replay-v2.hdf5
-    env_id: str          # gymnasium id used for evaluation
-    obs_dim: int
-    act_dim: int
-    ref_min_score: float
-    ref_max_score: float
-
-    @property
-    def filename(self) -> str:  # D4RL caches a file under its URL's basename
-        return self.url.rsplit("/", 1)[1]
-
-
-D4RL_DATASETS: dict[str, D4RLEntry] = {
-    f"{fam}-{kind}-v2": D4RLEntry(f"{fam}-{kind}-v2", fam, f"{D4RL_BASE_URL}/{fam}_{kind.replace('-', '_')}-v2.hdf5",
-                                  *info)
-    for fam, info in D4RL_FAMILIES.items() for kind in D4RL_KINDS
-}
-
-
-MINARI_MUJOCO_NOTICE = ("Minari's mujoco/* datasets are not the D4RL data; do not compare these scores with "
-                        "D4RL tables")
-
-
-# --- Evaluation env for D4RL's ant: D4RL's ant-v2 files were collected with mujoco-py on MuJoCo 2.x, where the
-# 84 contact-force observations (cfrc_ext) are never computed and stay 0 (and so does the contact cost in the
-# reward). Ant-v4 with use_contact_forces=True has 111 dims too, but real, non-zero forces and a contact cost: a
-# different input distribution from the data. This env gives the data's distribution: Ant-v4 defaults + 84 zeros.
-@functools.cache
-def _d4rl_ant_class():
-    from gymnasium.envs.mujoco.ant_v4 import AntEnv
-    from gymnasium.spaces import Box
-
-    class D4RLAntEnv(AntEnv):
-        def __init__(self, **kwargs):
-            kwargs["use_contact_forces"] = False
-            super().__init__(**kwargs)
-            self.observation_space = Box(-np.inf, np.inf, (111,), np.float64)
-
-        def _get_obs(self):
-            return np.concatenate([super()._get_obs(), np.zeros(84)])
-
-    return D4RLAntEnv
+D4RL_DATASETS = {f"{fam}-{kind}-v2": (fam, f"{fam}_{kind.replace('-', '_')}-v2.hdf5") for fam in D4RL_FAMILIES
+                 for kind in ("random", "medium", "medium-replay", "medium-expert", "expert", "full-replay")}
+MINARI_MUJOCO_NOTICE = "Minari's mujoco/* datasets are not the D4RL data; do not compare these scores with D4RL tables"
 
 
 def make_d4rl_ant_env(**kwargs):
-    return _d4rl_ant_class()(**kwargs)
+    """D4RL's ant-v2 files were collected on MuJoCo 2.x, where the 84 contact forces (cfrc_ext) stay 0 and so does
+    the contact cost; Ant-v4 with use_contact_forces=True would feed real forces. So: Ant-v4's defaults + 84 zeros."""
+    from gymnasium.envs.mujoco.ant_v4 import AntEnv
+    from gymnasium.spaces import Box
+    from gymnasium.wrappers import TransformObservation
+
+    return TransformObservation(AntEnv(**kwargs, use_contact_forces=False), lambda o: np.concatenate([o, np.zeros(84)]),
+                                Box(-np.inf, np.inf, (111,), np.float64))
 
 
 def register_a2pr_envs() -> None:
@@ -1198,8 +1148,7 @@ def env_label(env_id) -> str:
 
 
 def env_spaces(env_id, where: str):
-    """(observation space, action space) of an evaluation env; one-line error if it cannot be made or is not
-    continuous."""
+    """(observation space, action space) of an evaluation env; one line if it cannot be made or is not continuous."""
     import gymnasium as gym
 
     register_a2pr_envs()
@@ -1216,17 +1165,11 @@ def env_spaces(env_id, where: str):
     return obs_space, act_space
 
 
-def env_dims(env_id, where: str) -> tuple[int, int]:
-    """(obs dim, act dim) of an evaluation env."""
-    obs_space, act_space = env_spaces(env_id, where)
-    return int(np.prod(obs_space.shape)), int(np.prod(act_space.shape))
-
-
-def check_dims(rows: dict, obs_dim: int, act_dim: int, where: str, against: str) -> None:
-    got_obs, got_act = rows["observations"].shape[1], rows["actions"].shape[1]
-    if (got_obs, got_act) != (obs_dim, act_dim):
-        raise A2PRError(f"{where}: the data has observation dim {got_obs} and action dim {got_act}, but {against} "
-                        f"has {obs_dim} and {act_dim}")
+def check_dims(rows: dict, want: tuple[int, int], where: str, against: str) -> None:
+    got = (rows["observations"].shape[1], rows["actions"].shape[1])
+    if got != tuple(want):
+        raise A2PRError(f"{where}: the data has observation dim {got[0]} and action dim {got[1]}, but {against} "
+                        f"has {want[0]} and {want[1]}")
 
 
 # --- Rows -> transitions, rows validation, episodes
@@ -1281,66 +1224,38 @@ def _close_episodes(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return rows
 
 
-# --- Download: streamed to DEST.<pid>.part with a timeout and a progress bar, validated, then renamed.
-def _progress(label: str, done: int, total: int | None, t0: float, state: dict, final: bool = False) -> None:
-    """Plain-text progress on stderr: redrawn in place on a terminal, one line per 10% otherwise."""
-    tty = sys.stderr.isatty()
-    now = time.time()
-    pct = 100.0 * done / total if total else None
-    if not final:
-        if tty and now - state.get("t", 0.0) < 0.2:
-            return
-        if not tty and (pct is None or int(pct // 10) <= state.get("decile", -1)):
-            return
-    state["t"], state["decile"] = now, int(pct // 10) if pct is not None else -1
-    speed = done / max(now - t0, 1e-9) / 1e6
-    size = f"{done / 1e6:.1f}/{total / 1e6:.1f} MB" if total else f"{done / 1e6:.1f} MB"
-    line = f"  downloading {label}: " + (f"{pct:5.1f}% " if pct is not None else "") + f"{size} {speed:.1f} MB/s"
-    sys.stderr.write(("\r" + line + ("\n" if final else "")) if tty else line + "\n")
-    sys.stderr.flush()
-
-
+# --- Download: streamed into DEST.part, which its writer locks, validated, then renamed to DEST.
 def download_file(url: str, dest: Path, validate, timeout: float = 10.0, offline_hint: str = ""):
-    """Download url to dest and return validate(part_path)'s result. The bytes go to DEST.<pid>.part, which is
-    renamed to dest only once complete (Content-Length matched) and valid, and removed on any failure (also
-    Ctrl-C): dest is never half-written or corrupt. Connection and stalled reads give up after `timeout` s."""
+    """Download url to dest and return validate(part)'s result. dest appears only once complete and valid, so it is
+    never half-written; DEST.part is locked while written (a killed download's part is simply rewritten next time)
+    and removed on any failure, Ctrl-C included. Connecting and every read give up after `timeout` s."""
     check_writable(dest.parent, "downloads are cached there (D4RL: $D4RL_DATASET_DIR)")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    remove_dead_parts(dest)
-    part = dest.with_name(f"{dest.name}.{os.getpid()}.part")
-    where = f"put the file there by hand (e.g. wget -O {dest} {url}) and run again"
+    part, done = dest.with_name(dest.name + ".part"), 0
 
     def fail(reason: str) -> A2PRError:
-        return A2PRError(f"cannot download {url} ({reason}); {where}" + (f", {offline_hint}" if offline_hint else ""))
+        return A2PRError(f"cannot download {url} ({reason}); put the file there by hand (e.g. wget -O {dest} {url}) "
+                         "and run again" + (f", {offline_hint}" if offline_hint else ""))
 
+    lock = lock_file(part, f"another a2pr.py process is downloading {dest}; wait for it to finish")
     try:
         try:
-            resp = urllib.request.urlopen(url, timeout=timeout)
-        except urllib.error.HTTPError as e:
-            raise fail(f"HTTP {e.code} {e.reason}") from None
-        except urllib.error.URLError as e:
-            r = e.reason
-            raise fail(f"timed out after {timeout:g}s" if isinstance(r, TimeoutError) else
-                       f"{type(r).__name__}: {r}" if isinstance(r, BaseException) else str(r)) from None
-        except (OSError, ValueError, http.client.HTTPException) as e:
-            raise fail(f"timed out after {timeout:g}s" if isinstance(e, TimeoutError) else
-                       f"{type(e).__name__}: {e}") from None
-        total = int(resp.headers.get("Content-Length") or 0) or None
-        done, t0, state = 0, time.time(), {}
-        try:
-            with resp, open(part, "wb") as f:
+            with urllib.request.urlopen(url, timeout=timeout) as resp, open(part, "wb") as f:
+                total, shown = int(resp.headers.get("Content-Length") or 0), 0
                 while chunk := resp.read(1 << 20):
                     f.write(chunk)
                     done += len(chunk)
-                    _progress(dest.name, done, total, t0, state)
-        except TimeoutError:
-            raise fail(f"no data for {timeout:g}s after {done:,} bytes; the partial file was removed") from None
-        except (OSError, http.client.HTTPException) as e:
-            raise fail(f"interrupted after {done:,} bytes ({type(e).__name__}); the partial file was removed") \
-                from None
-        _progress(dest.name, done, total, t0, state, final=True)
-        if total is not None and done != total:
-            raise fail(f"incomplete: {done:,} of {total:,} bytes; the partial file was removed")
+                    if total and (10 * done // total > shown or done == total):  # a line per 10 %, on stderr
+                        shown = 10 * done // total
+                        print(f"  downloading {dest.name}: {100 * done / total:5.1f}% of {total / 1e6:.1f} MB",
+                              file=sys.stderr)
+        except urllib.error.HTTPError as e:
+            raise fail(f"HTTP {e.code} {e.reason}") from None
+        except (OSError, ValueError, http.client.HTTPException) as e:  # refused, reset, cut short, or silent
+            r = getattr(e, "reason", e)
+            raise fail(f"no data for {timeout:g}s after {done:,} bytes" if isinstance(r, TimeoutError) else
+                       f"interrupted after {done:,} bytes ({type(r).__name__}: {r})") from None
+        if total and done != total:
+            raise fail(f"incomplete: {done:,} of {total:,} bytes")
         try:
             result = validate(part)
         except A2PRError as e:
@@ -1350,28 +1265,8 @@ def download_file(url: str, dest: Path, validate, timeout: float = 10.0, offline
         os.replace(part, dest)
         return result
     finally:
-        if part.exists():
-            part.unlink()
-
-
-def remove_dead_parts(dest: Path) -> None:
-    """Remove DEST.<pid>.part files left by downloads whose process is gone (killed with -9: no cleanup ran)."""
-    for part in dest.parent.glob(f"{glob.escape(dest.name)}.*.part"):
-        pid = part.name[len(dest.name) + 1:-len(".part")]
-        if pid.isdigit() and not _process_alive(int(pid)):
-            part.unlink(missing_ok=True)
-
-
-def _process_alive(pid: int) -> bool:
-    if os.name == "nt":  # Windows' os.kill terminates the process instead of probing it: assume it is alive
-        return True
-    try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return False
-    except OSError:  # exists but belongs to someone else (PermissionError), or cannot tell: leave its file alone
-        return True
-    return True
+        part.unlink(missing_ok=True)
+        lock.close()
 
 
 # --- Sources: D4RL names, local files, built-in datasets
@@ -1380,10 +1275,9 @@ def d4rl_cache_dir() -> Path:
     return Path(os.environ.get("D4RL_DATASET_DIR") or Path.home() / ".d4rl" / "datasets").expanduser()
 
 
-def d4rl_url(entry: D4RLEntry) -> str:
+def d4rl_url(filename: str) -> str:
     """The published URL, or the same file name under $A2PR_D4RL_MIRROR (a mirror; the tests' local server)."""
-    mirror = os.environ.get("A2PR_D4RL_MIRROR")
-    return f"{mirror.rstrip('/')}/{entry.filename}" if mirror else entry.url
+    return f"{os.environ.get('A2PR_D4RL_MIRROR', D4RL_BASE_URL).rstrip('/')}/{filename}"
 
 
 def _offline_hint() -> str:
@@ -1391,27 +1285,22 @@ def _offline_hint() -> str:
 
 
 def load_d4rl(name: str, args: Args, log=print) -> tuple[dict, dict]:
-    entry = D4RL_DATASETS[name]
-    path = d4rl_cache_dir() / entry.filename
-    against = f"{name} ({entry.env_id})"
+    family, filename = D4RL_DATASETS[name]
+    env_id, _, _, ref_min, ref_max = D4RL_FAMILIES[family]
+    path = d4rl_cache_dir() / filename
 
     def read_checked(p: Path) -> dict:
         rows, _ = read_d4rl_hdf5(p, cached=True)
-        check_dims(rows, entry.obs_dim, entry.act_dim, str(p), against)
+        check_dims(rows, D4RL_FAMILIES[family][1:3], str(p), f"{name} ({env_id})")
         return rows
 
     if path.exists():
-        rows = read_checked(path)
-        how = "cached"
+        rows, how = read_checked(path), "cached"
     else:
-        url = d4rl_url(entry)
-        log(f"downloading {name} from {url} -> {path}")
-        rows = download_file(url, path, read_checked, timeout=args.download_timeout,
-                             offline_hint=_offline_hint())
-        how = "downloaded"
-    attrs = dict(env_id=entry.env_id, ref_min_score=entry.ref_min_score, ref_max_score=entry.ref_max_score,
-                 source=f"D4RL {name}, {how}, {path}")
-    return rows, attrs
+        log(f"downloading {name} from {d4rl_url(filename)} -> {path}")
+        rows, how = download_file(d4rl_url(filename), path, read_checked, args.download_timeout, _offline_hint()), \
+            "downloaded"
+    return rows, dict(env_id=env_id, ref_min_score=ref_min, ref_max_score=ref_max, source=f"D4RL {name}, {how}, {path}")
 
 
 def _d4rl_family_of(text: str) -> str | None:
@@ -1448,8 +1337,8 @@ def load_local_file(path_text: str, args: Args, log=print) -> tuple[dict, dict]:
     else:
         raise A2PRError(f"{path}: cannot tell which env to evaluate in (no env_id attribute, and the name does not "
                         f"start with {', '.join(D4RL_FAMILIES)}); pass --eval-env ID, e.g. --eval-env Hopper-v4")
-    obs_dim, act_dim = env_dims(env_id, str(path))
-    check_dims(rows, obs_dim, act_dim, str(path), f"the evaluation env {env_id} (from {how})")
+    check_dims(rows, [sp.shape[0] for sp in env_spaces(env_id, str(path))], str(path),
+               f"the evaluation env {env_id} (from {how})")
     by_env = {v[0]: v for v in D4RL_FAMILIES.values()}
     if args.ref_scores:
         ref = _parse_ref_scores(args.ref_scores, str(path))
@@ -1532,50 +1421,19 @@ def minari_episodes_to_rows(episodes, observation_space, where: str) -> dict[str
     return validate_rows({k: np.concatenate(v) for k, v in parts.items()}, where)
 
 
-def _missing_requirement(requirements) -> str | None:
-    """The first pip requirement (from Minari metadata) whose package is not installed at all."""
-    import importlib.metadata
-
-    from packaging.requirements import InvalidRequirement, Requirement
-
-    for text in requirements or []:
-        try:
-            name = Requirement(text).name
-        except InvalidRequirement:
-            continue
-        for candidate in (name, name.replace("-", "_"), name.replace("_", "-")):
-            try:
-                importlib.metadata.version(candidate)
-                break
-            except importlib.metadata.PackageNotFoundError:
-                continue
-        else:
-            return name
-    return None
-
-
-def _needs_package_error(dataset_id: str, package: str) -> A2PRError:
-    package = "gymnasium-robotics" if package.replace("_", "-") == "gymnasium-robotics" else package
-    return A2PRError(f"Minari dataset {dataset_id} needs the {package} package for its environment: "
-                     f"pip install {package}")
-
-
 def minari_eval_spec(ds, dataset_id: str):
     """The dataset's evaluation env as an EnvSpec that gymnasium.make accepts again (evaluation makes one env per
-    agent): recover_environment(eval_env=True), plus FlattenObservation for Dict/Tuple observations, then .spec
-    (gymnasium records wrappers in spec.additional_wrappers and re-applies them in make)."""
+    agent): recover_environment(eval_env=True), plus FlattenObservation for Dict/Tuple observations (gymnasium keeps
+    wrappers in spec.additional_wrappers and re-applies them in make)."""
     import gymnasium as gym
 
-    missing = _missing_requirement(ds.storage.metadata.get("requirements"))
-    if missing:
-        raise _needs_package_error(dataset_id, missing)
     try:
         env = ds.recover_environment(eval_env=True)
-    except ModuleNotFoundError as e:
-        raise _needs_package_error(dataset_id, (e.name or str(e)).split(".")[0]) from None
-    except Exception as e:
-        if "gymnasium_robotics" in str(e):
-            raise _needs_package_error(dataset_id, "gymnasium-robotics") from None
+    except Exception as e:  # most often the package of its entry point (gymnasium_robotics, ...) is not installed
+        if missing := re.search(r"No module named '?(\w+)", str(e)):
+            package = missing[1].replace("_", "-")
+            raise A2PRError(f"Minari dataset {dataset_id} needs the {package} package for its environment: "
+                            f"pip install {package}") from None
         raise A2PRError(f"cannot make the evaluation env of Minari dataset {dataset_id} ({type(e).__name__}: {e})") \
             from None
     if not isinstance(env.observation_space, gym.spaces.Box):
@@ -1585,41 +1443,39 @@ def minari_eval_spec(ds, dataset_id: str):
     return spec
 
 
-@contextlib.contextmanager
-def hf_download_timeout(seconds: float):
-    """--download-timeout for Minari's downloads, which go through huggingface_hub. socket.setdefaulttimeout never
-    reaches it: it passes its own timeouts (none at all when it lists datasets), retries a timed-out request five
-    times with back-off, and fetches large files through hf_xet's own (Rust) client. So, for the download only,
-    its shared HTTP client gets a transport that puts `seconds` on every connect and every read and turns a timeout
-    or a network error into an OSError (which it does not retry), and hf_xet is switched off (files then come over
-    plain HTTPS). HF_ENDPOINT, read by huggingface_hub, still chooses the server."""
-    try:
-        import httpx2
-        from huggingface_hub import constants, set_client_factory
-        from huggingface_hub.utils import _http as hf_http
-    except ImportError as e:
-        raise A2PRError(f"Minari downloads need huggingface_hub ({e}): pip install \"minari[hf]\"") from None
+def _bytes_written(folders) -> int:
+    total = 0
+    for folder in folders:
+        for root, _, files in os.walk(folder):
+            for name in files:
+                with contextlib.suppress(OSError):  # a file may be renamed or removed while we count
+                    total += os.path.getsize(os.path.join(root, name))
+    return total
 
-    class Transport(httpx2.HTTPTransport):
-        def handle_request(self, request):
-            request.extensions["timeout"] = httpx2.Timeout(seconds).as_dict()
-            try:
-                return super().handle_request(request)
-            except httpx2.TimeoutException:
-                raise TimeoutError(f"no answer from {request.url.host}:{request.url.port} for {seconds:g}s "
-                                   f"(--download-timeout)") from None
-            except httpx2.NetworkError as e:
-                raise ConnectionError(f"{request.url.host}:{request.url.port}: {e}") from None
 
-    old_factory, old_xet = hf_http._GLOBAL_CLIENT_FACTORY, constants.HF_HUB_DISABLE_XET
-    hooks = old_factory().event_hooks  # keep huggingface_hub's own request hook (offline mode, request ids)
-    set_client_factory(lambda: httpx2.Client(transport=Transport(), follow_redirects=True, event_hooks=hooks))
-    constants.HF_HUB_DISABLE_XET = True
-    try:
-        yield
-    finally:
-        set_client_factory(old_factory)
-        constants.HF_HUB_DISABLE_XET = old_xet
+def stall_deadline(fn, seconds: float, folders):
+    """fn() in a worker thread, given up once no byte has arrived in `folders` for `seconds`. huggingface_hub (which
+    Minari downloads through) takes no timeout from its callers and retries with back-off, so the bound is kept here."""
+    out: dict = {}
+
+    def work():
+        try:
+            out["value"] = fn()
+        except Exception as e:
+            out["error"] = e
+
+    worker = threading.Thread(target=work, daemon=True)  # if given up, it is left to end with the process
+    worker.start()
+    seen, last = -1, time.time()
+    while worker.is_alive():
+        worker.join(0.25)
+        if (now := _bytes_written(folders)) != seen:
+            seen, last = now, time.time()
+        elif time.time() - last > seconds:
+            raise TimeoutError(f"no data for {seconds:g}s (--download-timeout)")
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
 
 
 def load_minari(dataset_id: str, args: Args, log=print) -> tuple[dict, dict]:
@@ -1633,9 +1489,11 @@ def load_minari(dataset_id: str, args: Args, log=print) -> tuple[dict, dict]:
         ds = minari.load_dataset(dataset_id, download=False)
     except FileNotFoundError:
         log(f"downloading Minari dataset {dataset_id} -> {minari_local_path(dataset_id)}")
+        hub = Path(os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME") or Path.home() / ".cache" /
+                                                          "huggingface") / "hub")
         try:
-            with hf_download_timeout(args.download_timeout):
-                ds = minari.load_dataset(dataset_id, download=True)
+            ds = stall_deadline(lambda: minari.load_dataset(dataset_id, download=True), args.download_timeout,
+                                [minari_local_path(""), hub])
         except Exception as e:
             raise A2PRError(f"cannot download {where} ({type(e).__name__}: {e}); check the id (minari list remote) "
                             f"and your connection, or put it under {minari_local_path(dataset_id)} "
@@ -1662,8 +1520,7 @@ def load_minari(dataset_id: str, args: Args, log=print) -> tuple[dict, dict]:
     else:
         raise A2PRError(f"{where} has no ref_min_score/ref_max_score in its metadata, so its normalised score is "
                         f"undefined; pass --ref-scores MIN,MAX")
-    obs_dim, act_dim = env_dims(spec, where)
-    check_dims(rows, obs_dim, act_dim, where, f"its evaluation env {spec.id}")
+    check_dims(rows, [sp.shape[0] for sp in env_spaces(spec, where)], where, f"its evaluation env {spec.id}")
     attrs = dict(env_id=spec, ref_min_score=ref[0], ref_max_score=ref[1],
                  source=f"Minari {dataset_id} ({len(rows['rewards']):,} steps), {ds.storage.data_path}")
     if dataset_id.startswith("mujoco/"):
@@ -1793,697 +1650,37 @@ def load_dataset(args: Args, log=print) -> Dataset:
 
 
 # ================================================================================================================
-# Appendix B. Sweeps (Ray). Many runs at once: `--sweep SUITE` trains every (dataset, variant, block of seeds) of a
-# suite as one Ray task, on this machine or on a Ray cluster, skips finished runs and resumes unfinished ones from
-# their checkpoints, then writes results.csv, results.md (mean ± std per dataset, the paper's score beside it, IQM
-# and mean over datasets with stratified-bootstrap 95 % CIs, probability of improvement) and results.png. Each task
-# is an ordinary `train(args)` call, so nothing here is needed to understand A2PR; Ray is imported only inside these
-# functions. A cluster needs the same a2pr.py path and a shared filesystem for --sweep-dir on every node (as with
-# SLURM).
+# Appendix B. Speed paths: update() runs update_core eagerly, through torch.compile, or replayed as CUDA graphs;
+# speed_path picks which, and --benchmark update times them side by side. Every path computes update_core above.
 # ================================================================================================================
-SWEEP_FIELDS = ("sweep", "sweep_envs", "seeds", "variants", "sweep_dir", "task_cpus", "task_gpus", "task_retries",
-                "ray_address", "noise_levels")
-# The ablations as the existing flags (spec 4): which action the actor is pulled to, and in which states.
-SWEEP_VARIANTS = {
-    "a2pr": dict(bc_target="select", gate="adaptive"),   # A2PR: advantage selection, adaptive gate
-    "td3bc": dict(bc_target="data", gate="always"),      # TD3+BC's actor loss: dataset action, every state
-    "no-gate": dict(bc_target="select", gate="always"),  # selection kept, constraint in every state
-    "vae-only": dict(bc_target="vae", gate="adaptive"),  # VAE action always (no comparison), adaptive gate
-}
-_MIX_FAMILIES = ("hopper", "halfcheetah", "walker2d")
-SWEEP_SUITES = {
-    "paper": [f"{f}-{k}-v2" for k in ("medium", "medium-replay", "medium-expert") for f in _MIX_FAMILIES],
-    "mixes": [f"{f}-random-v2+{f}-{good}-v2:{frac}" for f in _MIX_FAMILIES for good in ("expert", "medium")
-              for frac in ("0.01", "0.05")],
-    "builtin": list(BUILTIN_DATASETS),
-}
-# A2PR's normalised scores in the paper's table (spec), 1M steps.
-PAPER_SCORES = {"halfcheetah-medium-v2": 68.6, "hopper-medium-v2": 100.8, "walker2d-medium-v2": 89.7,
-                "halfcheetah-medium-replay-v2": 56.6, "hopper-medium-replay-v2": 101.5,
-                "walker2d-medium-replay-v2": 94.4, "halfcheetah-medium-expert-v2": 98.3,
-                "hopper-medium-expert-v2": 112.1, "walker2d-medium-expert-v2": 114.6}
-BOOTSTRAP_REPS = 10_000
-# Test hook, read by the sweep's driver only: every run's first attempt kills its own Ray worker with SIGKILL as soon
-# as the run has written a checkpoint (a marker file in the run folder keeps it to once), to test retry + resume.
-SWEEP_KILL_HOOK = "A2PR_TEST_KILL_AFTER_CHECKPOINT"
-RAY_INSTALL = "pip install 'ray>=2.40,<3' (or: pip install -r requirements-sweep.txt)"
-
-
-# --- statistics (rliable's definitions, numpy only) ---------------------------------------------------------------
-def iqm(scores, axis=None):
-    """Interquartile mean: the mean of the middle 50 % of the scores (= scipy.stats.trim_mean(x, 0.25), as rliable;
-    int(n/4) scores are cut at each end). axis=-1 computes one IQM per row."""
-    x = np.sort(np.asarray(scores, dtype=np.float64), axis=axis)
-    if axis is None:
-        x = x.ravel()
-    n = x.shape[-1]
-    cut = int(0.25 * n)
-    return x[..., cut:n - cut].mean(-1)
-
-
-def aggregate_mean(per_task):
-    """Mean over tasks of each task's mean score (each task counts once, whatever its number of runs)."""
-    return np.mean([np.asarray(t, dtype=np.float64).mean(-1) for t in per_task], axis=0)
-
-
-def aggregate_iqm(per_task):
-    """IQM of all runs of all tasks together (rliable's IQM of the runs x tasks score matrix)."""
-    return iqm(np.concatenate([np.asarray(t, dtype=np.float64) for t in per_task], axis=-1), axis=-1)
-
-
-def probability_of_improvement(x, y):
-    """P(X > Y) as rliable defines it: for each task, the probability that a random run of X scores higher than a
-    random run of Y (ties count 1/2, the Mann-Whitney U statistic / (n m)), averaged over tasks. x and y are lists
-    of per-task score arrays (the same tasks in the same order); arrays of shape (R, n) give R values at once."""
-    if len(x) != len(y) or not len(x):
-        raise ValueError("probability_of_improvement needs the same, non-empty list of tasks for x and y")
-    per_task = []
-    for xt, yt in zip(x, y):
-        xt, yt = np.asarray(xt, dtype=np.float64)[..., :, None], np.asarray(yt, dtype=np.float64)[..., None, :]
-        per_task.append(((xt > yt) + 0.5 * (xt == yt)).mean((-2, -1)))
-    return np.mean(per_task, axis=0)
-
-
-def stratified_bootstrap_ci(groups, stat, reps: int = BOOTSTRAP_REPS, seed: int = 0, level: float = 0.95):
-    """(point, low, high): stat on the data, and the percentile confidence interval of stat over `reps` stratified
-    bootstrap resamples: the runs of each group (a task; for a comparison, a task of one algorithm) are drawn with
-    replacement within that group, independently of the others (rliable's StratifiedBootstrap). stat takes a list
-    of per-group arrays, of shape (n,) for the point and (reps, n) for the resamples. Deterministic given seed."""
-    groups = [np.asarray(g, dtype=np.float64).ravel() for g in groups]
-    if not groups or any(len(g) == 0 for g in groups):
-        raise ValueError("stratified_bootstrap_ci needs at least one score in every group")
-    rng = np.random.default_rng(seed)
-    point = float(stat(groups))
-    boot = np.asarray(stat([g[rng.integers(0, len(g), size=(reps, len(g)))] for g in groups]), dtype=np.float64)
-    tail = 100.0 * (1.0 - level) / 2.0
-    low, high = np.percentile(boot, [tail, 100.0 - tail])
-    return point, float(low), float(high)
-
-
-# --- the plan: which runs, in which folders ----------------------------------------------------------------------
-def _sweep_list(text, what: str) -> list[str]:
-    items = [x.strip() for x in str(text or "").split(",") if x.strip()]
-    if not items:
-        raise A2PRError(f"{what} must be a comma-separated list, got {text!r}")
-    return items
-
-
-def sweep_suite(args: Args) -> str:
-    if args.sweep_envs and args.sweep not in (None, "envs"):
-        raise A2PRError(f"give --sweep {args.sweep} or --sweep-envs, not both")
-    suite = args.sweep or "envs"
-    if suite == "envs" and not args.sweep_envs:
-        raise A2PRError("--sweep envs needs --sweep-envs A,B,... (datasets; ENV+NAME:FRAC for a mix)")
-    if suite not in ("envs", *SWEEP_SUITES):
-        raise A2PRError(f"unknown --sweep suite {suite!r}; known: {', '.join(SWEEP_SUITES)}, envs")
-    return suite
-
-
-def noise_levels(args: Args) -> list[float]:
-    if args.noise_levels is None:
-        return []
-    try:
-        levels = [float(x) for x in _sweep_list(args.noise_levels, "--noise-levels")]
-    except ValueError:
-        levels = [float("nan")]
-    if not all(math.isfinite(x) and x >= 0 for x in levels):
-        raise A2PRError(f"--noise-levels must be stds >= 0, comma-separated, e.g. 0,0.01,0.05,0.1, got "
-                        f"{args.noise_levels!r}")
-    return sorted(set(levels))
-
-
-def sweep_task_gpus(args: Args) -> float:
-    return (1.0 if args.cuda else 0.0) if args.task_gpus is None else args.task_gpus
-
-
-def plan_sweep(args: Args) -> list[dict]:
-    """Every run of the sweep: one per (dataset, variant, block of --num-seeds seeds), in a deterministic folder
-    `{dataset}__{variant}__seeds{first}-{last}` under --sweep-dir. A run's Args is the sweep's Args with the dataset,
-    seeds and ablation fields replaced, so training flags given with --sweep apply to every run and win over presets,
-    and preset fields left unset are resolved per dataset by resolve_args, as for a single run."""
-    suite = sweep_suite(args)
-    variants = _sweep_list(args.variants, "--variants")
-    bad = [v for v in variants if v not in SWEEP_VARIANTS]
-    if bad or len(set(variants)) < len(variants):
-        raise A2PRError(f"--variants must list distinct names among {', '.join(SWEEP_VARIANTS)}, got {args.variants!r}")
-    for name in ("seeds", "num_seeds", "task_retries"):
-        v, least = getattr(args, name), 0 if name == "task_retries" else 1
-        if not isinstance(v, int) or isinstance(v, bool) or v < least:
-            raise A2PRError(f"--{name.replace('_', '-')} must be an integer >= {least}, got {v!r}")
-    if not (math.isfinite(args.task_cpus) and args.task_cpus > 0):
-        raise A2PRError(f"--task-cpus must be a positive number, got {args.task_cpus!r}")
-    gpus = sweep_task_gpus(args)
-    if not (math.isfinite(gpus) and gpus >= 0):
-        raise A2PRError(f"--task-gpus must be a number >= 0, got {args.task_gpus!r}")
-    if args.cuda and gpus == 0:
-        raise A2PRError("--cuda with --task-gpus 0: Ray would hide the GPUs from the tasks; give --task-gpus > 0")
-    noise_levels(args)
-    defaults = Args()
-    for name in ("bc_target", "gate", "mix", "resume", "run_name"):
-        if getattr(args, name) != getattr(defaults, name):
-            instead = {"bc_target": "--variants", "gate": "--variants", "mix": "ENV+NAME:FRAC in --sweep-envs",
-                       "resume": "the same --sweep command again", "run_name": "--sweep-dir"}[name]
-            raise A2PRError(f"--{name.replace('_', '-')} is set per run by --sweep; use {instead}")
-    sweep_dir = Path(args.sweep_dir or Path("sweeps") / suite)
-    base = dataclasses.replace(args, **{f: getattr(defaults, f) for f in SWEEP_FIELDS}, resume=None, quiet=True,
-                               save_dir=str(sweep_dir), data_dir=str(data_dir(args)))
-    entries = SWEEP_SUITES[suite] if suite in SWEEP_SUITES else _sweep_list(args.sweep_envs, "--sweep-envs")
-    seeds = list(range(args.seed, args.seed + args.seeds))
-    runs = []
-    for dataset in entries:
-        env, _, mix = dataset.partition("+")
-        for variant in variants:
-            for i in range(0, len(seeds), args.num_seeds):
-                block = seeds[i:i + args.num_seeds]
-                folder = re.sub(r"[^\w.+-]", "_", f"{dataset}__{variant}__seeds{block[0]}-{block[-1]}")
-                run_args = dataclasses.replace(base, env=env, mix=mix or None, seed=block[0], num_seeds=len(block),
-                                               run_name=folder, **SWEEP_VARIANTS[variant])
-                runs.append(dict(dataset=dataset, env=env, mix=mix or None, variant=variant, seeds=block,
-                                 run_dir=str(sweep_dir / folder), args=run_args))
-    return runs
-
-
-# Settings that may differ between a run folder and a later sweep command without changing the run's results.
-_SWEEP_FREE = {"resume", "quiet", "total_steps", "cuda", "compile", "cuda_graphs", "save_dir", "run_name",
-               "data_dir", "download_timeout", "log_freq", "save_freq", "tensorboard", "wandb", "wandb_project"}
-
-
-def sweep_run_state(run: dict, total_steps: int, levels: list[float]) -> str:
-    """done (finished, every noise level evaluated) | noise (finished, noise levels missing) | resume (a checkpoint,
-    no finished summary) | new."""
-    run_dir = Path(run["run_dir"])
-    summary = run_dir / "summary.json"
-    if summary.exists():
-        s = json.loads(summary.read_text())
-        if not s.get("interrupted", True) and s.get("steps", 0) >= total_steps:
-            have = _read_json(run_dir / "noise.json").get("scores", {})
-            return "done" if all(repr(x) in have for x in levels) else "noise"
-    return "resume" if (run_dir / "checkpoint.pt").exists() else "new"
-
-
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.exists() else {}
-
-
-def check_run_folder(run: dict, resolved: Args) -> None:
-    """A folder left by an earlier sweep must hold the run this command asks for, else its scores would be mixed
-    into the table silently."""
-    path = Path(run["run_dir"]) / "checkpoint.pt"
-    if not path.exists():
-        return
-    saved = _load_checkpoint(path.parent)["args"]
-    diff = [k for k, v in dataclasses.asdict(resolved).items()
-            if k not in _SWEEP_FREE and k in saved and saved[k] != v]
-    if diff:
-        what = ", ".join(f"{k}={saved[k]!r} there, {getattr(resolved, k)!r} now" for k in diff[:3])
-        raise A2PRError(f"{path.parent} was trained with other settings ({what}); give another --sweep-dir or "
-                        "remove that folder")
-
-
-# --- one Ray task ------------------------------------------------------------------------------------------------
-def run_sweep_task(task: dict) -> dict:
-    """What a Ray worker runs for one run folder: train it (fresh, or resumed from its checkpoint), then evaluate
-    the final policy under observation noise, and record wall time, host and node in sweep.json. Plain dicts in and
-    out. Ray reruns the task if its worker dies; the rerun resumes from the last checkpoint."""
-    torch.set_num_threads(task["threads"])
-    run_dir, t0 = Path(task["run_dir"]), time.time()
-    stop_hook = _kill_after_first_checkpoint(run_dir) if task.get("kill_after_checkpoint") else None
-    try:
-        state = sweep_run_state(task, task["total_steps"], task["noise_levels"])
-        resumed_at = None
-        if state in ("new", "resume"):
-            a = Args(**task["args"])
-            if state == "resume":
-                resumed_at = int(_load_checkpoint(run_dir)["step"])
-                a = Args(resume=str(run_dir), total_steps=a.total_steps, quiet=True, cuda=a.cuda, compile=a.compile,
-                         cuda_graphs=a.cuda_graphs)
-            if train(a)["interrupted"]:
-                return dict(run_dir=str(run_dir), interrupted=True)
-        noise = evaluate_noise(run_dir, task["noise_levels"], task["eval_episodes"])
-    finally:
-        if stop_hook:
-            stop_hook.set()
-    info = _read_json(run_dir / "sweep.json")
-    ray = sys.modules.get("ray")  # never start a Ray here: get_runtime_context() would start a local one
-    node = ray.get_runtime_context().get_node_id() if ray is not None and ray.is_initialized() else None
-    info.update(wall_s=info.get("wall_s", 0.0) + time.time() - t0, host=platform.node(), node=node,
-                threads=torch.get_num_threads(), attempts=info.get("attempts", 0) + 1,
-                resumed_at=info.get("resumed_at", []) + ([resumed_at] if resumed_at is not None else []))
-    atomic_write(run_dir / "sweep.json", lambda tmp: Path(tmp).write_text(json.dumps(info, indent=2)))
-    return dict(run_dir=str(run_dir), interrupted=False, noise=noise)
-
-
-def _kill_after_first_checkpoint(run_dir: Path):
-    """The SWEEP_KILL_HOOK test hook: SIGKILL this worker once the run has a checkpoint, once per run folder."""
-    import threading
-
-    marker, stop = run_dir / ".test-killed", threading.Event()
-    if marker.exists():
-        return None
-
-    def watch():
-        while not stop.wait(0.005):
-            if (run_dir / "checkpoint.pt").exists():
-                marker.touch()
-                os.kill(os.getpid(), signal.SIGKILL)
-
-    threading.Thread(target=watch, daemon=True).start()
-    return stop
-
-
-def evaluate_noise(run_dir: Path, levels: list[float], episodes: int) -> dict:
-    """Normalised score of each seed's final policy with Gaussian observation noise of each std (evaluate's
-    obs_noise), on episodes seeded apart from the training evaluations; kept in noise.json, computed once."""
-    path = run_dir / "noise.json"
-    out = _read_json(path)
-    if out.get("episodes") != episodes:
-        out = dict(episodes=episodes, scores={})
-    missing = [x for x in levels if repr(x) not in out["scores"]]
-    if missing:
-        run = load_run(run_dir)
-        ref_min, ref_max = run["ref_scores"]
-        for x in missing:
-            rets = evaluate(run["agent"].actor, run["env_id"], run["obs_mean"], run["obs_std"], run["action_low"],
-                            run["action_high"], episodes, seed=run["args"].seed + 20_000, obs_noise=x)
-            out["scores"][repr(x)] = normalized_score(rets, ref_min, ref_max).mean(1).tolist()
-        atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(out, indent=2)))
-    return out
-
-
-# --- the driver --------------------------------------------------------------------------------------------------
-def _import_ray():
-    try:
-        import ray
-    except ImportError:
-        raise A2PRError(f"--sweep needs Ray, which is not installed: {RAY_INSTALL}") from None
-    return ray
-
-
-def _start_ray(ray, args: Args, code_dir: str) -> bool:
-    """Connect to --ray-address / $RAY_ADDRESS, else start a quiet local Ray with this machine's cores. Workers
-    import a2pr from code_dir (the same path on every node). Returns whether we started it (and must stop it)."""
-    if ray.is_initialized():  # e.g. a notebook that started Ray itself: use it as it is
-        return False
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    import logging
-    from ray.job_config import JobConfig
-
-    quiet = dict(job_config=JobConfig(code_search_path=[code_dir]), log_to_driver=False,
-                 logging_level=logging.ERROR)
-    address = args.ray_address or os.environ.get("RAY_ADDRESS")
-    try:
-        if address:
-            ray.init(address=address, **quiet)
-        else:
-            cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-            ray.init(num_cpus=cpus, include_dashboard=False, object_store_memory=128 * 2**20, **quiet)
-    except (ConnectionError, RuntimeError, ValueError) as e:
-        where = f"the Ray cluster at {address}" if address else "a local Ray"
-        raise A2PRError(f"--sweep could not start {where}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") \
-            from None
-    return True
-
-
-def sweep(args: Args) -> dict:
-    """Plan the sweep, run what is not finished on Ray (one task per run folder), then write the results. Returns
-    dict(sweep_dir, results_csv, results_md, results_png, ran, skipped, failed)."""
-    ray = _import_ray()
-    runs = plan_sweep(args)
-    suite, levels = sweep_suite(args), noise_levels(args)
-    sweep_dir = Path(runs[0]["run_dir"]).parent
-    kill = os.environ.get(SWEEP_KILL_HOOK) == "1"
-    resolved, todo = {}, []
-    for run in runs:
-        resolved[run["run_dir"]] = r = resolve_args(run["args"])[0]
-        check_run_folder(run, r)
-        state = sweep_run_state(run, r.total_steps, levels)
-        run["state"] = state
-        if state != "done":
-            todo.append(run)
-    print(f"sweep {suite}: {len(runs)} runs in {sweep_dir} ({len(runs) - len(todo)} finished, "
-          f"{sum(r['state'] == 'resume' for r in todo)} to resume, {sum(r['state'] == 'new' for r in todo)} new, "
-          f"{sum(r['state'] == 'noise' for r in todo)} to evaluate under noise)", file=sys.stderr)
-    failed = []
-    if todo:
-        seen = set()
-        for run in todo:  # load (download, generate) each dataset once here, not in every task at once
-            key = (run["env"], run["mix"])
-            if key not in seen and run["state"] != "noise":
-                seen.add(key)
-                load_dataset(run["args"], log=lambda *m, **k: print(*m, file=sys.stderr, **k))
-        failed = _run_on_ray(ray, args, todo, resolved, levels, kill, suite)
-    out = write_sweep_results(args, runs, sweep_dir, levels, suite)
-    out.update(ran=[r["run_dir"] for r in todo], skipped=[r["run_dir"] for r in runs if r["state"] == "done"],
-               failed=failed)
-    print(f"sweep {suite}: results in {out['results_md']}", file=sys.stderr)
-    if failed:
-        raise A2PRError(f"{len(failed)} of {len(runs)} runs failed (first: {failed[0][0]}: {failed[0][1]}); "
-                        f"{out['results_md']} has the others; run the same command again to retry")
-    return out
-
-
-def _run_on_ray(ray, args: Args, todo: list[dict], resolved: dict, levels: list[float], kill: bool,
-                suite: str) -> list[tuple[str, str]]:
-    """Submit one task per unfinished run folder and wait, printing a progress line; returns the failed runs."""
-    code = Path(__file__).resolve()
-    started = _start_ray(ray, args, str(code.parent))
-    try:
-        # The task must be importable by name on the workers (code_search_path), also when this file runs as a script.
-        mod = sys.modules.get(code.stem) if __name__ == "__main__" else sys.modules[__name__]
-        if mod is None:
-            import importlib
-
-            mod = importlib.import_module(code.stem)
-        gpus = sweep_task_gpus(args)
-        remote = ray.remote(mod.run_sweep_task)
-        # PYTHONPATH too: a Ray that was already running (a notebook's, a test's) has no code_search_path for a2pr.
-        options = dict(num_cpus=args.task_cpus, num_gpus=gpus, max_retries=args.task_retries, retry_exceptions=False,
-                       scheduling_strategy="SPREAD",  # runs over all nodes rather than packed onto the first
-                       runtime_env=dict(env_vars=dict(PYTHONPATH=os.pathsep.join(
-                           p for p in (str(code.parent), os.environ.get("PYTHONPATH")) if p))))
-        pending = {}
-        for run in todo:
-            r = resolved[run["run_dir"]]  # absolute paths: a worker on another node has another working folder
-            absolute = dataclasses.replace(run["args"], save_dir=str(Path(run["args"].save_dir).resolve()),
-                                           data_dir=str(Path(run["args"].data_dir).resolve()))
-            task = dict(run_dir=str(Path(run["run_dir"]).resolve()), args=dataclasses.asdict(absolute),
-                        total_steps=r.total_steps, noise_levels=levels, eval_episodes=r.eval_episodes,
-                        kill_after_checkpoint=kill, threads=max(1, int(args.task_cpus)))
-            pending[remote.options(name=Path(run["run_dir"]).name, **options).remote(task)] = run
-        res = ray.cluster_resources()
-        slots = int(res.get("CPU", 0) // args.task_cpus)
-        if gpus:
-            slots = min(slots, int(res.get("GPU", 0) // gpus))
-        print(f"sweep {suite}: {len(todo)} Ray tasks on {len(ray.nodes())} node(s), {res.get('CPU', 0):g} CPUs, "
-              f"{res.get('GPU', 0):g} GPUs: {max(slots, 0)} at a time ({args.task_cpus:g} CPU, {gpus:g} GPU each)",
-              file=sys.stderr)
-        failed, done, t0, tty = [], 0, time.time(), sys.stderr.isatty()
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
-            for ref in ready:
-                run = pending.pop(ref)
-                done += 1
-                try:
-                    if ray.get(ref)["interrupted"]:
-                        failed.append((run["run_dir"], "interrupted"))
-                except Exception as e:  # the task's own error (e.g. A2PRError), or retries used up
-                    cause = getattr(e, "cause", None) or e
-                    failed.append((run["run_dir"], (str(cause).strip().splitlines() or [type(cause).__name__])[-1]))
-            elapsed = time.time() - t0
-            running = min(len(pending), max(slots, 1))
-            left = f"about {_fmt_time(elapsed / done * len(pending))} left" if done else "time left: unknown yet"
-            line = (f"sweep {suite}: {done}/{len(todo)} done, {running} running, {len(pending) - running} queued"
-                    f"{f', {len(failed)} failed' if failed else ''} | {_fmt_time(elapsed)} elapsed, {left}")
-            if tty:
-                print("\r" + line.ljust(100), end="" if pending else "\n", file=sys.stderr, flush=True)
-            elif ready or not pending:
-                print(line, file=sys.stderr, flush=True)
-        return failed
-    except KeyboardInterrupt:
-        print("\nsweep interrupted: finished runs are kept; the same command resumes the others from their "
-              "checkpoints", file=sys.stderr)
-        raise
-    finally:
-        if started:
-            ray.shutdown()
-
-
-# --- results -----------------------------------------------------------------------------------------------------
-def _eval_curves(run_dir: Path, seeds: list[int]) -> tuple[np.ndarray, np.ndarray]:
-    """(steps, scores (seeds, steps)) of a run's evaluations, from its metrics.csv."""
-    path = run_dir / "metrics.csv"
-    if not path.exists():
-        return np.zeros(0), np.zeros((len(seeds), 0))
-    rows = [r for r in csv.DictReader(open(path)) if r.get("eval/normalized_score_mean", "") != ""]
-    cols = ([f"eval/normalized_score_seed{s}" for s in seeds] if len(seeds) > 1 else ["eval/normalized_score_mean"])
-    return (np.array([int(r["step"]) for r in rows]),
-            np.array([[float(r[c]) for r in rows] for c in cols]).reshape(len(seeds), len(rows)))
-
-
-def _train_seconds(run_dir: Path) -> float:
-    """Training time of the steps that count: time_s restarts at 0 when a run resumes, so sum each segment's end."""
-    path = run_dir / "metrics.csv"
-    times = [float(r["time_s"]) for r in csv.DictReader(open(path))] if path.exists() else []
-    return float(sum(a for a, b in zip(times, times[1:] + [-1.0]) if b < a))
-
-
-def collect_sweep(runs: list[dict], levels: list[float]) -> list[dict]:
-    """One row per seed of every finished run folder, read from the folder's files."""
-    rows = []
-    for run in runs:
-        d = Path(run["run_dir"])
-        s = _read_json(d / "summary.json")
-        if not s or s.get("interrupted", True):
-            continue
-        info, noise = _read_json(d / "sweep.json"), _read_json(d / "noise.json").get("scores", {})
-        secs = _train_seconds(d)
-        for i, seed in enumerate(s["seeds"]):
-            row = dict(dataset=run["dataset"], variant=run["variant"], seed=seed, final_score=s["final_scores"][i],
-                       best_score=s["best_scores"][i], steps=s["steps"],
-                       steps_per_s=round(s["steps"] / secs, 2) if secs else "", wall_s=round(info.get("wall_s", 0), 1),
-                       seeds_in_run=len(s["seeds"]), host=info.get("host", ""), run_dir=str(d))
-            row.update({f"noise_{x:g}": noise[repr(x)][i] for x in levels if repr(x) in noise})
-            rows.append(row)
-    return rows
-
-
-def _versions() -> str:
-    return ", ".join(f"{k} {v}" for k, v in library_versions(("ray",)).items() if v)
-
-
-def _hardware() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    gpu = (", GPU " + torch.cuda.get_device_name()) if torch.cuda.is_available() else ", no GPU"
-    return f"{platform.node()}: {cpu}, {os.cpu_count()} cores{gpu}"
-
-
-def _command_line(args: Args) -> str:
-    defaults, parts = Args(), ["python a2pr.py"]
-    for f in dataclasses.fields(Args):
-        v = getattr(args, f.name)
-        if v != getattr(defaults, f.name):
-            flag = "--" + f.name.replace("_", "-")
-            parts.append(flag if v is True else f"{flag} {v}")
-    return " ".join(parts)
-
-
-def sweep_tables(rows: list[dict], levels: list[float], variants: list[str]) -> str:
-    """results.md's tables: per dataset and variant, then the aggregates with their bootstrap CIs."""
-    def pm(x):
-        return f"{np.mean(x):.1f} ± {np.std(x):.1f}"
-
-    def ci(t):
-        return f"{t[0]:.1f} [{t[1]:.1f}, {t[2]:.1f}]"
-
-    datasets = list(dict.fromkeys(r["dataset"] for r in rows))
-    by = {}
-    for r in rows:
-        by.setdefault((r["dataset"], r["variant"]), []).append(r)
-    out = ["## Per dataset", "", "| dataset | variant | seeds | final score | best score | paper (A2PR) | steps | "
-           "steps/s | wall time |", "|---|---|---|---|---|---|---|---|---|"]
-    for d in datasets:
-        for v in variants:
-            rs = by.get((d, v))
-            if not rs:
-                continue
-            folders = {r["run_dir"]: r for r in rs}.values()
-            sps = [f["steps_per_s"] for f in folders if f["steps_per_s"] != ""]
-            paper = PAPER_SCORES.get(d) if v == "a2pr" else None
-            speed = f"{np.mean(sps):.0f}" if sps else "–"
-            out.append(f"| {d} | {v} | {len(rs)} | {pm([r['final_score'] for r in rs])} | "
-                       f"{pm([r['best_score'] for r in rs])} | {'–' if paper is None else paper} | "
-                       f"{rs[0]['steps']:,} | {speed} | {_fmt_time(sum(f['wall_s'] for f in folders))} |")
-    out += ["", "Scores are D4RL-normalised (0 = random, 100 = expert), mean ± std over seeds (final = last "
-            "evaluation, best = best evaluation). steps/s: gradient steps per second of a run folder (each step "
-            "updates all the seeds that share it); wall time: sum over the run folders of their tasks' wall time "
-            "(data loading and evaluation included)."]
-    per_variant = {v: [np.array([r["final_score"] for r in by[(d, v)]]) for d in datasets if (d, v) in by]
-                   for v in variants}
-    out += ["", f"## Aggregate over datasets (final score; stratified bootstrap, 95 % CI, {BOOTSTRAP_REPS:,} "
-            "resamples)", "", "| variant | datasets | runs | mean | IQM |", "|---|---|---|---|---|"]
-    for v, tasks in per_variant.items():
-        if tasks:
-            out.append(f"| {v} | {len(tasks)} | {sum(len(t) for t in tasks)} | "
-                       f"{ci(stratified_bootstrap_ci(tasks, aggregate_mean))} | "
-                       f"{ci(stratified_bootstrap_ci(tasks, aggregate_iqm))} |")
-    out += ["", "Mean: the mean over datasets of each dataset's mean score. IQM: the interquartile mean of all runs "
-            "(the middle 50 %). CIs: runs resampled with replacement within each dataset independently (rliable's "
-            "stratified bootstrap), percentile interval."]
-    if "a2pr" in variants and len(variants) > 1:
-        out += ["", "## Probability of improvement", "", "| comparison | datasets | P(X > Y) [95 % CI] |",
-                "|---|---|---|"]
-        for v in variants:
-            if v == "a2pr":
-                continue
-            common = [d for d in datasets if (d, "a2pr") in by and (d, v) in by]
-            if not common:
-                continue
-            x = [np.array([r["final_score"] for r in by[(d, "a2pr")]]) for d in common]
-            y = [np.array([r["final_score"] for r in by[(d, v)]]) for d in common]
-            t = stratified_bootstrap_ci(x + y, lambda g, n=len(x): probability_of_improvement(g[:n], g[n:]))
-            out.append(f"| P(a2pr > {v}) | {len(common)} | {t[0]:.2f} [{t[1]:.2f}, {t[2]:.2f}] |")
-        out += ["", "rliable's definition: for each dataset, the probability that a random run of X has a higher "
-                "final score than a random run of Y (ties count 1/2), averaged over datasets; the runs of each "
-                "variant on each dataset are resampled independently for the CI."]
-    if levels:
-        out += ["", "## Final policy under Gaussian observation noise (std per observation dimension)", "",
-                "| dataset | variant | " + " | ".join(f"σ = {x:g}" for x in levels) + " |",
-                "|---|---|" + "---|" * len(levels)]
-        for d in datasets:
-            for v in variants:
-                rs = by.get((d, v))
-                if rs:
-                    out.append(f"| {d} | {v} | " + " | ".join(
-                        pm([r[f"noise_{x:g}"] for r in rs]) if all(f"noise_{x:g}" in r for r in rs) else "–"
-                        for x in levels) + " |")
-        for v, tasks in per_variant.items():
-            if tasks:
-                cells = []
-                for x in levels:
-                    g = [np.array([r.get(f"noise_{x:g}", np.nan) for r in by[(d, v)]]) for d in datasets
-                         if (d, v) in by]
-                    cells.append(ci(stratified_bootstrap_ci(g, aggregate_mean)) if all(np.isfinite(t).all()
-                                                                                    for t in g) else "–")
-                out.append(f"| **mean over datasets** [95 % CI] | {v} | " + " | ".join(cells) + " |")
-    return "\n".join(out) + "\n"
-
-
-def write_sweep_results(args: Args, runs: list[dict], sweep_dir: Path, levels: list[float], suite: str) -> dict:
-    rows = collect_sweep(runs, levels)
-    variants = [v for v in _sweep_list(args.variants, "--variants")]
-    paths = dict(sweep_dir=str(sweep_dir), results_csv=str(sweep_dir / "results.csv"),
-                 results_md=str(sweep_dir / "results.md"), results_png=str(sweep_dir / "results.png"))
-    cols = ["dataset", "variant", "seed", "final_score", "best_score", *[f"noise_{x:g}" for x in levels], "steps",
-            "steps_per_s", "wall_s", "seeds_in_run", "host", "run_dir"]
-
-    def write_csv_rows(tmp):
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=cols, restval="")
-            w.writeheader()
-            w.writerows(rows)
-
-    atomic_write(Path(paths["results_csv"]), write_csv_rows)
-    finished = len({r["run_dir"] for r in rows})
-    head = [f"# Sweep `{suite}`: {finished} of {len(runs)} run folders finished", "",
-            f"- command: `{_command_line(args)}`",
-            f"- datasets: {', '.join(dict.fromkeys(r['dataset'] for r in runs))}",
-            "- variants: " + ", ".join(f"{v} (--bc-target {SWEEP_VARIANTS[v]['bc_target']} --gate "
-                                        f"{SWEEP_VARIANTS[v]['gate']})" for v in variants),
-            f"- seeds: {args.seed}..{args.seed + args.seeds - 1}, {args.num_seeds} per Ray task "
-            f"({args.task_cpus:g} CPU, {sweep_task_gpus(args):g} GPU each)",
-            f"- hardware (the machine that wrote this file): {_hardware()}; hosts that trained: "
-            f"{', '.join(sorted({r['host'] for r in rows if r['host']})) or '–'}",
-            f"- versions: {_versions()}",
-            f"- written {time.strftime('%Y-%m-%d %H:%M:%S')}", ""]
-    text = "\n".join(head) + "\n" + (sweep_tables(rows, levels, variants) if rows else "No finished runs yet.\n")
-    atomic_write(Path(paths["results_md"]), lambda tmp: Path(tmp).write_text(text))
-    if rows:
-        plot_sweep(Path(paths["results_png"]), runs, rows, levels, variants, suite)
-    return paths
-
-
-def plot_sweep(path: Path, runs: list[dict], rows: list[dict], levels: list[float], variants: list[str],
-               suite: str) -> None:
-    """Per-dataset learning curves (mean over seeds, 95 % bootstrap band), the aggregate intervals, and the score
-    under observation noise; matplotlib's Figure API, as plot_curves."""
-    from matplotlib.figure import Figure
-
-    datasets = list(dict.fromkeys(r["dataset"] for r in rows))
-    ncols = max(3, min(4, len(datasets)))
-    nrows = -(-len(datasets) // ncols) + 1
-    fig = Figure(figsize=(4.2 * ncols, 3.3 * nrows))
-    axes = np.atleast_2d(fig.subplots(nrows, ncols, squeeze=False))
-    colors = {v: f"C{i}" for i, v in enumerate(SWEEP_VARIANTS)}
-    done = {r["run_dir"] for r in rows}
-    for ax, d in zip(axes[:-1].ravel(), datasets):
-        for v in variants:
-            curves = [_eval_curves(Path(r["run_dir"]), r["seeds"]) for r in runs
-                      if r["dataset"] == d and r["variant"] == v and r["run_dir"] in done]
-            curves = [c for c in curves if len(c[0])]
-            if not curves:
-                continue
-            steps = min((c[0] for c in curves), key=len)
-            scores = np.concatenate([c[1][:, :len(steps)] for c in curves])
-            band = np.array([stratified_bootstrap_ci([col], aggregate_mean, reps=1000)[1:] for col in scores.T])
-            ax.plot(steps, scores.mean(0), color=colors[v], label=v)
-            ax.fill_between(steps, band[:, 0], band[:, 1], color=colors[v], alpha=0.2)
-        if d in PAPER_SCORES:
-            ax.axhline(PAPER_SCORES[d], ls="--", c="gray", lw=1, label="paper (A2PR)")
-        ax.set(title=d, xlabel="gradient step", ylabel="normalised score")
-        ax.legend(fontsize=7)
-    for ax in axes[:-1].ravel()[len(datasets):]:
-        ax.set_visible(False)
-    bottom = axes[-1]
-    for k, (name, stat) in enumerate((("mean", aggregate_mean), ("IQM", aggregate_iqm))):
-        ax = bottom[k]
-        for i, v in enumerate(variants):
-            tasks = [np.array([r["final_score"] for r in rows if r["dataset"] == d and r["variant"] == v])
-                     for d in datasets]
-            tasks = [t for t in tasks if len(t)]
-            if tasks:
-                p, lo, hi = stratified_bootstrap_ci(tasks, stat)
-                ax.barh(i, hi - lo, left=lo, height=0.5, color=colors[v], alpha=0.6)
-                ax.plot([p, p], [i - 0.25, i + 0.25], color="k")
-        ax.set(yticks=range(len(variants)), yticklabels=variants, xlabel="normalised score",
-               title=f"{name} over datasets, 95 % CI")
-    ax = bottom[2]
-    if levels:
-        for v in variants:
-            pts = []
-            for x in levels:
-                g = [np.array([r.get(f"noise_{x:g}", np.nan) for r in rows if r["dataset"] == d and r["variant"] == v])
-                     for d in datasets]
-                g = [t for t in g if len(t)]
-                pts.append(stratified_bootstrap_ci(g, aggregate_mean) if g and all(np.isfinite(t).all() for t in g)
-                           else (np.nan,) * 3)
-            pts = np.array(pts)
-            ax.plot(levels, pts[:, 0], marker="o", color=colors[v], label=v)
-            ax.fill_between(levels, pts[:, 1], pts[:, 2], color=colors[v], alpha=0.2)
-        ax.set(xlabel="observation noise std", ylabel="normalised score", title="final policy under noise")
-        ax.legend(fontsize=7)
-    else:
-        ax.set_visible(False)
-    for ax in bottom[3:]:
-        ax.set_visible(False)
-    fig.suptitle(f"sweep {suite}")
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-
-
-# ================================================================================================================
-# Appendix C. Speed paths: the same update run eagerly, through torch.compile, or replayed as CUDA graphs
-# (Updater), and the benchmarks that time them. Not needed to understand A2PR: every path computes update() above.
-# ================================================================================================================
-class Updater:
-    """Sample a batch and run one update, in one of three equivalent ways: eagerly (default), through
-    torch.compile (--compile), or by replaying CUDA graphs of the whole update (--cuda-graphs: one graph for critic
-    steps and one for actor steps, captured after a few eager warm-up steps). Sampling and noise stay outside the
-    graph, on the device, drawn from the per-seed generators exactly as the eager path draws them."""
+def speed_path(args: Args) -> typing.Callable:
+    """The `core` that update() calls: update_core itself, torch.compile of it, or its CUDA graphs."""
+    if args.cuda_graphs:
+        return CudaGraphs(update_core)
+    return torch.compile(update_core) if args.compile else update_core
+
+
+class CudaGraphs:
+    """update_core replayed as CUDA graphs, one for critic steps and one for actor steps, each captured after a few
+    eager warm-up steps. update() draws the batch and the noise outside the graph, from the per-seed generators as
+    on the eager path; they are copied into the graph's static inputs before each replay."""
 
     WARMUP = 4  # eager steps before capture: cuBLAS handles and Adam's state must exist before a graph is recorded
 
-    def __init__(self, agent: Agent, opt: Optimizers, data: DeviceData, gens: list[torch.Generator], args: Args):
-        self.agent, self.opt, self.data, self.gens, self.args = agent, opt, data, gens, args
-        self.core = torch.compile(update_core) if args.compile else update_core
-        self.graphs: dict[bool, tuple] = {}
-        self.eager_steps = 0
+    def __init__(self, core: typing.Callable):
+        self.core, self.graphs, self.eager_steps = core, {}, 0
 
-    def __call__(self, step: int) -> dict:
-        args = self.args
-        actor_turn = step % args.policy_freq == 0
-        batch = sample_batch(self.data, args.batch_size, self.gens)
-        noise = draw_noise(self.gens, batch, self.agent.vae.latent_dim, actor_turn)
-        if not args.cuda_graphs:
-            return self.core(self.agent, self.opt, batch, noise, actor_turn, args)
+    def __call__(self, agent: Agent, opt: Optimizers, batch, noise: dict, actor_turn: bool, args: Args) -> dict:
         if actor_turn not in self.graphs and self.eager_steps < self.WARMUP:
-            self.eager_steps += 1
-            return self._on_side_stream(batch, noise, actor_turn)
+            self.eager_steps += 1  # warm-up steps are real training steps, on a side stream as capture requires
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                out = self.core(agent, opt, batch, noise, actor_turn, args)
+            torch.cuda.current_stream().wait_stream(side)
+            return out
         if actor_turn not in self.graphs:
-            self.graphs[actor_turn] = self._capture(batch, noise, actor_turn)
+            self.graphs[actor_turn] = self._capture(agent, opt, batch, noise, actor_turn, args)
         graph, static_batch, static_noise, out = self.graphs[actor_turn]
         for dst, src in zip(static_batch, batch):
             dst.copy_(src)
@@ -2492,34 +1689,19 @@ class Updater:
         graph.replay()
         return {k: v.clone() for k, v in out.items()}  # the graph's outputs are overwritten by the next replay
 
-    def _on_side_stream(self, batch, noise, actor_turn):
-        """Warm-up steps are real training steps, run on a side stream as CUDA graph capture requires."""
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            out = self.core(self.agent, self.opt, batch, noise, actor_turn, self.args)
-        torch.cuda.current_stream().wait_stream(side)
-        return out
-
-    def _capture(self, batch, noise, actor_turn):
-        static_batch = tuple(x.clone() for x in batch)
-        static_noise = {k: v.clone() for k, v in noise.items()}
-        for o in self.opt.all().values():
+    def _capture(self, agent, opt, batch, noise, actor_turn, args):
+        static_batch, static_noise = tuple(x.clone() for x in batch), {k: v.clone() for k, v in noise.items()}
+        for o in opt.all().values():
             o.zero_grad(set_to_none=True)
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph):  # records, does not run: the caller replays it for this very step
-                out = self.core(self.agent, self.opt, static_batch, static_noise, actor_turn, self.args)
+                out = self.core(agent, opt, static_batch, static_noise, actor_turn, args)
         except RuntimeError as e:  # nothing was applied (capture only records), so the last checkpoint is valid
             raise A2PRError(f"CUDA graph capture of the {'actor' if actor_turn else 'critic'} step failed "
                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); run without "
                             "--cuda-graphs (the eager --cuda path computes the same update)") from None
         return graph, static_batch, static_noise, out
-
-
-def _sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def synthetic_data(obs_dim: int, act_dim: int, n: int, device="cpu") -> DeviceData:
@@ -2537,47 +1719,38 @@ BENCH_MODES = {"eager": dict(compile=False, cuda_graphs=False), "compile": dict(
                "graphs": dict(compile=False, cuda_graphs=True)}
 
 
-def bench_modes(args: Args) -> list[str]:
-    if args.bench_modes is None:
-        return ["graphs" if args.cuda_graphs else "compile" if args.compile else "eager"]
-    modes = [m.strip() for m in args.bench_modes.split(",") if m.strip()]
-    bad = [m for m in modes if m not in BENCH_MODES]
-    if not modes or bad or len(set(modes)) < len(modes):
+def benchmark_update(args: Args) -> dict:
+    """Steps/s of update() (sampling included) on synthetic data of --bench-dims. Each path of --bench-modes gets
+    its own learner and 20 warm-up updates (compiling or capturing happens there); then the paths are timed in turn
+    for --bench-repeats rounds, so the machine's drift hits them alike, and each reports its median round."""
+    args = resolve_args(dataclasses.replace(args, preset="spec" if args.preset == "auto" else args.preset))[0]
+    modes = (["graphs" if args.cuda_graphs else "compile" if args.compile else "eager"] if args.bench_modes is None
+             else [m.strip() for m in args.bench_modes.split(",") if m.strip()])
+    if not modes or set(modes) - set(BENCH_MODES) or len(set(modes)) < len(modes):
         raise A2PRError(f"--bench-modes must list distinct paths among {', '.join(BENCH_MODES)}, "
                         f"got {args.bench_modes!r}")
-    return modes
-
-
-def benchmark_update(args: Args) -> dict:
-    """Steps/s of the real update (sampling included) on synthetic data of the given dims. Each path in
-    --bench-modes gets its own learner and 20 warm-up updates (compiling or capturing happens there); then the paths
-    are timed in turn for --bench-repeats rounds, so the machine's drift hits them alike, and each reports the
-    median of its rounds. The top-level steps/s are the first path's."""
-    args = resolve_args(dataclasses.replace(args, preset="spec" if args.preset == "auto" else args.preset))[0]
-    modes = bench_modes(args)
     try:
         obs_dim, act_dim = (int(x) for x in args.bench_dims.split(","))
     except ValueError:
         raise A2PRError(f"--bench-dims must be OBS,ACT (two integers), got {args.bench_dims!r}") from None
     device = make_device(args)
     data = synthetic_data(obs_dim, act_dim, 100_000, device)
-    updaters = {}
+    learners, steps, rates = {}, dict.fromkeys(modes, 0), {mode: [] for mode in modes}
     for mode in modes:
         margs = dataclasses.replace(args, **BENCH_MODES[mode])
         make_device(margs)  # graphs needs --cuda
-        agent, opt, gens = build_learner(margs, obs_dim, act_dim, device)
-        updaters[mode] = Updater(agent, opt, data, gens, margs)
-    steps = dict.fromkeys(modes, 0)
+        learners[mode] = (*build_learner(margs, obs_dim, act_dim, device), margs, speed_path(margs))
 
     def run(mode, k):
+        agent, opt, gens, margs, core = learners[mode]
         for _ in range(k):
             steps[mode] += 1
-            updaters[mode](steps[mode])
-        _sync(device)
+            update(agent, opt, data, steps[mode], margs, gens, core)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
 
     for mode in modes:
         run(mode, 20)
-    rates = {mode: [] for mode in modes}
     for _ in range(args.bench_repeats):
         for mode in modes:
             t0 = time.perf_counter()
@@ -2586,48 +1759,19 @@ def benchmark_update(args: Args) -> dict:
     per_mode = {mode: dict(steps_per_s=round(float(np.median(r)), 2),
                            agent_steps_per_s=round(float(np.median(r)) * args.num_seeds, 2),
                            runs=[round(x, 2) for x in r]) for mode, r in rates.items()}
-    first = per_mode[modes[0]]
     return dict(benchmark="update", device=str(device) if device.type == "cpu" else torch.cuda.get_device_name(),
-                steps_per_s=first["steps_per_s"], agent_steps_per_s=first["agent_steps_per_s"], modes=per_mode,
-                repeats=args.bench_repeats, bench_steps=args.bench_steps,
-                num_seeds=args.num_seeds, batch_size=args.batch_size, obs_dim=obs_dim, act_dim=act_dim,
+                **{k: per_mode[modes[0]][k] for k in ("steps_per_s", "agent_steps_per_s")}, modes=per_mode,
+                repeats=args.bench_repeats, bench_steps=args.bench_steps, num_seeds=args.num_seeds,
+                batch_size=args.batch_size, obs_dim=obs_dim, act_dim=act_dim,
                 sizes=dict(actor=args.actor_hidden, critic=args.critic_hidden, value=args.value_hidden,
                            vae=args.vae_hidden), torch=torch.__version__, threads=torch.get_num_threads())
 
 
-def benchmark_data(args: Args) -> dict:
-    """Seconds to read a 1M-row hopper-shaped D4RL-layout file (written to a temporary folder first), make its
-    transitions, and normalise them onto the device."""
-    device = make_device(args)
-    rng = np.random.default_rng(0)
-    n, ep = 1_000_000, 1000
-    rows = dict(observations=rng.standard_normal((n, 11), dtype=np.float32),
-                actions=rng.uniform(-1, 1, (n, 3)).astype(np.float32), rewards=rng.standard_normal(n, np.float32),
-                terminals=np.zeros(n, bool), timeouts=(np.arange(n) % ep) == ep - 1)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "hopper_medium-v2.hdf5"
-        write_d4rl_hdf5(path, rows, {})
-        t0 = time.perf_counter()
-        read, _ = read_d4rl_hdf5(path)
-        t1 = time.perf_counter()
-        tr = rows_to_transitions(read)
-        t2 = time.perf_counter()
-        ds = Dataset(name="bench", env_id="Hopper-v4", **tr, ref_min_score=0.0, ref_max_score=1.0,
-                     episode_returns=episode_returns(read), action_low=-np.ones(3, np.float32),
-                     action_high=np.ones(3, np.float32))
-        prepare_data(ds, resolve_args(args)[0], device)
-        _sync(device)
-        t3 = time.perf_counter()
-    return dict(benchmark="data", device=str(device), rows=n, transitions=len(tr["rewards"]),
-                read_s=round(t1 - t0, 3), transitions_s=round(t2 - t1, 3), to_device_s=round(t3 - t2, 3),
-                total_s=round(t3 - t0, 3))
-
-
 # ================================================================================================================
-# Appendix D. Run files: atomic writes, the run folder (claimed fresh and locked while written), config.json
+# Appendix C. Run files: atomic writes, the run folder (claimed fresh and locked while written), config.json
 # (settings, their sources, versions), checkpoints (plain data, loaded with weights_only=True), the best policy, the
 # metrics CSV, the learning-curve plot, TensorBoard and wandb, loading a finished run or its policy, and exporting
-# that policy as TorchScript. Not needed to understand A2PR: they record what train() does.
+# that policy as a torch.export program. Not needed to understand A2PR: they record what train() does.
 # ================================================================================================================
 def _umask() -> int:
     """The process umask (reading it means setting it: set it straight back). Read when a file is written, not at
@@ -2679,13 +1823,15 @@ CSV_COLUMNS = (["step", "time_s"] + [column for column, _ in METRICS.values()]
                + ["charts/SPS", "eval/return_mean", "eval/normalized_score_mean", "eval/normalized_score_std"])
 
 
-def write_csv(path: Path, rows: list[dict]) -> None:
-    def w(tmp):
+def write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
+    """rows as a CSV file, atomically: `columns` first, then any other keys (sorted); missing cells are empty."""
+    def write(tmp):
         with open(tmp, "w", newline="") as f:
-            wr = csv.DictWriter(f, fieldnames=CSV_COLUMNS + sorted({k for r in rows for k in r} - set(CSV_COLUMNS)))
+            wr = csv.DictWriter(f, fieldnames=columns + sorted({k for r in rows for k in r} - set(columns)),
+                                restval="")
             wr.writeheader()
             wr.writerows(rows)
-    atomic_write(path, w)
+    atomic_write(path, write)
 
 
 def plot_curves(path: Path, history: list[dict], dataset_score: float, title: str) -> None:
@@ -2710,21 +1856,16 @@ def plot_curves(path: Path, history: list[dict], dataset_score: float, title: st
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
 
 
-def history_last_score(history: list[dict]) -> float:
-    scores = [r["eval/normalized_score_mean"] for r in history if "eval/normalized_score_mean" in r]
-    return scores[-1] if scores else float("nan")
-
-
 def _finite_or_none(x):
     return float(x) if np.isfinite(x) else None
 
 
-def _fmt_time(s: float) -> str:
+def fmt_time(s: float) -> str:
     s = int(max(s, 0))
     return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-class _StopFlag:
+class StopFlag:
     """Ctrl-C, or SIGTERM (what SLURM, Ray and Kubernetes send before killing a job), sets a flag that the loop
     checks between updates, so the checkpoint is never taken mid-update; `signal` names the one that came. A second
     signal interrupts at once."""
@@ -2802,30 +1943,33 @@ def resume_command(run_dir: Path) -> str:
     return f"python {shlex.quote(str(script))} --resume {shlex.quote(str(run_dir))}"
 
 
-def lock_run_dir(run_dir: Path):
-    """Lock run_dir/.lock for this process and return the open file (the lock lasts while it is open). flock is
-    dropped by the OS when the process dies, so even kill -9 leaves no stale lock. Windows: msvcrt's byte lock."""
-    f = open(run_dir / ".lock", "a+")
+def lock_file(path: Path, busy: str):
+    """Lock `path` for this process and return the open file (the lock lasts while it is open). The OS drops flock
+    when the process dies, so even kill -9 leaves no stale lock. Windows: msvcrt's byte lock."""
+    f = open(path, "a+")
     try:
         try:
             import fcntl
         except ImportError:  # Windows
             import msvcrt
 
-            f.seek(0)
             msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
         else:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
-        f.seek(0)
-        holder = f.read().strip()
         f.close()
-        raise A2PRError(f"{run_dir} is in use by another a2pr.py process" + (f" (pid {holder})" if holder else "")
-                        + f"; wait for it to end (or stop it), then continue with {resume_command(run_dir)}") \
-            from None
+        raise A2PRError(busy) from None
+    return f
+
+
+def lock_run_dir(run_dir: Path):
+    """Lock run_dir/.lock; it holds the writer's pid, for the message a second writer gets."""
+    holder = (run_dir / ".lock").read_text().strip() if (run_dir / ".lock").exists() else ""
+    f = lock_file(run_dir / ".lock", f"{run_dir} is in use by another a2pr.py process" + (f" (pid {holder})" if
+                  holder else "") + f"; wait for it to end (or stop it), then continue with {resume_command(run_dir)}")
     f.seek(0)
     f.truncate()
-    f.write(str(os.getpid()))  # for the message a second writer gets
+    f.write(str(os.getpid()))
     f.flush()
     return f
 
@@ -2950,7 +2094,7 @@ def finish_run(args: Args, ds, progress, paths: dict, dataset_score: float, elap
               f"Continue with: {resume_command(paths['run_dir'])}", file=sys.stderr)  # shown even with --quiet
     else:
         log(f"done: final score {summary['final_score']:.1f} +- {summary['final_score_std']:.1f}, best "
-            f"{float(best.mean()):.1f}, dataset average {dataset_score:.1f} ({_fmt_time(elapsed)}); "
+            f"{float(best.mean()):.1f}, dataset average {dataset_score:.1f} ({fmt_time(elapsed)}); "
             f"results in {paths['run_dir']}")
     if ds.notice:
         log(f"NOTICE: {ds.notice}")
@@ -2959,96 +2103,63 @@ def finish_run(args: Args, ds, progress, paths: dict, dataset_score: float, elap
 
 def load_run(run_dir: str | Path, device="cpu") -> dict:
     """What a run left in its checkpoint, rebuilt: settings, networks, optimisers and random streams (ready to
-    continue), the state normalisation, the evaluation env and the metrics history."""
-    ckpt = _load_checkpoint(Path(run_dir))
+    continue), its Policy (normalisation, actor, bounds), the evaluation env and the metrics history."""
+    ckpt = load_checkpoint(Path(run_dir))
     args = args_from_checkpoint(ckpt)
     agent, opt, gens = build_learner(args, len(ckpt["obs_mean"]), len(ckpt["action_low"]), device, ckpt)
+    policy = Policy(agent.actor, *(ckpt[k] for k in ("obs_mean", "obs_std", "action_low", "action_high"))).to(device)
     keys = ("step", "obs_mean", "obs_std", "action_low", "action_high", "env_id", "history", "ref_scores")
-    return dict(args=args, agent=agent, opt=opt, gens=gens, **{k: ckpt.get(k) for k in keys})
+    return dict(args=args, agent=agent, opt=opt, gens=gens, policy=policy, **{k: ckpt.get(k) for k in keys})
 
 
 def load_policy(run_dir: str | Path, device="cpu", seed_index: int = 0):
-    """The trained policy of a run as a function: raw env observation -> env action (normalisation included)."""
-    run = load_run(run_dir, device)
-    actor, k = run["agent"].actor, run["args"].num_seeds
-    mean, std, low, high = run["obs_mean"], run["obs_std"], run["action_low"], run["action_high"]
-
-    @torch.no_grad()
-    def policy(obs: np.ndarray) -> np.ndarray:
-        x = torch.as_tensor((np.asarray(obs, np.float32) - mean) / std, device=device)
-        x = x.reshape(1, -1, len(mean)).expand(k, -1, -1)
-        return to_env_actions(actor(x)[seed_index].cpu().numpy(), low, high).reshape(*np.shape(obs)[:-1], len(low))
-
-    return policy
-
-
-class _Affine(nn.Module):
-    """One actor layer of all K seeds, computed as in training (baddbmm over the leading seed dimension)."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor):
-        super().__init__()
-        self.register_buffer("weight", weight)
-        self.register_buffer("bias", bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.baddbmm(self.bias, x, self.weight)
-
-
-class DeployedPolicy(nn.Module):
-    """Raw env observation(s) (..., obs_dim) -> env action(s) (..., act_dim): state normalisation, the actor and the
-    action bounds in one module, the same operations as load_policy (all K seeds' actors run, as in training, and
-    seed_index's action is kept: a K-member batched product can differ from a 1-member one in the last bit)."""
-
-    def __init__(self, actor_state: dict, seed_index: int, obs_mean, obs_std, action_low, action_high):
-        super().__init__()
-        n = len([k for k in actor_state if k.endswith(".weight")])
-        mods: list[nn.Module] = []
-        for i in range(n):
-            mods.append(_Affine(actor_state[f"net.{2 * i}.weight"].clone(), actor_state[f"net.{2 * i}.bias"].clone()))
-            if i < n - 1:
-                mods.append(nn.ReLU())
-        self.net = nn.ModuleList(mods)
-        self.k, self.seed_index = int(actor_state["net.0.weight"].shape[0]), int(seed_index)
-        for name, v in dict(obs_mean=obs_mean, obs_std=obs_std, action_low=action_low, action_high=action_high).items():
-            self.register_buffer(name, torch.as_tensor(np.asarray(v)))
-
-    def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        x = obs.to(torch.float32)
-        lead = x.shape[:-1]
-        x = ((x - self.obs_mean) / self.obs_std).reshape(1, -1, x.shape[-1]).expand(self.k, -1, -1)
-        for m in self.net:
-            x = m(x)
-        a = torch.tanh(x)[self.seed_index]
-        low, high = self.action_low, self.action_high
-        a = torch.clamp(low + 0.5 * (a + 1.0) * (high - low), low, high).to(torch.float32)
-        return a.reshape(lead + [a.shape[-1]])
+    """The trained policy of a run as a function: raw env observation(s) -> env action(s), numpy in and out."""
+    policy = OneSeed(load_run(run_dir, device)["policy"], seed_index)
+    return torch.no_grad()(lambda obs: policy(torch.as_tensor(np.asarray(obs, np.float32), device=device)).cpu()
+                           .numpy())
 
 
 def export_policy(run_dir: str | Path, best: bool = False, seed_index: int = 0) -> Path:
-    """Write RUN_DIR/policy.pt (the checkpoint's actor) or, with best, policy_best.pt (best_policy.pt's): one
-    TorchScript file that torch.jit.load reads in a program that has never seen a2pr.py. Returns its path."""
+    """Write RUN_DIR/policy.pt2 (the checkpoint's actor) or, with best, policy_best.pt2 (best_policy.pt's): a
+    torch.export program of OneSeed(Policy), raw observations (batch, obs_dim) -> env actions, for any batch size;
+    torch.export.load(path).module() runs it in a program that has never seen a2pr.py. Returns its path."""
     run_dir = Path(run_dir)
+    state = load_checkpoint(run_dir, "best_policy.pt" if best else "checkpoint.pt", "--export")
+    args = args_from_checkpoint(state)
     if best:
-        src = run_dir / "best_policy.pt"
-        if not src.exists():
-            raise A2PRError(f"--export {run_dir} --best: no best_policy.pt there (a run writes it at its first "
-                            "evaluation)")
-        try:
-            state = torch.load(src, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise A2PRError(f"{src}: cannot be read ({type(e).__name__}: {e})") from None
-        actor = state["actor"]
+        actor_state = state["actor"]
     else:
-        state = _load_checkpoint(run_dir)
-        actor = {k[len("actor."):]: v for k, v in state["agent"].items() if k.startswith("actor.")}
-    module = DeployedPolicy(actor, seed_index, *(np.asarray(state[k], dtype=np.float32)
-                                                 for k in ("obs_mean", "obs_std", "action_low", "action_high")))
-    with warnings.catch_warnings():  # torch.jit is in maintenance; scripting still works and loads everywhere
-        warnings.simplefilter("ignore", DeprecationWarning)
-        scripted = torch.jit.script(module.eval())
-        out = run_dir / ("policy_best.pt" if best else "policy.pt")
-        atomic_write(out, lambda tmp: torch.jit.save(scripted, tmp))
+        actor_state = {k[len("actor."):]: v for k, v in state["agent"].items() if k.startswith("actor.")}
+    obs_dim, act_dim = len(state["obs_mean"]), len(state["action_low"])
+    actor = Actor(args.num_seeds, obs_dim, act_dim, args.actor_hidden, args.actor_layers)
+    actor.load_state_dict(actor_state)
+    module = OneSeed(Policy(actor, *(state[k] for k in ("obs_mean", "obs_std", "action_low", "action_high"))),
+                     seed_index).eval()
+    program = torch.export.export(module, (torch.zeros(2, obs_dim),),
+                                  dynamic_shapes=({0: torch.export.Dim("batch")},))
+    out = run_dir / ("policy_best.pt2" if best else "policy.pt2")
+    atomic_write(out, lambda tmp: torch.export.save(program, tmp))
     return out
+
+
+def run_settings(args: Args, given: set[str] | None) -> tuple[Args, dict[str, str], dict | None]:
+    """The run's resolved settings, where each came from, and the checkpoint when resuming. On --resume the
+    checkpoint's settings win so that the run continues unchanged; only RESUME_MAY_CHANGE follows this command line
+    (the length, how the update executes, where the data is found), so a GPU run can go on here."""
+    if given is None:  # train(Args(...)) from Python: what differs from the defaults was given
+        given = {f.name for f in dataclasses.fields(Args) if getattr(args, f.name) != f.default}
+    if not args.resume:
+        return (*resolve_args(args), None)
+    ckpt = load_checkpoint(Path(args.resume))
+    saved = args_from_checkpoint(ckpt)
+    check_resume_flags(args, saved, given)  # a flag that contradicts the checkpoint is an error, never ignored
+    if ckpt.get("device", "cpu") != ("cuda" if args.cuda else "cpu"):
+        print(f"note: the checkpoint was written on {ckpt.get('device', 'cpu')}; continuing on the other device with "
+              "fresh random streams, so the run will not be bit-identical to an uninterrupted one", file=sys.stderr)
+    mode = ("cuda", "cuda_graphs", "compile", "quiet")  # how this process runs: always this command line's
+    args = dataclasses.replace(saved, **{k: getattr(args, k) for k in RESUME_MAY_CHANGE if k in given or k in mode})
+    args, source = resolve_args(args)
+    return args, {k: "flag" if k in given else "checkpoint" for k in source}, ckpt
 
 
 def args_from_checkpoint(ckpt: dict) -> Args:
@@ -3060,31 +2171,27 @@ def args_from_checkpoint(ckpt: dict) -> Args:
     return Args(**{k: v for k, v in ckpt["args"].items() if k in known})
 
 
-def _load_checkpoint(run_dir: Path) -> dict:
-    path = run_dir / "checkpoint.pt"
+def load_checkpoint(run_dir: Path, name: str = "checkpoint.pt", flag: str = "--resume") -> dict:
+    """A run folder's checkpoint.pt (or best_policy.pt), loaded with weights_only=True: a shared file's pickle may
+    carry code, so only tensors and plain data are let through, and a refusal is one line."""
+    path = run_dir / name
     if not path.exists():
-        raise A2PRError(f"--resume {run_dir}: no checkpoint.pt there; give the folder of a run that saved one")
-    try:  # weights_only: a shared checkpoint's pickle may carry code; only tensors and plain data are let through
+        raise A2PRError(f"{flag} {run_dir}: no {name} there; give the folder of a run that saved one")
+    try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         found = re.findall(r"GLOBAL (\S+)", str(e)) if isinstance(e, pickle.UnpicklingError) else []
-        if found and found[0].startswith("numpy"):
-            raise A2PRError(f"{path}: written by an older a2pr.py (numpy arrays inside, which a safe load refuses); "
-                            "continue it with the a2pr.py that wrote it, or start a new run") from None
-        if found:
-            raise A2PRError(f"{path}: refused, nothing in it was run: it holds Python objects ({found[0]}) that "
-                            "could run code when loaded; a2pr checkpoints hold only tensors and plain data, so this "
-                            "one was not written by a2pr.py or was altered") from None
-        raise A2PRError(f"{path}: cannot be read as an a2pr checkpoint ({type(e).__name__}: {e})") from None
-    needed = {"args", "agent", "optimizers", "rng", "step", "obs_mean", "obs_std", "history"}
-    if not isinstance(ckpt, dict):
-        raise A2PRError(f"{path}: not an a2pr checkpoint (it holds a {type(ckpt).__name__}, not a dict of settings "
-                        "and states)")
-    if not needed <= ckpt.keys():
-        raise A2PRError(f"{path}: not an a2pr checkpoint (it lacks {sorted(needed - set(ckpt))})")
+        why = (f"it holds Python objects ({found[0]}) that could run code when loaded; a2pr files hold only tensors "
+               "and plain data, so this one was not written by this a2pr.py or was altered" if found else
+               f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        raise A2PRError(f"{path}: refused, nothing in it was run: not a safe a2pr file ({why})") from None
+    needed = {"args", "obs_mean", "obs_std", "action_low", "action_high"} | (
+        {"actor"} if name == "best_policy.pt" else {"agent", "optimizers", "rng", "step", "history"})
+    if not isinstance(ckpt, dict) or not needed <= ckpt.keys():
+        what = f"lacks {sorted(needed - set(ckpt))}" if isinstance(ckpt, dict) else f"holds a {type(ckpt).__name__}"
+        raise A2PRError(f"{path}: not an a2pr {name} (it {what})")
     for k in ("obs_mean", "obs_std", "action_low", "action_high"):  # tensors on disk, numpy arrays in memory
-        if k in ckpt:
-            ckpt[k] = np.asarray(ckpt[k])
+        ckpt[k] = np.asarray(ckpt[k])
     if ckpt.get("env_spec"):  # a Minari dataset's eval env: an EnvSpec, stored as JSON text
         from gymnasium.envs.registration import EnvSpec
 
@@ -3092,13 +2199,15 @@ def _load_checkpoint(run_dir: Path) -> dict:
     return ckpt
 
 
-def _check_trackers(args: Args) -> None:
+def check_outputs(args: Args) -> None:
+    """Before any work: the trackers asked for are installed, and the run's folder can be written."""
     import importlib.util
 
-    if args.tensorboard and importlib.util.find_spec("tensorboard") is None:
-        raise A2PRError("--tensorboard needs the tensorboard package: pip install tensorboard")
-    if args.wandb and importlib.util.find_spec("wandb") is None:
-        raise A2PRError("--wandb needs the wandb package: pip install wandb")
+    for flag, package in (("tensorboard", "tensorboard"), ("wandb", "wandb")):
+        if getattr(args, flag) and importlib.util.find_spec(package) is None:
+            raise A2PRError(f"--{flag} needs the {package} package: pip install {package}")
+    check_writable(Path(args.resume or args.save_dir), "--resume needs to write there" if args.resume
+                   else "choose another --save-dir")
 
 
 def _wandb_run_id(run_dir: Path) -> str:
@@ -3111,7 +2220,7 @@ def _wandb_run_id(run_dir: Path) -> str:
     return run_id
 
 
-def _open_trackers(args: Args, run_dir: Path, step: int = 0) -> list[tuple]:
+def open_trackers(args: Args, run_dir: Path, step: int = 0) -> list[tuple]:
     """Optional TensorBoard / wandb sinks, each a (log(row), close()) pair. A run resumed at `step` continues the
     same W&B run (its id is kept in the run folder; runs are grouped by dataset), and TensorBoard drops what was
     logged after the checkpoint (purge_step), so no step appears twice."""
@@ -3133,7 +2242,7 @@ def _open_trackers(args: Args, run_dir: Path, step: int = 0) -> list[tuple]:
 
 
 # ================================================================================================================
-# Appendix E. The theory on finite MDPs (spec, "What the theory promises"): augmented_behaviour_policy builds the
+# Appendix D. The theory on finite MDPs (spec, "What the theory promises"): augmented_behaviour_policy builds the
 # paper's augmented behaviour policy with prefer_generated exactly as select_bc_target does above. Exact float64
 # linear solves, no sampling, so the theorems (improvement, robustness, bounded gap) are tested exactly. Shapes: P
 # (S, A, S) with P[s, a, s'] the transition probability, R (S, A), a policy (S, A) with rows on the simplex, rho
@@ -3196,69 +2305,55 @@ def total_variation(p, q) -> np.ndarray:
 
 
 # ================================================================================================================
-# Appendix F. The command line: the parser built from Args, --config (a run's config.json as the defaults), preset
+# Appendix E. The command line: the parser built from Args, --config (a run's config.json as the defaults), preset
 # resolution and validation (one clear line per mistake, before any work). Not needed to understand A2PR:
 # train(args) takes an Args however it was made.
 # ================================================================================================================
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, not a usage dump; an unknown flag gets the closest known one
         if message.startswith("unrecognized arguments:"):
-            known = [o for a in self._actions for o in a.option_strings]
-            close = {w: difflib.get_close_matches(w.split("=")[0], known, n=1, cutoff=0.6)
-                     for w in message.split(":", 1)[1].split() if w.startswith("-")}
+            words = [w for w in message.split(":", 1)[1].split() if w.startswith("-")]
+            if any(w.split("=")[0] in ("--sweep", "--sweep-envs") for w in words):
+                self.exit(2, "a2pr.py: error: sweeps moved to the companion a2pr_sweep.py: python a2pr_sweep.py "
+                             "SUITE [--seeds N] [--variants ...] [training flags] (see python a2pr_sweep.py --help)\n")
+            close = {w: difflib.get_close_matches(w.split("=")[0], self.flags, n=1, cutoff=0.6) for w in words}
             message += "".join(f" ({w}: did you mean {c[0]}?)" for w, c in close.items() if c)
-        self.exit(2, f"a2pr.py: error: {message} (see python a2pr.py --help)\n")
+        self.exit(2, f"{self.prog}: error: {message} (see python {self.prog} --help)\n")
 
 
-def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
-    """The command line, built from Args: one flag per field, its help line from the field's metadata. With
-    defaults=False, a field not given on the command line is absent from the result (--config uses that)."""
-    p = _Parser(prog="a2pr.py", description=__doc__.split("\n\n")[0],
+def build_parser(prog: str = "a2pr.py") -> argparse.ArgumentParser:
+    """The command line, built from Args: one flag per field, its help line from the field's metadata. Defaults are
+    argparse.SUPPRESS, so a parse holds exactly the flags given (a flag given with its default value counts)."""
+    p = _Parser(prog=prog, description=__doc__.split("\n\n")[0], argument_default=argparse.SUPPRESS,
                 formatter_class=lambda prog: argparse.HelpFormatter(prog, max_help_position=30, width=120))
-    hints = typing.get_type_hints(Args)
+    p.flags, hints = [], typing.get_type_hints(Args)
     for f in dataclasses.fields(Args):
-        flags = ["--" + f.name.replace("_", "-"), *f.metadata.get("aliases", ())]
-        typ = hints[f.name]
+        flags, typ = ["--" + f.name.replace("_", "-"), *f.metadata.get("aliases", ())], hints[f.name]
         hide = f.default is None or typ is bool or str(f.default) in f.metadata["help"]
-        shown = "" if hide else f" (default {f.default})"
-        kw = dict(dest=f.name, help=f.metadata["help"] + shown, default=f.default if defaults else argparse.SUPPRESS)
+        kw = dict(dest=f.name, help=f.metadata["help"] + ("" if hide else f" (default {f.default})"))
         if typ is bool:
             kw["action"] = argparse.BooleanOptionalAction if f.metadata.get("negatable") else "store_true"
         else:
             base = next((t for t in typing.get_args(typ) if t is not type(None)), typ)
-            kw.update(type=base, metavar=f.metadata.get("metavar", f.name.split("_")[-1].upper()))
-            if "choices" in f.metadata:
-                kw["choices"] = f.metadata["choices"]
+            kw.update(type=base, metavar=f.metadata.get("metavar", f.name.split("_")[-1].upper()),
+                      choices=f.metadata.get("choices"))
         p.add_argument(*flags, **kw)
+        p.flags += flags
     return p
 
 
-def parse_args(argv=None) -> Args:
-    """Args from the command line, remembering which flags were given (a flag given with its default value still
-    counts: on --resume it must agree with the checkpoint); with --config FILE, the fields not given on the command
-    line come from FILE."""
-    values = vars(build_parser().parse_args(argv))
-    given = vars(build_parser(defaults=False).parse_args(argv))  # no defaults: only the flags that were given
-    if values["config"]:
-        values.update({k: v for k, v in load_config(values["config"]).items() if k not in given})
-    args = Args(**values)
-    args.given = frozenset(given)
-    return args
+def parse_args(argv=None) -> tuple[Args, set[str]]:
+    """(Args, the names of the flags given), from one parse of argv; with --config FILE the fields not given on
+    the command line come from FILE."""
+    given = vars(build_parser().parse_args(argv))
+    values = {**(load_config(given["config"]) if "config" in given else {}), **given}
+    return Args(**values), set(given)
 
 
 # On --resume the checkpoint's settings win; these follow the command line: the run's length, how the update
 # executes (device, --compile, --cuda-graphs) and where the data is found, none of which changes what is learned.
 RESUME_MAY_CHANGE = ("resume", "total_steps", "cuda", "compile", "cuda_graphs", "quiet", "data_dir",
                      "download_timeout")
-
-
-def given_fields(args: Args) -> set[str]:
-    """The settings the user gave: the command line's record, else (train(Args(...)) from Python) every field that
-    differs from its default."""
-    recorded = getattr(args, "given", None)
-    if recorded is not None:
-        return set(recorded)
-    return {f.name for f in dataclasses.fields(Args) if getattr(args, f.name) != f.default}
 
 
 def check_resume_flags(args: Args, saved: Args, given: set[str]) -> None:
@@ -3271,9 +2366,9 @@ def check_resume_flags(args: Args, saved: Args, given: set[str]) -> None:
         if mine != theirs:
             clash.append(f"--{name.replace('_', '-')} {mine} contradicts the checkpoint's {theirs}")
     if clash:
+        may = ", ".join("--" + k.replace("_", "-") for k in RESUME_MAY_CHANGE[1:])
         raise A2PRError(f"--resume {args.resume}: {'; '.join(clash)}. Drop the flag to continue the run as it was "
-                        "(only --total-steps, --cuda, --compile, --cuda-graphs, --data-dir may change), or start a "
-                        "new run with it")
+                        f"(only {may} may change), or start a new run with it")
 
 
 NOT_FROM_CONFIG = ("config", "resume", "run_name", "export", "best")  # where and what to run, not the settings
@@ -3284,20 +2379,16 @@ def load_config(path: str) -> dict:
     folder. A file of another a2pr version may hold fields this one does not know: a one-line error names them."""
     try:
         settings = json.loads(Path(path).read_text())["settings"]
+        unknown = sorted(set(settings) - {f.name for f in dataclasses.fields(Args)})
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise A2PRError(f"--config {path}: not a run's config.json ({type(e).__name__}: {e})") from None
-    unknown = sorted(set(settings) - {f.name for f in dataclasses.fields(Args)})
     if unknown:
         raise A2PRError(f"--config {path}: settings this a2pr.py does not know: {', '.join(unknown)}")
     return {k: v for k, v in settings.items() if k not in NOT_FROM_CONFIG}
 
 
 def auto_preset(env: str) -> str:
-    if env in D4RL_PRESETS:
-        return env
-    if env.startswith("pendulum-"):
-        return "pendulum-cpu"
-    return "spec"
+    return env if env in D4RL_PRESETS else "pendulum-cpu" if env.startswith("pendulum-") else "spec"
 
 
 def resolve_args(args: Args) -> tuple[Args, dict[str, str]]:
@@ -3323,44 +2414,37 @@ def resolve_args(args: Args) -> tuple[Args, dict[str, str]]:
     return out, source
 
 
+# What each numeric flag must be, for validate_args: (test, the words of the one-line error).
+CHECKS = {
+    "a positive integer": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0, [
+        "total_steps", "batch_size", "num_seeds", "policy_freq", "actor_hidden", "actor_layers", "critic_hidden",
+        "critic_layers", "value_hidden", "value_layers", "vae_hidden", "vae_layers", "eval_freq", "eval_episodes",
+        "log_freq", "save_freq", "bench_steps", "bench_repeats"]),
+    "a positive number": (lambda v: math.isfinite(v) and v > 0, ["actor_lr", "critic_lr", "value_lr", "vae_lr",
+                                                                  "alpha", "download_timeout"]),
+    "a number >= 0": (lambda v: math.isfinite(v) and v >= 0, ["bc_weight", "vae_weight", "policy_noise",
+                                                               "noise_clip", "eval_obs_noise"]),
+    "a finite number": (math.isfinite, ["eps_a", "reward_scale", "reward_shift"]),
+    "in [0, 1)": (lambda v: 0.0 <= v < 1.0, ["discount"]),
+    "in (0, 1]": (lambda v: 0.0 < v <= 1.0, ["tau"]),
+    "an integer >= 0": (lambda v: isinstance(v, int) and 0 <= v < 2**63, ["dataset_seed"]),
+}
+
+
 def validate_args(args: Args) -> None:
     """One clear line per mistake, before any work is done."""
-    positive = ["total_steps", "batch_size", "num_seeds", "policy_freq", "actor_hidden", "actor_layers",
-                "critic_hidden", "critic_layers", "value_hidden", "value_layers", "vae_hidden", "vae_layers",
-                "eval_freq", "eval_episodes", "log_freq", "save_freq", "bench_steps", "bench_repeats"]
-    for name in positive:
-        v = getattr(args, name)
-        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-            raise A2PRError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
-    for name in ["actor_lr", "critic_lr", "value_lr", "vae_lr", "alpha"]:
-        v = getattr(args, name)
-        if not (math.isfinite(v) and v > 0):
-            raise A2PRError(f"--{name.replace('_', '-')} must be a positive number, got {v!r}")
-    for name in ["bc_weight", "vae_weight", "policy_noise", "noise_clip", "eval_obs_noise"]:
-        v = getattr(args, name)
-        if not (math.isfinite(v) and v >= 0):
-            raise A2PRError(f"--{name.replace('_', '-')} must be a number >= 0, got {v!r}")
-    if not (0.0 <= args.discount < 1.0):
-        raise A2PRError(f"--discount must be in [0, 1), got {args.discount!r}")
-    if not (0.0 < args.tau <= 1.0):
-        raise A2PRError(f"--tau must be in (0, 1], got {args.tau!r}")
-    if not (math.isfinite(args.download_timeout) and args.download_timeout > 0):
-        raise A2PRError(f"--download-timeout must be a positive number of seconds, got {args.download_timeout!r}")
-    for name in ["eps_a", "reward_scale", "reward_shift"]:
-        if not math.isfinite(getattr(args, name)):
-            raise A2PRError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(args, name)!r}")
-    # Evaluation seeds its envs with seed + 10000 + episode, and gymnasium takes seeds >= 0 only.
-    top = 2**63 - 1 - 10_000 - args.num_seeds - args.eval_episodes
+    for what, (ok, names) in CHECKS.items():
+        for name in names:
+            if not ok(getattr(args, name)):
+                raise A2PRError(f"--{name.replace('_', '-')} must be {what}, got {getattr(args, name)!r}")
+    top = 2**63 - 1 - 10_000 - args.num_seeds - args.eval_episodes  # evaluation seeds envs with seed + 10000 + e
     if not (isinstance(args.seed, int) and 0 <= args.seed <= top):
         raise A2PRError(f"--seed must be an integer from 0 to {top}, got {args.seed!r}")
-    if not (isinstance(args.dataset_seed, int) and 0 <= args.dataset_seed < 2**63):
-        raise A2PRError(f"--dataset-seed must be an integer >= 0, got {args.dataset_seed!r}")
-    if args.compile and args.cuda_graphs:  # each is checked against eager on its own; together they are not yet verified
+    if args.compile and args.cuda_graphs:  # each is checked against eager on its own, not yet together
         raise A2PRError("use --compile or --cuda-graphs, not both (the combination is not verified yet)")
-    if args.bc_target not in ("select", "data", "vae"):
-        raise A2PRError(f"--bc-target must be select, data or vae, got {args.bc_target!r}")
-    if args.gate not in ("adaptive", "always"):
-        raise A2PRError(f"--gate must be adaptive or always, got {args.gate!r}")
+    for name in ("bc_target", "gate"):  # Args built in Python bypass argparse's choices
+        if (v := getattr(args, name)) not in (choices := Args.__dataclass_fields__[name].metadata["choices"]):
+            raise A2PRError(f"--{name.replace('_', '-')} must be one of {', '.join(choices)}, got {v!r}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,774 @@
+"""Many A2PR runs at once on Ray: the companion of a2pr.py for suites of datasets, seeds and ablations.
+
+A sweep trains every (dataset, variant, block of seeds) of a suite as one Ray task, on this machine or on a Ray
+cluster; each task is an ordinary `a2pr.train(args)` call in its own run folder. Finished runs are skipped and
+unfinished ones resume from their checkpoints, so the same command continues a sweep that was stopped. At the end
+it writes, under --sweep-dir: results.csv (one row per seed), results.md (mean ± std per dataset with the paper's
+score beside it; mean and IQM over datasets with stratified-bootstrap 95 % CIs; probability of improvement; scores
+under observation noise) and results.png. The statistics follow rliable (Agarwal et al., NeurIPS 2021), in numpy.
+
+    pip install -r requirements-sweep.txt                            # Ray (a2pr.py itself never needs it)
+    python a2pr_sweep.py builtin --variants a2pr,td3bc               # 4 Pendulum datasets x 2 variants x 5 seeds
+    python a2pr_sweep.py paper --cuda --task-gpus 0.25 --ray-address auto    # the paper's 9 D4RL sets on a cluster
+    python a2pr_sweep.py envs --envs hopper-random-v2+hopper-expert-v2:0.01 --seeds 3 --total-steps 200000
+
+Every flag of a2pr.py (--total-steps, --eval-freq, --alpha, --cuda, ...) is given to every run, and wins over the
+per-dataset presets as in a single run; --num-seeds N splits each dataset's seeds into Ray tasks of N (default: all
+of --seeds in one task, trained as one batched computation, which is faster per seed than one seed at a time).
+On a cluster every node needs a2pr.py and this file at the same path, and --sweep-dir on a shared filesystem.
+
+Reading map: constants and SweepArgs · statistics (iqm ... stratified_bootstrap_ci) · the plan (plan_sweep) · one
+Ray task (run_sweep_task) · the driver (sweep) · results (collect_sweep, sweep_tables, plot_sweep) · the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import math
+import os
+import platform
+import re
+import shlex
+import sys
+import time
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import a2pr
+
+# The ablations as a2pr's flags (spec 4): which action the actor is pulled to, and in which states.
+SWEEP_VARIANTS = {
+    "a2pr": dict(bc_target="select", gate="adaptive"),   # A2PR: advantage selection, adaptive gate
+    "td3bc": dict(bc_target="data", gate="always"),      # TD3+BC's actor loss: dataset action, every state
+    "no-gate": dict(bc_target="select", gate="always"),  # selection kept, constraint in every state
+    "vae-only": dict(bc_target="vae", gate="adaptive"),  # VAE action always (no comparison), adaptive gate
+}
+_MIX_FAMILIES = ("hopper", "halfcheetah", "walker2d")
+SWEEP_SUITES = {
+    "paper": [f"{f}-{k}-v2" for k in ("medium", "medium-replay", "medium-expert") for f in _MIX_FAMILIES],
+    "mixes": [f"{f}-random-v2+{f}-{good}-v2:{frac}" for f in _MIX_FAMILIES for good in ("expert", "medium")
+              for frac in ("0.01", "0.05")],
+    "builtin": list(a2pr.BUILTIN_DATASETS),
+}
+# A2PR's normalised scores in the paper's table (spec), 1M steps.
+PAPER_SCORES = {"halfcheetah-medium-v2": 68.6, "hopper-medium-v2": 100.8, "walker2d-medium-v2": 89.7,
+                "halfcheetah-medium-replay-v2": 56.6, "hopper-medium-replay-v2": 101.5,
+                "walker2d-medium-replay-v2": 94.4, "halfcheetah-medium-expert-v2": 98.3,
+                "hopper-medium-expert-v2": 112.1, "walker2d-medium-expert-v2": 114.6}
+BOOTSTRAP_REPS = 10_000
+RAY_INSTALL = "pip install -r requirements-sweep.txt (or: pip install 'ray>=2.40,<3')"
+# a2pr.py flags that the sweep sets for every run itself, each with what to give the sweep instead.
+SET_PER_RUN = {"env": "the suite, or envs --envs A,B", "mix": "ENV+NAME:FRAC in --envs", "bc_target": "--variants",
+               "gate": "--variants", "resume": "the same a2pr_sweep.py command again", "run_name": "--sweep-dir",
+               "save_dir": "--sweep-dir"}
+# a2pr.py flags that do something other than train: they have no meaning in a sweep.
+NOT_TRAINING = {"export": "python a2pr.py --export RUN_DIR", "best": "python a2pr.py --export RUN_DIR --best",
+                "benchmark": "python a2pr.py --benchmark update"}
+# What a resumed run takes from the sweep rather than from its checkpoint (a2pr's --resume lets exactly these change).
+RESUME_FOLLOWS = ("total_steps", "cuda", "compile", "cuda_graphs", "data_dir", "download_timeout")
+
+
+def _flag(help: str, default=dataclasses.MISSING, **meta):
+    """A SweepArgs field whose metadata is its --help line, as a2pr's Args fields."""
+    return field(default=default, metadata={"help": help, **meta})
+
+
+@dataclass
+class SweepArgs:
+    """The sweep's own settings (its flags), the training settings every run starts from (a2pr's Args) and which of
+    those the user gave (None: the fields of `train` that differ from a2pr.Args())."""
+    suite: str = _flag("paper (the paper's 9 D4RL sets), mixes (random data + 1 or 5 percent expert/medium), builtin "
+                       "(the Pendulum datasets) or envs (--envs)", choices=("paper", "mixes", "builtin", "envs"),
+                       metavar="SUITE", positional=True)
+    envs: str | None = _flag("with the suite envs: these datasets, comma-separated; ENV+NAME:FRAC for a --mix", None,
+                             metavar="A,B")
+    seeds: int = _flag("seeds per dataset and variant, --seed onwards (default 5); all in one Ray task unless "
+                       "--num-seeds N splits them into tasks of N", 5)
+    variants: str = _flag("side by side, among a2pr, td3bc (--bc-target data --gate always), no-gate (--gate always), "
+                          "vae-only (--bc-target vae) (default a2pr)", "a2pr", metavar="V,...")
+    sweep_dir: str | None = _flag("folder of its run folders and results (default sweeps/SUITE)", None, metavar="DIR")
+    task_cpus: float = _flag("CPU cores per Ray task; each task runs torch on that many threads (default 1)", 1.0)
+    task_gpus: float | None = _flag("GPUs per Ray task, e.g. 0.25 packs four tasks on one GPU (default: 1 with "
+                                    "--cuda, else 0)", None)
+    task_retries: int = _flag("times Ray reruns a task whose worker died; the rerun resumes the checkpoint (default 3)",
+                              3)
+    ray_address: str | None = _flag("Ray cluster to run on, e.g. auto or HOST:6379 (default $RAY_ADDRESS, else a "
+                                    "local Ray on this machine)", None, metavar="ADDR")
+    noise_levels: str | None = _flag("also evaluate every final policy under Gaussian observation noise of these "
+                                     "stds, e.g. 0,0.01,0.05,0.1", None, metavar="S,...")
+    train: a2pr.Args = field(default_factory=a2pr.Args)
+    given: frozenset[str] | None = None
+
+    def __post_init__(self):
+        if self.given is None:
+            defaults = a2pr.Args()
+            self.given = frozenset(f.name for f in dataclasses.fields(a2pr.Args)
+                                   if getattr(self.train, f.name) != getattr(defaults, f.name))
+
+
+# --- statistics (rliable's definitions, numpy only) ---------------------------------------------------------------
+def iqm(scores, axis=None):
+    """Interquartile mean: the mean of the middle 50 % of the scores (= scipy.stats.trim_mean(x, 0.25), as rliable;
+    int(n/4) scores are cut at each end). axis=-1 computes one IQM per row."""
+    x = np.sort(np.asarray(scores, dtype=np.float64), axis=axis)
+    if axis is None:
+        x = x.ravel()
+    n = x.shape[-1]
+    cut = int(0.25 * n)
+    return x[..., cut:n - cut].mean(-1)
+
+
+def aggregate_mean(per_task):
+    """Mean over tasks of each task's mean score (each task counts once, whatever its number of runs)."""
+    return np.mean([np.asarray(t, dtype=np.float64).mean(-1) for t in per_task], axis=0)
+
+
+def aggregate_iqm(per_task):
+    """IQM of all runs of all tasks together (rliable's IQM of the runs x tasks score matrix)."""
+    return iqm(np.concatenate([np.asarray(t, dtype=np.float64) for t in per_task], axis=-1), axis=-1)
+
+
+def probability_of_improvement(x, y):
+    """P(X > Y) as rliable defines it: for each task, the probability that a random run of X scores higher than a
+    random run of Y (ties count 1/2, the Mann-Whitney U statistic / (n m)), averaged over tasks. x and y are lists
+    of per-task score arrays (the same tasks in the same order); arrays of shape (R, n) give R values at once."""
+    if len(x) != len(y) or not len(x):
+        raise ValueError("probability_of_improvement needs the same, non-empty list of tasks for x and y")
+    per_task = []
+    for xt, yt in zip(x, y):
+        xt, yt = np.asarray(xt, dtype=np.float64)[..., :, None], np.asarray(yt, dtype=np.float64)[..., None, :]
+        per_task.append(((xt > yt) + 0.5 * (xt == yt)).mean((-2, -1)))
+    return np.mean(per_task, axis=0)
+
+
+def stratified_bootstrap_ci(groups, stat, reps: int = BOOTSTRAP_REPS, seed: int = 0, level: float = 0.95):
+    """(point, low, high): stat on the data, and the percentile confidence interval of stat over `reps` stratified
+    bootstrap resamples: the runs of each group (a task; for a comparison, a task of one algorithm) are drawn with
+    replacement within that group, independently of the others (rliable's StratifiedBootstrap). stat takes a list
+    of per-group arrays, of shape (n,) for the point and (reps, n) for the resamples. Deterministic given seed."""
+    groups = [np.asarray(g, dtype=np.float64).ravel() for g in groups]
+    if not groups or any(len(g) == 0 for g in groups):
+        raise ValueError("stratified_bootstrap_ci needs at least one score in every group")
+    rng = np.random.default_rng(seed)
+    point = float(stat(groups))
+    boot = np.asarray(stat([g[rng.integers(0, len(g), size=(reps, len(g)))] for g in groups]), dtype=np.float64)
+    tail = 100.0 * (1.0 - level) / 2.0
+    low, high = np.percentile(boot, [tail, 100.0 - tail])
+    return point, float(low), float(high)
+
+
+# --- the plan: which runs, in which folders ----------------------------------------------------------------------
+def _sweep_list(text, what: str) -> list[str]:
+    items = [x.strip() for x in str(text or "").split(",") if x.strip()]
+    if not items:
+        raise a2pr.A2PRError(f"{what} must be a comma-separated list, got {text!r}")
+    return items
+
+
+def sweep_datasets(sw: SweepArgs) -> list[str]:
+    if sw.suite not in (*SWEEP_SUITES, "envs"):
+        raise a2pr.A2PRError(f"unknown suite {sw.suite!r}; known: {', '.join(SWEEP_SUITES)}, envs")
+    if sw.suite != "envs":
+        if sw.envs:
+            raise a2pr.A2PRError(f"--envs goes with the suite envs, not {sw.suite}: give envs --envs A,B,...")
+        return SWEEP_SUITES[sw.suite]
+    if not sw.envs:
+        raise a2pr.A2PRError("the suite envs needs --envs A,B,... (datasets; ENV+NAME:FRAC for a mix)")
+    return _sweep_list(sw.envs, "--envs")
+
+
+def sweep_variants(sw: SweepArgs) -> list[str]:
+    variants = _sweep_list(sw.variants, "--variants")
+    if any(v not in SWEEP_VARIANTS for v in variants) or len(set(variants)) < len(variants):
+        raise a2pr.A2PRError(f"--variants must list distinct names among {', '.join(SWEEP_VARIANTS)}, "
+                             f"got {sw.variants!r}")
+    return variants
+
+
+def noise_levels(sw: SweepArgs) -> list[float]:
+    if sw.noise_levels is None:
+        return []
+    try:
+        levels = [float(x) for x in _sweep_list(sw.noise_levels, "--noise-levels")]
+    except ValueError:
+        levels = [float("nan")]
+    if not all(math.isfinite(x) and x >= 0 for x in levels):
+        raise a2pr.A2PRError(f"--noise-levels must be stds >= 0, comma-separated, e.g. 0,0.01,0.05,0.1, got "
+                             f"{sw.noise_levels!r}")
+    return sorted(set(levels))
+
+
+def seeds_per_task(sw: SweepArgs) -> int:
+    """--num-seeds if given, else all of --seeds: one batched computation trains K seeds faster than K runs of one."""
+    return sw.train.num_seeds if "num_seeds" in sw.given else sw.seeds
+
+
+def task_gpus(sw: SweepArgs) -> float:
+    return (1.0 if sw.train.cuda else 0.0) if sw.task_gpus is None else sw.task_gpus
+
+
+def check_sweep_flags(sw: SweepArgs) -> None:
+    """One clear line per mistake in the sweep's own flags, or an a2pr.py flag that a sweep cannot take."""
+    per_run, other = sorted(sw.given & SET_PER_RUN.keys()), sorted(sw.given & NOT_TRAINING.keys())
+    if per_run:
+        raise a2pr.A2PRError(f"--{per_run[0].replace('_', '-')} is set per run by the sweep; use "
+                             f"{SET_PER_RUN[per_run[0]]}")
+    if other:
+        raise a2pr.A2PRError(f"--{other[0].replace('_', '-')} is not a sweep flag; use {NOT_TRAINING[other[0]]}")
+    for name, v, least in (("seeds", sw.seeds, 1), ("num_seeds", seeds_per_task(sw), 1),
+                           ("task_retries", sw.task_retries, 0)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < least:
+            raise a2pr.A2PRError(f"--{name.replace('_', '-')} must be an integer >= {least}, got {v!r}")
+    if not (math.isfinite(sw.task_cpus) and sw.task_cpus > 0):
+        raise a2pr.A2PRError(f"--task-cpus must be a positive number, got {sw.task_cpus!r}")
+    gpus = task_gpus(sw)
+    if not (math.isfinite(gpus) and gpus >= 0):
+        raise a2pr.A2PRError(f"--task-gpus must be a number >= 0, got {sw.task_gpus!r}")
+    if sw.train.cuda and gpus == 0:
+        raise a2pr.A2PRError("--cuda with --task-gpus 0: Ray would hide the GPUs from the tasks; give --task-gpus > 0")
+
+
+def plan_sweep(sw: SweepArgs) -> list[dict]:
+    """Every run of the sweep: one per (dataset, variant, block of seeds), in a deterministic folder
+    `{dataset}__{variant}__seeds{first}-{last}` under --sweep-dir. A run's Args is the sweep's training Args with the
+    dataset, seeds and ablation fields replaced, so a2pr.py flags given to the sweep apply to every run and win over
+    presets, and preset fields left unset are resolved per dataset by a2pr.resolve_args, as for a single run."""
+    datasets, variants = sweep_datasets(sw), sweep_variants(sw)
+    check_sweep_flags(sw)
+    noise_levels(sw)
+    sweep_dir = Path(sw.sweep_dir or Path("sweeps") / sw.suite)
+    base = dataclasses.replace(sw.train, resume=None, quiet=True, save_dir=str(sweep_dir),
+                               data_dir=str(a2pr.data_dir(sw.train)))
+    seeds, per_task = list(range(sw.train.seed, sw.train.seed + sw.seeds)), seeds_per_task(sw)
+    runs = []
+    for dataset in datasets:
+        env, _, mix = dataset.partition("+")
+        for variant in variants:
+            for i in range(0, len(seeds), per_task):
+                block = seeds[i:i + per_task]
+                folder = re.sub(r"[^\w.+-]", "_", f"{dataset}__{variant}__seeds{block[0]}-{block[-1]}")
+                run_args = dataclasses.replace(base, env=env, mix=mix or None, seed=block[0], num_seeds=len(block),
+                                               run_name=folder, **SWEEP_VARIANTS[variant])
+                runs.append(dict(dataset=dataset, env=env, mix=mix or None, variant=variant, seeds=block,
+                                 run_dir=str(sweep_dir / folder), args=run_args))
+    return runs
+
+
+# Settings that may differ between a run folder and a later sweep command without changing the run's results.
+_SWEEP_FREE = {"resume", "quiet", "total_steps", "cuda", "compile", "cuda_graphs", "save_dir", "run_name",
+               "data_dir", "download_timeout", "log_freq", "save_freq", "tensorboard", "wandb", "wandb_project"}
+
+
+def sweep_run_state(run: dict, total_steps: int, levels: list[float]) -> str:
+    """done (finished, every noise level evaluated) | noise (finished, noise levels missing) | resume (a checkpoint,
+    no finished summary) | new."""
+    run_dir = Path(run["run_dir"])
+    summary = _read_json(run_dir / "summary.json")
+    if not summary.get("interrupted", True) and summary.get("steps", 0) >= total_steps:
+        have = _read_json(run_dir / "noise.json").get("scores", {})
+        return "done" if all(repr(x) in have for x in levels) else "noise"
+    return "resume" if (run_dir / "checkpoint.pt").exists() else "new"
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def check_run_folder(run: dict, resolved: a2pr.Args) -> None:
+    """A folder left by an earlier sweep must hold the run this command asks for, else its scores would be mixed
+    into the table silently."""
+    run_dir = Path(run["run_dir"])
+    if not (run_dir / "checkpoint.pt").exists():
+        return
+    saved = a2pr.load_checkpoint(run_dir)["args"]
+    diff = [k for k, v in dataclasses.asdict(resolved).items()
+            if k not in _SWEEP_FREE and k in saved and saved[k] != v]
+    if diff:
+        what = ", ".join(f"{k}={saved[k]!r} there, {getattr(resolved, k)!r} now" for k in diff[:3])
+        raise a2pr.A2PRError(f"{run_dir} was trained with other settings ({what}); give another --sweep-dir or "
+                             "remove that folder")
+
+
+# --- one Ray task ------------------------------------------------------------------------------------------------
+def run_sweep_task(task: dict) -> dict:
+    """What a Ray worker runs for one run folder: train it (fresh, or resumed from its checkpoint), then evaluate
+    the final policy under observation noise, and record wall time, host and node in sweep.json. Plain dicts in and
+    out. Ray reruns the task if its worker dies; the rerun resumes from the last checkpoint."""
+    torch.set_num_threads(task["threads"])
+    run_dir, t0 = Path(task["run_dir"]), time.time()
+    state = sweep_run_state(task, task["total_steps"], task["noise_levels"])
+    resumed_at = None
+    if state in ("new", "resume"):
+        args, given = a2pr.Args(**task["args"]), None
+        if state == "resume":
+            resumed_at = int(a2pr.load_checkpoint(run_dir)["step"])
+            follows = {k: task["args"][k] for k in RESUME_FOLLOWS}
+            args, given = a2pr.Args(resume=str(run_dir), quiet=True, **follows), {"resume", "quiet", *follows}
+        if a2pr.train(args, given)["interrupted"]:
+            return dict(run_dir=str(run_dir), interrupted=True)
+    noise = evaluate_noise(run_dir, task["noise_levels"], task["eval_episodes"])
+    info = _read_json(run_dir / "sweep.json")
+    ray = sys.modules.get("ray")  # never start a Ray here: get_runtime_context() would start a local one
+    node = ray.get_runtime_context().get_node_id() if ray is not None and ray.is_initialized() else None
+    info.update(wall_s=info.get("wall_s", 0.0) + time.time() - t0, host=platform.node(), node=node,
+                threads=torch.get_num_threads(), attempts=info.get("attempts", 0) + 1,
+                resumed_at=info.get("resumed_at", []) + ([resumed_at] if resumed_at is not None else []))
+    a2pr.atomic_write(run_dir / "sweep.json", lambda tmp: Path(tmp).write_text(json.dumps(info, indent=2)))
+    return dict(run_dir=str(run_dir), interrupted=False, noise=noise)
+
+
+def evaluate_noise(run_dir: Path, levels: list[float], episodes: int) -> dict:
+    """Normalised score of each seed's final policy with Gaussian observation noise of each std (evaluate's
+    obs_noise), on episodes seeded apart from the training evaluations; kept in noise.json, computed once."""
+    path = run_dir / "noise.json"
+    out = _read_json(path)
+    if out.get("episodes") != episodes:
+        out = dict(episodes=episodes, scores={})
+    missing = [x for x in levels if repr(x) not in out["scores"]]
+    if missing:
+        run = a2pr.load_run(run_dir)
+        for x in missing:
+            rets = a2pr.evaluate(run["policy"], run["env_id"], episodes, seed=run["args"].seed + 20_000, obs_noise=x)
+            out["scores"][repr(x)] = a2pr.normalized_score(rets, *run["ref_scores"]).mean(1).tolist()
+        a2pr.atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(out, indent=2)))
+    return out
+
+
+# --- the driver --------------------------------------------------------------------------------------------------
+def _import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise a2pr.A2PRError(f"a sweep needs Ray, which is not installed: {RAY_INSTALL}") from None
+    return ray
+
+
+def _code_path() -> str:
+    """The folders of this file and of a2pr.py, for the workers' PYTHONPATH (the same paths on every node)."""
+    folders = dict.fromkeys(str(Path(m.__file__).resolve().parent) for m in (sys.modules[__name__], a2pr))
+    return os.pathsep.join([*folders, *([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])])
+
+
+def _start_ray(ray, sw: SweepArgs) -> bool:
+    """Connect to --ray-address / $RAY_ADDRESS, else start a quiet local Ray with this machine's cores. Returns
+    whether we started it (and must stop it)."""
+    if ray.is_initialized():  # e.g. a notebook that started Ray itself: use it as it is
+        return False
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import logging
+    from ray.job_config import JobConfig
+
+    quiet = dict(job_config=JobConfig(code_search_path=_code_path().split(os.pathsep)), log_to_driver=False,
+                 logging_level=logging.ERROR)
+    address = sw.ray_address or os.environ.get("RAY_ADDRESS")
+    try:
+        if address:
+            ray.init(address=address, **quiet)
+        else:
+            cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+            ray.init(num_cpus=cpus, include_dashboard=False, object_store_memory=128 * 2**20, **quiet)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        where = f"the Ray cluster at {address}" if address else "a local Ray"
+        raise a2pr.A2PRError(f"could not start {where}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") \
+            from None
+    return True
+
+
+def sweep(sw: SweepArgs) -> dict:
+    """Plan the sweep, run what is not finished on Ray (one task per run folder), then write the results. Returns
+    dict(sweep_dir, results_csv, results_md, results_png, ran, skipped, failed)."""
+    runs = plan_sweep(sw)
+    ray = _import_ray()
+    levels = noise_levels(sw)
+    sweep_dir = Path(runs[0]["run_dir"]).parent
+    resolved, todo = {}, []
+    for run in runs:
+        resolved[run["run_dir"]] = r = a2pr.resolve_args(run["args"])[0]
+        check_run_folder(run, r)
+        run["state"] = sweep_run_state(run, r.total_steps, levels)
+        if run["state"] != "done":
+            todo.append(run)
+    print(f"sweep {sw.suite}: {len(runs)} runs in {sweep_dir} ({len(runs) - len(todo)} finished, "
+          f"{sum(r['state'] == 'resume' for r in todo)} to resume, {sum(r['state'] == 'new' for r in todo)} new, "
+          f"{sum(r['state'] == 'noise' for r in todo)} to evaluate under noise)", file=sys.stderr)
+    failed = []
+    if todo:
+        seen = set()
+        for run in todo:  # load (download, generate) each dataset once here, not in every task at once
+            key = (run["env"], run["mix"])
+            if key not in seen and run["state"] != "noise":
+                seen.add(key)
+                a2pr.load_dataset(run["args"], log=lambda *m, **k: print(*m, file=sys.stderr, **k))
+        failed = _run_on_ray(ray, sw, todo, resolved, levels)
+    out = write_sweep_results(sw, runs, sweep_dir, levels)
+    out.update(ran=[r["run_dir"] for r in todo], skipped=[r["run_dir"] for r in runs if r["state"] == "done"],
+               failed=failed)
+    print(f"sweep {sw.suite}: results in {out['results_md']}", file=sys.stderr)
+    if failed:
+        raise a2pr.A2PRError(f"{len(failed)} of {len(runs)} runs failed (first: {failed[0][0]}: {failed[0][1]}); "
+                             f"{out['results_md']} has the others; run the same command again to retry")
+    return out
+
+
+def _run_on_ray(ray, sw: SweepArgs, todo: list[dict], resolved: dict, levels: list[float]) -> list[tuple[str, str]]:
+    """Submit one task per unfinished run folder and wait, printing a progress line; returns the failed runs."""
+    started = _start_ray(ray, sw)
+    try:
+        gpus = task_gpus(sw)
+        remote = ray.remote(run_sweep_task)
+        # PYTHONPATH too: a Ray that was already running (a notebook's, a test's) has no code_search_path for us.
+        options = dict(num_cpus=sw.task_cpus, num_gpus=gpus, max_retries=sw.task_retries, retry_exceptions=False,
+                       scheduling_strategy="SPREAD",  # runs over all nodes rather than packed onto the first
+                       runtime_env=dict(env_vars=dict(PYTHONPATH=_code_path())))
+        pending = {}
+        for run in todo:
+            r = resolved[run["run_dir"]]  # absolute paths: a worker on another node has another working folder
+            absolute = dataclasses.replace(run["args"], save_dir=str(Path(run["args"].save_dir).resolve()),
+                                           data_dir=str(Path(run["args"].data_dir).resolve()))
+            task = dict(run_dir=str(Path(run["run_dir"]).resolve()), args=dataclasses.asdict(absolute),
+                        total_steps=r.total_steps, noise_levels=levels, eval_episodes=r.eval_episodes,
+                        threads=max(1, int(sw.task_cpus)))
+            pending[remote.options(name=Path(run["run_dir"]).name, **options).remote(task)] = run
+        res = ray.cluster_resources()
+        slots = int(res.get("CPU", 0) // sw.task_cpus)
+        if gpus:
+            slots = min(slots, int(res.get("GPU", 0) // gpus))
+        print(f"sweep {sw.suite}: {len(todo)} Ray tasks on {len(ray.nodes())} node(s), {res.get('CPU', 0):g} CPUs, "
+              f"{res.get('GPU', 0):g} GPUs: {max(slots, 0)} at a time ({sw.task_cpus:g} CPU, {gpus:g} GPU each)",
+              file=sys.stderr)
+        failed, done, t0, tty = [], 0, time.time(), sys.stderr.isatty()
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
+            for ref in ready:
+                run = pending.pop(ref)
+                done += 1
+                try:
+                    if ray.get(ref)["interrupted"]:
+                        failed.append((run["run_dir"], "interrupted"))
+                except Exception as e:  # the task's own error (e.g. A2PRError), or retries used up
+                    cause = getattr(e, "cause", None) or e
+                    failed.append((run["run_dir"], (str(cause).strip().splitlines() or [type(cause).__name__])[-1]))
+            elapsed = time.time() - t0
+            running = min(len(pending), max(slots, 1))
+            left = f"about {a2pr.fmt_time(elapsed / done * len(pending))} left" if done else "time left: unknown yet"
+            line = (f"sweep {sw.suite}: {done}/{len(todo)} done, {running} running, {len(pending) - running} queued"
+                    f"{f', {len(failed)} failed' if failed else ''} | {a2pr.fmt_time(elapsed)} elapsed, {left}")
+            if tty:
+                print("\r" + line.ljust(100), end="" if pending else "\n", file=sys.stderr, flush=True)
+            elif ready or not pending:
+                print(line, file=sys.stderr, flush=True)
+        return failed
+    except KeyboardInterrupt:
+        print("\nsweep interrupted: finished runs are kept; the same command resumes the others from their "
+              "checkpoints", file=sys.stderr)
+        raise
+    finally:
+        if started:
+            ray.shutdown()
+
+
+# --- results -----------------------------------------------------------------------------------------------------
+def _metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.csv"
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _eval_curves(run_dir: Path, seeds: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, scores (seeds, steps)) of a run's evaluations, from its metrics.csv."""
+    rows = [r for r in _metrics(run_dir) if r.get("eval/normalized_score_mean", "") != ""]
+    cols = ([f"eval/normalized_score_seed{s}" for s in seeds] if len(seeds) > 1 else ["eval/normalized_score_mean"])
+    return (np.array([int(r["step"]) for r in rows]),
+            np.array([[float(r[c]) for r in rows] for c in cols]).reshape(len(seeds), len(rows)))
+
+
+def _train_seconds(run_dir: Path) -> float:
+    """Training time of the steps that count: time_s restarts at 0 when a run resumes, so sum each segment's end."""
+    times = [float(r["time_s"]) for r in _metrics(run_dir)]
+    return float(sum(a for a, b in zip(times, times[1:] + [-1.0]) if b < a))
+
+
+def collect_sweep(runs: list[dict], levels: list[float]) -> list[dict]:
+    """One row per seed of every finished run folder, read from the folder's files."""
+    rows = []
+    for run in runs:
+        d = Path(run["run_dir"])
+        s = _read_json(d / "summary.json")
+        if not s or s.get("interrupted", True):
+            continue
+        info, noise = _read_json(d / "sweep.json"), _read_json(d / "noise.json").get("scores", {})
+        secs = _train_seconds(d)
+        for i, seed in enumerate(s["seeds"]):
+            row = dict(dataset=run["dataset"], variant=run["variant"], seed=seed, final_score=s["final_scores"][i],
+                       best_score=s["best_scores"][i], steps=s["steps"],
+                       steps_per_s=round(s["steps"] / secs, 2) if secs else "", wall_s=round(info.get("wall_s", 0), 1),
+                       seeds_in_run=len(s["seeds"]), host=info.get("host", ""), run_dir=str(d))
+            row.update({f"noise_{x:g}": noise[repr(x)][i] for x in levels if repr(x) in noise})
+            rows.append(row)
+    return rows
+
+
+def _versions() -> str:
+    return ", ".join(f"{k} {v}" for k, v in a2pr.library_versions(("ray",)).items() if v)
+
+
+def _hardware() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = (", GPU " + torch.cuda.get_device_name()) if torch.cuda.is_available() else ", no GPU"
+    return f"{platform.node()}: {cpu}, {os.cpu_count()} cores{gpu}"
+
+
+def _option(name: str, value) -> list[str]:
+    flag = "--" + name.replace("_", "-")
+    if isinstance(value, bool):  # store_true flags are given as True; negatable ones may be given as False
+        return [flag] if value else ["--no-" + name.replace("_", "-")]
+    return [flag, str(value)]
+
+
+def command_line(sw: SweepArgs) -> str:
+    """The command that runs this sweep: its own flags that differ from their defaults, and the a2pr.py flags given."""
+    parts = ["python", "a2pr_sweep.py", sw.suite]
+    for f in dataclasses.fields(SweepArgs):
+        if "help" in f.metadata and not f.metadata.get("positional") and getattr(sw, f.name) != f.default:
+            parts += _option(f.name, getattr(sw, f.name))
+    for name in sorted(sw.given):
+        parts += _option(name, getattr(sw.train, name))
+    return shlex.join(parts)
+
+
+def sweep_tables(rows: list[dict], levels: list[float], variants: list[str]) -> str:
+    """results.md's tables: per dataset and variant, then the aggregates with their bootstrap CIs."""
+    def pm(x):
+        return f"{np.mean(x):.1f} ± {np.std(x):.1f}"
+
+    def ci(t):
+        return f"{t[0]:.1f} [{t[1]:.1f}, {t[2]:.1f}]"
+
+    datasets = list(dict.fromkeys(r["dataset"] for r in rows))
+    by = {}
+    for r in rows:
+        by.setdefault((r["dataset"], r["variant"]), []).append(r)
+    out = ["## Per dataset", "", "| dataset | variant | seeds | final score | best score | paper (A2PR) | steps | "
+           "steps/s | wall time |", "|---|---|---|---|---|---|---|---|---|"]
+    for d in datasets:
+        for v in variants:
+            rs = by.get((d, v))
+            if not rs:
+                continue
+            folders = {r["run_dir"]: r for r in rs}.values()
+            sps = [f["steps_per_s"] for f in folders if f["steps_per_s"] != ""]
+            paper = PAPER_SCORES.get(d) if v == "a2pr" else None
+            speed = f"{np.mean(sps):.0f}" if sps else "–"
+            out.append(f"| {d} | {v} | {len(rs)} | {pm([r['final_score'] for r in rs])} | "
+                       f"{pm([r['best_score'] for r in rs])} | {'–' if paper is None else paper} | "
+                       f"{rs[0]['steps']:,} | {speed} | {a2pr.fmt_time(sum(f['wall_s'] for f in folders))} |")
+    out += ["", "Scores are D4RL-normalised (0 = random, 100 = expert), mean ± std over seeds (final = last "
+            "evaluation, best = best evaluation). steps/s: gradient steps per second of a run folder (each step "
+            "updates all the seeds that share it); wall time: sum over the run folders of their tasks' wall time "
+            "(data loading and evaluation included)."]
+    per_variant = {v: [np.array([r["final_score"] for r in by[(d, v)]]) for d in datasets if (d, v) in by]
+                   for v in variants}
+    out += ["", f"## Aggregate over datasets (final score; stratified bootstrap, 95 % CI, {BOOTSTRAP_REPS:,} "
+            "resamples)", "", "| variant | datasets | runs | mean | IQM |", "|---|---|---|---|---|"]
+    for v, tasks in per_variant.items():
+        if tasks:
+            out.append(f"| {v} | {len(tasks)} | {sum(len(t) for t in tasks)} | "
+                       f"{ci(stratified_bootstrap_ci(tasks, aggregate_mean))} | "
+                       f"{ci(stratified_bootstrap_ci(tasks, aggregate_iqm))} |")
+    out += ["", "Mean: the mean over datasets of each dataset's mean score. IQM: the interquartile mean of all runs "
+            "(the middle 50 %). CIs: runs resampled with replacement within each dataset independently (rliable's "
+            "stratified bootstrap), percentile interval."]
+    if "a2pr" in variants and len(variants) > 1:
+        out += ["", "## Probability of improvement", "", "| comparison | datasets | P(X > Y) [95 % CI] |",
+                "|---|---|---|"]
+        for v in variants:
+            if v == "a2pr":
+                continue
+            common = [d for d in datasets if (d, "a2pr") in by and (d, v) in by]
+            if not common:
+                continue
+            x = [np.array([r["final_score"] for r in by[(d, "a2pr")]]) for d in common]
+            y = [np.array([r["final_score"] for r in by[(d, v)]]) for d in common]
+            t = stratified_bootstrap_ci(x + y, lambda g, n=len(x): probability_of_improvement(g[:n], g[n:]))
+            out.append(f"| P(a2pr > {v}) | {len(common)} | {t[0]:.2f} [{t[1]:.2f}, {t[2]:.2f}] |")
+        out += ["", "rliable's definition: for each dataset, the probability that a random run of X has a higher "
+                "final score than a random run of Y (ties count 1/2), averaged over datasets; the runs of each "
+                "variant on each dataset are resampled independently for the CI."]
+    if levels:
+        out += ["", "## Final policy under Gaussian observation noise (std per observation dimension)", "",
+                "| dataset | variant | " + " | ".join(f"σ = {x:g}" for x in levels) + " |",
+                "|---|---|" + "---|" * len(levels)]
+        for d in datasets:
+            for v in variants:
+                rs = by.get((d, v))
+                if rs:
+                    out.append(f"| {d} | {v} | " + " | ".join(
+                        pm([r[f"noise_{x:g}"] for r in rs]) if all(f"noise_{x:g}" in r for r in rs) else "–"
+                        for x in levels) + " |")
+        for v, tasks in per_variant.items():
+            if tasks:
+                cells = []
+                for x in levels:
+                    g = [np.array([r.get(f"noise_{x:g}", np.nan) for r in by[(d, v)]]) for d in datasets
+                         if (d, v) in by]
+                    cells.append(ci(stratified_bootstrap_ci(g, aggregate_mean)) if all(np.isfinite(t).all()
+                                                                                    for t in g) else "–")
+                out.append(f"| **mean over datasets** [95 % CI] | {v} | " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
+
+
+def write_sweep_results(sw: SweepArgs, runs: list[dict], sweep_dir: Path, levels: list[float]) -> dict:
+    rows = collect_sweep(runs, levels)
+    variants = sweep_variants(sw)
+    paths = dict(sweep_dir=str(sweep_dir), results_csv=str(sweep_dir / "results.csv"),
+                 results_md=str(sweep_dir / "results.md"), results_png=str(sweep_dir / "results.png"))
+    a2pr.write_csv(Path(paths["results_csv"]), rows,
+                   ["dataset", "variant", "seed", "final_score", "best_score", *[f"noise_{x:g}" for x in levels],
+                    "steps", "steps_per_s", "wall_s", "seeds_in_run", "host", "run_dir"])
+    finished = len({r["run_dir"] for r in rows})
+    head = [f"# Sweep `{sw.suite}`: {finished} of {len(runs)} run folders finished", "",
+            f"- command: `{command_line(sw)}`",
+            f"- datasets: {', '.join(dict.fromkeys(r['dataset'] for r in runs))}",
+            "- variants: " + ", ".join(f"{v} (--bc-target {SWEEP_VARIANTS[v]['bc_target']} --gate "
+                                        f"{SWEEP_VARIANTS[v]['gate']})" for v in variants),
+            f"- seeds: {sw.train.seed}..{sw.train.seed + sw.seeds - 1}, {seeds_per_task(sw)} per Ray task, trained "
+            f"as one batched computation ({sw.task_cpus:g} CPU, {task_gpus(sw):g} GPU each)",
+            f"- hardware (the machine that wrote this file): {_hardware()}; hosts that trained: "
+            f"{', '.join(sorted({r['host'] for r in rows if r['host']})) or '–'}",
+            f"- versions: {_versions()}",
+            f"- written {time.strftime('%Y-%m-%d %H:%M:%S')}", ""]
+    text = "\n".join(head) + "\n" + (sweep_tables(rows, levels, variants) if rows else "No finished runs yet.\n")
+    a2pr.atomic_write(Path(paths["results_md"]), lambda tmp: Path(tmp).write_text(text))
+    if rows:
+        plot_sweep(Path(paths["results_png"]), runs, rows, levels, variants, sw.suite)
+    return paths
+
+
+def plot_sweep(path: Path, runs: list[dict], rows: list[dict], levels: list[float], variants: list[str],
+               suite: str) -> None:
+    """Per-dataset learning curves (mean over seeds, 95 % bootstrap band), the aggregate intervals, and the score
+    under observation noise; matplotlib's Figure API, as a2pr's learning curve."""
+    from matplotlib.figure import Figure  # no pyplot: a sweep never changes a notebook's plotting backend
+
+    datasets = list(dict.fromkeys(r["dataset"] for r in rows))
+    ncols = max(3, min(4, len(datasets)))
+    nrows = -(-len(datasets) // ncols) + 1
+    fig = Figure(figsize=(4.2 * ncols, 3.3 * nrows))
+    axes = np.atleast_2d(fig.subplots(nrows, ncols, squeeze=False))
+    colors = {v: f"C{i}" for i, v in enumerate(SWEEP_VARIANTS)}
+    done = {r["run_dir"] for r in rows}
+    for ax, d in zip(axes[:-1].ravel(), datasets):
+        for v in variants:
+            curves = [_eval_curves(Path(r["run_dir"]), r["seeds"]) for r in runs
+                      if r["dataset"] == d and r["variant"] == v and r["run_dir"] in done]
+            curves = [c for c in curves if len(c[0])]
+            if not curves:
+                continue
+            steps = min((c[0] for c in curves), key=len)
+            scores = np.concatenate([c[1][:, :len(steps)] for c in curves])
+            band = np.array([stratified_bootstrap_ci([col], aggregate_mean, reps=1000)[1:] for col in scores.T])
+            ax.plot(steps, scores.mean(0), color=colors[v], label=v)
+            ax.fill_between(steps, band[:, 0], band[:, 1], color=colors[v], alpha=0.2)
+        if d in PAPER_SCORES:
+            ax.axhline(PAPER_SCORES[d], ls="--", c="gray", lw=1, label="paper (A2PR)")
+        ax.set(title=d, xlabel="gradient step", ylabel="normalised score")
+        ax.legend(fontsize=7)
+    for ax in axes[:-1].ravel()[len(datasets):]:
+        ax.set_visible(False)
+    bottom = axes[-1]
+    for k, (name, stat) in enumerate((("mean", aggregate_mean), ("IQM", aggregate_iqm))):
+        ax = bottom[k]
+        for i, v in enumerate(variants):
+            tasks = [np.array([r["final_score"] for r in rows if r["dataset"] == d and r["variant"] == v])
+                     for d in datasets]
+            tasks = [t for t in tasks if len(t)]
+            if tasks:
+                p, lo, hi = stratified_bootstrap_ci(tasks, stat)
+                ax.barh(i, hi - lo, left=lo, height=0.5, color=colors[v], alpha=0.6)
+                ax.plot([p, p], [i - 0.25, i + 0.25], color="k")
+        ax.set(yticks=range(len(variants)), yticklabels=variants, xlabel="normalised score",
+               title=f"{name} over datasets, 95 % CI")
+    ax = bottom[2]
+    if levels:
+        for v in variants:
+            pts = []
+            for x in levels:
+                g = [np.array([r.get(f"noise_{x:g}", np.nan) for r in rows if r["dataset"] == d and r["variant"] == v])
+                     for d in datasets]
+                g = [t for t in g if len(t)]
+                pts.append(stratified_bootstrap_ci(g, aggregate_mean) if g and all(np.isfinite(t).all() for t in g)
+                           else (np.nan,) * 3)
+            pts = np.array(pts)
+            ax.plot(levels, pts[:, 0], marker="o", color=colors[v], label=v)
+            ax.fill_between(levels, pts[:, 1], pts[:, 2], color=colors[v], alpha=0.2)
+        ax.set(xlabel="observation noise std", ylabel="normalised score", title="final policy under noise")
+        ax.legend(fontsize=7)
+    else:
+        ax.set_visible(False)
+    for ax in bottom[3:]:
+        ax.set_visible(False)
+    fig.suptitle(f"sweep {suite}")
+    fig.tight_layout()
+    a2pr.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+
+
+# --- the command line: a2pr.py's parser (every training flag) plus the sweep's own arguments ----------------------
+def build_parser():
+    p = a2pr.build_parser(prog="a2pr_sweep.py")
+    group = p.add_argument_group("sweep", "a2pr_sweep.py's own arguments; every other flag is a2pr.py's and is given "
+                                          "to every run of the sweep")
+    hints = typing.get_type_hints(SweepArgs)
+    for f in dataclasses.fields(SweepArgs):
+        if "help" not in f.metadata:
+            continue
+        typ = next((t for t in typing.get_args(hints[f.name]) if t is not type(None)), hints[f.name])
+        kw = dict(type=typ, help=f.metadata["help"], metavar=f.metadata.get("metavar", f.name.split("_")[-1].upper()))
+        if "choices" in f.metadata:
+            kw["choices"] = f.metadata["choices"]
+        if f.metadata.get("positional"):
+            group.add_argument(f.name, **kw)
+        else:  # absent from the parse unless given, as a2pr's flags: SweepArgs holds the defaults
+            group.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=argparse.SUPPRESS, **kw)
+    return p
+
+
+def parse_args(argv=None) -> SweepArgs:
+    """The sweep's settings from the command line, parsed once: its own arguments, and a2pr.py's flags as the
+    training Args of every run (with --config FILE, the training fields not given come from FILE)."""
+    given = vars(build_parser().parse_args(argv))
+    own = {f.name: given.pop(f.name) for f in dataclasses.fields(SweepArgs) if f.name in given}
+    values = {**a2pr.load_config(given["config"]), **given} if "config" in given else given
+    return SweepArgs(**own, train=a2pr.Args(**values), given=frozenset(given))
+
+
+def main(argv=None) -> int:
+    try:
+        sweep(parse_args(argv))
+    except a2pr.A2PRError as e:
+        print(f"a2pr_sweep.py: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("a2pr_sweep.py: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    # Run as the module a2pr_sweep, not as __main__: Ray sends run_sweep_task to the workers by its module's name.
+    import a2pr_sweep
+
+    sys.exit(a2pr_sweep.main())
