@@ -46,15 +46,15 @@ Reading map (line: what). Everything above main() is A2PR; below it, appendices 
     521  update_core:      spec 1-4 in order, on a batch with its noise
     537  update:           one gradient step: a batch per seed, its noise, update_core
     568  Dataset:          the data as the networks see it: normalisation, action scaling, device batches
-    664  Policy:           the deployed policy: normalise -> actor -> env action bounds
-    712  evaluate:         deterministic evaluation, D4RL normalised score
-    891  train:            train(args) -> summary: setup, then the loop
-    955  main:             the command line's entry point
-    974  Appendix A:       data sources: built-in, D4RL, HDF5, downloads, Minari, mixes
-   1653  Appendix B:       speed paths: torch.compile, CUDA graphs, --benchmark update
-   1771  Appendix C:       run files: folders, locks, checkpoints, config.json, CSV, plot, trackers, export
-   2245  Appendix D:       the theory on finite MDPs
-   2308  Appendix E:       the command line: parser, --config, presets, validation
+    651  Policy:           the deployed policy: normalise -> actor -> env action bounds
+    699  evaluate:         deterministic evaluation, D4RL normalised score
+    836  train:            train(args) -> summary: setup, then the loop
+    895  main:             the command line's entry point
+    914  Appendix A:       data sources: built-in, D4RL, HDF5, downloads, Minari, mixes
+   1610  Appendix B:       speed paths: torch.compile, CUDA graphs, --benchmark update
+   1770  Appendix C:       run files: folders, locks, checkpoints, config.json, CSV, plot, trackers, export
+   2253  Appendix D:       the theory on finite MDPs
+   2316  Appendix E:       the command line: parser, --config, presets, validation
 """
 
 from __future__ import annotations
@@ -582,6 +582,10 @@ class Dataset:
     source: str = ""                 # where the data came from, printed at start
     notice: str = ""                 # a warning to print with every result (e.g. not the D4RL data)
 
+    @property
+    def average_score(self) -> float:  # the data's own normalised score, the bar a policy should clear
+        return float(normalized_score(self.episode_returns, self.ref_min_score, self.ref_max_score).mean())
+
 
 def to_unit_actions(a: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
     """Env bounds -> [-1, 1]. The released code scales by max_action, which is only right for symmetric bounds."""
@@ -626,23 +630,6 @@ def prepare_data(ds: Dataset, args: Args, device: torch.device, stats=None) -> D
                       rew=put(args.reward_scale * ds.rewards + args.reward_shift),
                       next_obs=put((ds.next_observations - mean) / std), done=put(ds.terminals),
                       obs_mean=mean, obs_std=std)
-
-
-def warn_about_data(ds: Dataset, args: Args) -> None:
-    """Data that is legal but suspicious: one `warning:` line each (shown even with --quiet), saying what is odd
-    and what the run does about it."""
-    n, warn = len(ds.rewards), functools.partial(print, file=sys.stderr)
-    outside = int(((ds.actions < ds.action_low) | (ds.actions > ds.action_high)).any(1).sum())
-    if outside:
-        warn(f"warning: {outside:,} of {n:,} dataset actions ({100 * outside / n:.1f}%) lie outside the eval env's "
-             f"action bounds [{ds.action_low.tolist()}, {ds.action_high.tolist()}]; they are clipped to the bounds "
-             "for training")
-    if ds.terminals.all():
-        warn(f"warning: every one of the {n:,} transitions is terminal, so the critics never bootstrap (they learn "
-             "the immediate reward only); training goes on")
-    if args.batch_size > n:
-        warn(f"warning: --batch-size {args.batch_size} is larger than the dataset ({n:,} transitions); batches are "
-             "drawn with replacement, so every batch repeats transitions")
 
 
 def sample_batch(data: DeviceData, batch_size: int, gens: list[torch.Generator]):
@@ -738,48 +725,6 @@ def evaluate(policy: Policy, env_id, episodes: int, seed: int, obs_noise: float 
 # ----------------------------------------------------------------------------------------------------------------
 # Training: train(args) -> summary dict (the notebook and the tests call it directly), then main().
 # ----------------------------------------------------------------------------------------------------------------
-def make_device(args: Args) -> torch.device:
-    if args.cuda_graphs and not args.cuda:
-        raise A2PRError("--cuda-graphs needs --cuda (CUDA graphs exist only on a GPU)")
-    if args.cuda and not torch.cuda.is_available():
-        raise A2PRError("--cuda was given but PyTorch sees no CUDA GPU (torch.cuda.is_available() is False); "
-                        "install a CUDA build of torch or drop --cuda to train on the CPU")
-    return torch.device("cuda" if args.cuda else "cpu")
-
-
-def _lower_memory(args: Args) -> str:
-    return (f"lower --batch-size (now {args.batch_size}) or --num-seeds (now {args.num_seeds}), or the network "
-            "sizes (--actor-hidden, --critic-hidden, --value-hidden, --vae-hidden)")
-
-
-@contextlib.contextmanager
-def out_of_memory_as_error(args: Args):
-    """Data, networks or a batch too big for the device: one line naming what to lower, not a traceback."""
-    try:
-        yield
-    except RuntimeError as e:  # torch.OutOfMemoryError is one; the CPU allocator raises a plain RuntimeError
-        if not (isinstance(e, torch.OutOfMemoryError) or re.search(r"not enough memory|can't allocate memory|"
-                                                                    r"out of memory", str(e), re.IGNORECASE)):
-            raise
-        raise A2PRError(f"out of memory on the {'GPU' if args.cuda else 'CPU'} ({str(e).splitlines()[0][:160]}); "
-                        + _lower_memory(args)) from None
-
-
-def check_batch_fits(args: Args, obs_dim: int, act_dim: int, device: torch.device) -> None:
-    """Before any allocation: a batch whose tensors alone exceed the device's memory stops with one line (on a CPU
-    the kernel would otherwise kill the process without a message once the pages are touched)."""
-    if device.type == "cuda":
-        total = torch.cuda.mem_get_info(device)[1]
-    elif "SC_PHYS_PAGES" in getattr(os, "sysconf_names", {}):
-        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    else:
-        return
-    need = args.num_seeds * args.batch_size * (8 + 4 * (2 * obs_dim + act_dim + 2))  # indices, then (s, a, r, s', d)
-    if need > total:
-        raise A2PRError(f"a batch needs at least {need / 2**30:,.1f} GiB but the {device.type.upper()} has "
-                        f"{total / 2**30:,.1f} GiB; {_lower_memory(args)}")
-
-
 def agent_seeds(args: Args) -> list[int]:
     """The K agents of a run are seeds seed, seed+1, ..., seed+K-1."""
     return [args.seed + i for i in range(args.num_seeds)]
@@ -889,8 +834,7 @@ def progress_line(step: int, args: Args, row: dict, progress: Progress) -> str:
 
 
 def train(args: Args, given: set[str] | None = None) -> dict:
-    """Train A2PR and return a summary: final and best normalised scores (mean and per seed), the dataset's own
-    average score, and the paths of the run's files. `given`: the flags the user typed (parse_args)."""
+    """Train A2PR; returns the summary (scores, the run's files). `given`: the flags typed (see parse_args)."""
     args, source, ckpt = run_settings(args, given)  # on --resume: the checkpoint's settings and state
     log = (lambda *m, **k: None) if args.quiet else print
     device = make_device(args)
@@ -898,7 +842,6 @@ def train(args: Args, given: set[str] | None = None) -> dict:
     ds = load_dataset(args, log)
     warn_about_data(ds, args)
     obs_dim, act_dim = ds.observations.shape[1], ds.actions.shape[1]
-    dataset_score = float(normalized_score(ds.episode_returns, ds.ref_min_score, ds.ref_max_score).mean())
     check_batch_fits(args, obs_dim, act_dim, device)
     with out_of_memory_as_error(args):  # a resumed run keeps the state normalisation it started with
         data = prepare_data(ds, args, device, (ckpt["obs_mean"], ckpt["obs_std"]) if ckpt else None)
@@ -907,10 +850,7 @@ def train(args: Args, given: set[str] | None = None) -> dict:
     core = speed_path(args)  # update_core, or the same function compiled / replayed as CUDA graphs
     progress = Progress.start(len(gens), ckpt)
     window = MetricWindow(len(gens), device, progress.step, ckpt)
-    log(f"A2PR on {ds.name} ({len(data):,} transitions, obs {obs_dim}, act {act_dim}; {ds.source}); eval env "
-        f"{env_label(ds.env_id)}; device {device}; seeds {agent_seeds(args)}\ndataset average normalised score: "
-        f"{dataset_score:.1f}\nsettings: " + ", ".join(f"{k}={getattr(args, k)} ({source[k]})" for k in SPEC_DEFAULTS)
-        + f", eps_a={args.eps_a}, policy_freq={args.policy_freq}, bc_target={args.bc_target}, gate={args.gate}")
+    log(run_header(ds, data, args, source, device))  # the data, the device, every setting and its source
     eval_envs = make_eval_envs(ds.env_id, len(gens), args.eval_episodes)  # made once; each evaluation reseeds
     run = claim_run_dir(args)  # a fresh folder (or the resumed one), locked while this process writes it
     paths, writers, t_start = run.paths, [], time.time()
@@ -944,7 +884,7 @@ def train(args: Args, given: set[str] | None = None) -> dict:
                     save_checkpoint(paths["checkpoint"], args, agent, opt, gens, device, progress, window, data, ds)
                 if stop.set:
                     break
-        return finish_run(args, ds, progress, paths, dataset_score, time.time() - t_start, log, stop.signal)
+        return finish_run(args, ds, progress, paths, ds.average_score, time.time() - t_start, log, stop.signal)
     finally:
         close_envs(eval_envs)
         for _, close in writers:
@@ -1649,10 +1589,69 @@ def load_dataset(args: Args, log=print) -> Dataset:
                    action_high=space.high.astype(np.float32), source=attrs["source"], notice=attrs.get("notice", ""))
 
 
+def warn_about_data(ds: Dataset, args: Args) -> None:
+    """Data that is legal but suspicious: one `warning:` line each (shown even with --quiet), saying what is odd
+    and what the run does about it."""
+    n, warn = len(ds.rewards), functools.partial(print, file=sys.stderr)
+    outside = int(((ds.actions < ds.action_low) | (ds.actions > ds.action_high)).any(1).sum())
+    if outside:
+        warn(f"warning: {outside:,} of {n:,} dataset actions ({100 * outside / n:.1f}%) lie outside the eval env's "
+             f"action bounds [{ds.action_low.tolist()}, {ds.action_high.tolist()}]; they are clipped to the bounds "
+             "for training")
+    if ds.terminals.all():
+        warn(f"warning: every one of the {n:,} transitions is terminal, so the critics never bootstrap (they learn "
+             "the immediate reward only); training goes on")
+    if args.batch_size > n:
+        warn(f"warning: --batch-size {args.batch_size} is larger than the dataset ({n:,} transitions); batches are "
+             "drawn with replacement, so every batch repeats transitions")
+
+
 # ================================================================================================================
-# Appendix B. Speed paths: update() runs update_core eagerly, through torch.compile, or replayed as CUDA graphs;
-# speed_path picks which, and --benchmark update times them side by side. Every path computes update_core above.
+# Appendix B. Devices and speed paths: the device and what fits on it; update() runs update_core eagerly, through
+# torch.compile, or replayed as CUDA graphs (speed_path picks which); --benchmark update times them side by side.
 # ================================================================================================================
+def make_device(args: Args) -> torch.device:
+    if args.cuda_graphs and not args.cuda:
+        raise A2PRError("--cuda-graphs needs --cuda (CUDA graphs exist only on a GPU)")
+    if args.cuda and not torch.cuda.is_available():
+        raise A2PRError("--cuda was given but PyTorch sees no CUDA GPU (torch.cuda.is_available() is False); "
+                        "install a CUDA build of torch or drop --cuda to train on the CPU")
+    return torch.device("cuda" if args.cuda else "cpu")
+
+
+def _lower_memory(args: Args) -> str:
+    return (f"lower --batch-size (now {args.batch_size}) or --num-seeds (now {args.num_seeds}), or the network "
+            "sizes (--actor-hidden, --critic-hidden, --value-hidden, --vae-hidden)")
+
+
+@contextlib.contextmanager
+def out_of_memory_as_error(args: Args):
+    """Data, networks or a batch too big for the device: one line naming what to lower, not a traceback."""
+    try:
+        yield
+    except RuntimeError as e:  # torch.OutOfMemoryError is one; the CPU allocator raises a plain RuntimeError
+        if not (isinstance(e, torch.OutOfMemoryError) or re.search(r"not enough memory|can't allocate memory|"
+                                                                    r"out of memory", str(e), re.IGNORECASE)):
+            raise
+        raise A2PRError(f"out of memory on the {'GPU' if args.cuda else 'CPU'} ({str(e).splitlines()[0][:160]}); "
+                        + _lower_memory(args)) from None
+
+
+def check_batch_fits(args: Args, obs_dim: int, act_dim: int, device: torch.device) -> None:
+    """Before any allocation: a batch whose tensors alone exceed the device's memory stops with one line (on a CPU
+    the kernel would otherwise kill the process without a message once the pages are touched)."""
+    if device.type == "cuda":
+        total = torch.cuda.mem_get_info(device)[1]
+    elif "SC_PHYS_PAGES" in getattr(os, "sysconf_names", {}):
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    else:
+        return
+    need = args.num_seeds * args.batch_size * (8 + 4 * (2 * obs_dim + act_dim + 2))  # indices, then (s, a, r, s', d)
+    if need > total:
+        raise A2PRError(f"a batch needs at least {need / 2**30:,.1f} GiB but the {device.type.upper()} has "
+                        f"{total / 2**30:,.1f} GiB; {_lower_memory(args)}")
+
+
 def speed_path(args: Args) -> typing.Callable:
     """The `core` that update() calls: update_core itself, torch.compile of it, or its CUDA graphs."""
     if args.cuda_graphs:
@@ -1919,6 +1918,15 @@ def run_versions(args: Args) -> dict:
                      else f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores")
     out["a2pr_sha256"] = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
     return out
+
+
+def run_header(ds, data, args: Args, source: dict[str, str], device) -> str:
+    """The lines a run starts with: its data, evaluation env, device and seeds, and each setting with its source."""
+    settings = ", ".join(f"{k}={getattr(args, k)} ({source[k]})" for k in SPEC_DEFAULTS)
+    return (f"A2PR on {ds.name} ({len(data):,} transitions, obs {ds.observations.shape[1]}, act {ds.actions.shape[1]}; "
+            f"{ds.source}); eval env {env_label(ds.env_id)}; device {device}; seeds {agent_seeds(args)}\n"
+            f"dataset average normalised score: {ds.average_score:.1f}\nsettings: {settings}, eps_a={args.eps_a}, "
+            f"policy_freq={args.policy_freq}, bc_target={args.bc_target}, gate={args.gate}")
 
 
 def write_config(path: Path, args: Args, source: dict[str, str]) -> None:
