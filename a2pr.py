@@ -35,26 +35,26 @@ released code divides by max_action, which is wrong for asymmetric bounds).
 
 Reading map (line: what). Everything above main() is A2PR; below it, appendices a reader may skip:
     107  Args:             Args and the published per-task presets (D4RL_PRESETS)
-    229  EnsembleLinear:   networks: Actor, TwinCritic, ValueNet, VAE, in the (K, B, .) ensemble layout
-    345  td_target:        losses, one pure function per spec step
-    389  select_bc_target: advantage selection and the adaptive gate (spec 4)
-    438  critic_step:      spec 1: critics, TD3 target with policy smoothing
-    451  q1_data_and_y2:   spec 2: y2 from the just-updated online critics
-    459  value_step:       spec 2: V towards min(y, y2)
-    467  vae_step:         spec 3: advantage-weighted VAE
-    493  actor_step:       spec 4: actor, then the soft target updates
-    521  update_core:      spec 1-4 in order, on a batch with its noise
-    537  update:           one gradient step: a batch per seed, its noise, update_core
-    568  Dataset:          the data as the networks see it: normalisation, action scaling, device batches
-    651  Policy:           the deployed policy: normalise -> actor -> env action bounds
-    699  evaluate:         deterministic evaluation, D4RL normalised score
-    836  train:            train(args) -> summary: setup, then the loop
-    895  main:             the command line's entry point
-    914  Appendix A:       data sources: built-in, D4RL, HDF5, downloads, Minari, mixes
-   1610  Appendix B:       speed paths: torch.compile, CUDA graphs, --benchmark update
-   1770  Appendix C:       run files: folders, locks, checkpoints, config.json, CSV, plot, trackers, export
-   2253  Appendix D:       the theory on finite MDPs
-   2316  Appendix E:       the command line: parser, --config, presets, validation
+    228  EnsembleLinear:   networks: Actor, TwinCritic, ValueNet, VAE, in the (K, B, .) ensemble layout
+    344  td_target:        losses, one pure function per spec step
+    388  select_bc_target: advantage selection and the adaptive gate (spec 4)
+    437  critic_step:      spec 1: critics, TD3 target with policy smoothing
+    450  q1_data_and_y2:   spec 2: y2 from the just-updated online critics
+    458  value_step:       spec 2: V towards min(y, y2)
+    466  vae_step:         spec 3: advantage-weighted VAE
+    492  actor_step:       spec 4: actor, then the soft target updates
+    520  update_core:      spec 1-4 in order, on a batch with its noise
+    536  update:           one gradient step: a batch per seed, its noise, update_core
+    567  Dataset:          the data as the networks see it: normalisation, action scaling, device batches
+    650  Policy:           the deployed policy: normalise -> actor -> env action bounds
+    698  evaluate:         deterministic evaluation, D4RL normalised score
+    835  train:            train(args) -> summary: setup, then the loop
+    894  main:             the command line's entry point
+    913  Appendix A:       data sources: built-in, D4RL, HDF5, downloads, Minari, mixes
+   1608  Appendix B:       speed paths: torch.compile, CUDA graphs, --benchmark update
+   1768  Appendix C:       run files: folders, locks, checkpoints, config.json, CSV, plot, trackers, export
+   2252  Appendix D:       the theory on finite MDPs
+   2315  Appendix E:       the command line: parser, --config, presets, validation
 """
 
 from __future__ import annotations
@@ -206,7 +206,6 @@ D4RL_PRESETS = {
     "walker2d-medium-replay-v2": (2.5, 1.5, 1.2, 0.995),
     "walker2d-medium-expert-v2": (2.5, 1.0, 0.8, 0.99),
 }
-
 
 PRESETS: dict[str, dict] = {
     "spec": {},
@@ -926,7 +925,6 @@ BUILTIN_DATASETS = {
     "pendulum-expert-v0": "scripted energy-pumping swing-up with a PD balancer",
     "pendulum-mostly-random-v0": "95% random episodes + 5% expert episodes, mixed trajectory-wise",
 }
-
 
 BUILTIN_EPISODES = 200          # 200 episodes x 200 steps = 40,000 rows per built-in dataset
 
@@ -1786,7 +1784,7 @@ def atomic_write(path: Path, write) -> None:
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp" + path.suffix)
         os.close(fd)
         write(tmp)
         with open(tmp, "rb+") as f:
@@ -2141,6 +2139,7 @@ def export_policy(run_dir: str | Path, best: bool = False, seed_index: int = 0) 
     obs_dim, act_dim = len(state["obs_mean"]), len(state["action_low"])
     actor = Actor(args.num_seeds, obs_dim, act_dim, args.actor_hidden, args.actor_layers)
     actor.load_state_dict(actor_state)
+    actor.requires_grad_(False)  # a deployed policy only acts
     module = OneSeed(Policy(actor, *(state[k] for k in ("obs_mean", "obs_std", "action_low", "action_high"))),
                      seed_index).eval()
     program = torch.export.export(module, (torch.zeros(2, obs_dim),),
