@@ -18,7 +18,7 @@ of --seeds in one task, trained as one batched computation, which is faster per 
 On a cluster every node needs a2pr.py and this file at the same path, and --sweep-dir on a shared filesystem.
 
 Reading map: constants and SweepArgs · statistics (iqm ... stratified_bootstrap_ci) · the plan (plan_sweep) · one
-Ray task (run_sweep_task) · the driver (sweep) · results (collect_sweep, sweep_tables, plot_sweep) · the command line.
+Ray task (run_sweep_task) · the driver (sweep) · results (collect_sweep, sweep_tables, plot_sweep) · command line.
 """
 
 from __future__ import annotations
@@ -350,10 +350,9 @@ def _import_ray():
     return ray
 
 
-def _code_path() -> str:
-    """The folders of this file and of a2pr.py, for the workers' PYTHONPATH (the same paths on every node)."""
-    folders = dict.fromkeys(str(Path(m.__file__).resolve().parent) for m in (sys.modules[__name__], a2pr))
-    return os.pathsep.join([*folders, *([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])])
+def _code_dirs() -> list[str]:
+    """The folders of this file and of a2pr.py, where the workers import them from (the same paths on every node)."""
+    return list(dict.fromkeys(str(Path(f).resolve().parent) for f in (__file__, a2pr.__file__)))
 
 
 def _start_ray(ray, sw: SweepArgs) -> bool:
@@ -365,7 +364,7 @@ def _start_ray(ray, sw: SweepArgs) -> bool:
     import logging
     from ray.job_config import JobConfig
 
-    quiet = dict(job_config=JobConfig(code_search_path=_code_path().split(os.pathsep)), log_to_driver=False,
+    quiet = dict(job_config=JobConfig(code_search_path=_code_dirs()), log_to_driver=False,
                  logging_level=logging.ERROR)
     address = sw.ray_address or os.environ.get("RAY_ADDRESS")
     try:
@@ -384,9 +383,7 @@ def _start_ray(ray, sw: SweepArgs) -> bool:
 def sweep(sw: SweepArgs) -> dict:
     """Plan the sweep, run what is not finished on Ray (one task per run folder), then write the results. Returns
     dict(sweep_dir, results_csv, results_md, results_png, ran, skipped, failed)."""
-    runs = plan_sweep(sw)
-    ray = _import_ray()
-    levels = noise_levels(sw)
+    runs, levels = plan_sweep(sw), noise_levels(sw)
     sweep_dir = Path(runs[0]["run_dir"]).parent
     resolved, todo = {}, []
     for run in runs:
@@ -395,6 +392,7 @@ def sweep(sw: SweepArgs) -> dict:
         run["state"] = sweep_run_state(run, r.total_steps, levels)
         if run["state"] != "done":
             todo.append(run)
+    ray = _import_ray() if todo else None  # after the checks above, so that a mistake in the flags comes first
     print(f"sweep {sw.suite}: {len(runs)} runs in {sweep_dir} ({len(runs) - len(todo)} finished, "
           f"{sum(r['state'] == 'resume' for r in todo)} to resume, {sum(r['state'] == 'new' for r in todo)} new, "
           f"{sum(r['state'] == 'noise' for r in todo)} to evaluate under noise)", file=sys.stderr)
@@ -424,9 +422,10 @@ def _run_on_ray(ray, sw: SweepArgs, todo: list[dict], resolved: dict, levels: li
         gpus = task_gpus(sw)
         remote = ray.remote(run_sweep_task)
         # PYTHONPATH too: a Ray that was already running (a notebook's, a test's) has no code_search_path for us.
+        path = os.pathsep.join(_code_dirs() + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))
         options = dict(num_cpus=sw.task_cpus, num_gpus=gpus, max_retries=sw.task_retries, retry_exceptions=False,
                        scheduling_strategy="SPREAD",  # runs over all nodes rather than packed onto the first
-                       runtime_env=dict(env_vars=dict(PYTHONPATH=_code_path())))
+                       runtime_env=dict(env_vars=dict(PYTHONPATH=path)))
         pending = {}
         for run in todo:
             r = resolved[run["run_dir"]]  # absolute paths: a worker on another node has another working folder
@@ -645,8 +644,9 @@ def write_sweep_results(sw: SweepArgs, runs: list[dict], sweep_dir: Path, levels
             f"- datasets: {', '.join(dict.fromkeys(r['dataset'] for r in runs))}",
             "- variants: " + ", ".join(f"{v} (--bc-target {SWEEP_VARIANTS[v]['bc_target']} --gate "
                                         f"{SWEEP_VARIANTS[v]['gate']})" for v in variants),
-            f"- seeds: {sw.train.seed}..{sw.train.seed + sw.seeds - 1}, {seeds_per_task(sw)} per Ray task, trained "
-            f"as one batched computation ({sw.task_cpus:g} CPU, {task_gpus(sw):g} GPU each)",
+            f"- seeds: {sw.train.seed}..{sw.train.seed + sw.seeds - 1}, {seeds_per_task(sw)} per Ray task"
+            f"{' (one batched computation)' if seeds_per_task(sw) > 1 else ''}, {sw.task_cpus:g} CPU and "
+            f"{task_gpus(sw):g} GPU each",
             f"- hardware (the machine that wrote this file): {_hardware()}; hosts that trained: "
             f"{', '.join(sorted({r['host'] for r in rows if r['host']})) or '–'}",
             f"- versions: {_versions()}",
@@ -698,8 +698,8 @@ def plot_sweep(path: Path, runs: list[dict], rows: list[dict], levels: list[floa
             tasks = [t for t in tasks if len(t)]
             if tasks:
                 p, lo, hi = stratified_bootstrap_ci(tasks, stat)
-                ax.barh(i, hi - lo, left=lo, height=0.5, color=colors[v], alpha=0.6)
-                ax.plot([p, p], [i - 0.25, i + 0.25], color="k")
+                ax.plot([lo, hi], [i, i], lw=12, solid_capstyle="butt", color=colors[v], alpha=0.6)  # no barh:
+                ax.plot([p, p], [i - 0.25, i + 0.25], color="k")  # its sticky edges hide an interval at the border
         ax.set(yticks=range(len(variants)), yticklabels=variants, xlabel="normalised score",
                title=f"{name} over datasets, 95 % CI")
     ax = bottom[2]

@@ -1,0 +1,479 @@
+"""Tests for a2pr_sweep.py. Run: pytest test_a2pr_sweep.py  (the Ray tests skip without Ray, the rliable checks
+without rliable: pip install -r requirements-sweep.txt)."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import json
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+# Tests never write into the user's home: matplotlib's cache and a2pr's dataset cache go to a temporary folder.
+_TMP = Path(tempfile.mkdtemp(prefix="a2pr-sweep-tests-"))
+os.environ.setdefault("MPLCONFIGDIR", str(_TMP / "mpl"))
+os.environ["A2PR_DATA_DIR"] = str(_TMP / "data")
+
+import a2pr  # noqa: E402
+import a2pr_sweep  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+LOOPBACK = ("127.0.0.1", "localhost")
+
+
+# ================================================================================================================
+# Shared helpers: isolation (as in test_a2pr.py), tiny sweeps, results tables
+# ================================================================================================================
+@pytest.fixture(autouse=True)
+def isolate(tmp_path, monkeypatch):
+    """No network beyond loopback, and nothing written outside tmp_path: HOME, the D4RL cache, the Minari root and
+    the working directory all point into it."""
+    real_getaddrinfo, real_connect = socket.getaddrinfo, socket.socket.connect
+
+    def getaddrinfo(host, *a, **k):
+        if host not in LOOPBACK and host is not None:
+            raise OSError(f"test blocked a DNS lookup of {host}")
+        return real_getaddrinfo(host, *a, **k)
+
+    def connect(self, address):
+        if isinstance(address, tuple) and address[0] not in LOOPBACK:
+            raise OSError(f"test blocked a connection to {address}")
+        return real_connect(self, address)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    for var, sub in [("HOME", "home"), ("D4RL_DATASET_DIR", "d4rl"), ("MINARI_DATASETS_PATH", "minari")]:
+        monkeypatch.setenv(var, str(tmp_path / sub))
+    monkeypatch.delenv("A2PR_D4RL_MIRROR", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def private_home(tmp_path_factory):
+    """Nothing written into the real HOME (Ray's and matplotlib's files, for instance) by the module-scoped runs."""
+    home = tmp_path_factory.mktemp("home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HOME", str(home))
+        mp.setenv("MPLCONFIGDIR", str(home / "mpl"))
+        yield
+
+
+def run_sweep_cli(*argv, timeout=120, cwd=HERE):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.run([sys.executable, str(HERE / "a2pr_sweep.py"), *argv], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=cwd)
+
+
+def checkpoint(run_dir) -> dict:
+    return torch.load(Path(run_dir) / "checkpoint.pt", map_location="cpu", weights_only=True)
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+SWEEP_TINY = ["--total-steps", "40", "--eval-freq", "20", "--eval-episodes", "1", "--batch-size", "16",
+              "--actor-hidden", "8", "--critic-hidden", "8", "--value-hidden", "8", "--vae-hidden", "8"]
+TIMING_COLUMNS = ("steps_per_s", "wall_s", "host", "run_dir")
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def sweep_args(sweep_dir, suite, *argv) -> a2pr_sweep.SweepArgs:
+    return a2pr_sweep.parse_args([suite, *SWEEP_TINY, "--sweep-dir", str(sweep_dir), *argv])
+
+
+def results_table(sweep_dir) -> list[dict]:
+    """results.csv without the columns that legitimately differ between two sweeps (timings, folders)."""
+    with open(Path(sweep_dir) / "results.csv", newline="") as f:
+        return [{k: v for k, v in r.items() if k not in TIMING_COLUMNS} for r in csv.DictReader(f)]
+
+
+# ================================================================================================================
+# Statistics: by hand, and against rliable on the same arrays
+# ================================================================================================================
+def test_iqm_by_hand():
+    assert a2pr_sweep.iqm(np.arange(1, 9)) == 4.5                 # middle 50 % of 1..8: 3, 4, 5, 6
+    assert a2pr_sweep.iqm([100, 1, 2, 3, 4]) == 3.0               # n = 5: int(5/4) = 1 cut at each end: 2, 3, 4
+    assert a2pr_sweep.iqm([7.0]) == 7.0 and a2pr_sweep.iqm([1, 3]) == 2.0
+    np.testing.assert_array_equal(a2pr_sweep.iqm(np.array([[1, 2, 3, 4], [4, 0, 0, 8]]), axis=-1), [2.5, 2.0])
+    assert a2pr_sweep.aggregate_iqm([[1, 2], [3, 4, 5, 6, 7, 8]]) == 4.5
+    assert a2pr_sweep.aggregate_mean([[0, 2], [10, 10, 10, 10]]) == 5.5   # each task counts once
+
+
+def test_probability_of_improvement_by_hand():
+    poi = a2pr_sweep.probability_of_improvement
+    assert poi([[1, 1]], [[1, 1]]) == 0.5            # ties count 1/2
+    assert poi([[2, 3]], [[1, 3]]) == 0.625          # (1 + 0 + 1 + 1/2) / 4
+    assert poi([[5], [0]], [[1], [1]]) == 0.5        # averaged over tasks
+    assert poi([[5, 6]], [[1, 2, 3]]) == 1.0
+    x, y = [np.array([3.0, 1, 2])], [np.array([2.0, 2, 0])]
+    assert poi(x, y) + poi(y, x) == 1.0
+    with pytest.raises(ValueError):
+        poi([[1]], [[1], [2]])
+
+
+def test_stratified_bootstrap_ci():
+    ci = a2pr_sweep.stratified_bootstrap_ci
+    assert ci([np.full(5, 3.0)], a2pr_sweep.aggregate_iqm, reps=200) == (3.0, 3.0, 3.0)
+    # stratified: each task keeps its own runs, so two constant tasks give a constant mean (a pooled bootstrap
+    # would mix them and vary)
+    assert ci([[0.0, 0.0], [10.0, 10.0, 10.0]], a2pr_sweep.aggregate_mean, reps=200) == (5.0, 5.0, 5.0)
+    scores = [np.random.default_rng(t).normal(50, 10, 5) for t in range(4)]
+    p, lo, hi = ci(scores, a2pr_sweep.aggregate_mean, reps=2000, seed=1)
+    assert p == pytest.approx(np.mean([s.mean() for s in scores])) and lo < p < hi
+    assert ci(scores, a2pr_sweep.aggregate_mean, reps=2000, seed=1) == (p, lo, hi)
+    assert ci(scores, a2pr_sweep.aggregate_mean, reps=2000, seed=2) != (p, lo, hi)
+    # the percentile interval of the bootstrap means by hand, one task
+    one, rng = np.array([1.0, 2.0, 4.0]), np.random.default_rng(0)
+    means = one[rng.integers(0, 3, size=(500, 3))].mean(1)
+    assert ci([one], a2pr_sweep.aggregate_mean, reps=500, seed=0)[1:] == \
+        pytest.approx(tuple(np.percentile(means, [2.5, 97.5])))
+    poi = ci([[2, 3], [1, 3]], lambda g: a2pr_sweep.probability_of_improvement(g[:1], g[1:]))
+    assert poi[0] == 0.625 and 0 <= poi[1] <= 0.625 <= poi[2] <= 1
+
+
+@contextlib.contextmanager
+def numpy_global_seed(seed: int):
+    """rliable's bootstraps draw from numpy's global generator: seed it for the test, then put it back as it was."""
+    state = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        yield
+    finally:
+        np.random.set_state(state)
+
+
+def rliable_scores():
+    """(runs, tasks) score matrices, rliable's layout: X on 4 tasks x 10 runs, Y on the same tasks x 7 runs, with
+    scores rounded to integers so that X and Y tie often."""
+    rng = np.random.default_rng(3)
+    x = np.round(rng.normal([60, 40, 80, 20], 12, size=(10, 4)))
+    y = np.round(rng.normal([55, 45, 70, 20], 12, size=(7, 4)))
+    return x, y
+
+
+def test_point_estimates_equal_rliable():
+    pytest.importorskip("rliable")
+    from rliable import metrics
+
+    x, y = rliable_scores()
+    tasks_x = list(x.T)
+    assert a2pr_sweep.aggregate_mean(tasks_x) == pytest.approx(metrics.aggregate_mean(x), rel=1e-12)
+    assert a2pr_sweep.aggregate_iqm(tasks_x) == pytest.approx(metrics.aggregate_iqm(x), rel=1e-12)
+    for n in range(1, 14):  # every remainder of n / 4: how many scores are cut at each end
+        assert a2pr_sweep.iqm(x.ravel()[:n]) == pytest.approx(metrics.aggregate_iqm(x.ravel()[:n, None]), rel=1e-12)
+    for a, b in ((x, y), (y, x), (x, x), (x[:, :1], np.full((3, 1), 60.0))):
+        assert a2pr_sweep.probability_of_improvement(list(a.T), list(b.T)) == \
+            pytest.approx(metrics.probability_of_improvement(a, b), rel=1e-12)
+
+
+def test_bootstrap_intervals_agree_with_rliable():
+    """Same point estimates; interval ends close to rliable's: both are Monte Carlo estimates of the same percentile
+    interval from different resamples (rliable's PoI runs scipy once per resample, so it gets fewer of them)."""
+    pytest.importorskip("rliable")
+    from rliable import library as rly
+    from rliable import metrics
+
+    x, y = rliable_scores()
+    with numpy_global_seed(0):
+        points, intervals = rly.get_interval_estimates(
+            {"x": x}, lambda s: np.array([metrics.aggregate_mean(s), metrics.aggregate_iqm(s)]), reps=10_000)
+        poi_point, poi_interval = rly.get_interval_estimates(
+            {"x,y": [x, y]}, lambda a, b: np.array([metrics.probability_of_improvement(a, b)]), reps=1000)
+    ours = [a2pr_sweep.stratified_bootstrap_ci(list(x.T), stat, reps=20_000)
+            for stat in (a2pr_sweep.aggregate_mean, a2pr_sweep.aggregate_iqm)]
+    ours.append(a2pr_sweep.stratified_bootstrap_ci(
+        list(x.T) + list(y.T), lambda g: a2pr_sweep.probability_of_improvement(g[:4], g[4:]), reps=20_000))
+    theirs = [(points["x"][0], *intervals["x"][:, 0]), (points["x"][1], *intervals["x"][:, 1]),
+              (poi_point["x,y"][0], *poi_interval["x,y"][:, 0])]
+    # tolerances: a fraction of the interval's width, about twice the largest gap over ten seeds
+    for (p, lo, hi), (tp, tlo, thi), tol in zip(ours, theirs, (0.05, 0.05, 0.1)):
+        assert p == pytest.approx(tp, rel=1e-12)
+        assert tlo < tp < thi
+        assert lo == pytest.approx(tlo, abs=tol * (thi - tlo)) and hi == pytest.approx(thi, abs=tol * (thi - tlo))
+
+
+# ================================================================================================================
+# The plan and the command line
+# ================================================================================================================
+def test_plan_suites_seed_blocks_variants_and_flags_over_presets(tmp_path):
+    runs = a2pr_sweep.plan_sweep(sweep_args(tmp_path, "paper", "--seeds", "5", "--num-seeds", "2",
+                                            "--variants", "a2pr,td3bc,no-gate,vae-only"))
+    assert len(runs) == 9 * 4 * 3
+    assert sorted({r["dataset"] for r in runs}) == sorted(a2pr_sweep.PAPER_SCORES)
+    assert [r["seeds"] for r in runs[:3]] == [[0, 1], [2, 3], [4]]
+    assert [Path(r["run_dir"]).name for r in runs[:3]] == [
+        "hopper-medium-v2__a2pr__seeds0-1", "hopper-medium-v2__a2pr__seeds2-3", "hopper-medium-v2__a2pr__seeds4-4"]
+    by = {(r["dataset"], r["variant"], r["seeds"][0]): a2pr.resolve_args(r["args"])[0] for r in runs}
+    cheetah = by[("halfcheetah-medium-expert-v2", "td3bc", 2)]
+    assert (cheetah.alpha, cheetah.bc_weight, cheetah.seed, cheetah.num_seeds) == (40.0, 10.0, 2, 2)  # its preset
+    assert (cheetah.bc_target, cheetah.gate) == ("data", "always")
+    assert cheetah.total_steps == 40 and cheetah.eval_freq == 20 and cheetah.critic_hidden == 8  # flags win
+    no_gate = by[("hopper-medium-v2", "no-gate", 0)]
+    assert (no_gate.bc_target, no_gate.gate) == ("select", "always")
+    assert by[("hopper-medium-v2", "vae-only", 0)].bc_target == "vae"
+    assert by[("hopper-medium-v2", "a2pr", 4)].num_seeds == 1
+    assert cheetah.save_dir == str(tmp_path) and cheetah.run_name == "halfcheetah-medium-expert-v2__td3bc__seeds2-3"
+    alpha = a2pr_sweep.plan_sweep(sweep_args(tmp_path, "paper", "--seeds", "1", "--alpha", "7"))
+    assert {a2pr.resolve_args(r["args"])[0].alpha for r in alpha} == {7.0}
+    mixes = a2pr_sweep.plan_sweep(sweep_args(tmp_path, "mixes", "--seeds", "1"))
+    assert len(mixes) == 12 and (mixes[0]["args"].env, mixes[0]["args"].mix) == \
+        ("hopper-random-v2", "hopper-expert-v2:0.01")
+    assert {r["args"].mix.split(":")[1] for r in mixes} == {"0.01", "0.05"}
+    builtin = a2pr_sweep.plan_sweep(a2pr_sweep.parse_args(["builtin", "--seeds", "1"]))
+    assert [r["env"] for r in builtin] == list(a2pr.BUILTIN_DATASETS)
+    assert builtin[0]["run_dir"] == str(Path("sweeps/builtin/pendulum-random-v0__a2pr__seeds0-0"))
+    assert a2pr.resolve_args(builtin[0]["args"])[0].preset == "pendulum-cpu"
+
+
+def test_plan_trains_all_seeds_of_a_task_as_one_batched_run_unless_num_seeds_is_given(tmp_path):
+    envs = a2pr_sweep.plan_sweep(a2pr_sweep.parse_args(["envs", "--envs", "pendulum-medium-v0+pendulum-expert-v0:0.05",
+                                                        "--seed", "3"]))
+    assert len(envs) == 1 and envs[0]["seeds"] == [3, 4, 5, 6, 7] and envs[0]["args"].num_seeds == 5
+    assert (envs[0]["args"].env, envs[0]["args"].mix) == ("pendulum-medium-v0", "pendulum-expert-v0:0.05")
+    assert Path(envs[0]["run_dir"]).name == "pendulum-medium-v0+pendulum-expert-v0_0.05__a2pr__seeds3-7"
+    one = a2pr_sweep.plan_sweep(sweep_args(tmp_path, "builtin", "--seeds", "3", "--num-seeds", "1"))
+    assert len(one) == 4 * 3 and {r["args"].num_seeds for r in one} == {1}
+    # from Python: given defaults to the training fields that differ from a2pr.Args()
+    py = a2pr_sweep.SweepArgs("builtin", seeds=2, train=a2pr.Args(total_steps=40))
+    assert py.given == {"total_steps"} and [r["seeds"] for r in a2pr_sweep.plan_sweep(py)] == [[0, 1]] * 4
+
+
+def test_parser_has_every_a2pr_flag_and_the_sweeps_own(tmp_path):
+    text = a2pr_sweep.build_parser().format_help()
+    for flag in ("SUITE", "--envs", "--seeds", "--variants", "--sweep-dir", "--task-cpus", "--task-gpus",
+                 "--task-retries", "--ray-address", "--noise-levels", "--total-steps", "--eval-freq", "--num-seeds",
+                 "--alpha", "--cuda"):
+        assert flag in text, flag
+    sw = sweep_args(tmp_path, "builtin", "--seeds", "3", "--task-cpus", "2", "--no-normalize-states", "--cuda",
+                    "--task-gpus", "0.5")
+    assert (sw.suite, sw.seeds, sw.task_cpus, sw.task_gpus, sw.task_retries) == ("builtin", 3, 2.0, 0.5, 3)
+    assert (sw.train.total_steps, sw.train.normalize_states, sw.train.cuda) == (40, False, True)
+    assert sw.given == {"total_steps", "eval_freq", "eval_episodes", "batch_size", "actor_hidden", "critic_hidden",
+                        "value_hidden", "vae_hidden", "normalize_states", "cuda"}
+    # results.md's command line is the command: parsed again, it gives the same sweep
+    again = a2pr_sweep.parse_args(shlex.split(a2pr_sweep.command_line(sw))[2:])
+    assert again == sw
+
+
+def test_config_file_gives_the_training_settings_and_flags_win(tmp_path):
+    settings = dataclasses.asdict(a2pr.Args(alpha=7.0, total_steps=123, tau=0.01))
+    (tmp_path / "config.json").write_text(json.dumps(dict(settings=settings)))
+    sw = a2pr_sweep.parse_args(["builtin", "--config", str(tmp_path / "config.json"), "--total-steps", "40"])
+    assert (sw.train.alpha, sw.train.tau, sw.train.total_steps) == (7.0, 0.01, 40)
+    assert "alpha" not in sw.given and "total_steps" in sw.given
+
+
+@pytest.mark.parametrize("argv, expect", [
+    (["builtin", "--variants", "a2pr,best"], "--variants must list distinct names among"),
+    (["builtin", "--seeds", "0"], "--seeds must be an integer >= 1"),
+    (["builtin", "--num-seeds", "0"], "--num-seeds must be an integer >= 1"),
+    (["builtin", "--task-retries", "-1"], "--task-retries must be an integer >= 0"),
+    (["builtin", "--task-cpus", "0"], "--task-cpus must be a positive number"),
+    (["builtin", "--gate", "always"], "--gate is set per run by the sweep; use --variants"),
+    (["builtin", "--env", "hopper-medium-v2"], "--env is set per run by the sweep; use the suite, or envs --envs"),
+    (["builtin", "--resume", "x"], "--resume is set per run by the sweep; use the same a2pr_sweep.py command"),
+    (["builtin", "--export", "x"], "--export is not a sweep flag; use python a2pr.py --export RUN_DIR"),
+    (["envs"], "the suite envs needs --envs A,B"),
+    (["builtin", "--envs", "pendulum-medium-v0"], "--envs goes with the suite envs, not builtin"),
+    (["builtin", "--noise-levels", "0,-1"], "--noise-levels must be stds >= 0"),
+    (["builtin", "--cuda", "--task-gpus", "0"], "--cuda with --task-gpus 0"),
+    (["builtin", "--total-steps", "-1"], "--total-steps must be a positive integer"),
+    (["all"], "invalid choice: 'all'"),
+    ([], "the following arguments are required: SUITE"),
+    (["builtin", "--totl-steps", "5"], "did you mean --total-steps?"),
+])
+def test_bad_flags_get_one_line_errors(tmp_path, capsys, argv, expect):
+    try:  # in-process (a subprocess per case would cost a torch import each)
+        code = a2pr_sweep.main([*argv, "--sweep-dir", str(tmp_path / "sw")])
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and err.strip().count("\n") == 0, err
+    assert err.startswith("a2pr_sweep.py: error: ") and expect in err, err
+    assert not (tmp_path / "sw").exists()
+
+
+def test_without_ray_says_how_to_install(monkeypatch, capsys, tmp_path):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now raises ImportError
+    assert a2pr_sweep.main(["builtin", "--sweep-dir", str(tmp_path / "sw")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "needs Ray" in err and "pip install -r requirements-sweep.txt" in err, err
+    assert not (tmp_path / "sw").exists()
+
+
+def test_importing_a2pr_sweep_does_not_import_ray_and_a2pr_does_not_import_the_sweep():
+    code = ("import a2pr, sys; alone = 'a2pr_sweep' in sys.modules; import a2pr_sweep; "
+            "print(alone, 'ray' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, timeout=60)
+    assert r.stdout.strip() == "False False", r.stderr
+
+
+# ================================================================================================================
+# Runs: one task called directly, then sweeps on a local Ray and on a two-node cluster
+# ================================================================================================================
+def test_task_resumes_an_unfinished_run_to_the_uninterrupted_result(tmp_path):
+    """The task a Ray worker runs, called directly: a run folder cut short (a checkpoint, no finished summary) is
+    resumed and ends bit-identical to the uninterrupted run; a finished folder is left alone."""
+    run = a2pr_sweep.plan_sweep(sweep_args(tmp_path / "sw", "envs", "--envs", "pendulum-medium-v0", "--seeds", "1"))[0]
+    whole = a2pr.train(dataclasses.replace(run["args"], save_dir=str(tmp_path), run_name="whole"))
+    a2pr.train(dataclasses.replace(run["args"], total_steps=20))  # the same folder, cut at step 20
+    resolved = a2pr.resolve_args(run["args"])[0]
+    assert a2pr_sweep.sweep_run_state(run, resolved.total_steps, []) == "resume"
+    task = dict(run_dir=run["run_dir"], args=dataclasses.asdict(run["args"]), total_steps=40, noise_levels=[0.0],
+                eval_episodes=1, threads=1)
+    a2pr_sweep.run_sweep_task(task)
+    assert a2pr_sweep.sweep_run_state(run, 40, [0.0]) == "done"
+    assert_same_state(checkpoint(run["run_dir"])["agent"], checkpoint(whole["run_dir"])["agent"])
+    info = json.loads((Path(run["run_dir"]) / "sweep.json").read_text())
+    assert info["resumed_at"] == [20] and info["threads"] == 1
+    noise = json.loads((Path(run["run_dir"]) / "noise.json").read_text())
+    assert noise["episodes"] == 1 and len(noise["scores"]["0.0"]) == 1
+    before = (Path(run["run_dir"]) / "checkpoint.pt").stat().st_mtime_ns
+    a2pr_sweep.run_sweep_task(task)
+    assert (Path(run["run_dir"]) / "checkpoint.pt").stat().st_mtime_ns == before
+
+
+def test_results_files_before_any_run_has_finished(tmp_path):
+    """results.csv (a2pr's CSV writer) has the sweep's columns, a noise column per level, and no rows yet."""
+    sw = sweep_args(tmp_path / "sw", "builtin", "--noise-levels", "0.1")
+    a2pr_sweep.write_sweep_results(sw, a2pr_sweep.plan_sweep(sw), tmp_path / "sw", [0.1])
+    with open(tmp_path / "sw" / "results.csv", newline="") as f:
+        assert list(csv.reader(f)) == [["dataset", "variant", "seed", "final_score", "best_score", "noise_0.1", "steps",
+                                        "steps_per_s", "wall_s", "seeds_in_run", "host", "run_dir"]]
+    assert "0 of 4 run folders finished" in (tmp_path / "sw" / "results.md").read_text()
+    assert not (tmp_path / "sw" / "results.png").exists()
+
+
+@pytest.mark.slow
+def test_builtin_end_to_end_on_a_local_ray_and_rerun_does_nothing(tmp_path):
+    """The README's first sweep (the pendulum-cpu preset's networks), made short: 4 datasets x 2 variants, each
+    task training its 2 seeds as one batched run; then the same command again finds everything done."""
+    pytest.importorskip("ray")
+    argv = ["builtin", "--seeds", "2", "--variants", "a2pr,td3bc", "--noise-levels", "0,0.1", "--total-steps", "200",
+            "--eval-freq", "100", "--eval-episodes", "2", "--sweep-dir", "DIR"]
+    r = run_sweep_cli(*argv, timeout=400, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "8 new" in r.stderr and "8/8 done, 0 running, 0 queued" in r.stderr
+    sw = tmp_path / "DIR"
+    with open(sw / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4 * 2 * 2 and {r["variant"] for r in rows} == {"a2pr", "td3bc"}
+    assert {r["seeds_in_run"] for r in rows} == {"2"}  # both seeds of a task trained as one batched run
+    assert all(np.isfinite(float(r[c])) for r in rows for c in ("final_score", "best_score", "noise_0", "noise_0.1"))
+    assert {r["steps"] for r in rows} == {"200"}
+    md = (sw / "results.md").read_text()
+    for text in ("| pendulum-random-v0 | a2pr | 2 |", "| pendulum-expert-v0 | td3bc | 2 |", "| mean | IQM |",
+                 "| a2pr | 4 | 8 |", "| td3bc | 4 | 8 |", "P(a2pr > td3bc)", "σ = 0.1", "torch 2", "ray 2",
+                 "2 per Ray task (one batched computation)", "`python a2pr_sweep.py builtin --seeds 2"):
+        assert text in md, text
+    assert md.count(" [") >= 6  # confidence intervals
+    assert (sw / "results.png").read_bytes()[:8] == PNG
+    files = sorted(p for p in sw.glob("*/*") if p.suffix in (".pt", ".json", ".csv"))
+    stamps = [p.stat().st_mtime_ns for p in files]
+    again = run_sweep_cli(*argv, timeout=200, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert "(8 finished, 0 to resume, 0 new, 0 to evaluate under noise)" in again.stderr
+    assert "Ray tasks" not in again.stderr
+    assert [p.stat().st_mtime_ns for p in files] == stamps  # no run trained or evaluated again
+    assert results_table(sw) == [{k: v for k, v in r.items() if k not in TIMING_COLUMNS} for r in rows]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """Two Ray nodes of one CPU each on this machine, shared by the cluster tests."""
+    pytest.importorskip("ray")
+    from ray.cluster_utils import Cluster
+
+    # Ray >= 2.5x turns token auth on for a local cluster once this process has started one (RAY_AUTH_MODE=token in
+    # os.environ), and looks for the token under ~/.ray; every test here has its own HOME, so a cluster shared by
+    # several tests would find none and its GCS would abort. A loopback-only test cluster runs without tokens.
+    with pytest.MonkeyPatch.context() as mp:  # a module-scoped fixture cannot take the monkeypatch fixture
+        mp.setenv("RAY_AUTH_MODE", "disabled")
+        cluster = Cluster(initialize_head=True, head_node_args=dict(num_cpus=1, include_dashboard=False))
+        cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        yield cluster
+        import ray
+
+        ray.shutdown()
+        cluster.shutdown()
+
+
+# Two single-seed runs (--num-seeds 1: two Ray tasks), long enough to be killed between checkpoints.
+KILL_SWEEP = ["--envs", "pendulum-medium-v0", "--seeds", "2", "--num-seeds", "1", "--total-steps", "400",
+              "--eval-freq", "100"]
+
+
+@pytest.fixture(scope="module")
+def cluster_sweep(ray_cluster, tmp_path_factory):
+    """An uninterrupted sweep of two single-seed runs on the two-node cluster, reached through --ray-address."""
+    sw = tmp_path_factory.mktemp("cluster") / "sw"
+    out = a2pr_sweep.sweep(sweep_args(sw, "envs", *KILL_SWEEP, "--ray-address", ray_cluster.address))
+    return sw, out
+
+
+@pytest.mark.slow
+def test_runs_on_a_two_node_cluster_through_ray_address(cluster_sweep):
+    sw, out = cluster_sweep
+    assert len(out["ran"]) == 2 and not out["failed"]
+    nodes = {json.loads((Path(d) / "sweep.json").read_text())["node"] for d in out["ran"]}
+    assert len(nodes) == 2  # one CPU per node and one CPU per task: the two tasks ran on different nodes
+    assert len(results_table(sw)) == 2
+
+
+@contextlib.contextmanager
+def kill_each_writer_after_its_first_checkpoint(sweep_dir: Path):
+    """SIGKILL, once per run folder, the process writing it as soon as the folder has a checkpoint and no summary:
+    a2pr's .lock in the folder holds that process's pid (here a Ray worker). Yields {run folder: killed pid}."""
+    killed, stop = {}, threading.Event()
+
+    def watch():
+        while not stop.wait(0.005):
+            for ckpt in sweep_dir.glob("*/checkpoint.pt"):
+                d = ckpt.parent
+                if d in killed or (d / "summary.json").exists():
+                    continue
+                pid = (d / ".lock").read_text().strip()  # empty for an instant: the lock is taken, the pid not written
+                if pid and int(pid) != os.getpid():
+                    os.kill(int(pid), signal.SIGKILL)
+                    killed[d] = int(pid)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        yield killed
+    finally:
+        stop.set()
+        watcher.join()
+
+
+@pytest.mark.slow
+def test_worker_killed_mid_run_is_retried_and_the_table_equals_the_uninterrupted_one(
+        cluster_sweep, ray_cluster, tmp_path):
+    reference, _ = cluster_sweep
+    sw = tmp_path / "sw"
+    with kill_each_writer_after_its_first_checkpoint(sw) as killed:
+        out = a2pr_sweep.sweep(sweep_args(sw, "envs", *KILL_SWEEP, "--ray-address", ray_cluster.address))
+    assert not out["failed"]
+    assert sorted(killed) == sorted(Path(d) for d in out["ran"]), "every run's worker should have been killed once"
+    for d in out["ran"]:
+        info = json.loads((Path(d) / "sweep.json").read_text())
+        assert info["resumed_at"] and info["attempts"] == 1  # the killed attempt never finished; its rerun resumed
+    assert results_table(sw) == results_table(reference)
