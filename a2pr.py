@@ -5,7 +5,7 @@ advantage-weighted VAE learns to generate the dataset's *better* actions; in eve
 whichever of {dataset action, VAE action} has the larger advantage Q(s,a) - V(s), and only where one of them has a
 positive advantage (the adaptive gate). The defaults follow the released code, which produced the paper's numbers.
 
-    python a2pr.py                                   # built-in Pendulum dataset, CPU, about 3 minutes on 2 cores
+    python a2pr.py                                   # built-in Pendulum dataset, CPU: 1-3 minutes on 2 cores
     python a2pr.py --env hopper-medium-v2 --cuda     # D4RL data and the published per-task preset
 
 The contract: one gradient step on a batch (s, a, r, s', d), d = 1 only on a true terminal (never on a time-out).
@@ -209,7 +209,7 @@ D4RL_PRESETS = {
 
 PRESETS: dict[str, dict] = {
     "spec": {},
-    # Pendulum is a 3-dim toy: narrow networks learn it in seconds, so a 2-core CPU run takes ~2-3 minutes.
+    # Pendulum is a 3-dim toy: narrow networks learn it in seconds, so a 2-core CPU run takes 1-3 minutes.
     "pendulum-cpu": dict(total_steps=15_000, batch_size=256, actor_hidden=64, critic_hidden=64, value_hidden=64,
                          vae_hidden=128, eval_freq=1000, log_freq=500),
     **{name: dict(alpha=p[0], vae_weight=p[1], bc_weight=p[2], discount=p[3]) for name, p in D4RL_PRESETS.items()},
@@ -2328,10 +2328,10 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see python {self.prog} --help)\n")
 
 
-def build_parser(prog: str = "a2pr.py") -> argparse.ArgumentParser:
+def build_parser(prog: str = "a2pr.py", description: str | None = None) -> argparse.ArgumentParser:
     """The command line, built from Args: one flag per field, its help line from the field's metadata. Defaults are
     argparse.SUPPRESS, so a parse holds exactly the flags given (a flag given with its default value counts)."""
-    p = _Parser(prog=prog, description=__doc__.split("\n\n")[0], argument_default=argparse.SUPPRESS,
+    p = _Parser(prog=prog, description=description or __doc__.split("\n\n")[0], argument_default=argparse.SUPPRESS,
                 formatter_class=lambda prog: argparse.HelpFormatter(prog, max_help_position=30, width=120))
     p.flags, hints = [], typing.get_type_hints(Args)
     for f in dataclasses.fields(Args):

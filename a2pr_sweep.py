@@ -72,7 +72,7 @@ SET_PER_RUN = {"env": "the suite, or envs --envs A,B", "mix": "ENV+NAME:FRAC in 
 NOT_TRAINING = {"export": "python a2pr.py --export RUN_DIR", "best": "python a2pr.py --export RUN_DIR --best",
                 "benchmark": "python a2pr.py --benchmark update"}
 # What a resumed run takes from the sweep rather than from its checkpoint (a2pr's --resume lets exactly these change).
-RESUME_FOLLOWS = ("total_steps", "cuda", "compile", "cuda_graphs", "data_dir", "download_timeout")
+RESUME_FOLLOWS = tuple(k for k in a2pr.RESUME_MAY_CHANGE if k not in ("resume", "quiet"))
 
 
 def _flag(help: str, default=dataclasses.MISSING, **meta):
@@ -728,7 +728,7 @@ def plot_sweep(path: Path, runs: list[dict], rows: list[dict], levels: list[floa
 
 # --- the command line: a2pr.py's parser (every training flag) plus the sweep's own arguments ----------------------
 def build_parser():
-    p = a2pr.build_parser(prog="a2pr_sweep.py")
+    p = a2pr.build_parser(prog="a2pr_sweep.py", description=__doc__.split("\n\n")[0])
     group = p.add_argument_group("sweep", "a2pr_sweep.py's own arguments; every other flag is a2pr.py's and is given "
                                           "to every run of the sweep")
     hints = typing.get_type_hints(SweepArgs)
