@@ -48,13 +48,13 @@ Reading map (line: what). Everything above main() is A2PR; below it, appendices 
     567  Dataset:          the data as the networks see it: normalisation, action scaling, device batches
     650  Policy:           the deployed policy: normalise -> actor -> env action bounds
     698  evaluate:         deterministic evaluation, D4RL normalised score
-    835  train:            train(args) -> summary: setup, then the loop
-    894  main:             the command line's entry point
-    913  Appendix A:       data sources: built-in, D4RL, HDF5, downloads, Minari, mixes
-   1608  Appendix B:       speed paths: torch.compile, CUDA graphs, --benchmark update
-   1768  Appendix C:       run files: folders, locks, checkpoints, config.json, CSV, plot, trackers, export
-   2252  Appendix D:       the theory on finite MDPs
-   2315  Appendix E:       the command line: parser, --config, presets, validation
+    837  train:            train(args) -> summary: setup, then the loop
+    896  main:             the command line's entry point
+    915  Appendix A:       data sources: built-in, D4RL, HDF5, downloads, Minari, mixes
+   1611  Appendix B:       speed paths: torch.compile, CUDA graphs, --benchmark update
+   1771  Appendix C:       run files: folders, locks, checkpoints, config.json, CSV, plot, trackers, export
+   2255  Appendix D:       the theory on finite MDPs
+   2318  Appendix E:       the command line: parser, --config, presets, validation
 """
 
 from __future__ import annotations
@@ -704,6 +704,8 @@ def evaluate(policy: Policy, env_id, episodes: int, seed: int, obs_noise: float 
     k, device = policy.actor.net[0].weight.shape[0], policy.obs_mean.device
     own = envs is None
     envs = make_eval_envs(env_id, k, episodes) if own else envs
+    if (len(envs), len(envs[0])) != (k, episodes):
+        raise ValueError(f"evaluate: envs must be {k} agents x {episodes} episodes, got {len(envs)} x {len(envs[0])}")
     try:
         obs = np.stack([[env.reset(seed=seed + e)[0] for e, env in enumerate(row)] for row in envs]).astype(np.float32)
         noise_rng = np.random.default_rng([seed, 12345])
@@ -1014,7 +1016,7 @@ def read_d4rl_hdf5(path: Path, cached: bool = False) -> tuple[dict[str, np.ndarr
     import h5py
 
     try:
-        with h5py.File(path, "r") as f:
+        with h5py.File(path, "r", locking=False) as f:  # a2pr's own lock guards a download being validated
             missing = [k for k in D4RL_KEYS if k not in f]
             if missing:
                 raise A2PRError(f"{path}: not a D4RL dataset file, missing keys {missing}")
@@ -1174,6 +1176,7 @@ def download_file(url: str, dest: Path, validate, timeout: float = 10.0, offline
         return A2PRError(f"cannot download {url} ({reason}); put the file there by hand (e.g. wget -O {dest} {url}) "
                          "and run again" + (f", {offline_hint}" if offline_hint else ""))
 
+    dest.parent.mkdir(parents=True, exist_ok=True)
     lock = lock_file(part, f"another a2pr.py process is downloading {dest}; wait for it to finish")
     try:
         try:
@@ -2342,8 +2345,7 @@ def build_parser(prog: str = "a2pr.py", description: str | None = None) -> argpa
             kw["action"] = argparse.BooleanOptionalAction if f.metadata.get("negatable") else "store_true"
         else:
             base = next((t for t in typing.get_args(typ) if t is not type(None)), typ)
-            kw.update(type=base, metavar=f.metadata.get("metavar", f.name.split("_")[-1].upper()),
-                      choices=f.metadata.get("choices"))
+            kw.update(type=base, metavar=f.metadata.get("metavar", f.name.split("_")[-1].upper()))
         p.add_argument(*flags, **kw)
         p.flags += flags
     return p
@@ -2421,38 +2423,52 @@ def resolve_args(args: Args) -> tuple[Args, dict[str, str]]:
     return out, source
 
 
-# What each numeric flag must be, for validate_args: (test, the words of the one-line error).
-CHECKS = {
-    "a positive integer": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0, [
-        "total_steps", "batch_size", "num_seeds", "policy_freq", "actor_hidden", "actor_layers", "critic_hidden",
-        "critic_layers", "value_hidden", "value_layers", "vae_hidden", "vae_layers", "eval_freq", "eval_episodes",
-        "log_freq", "save_freq", "bench_steps", "bench_repeats"]),
-    "a positive number": (lambda v: math.isfinite(v) and v > 0, ["actor_lr", "critic_lr", "value_lr", "vae_lr",
-                                                                  "alpha", "download_timeout"]),
-    "a number >= 0": (lambda v: math.isfinite(v) and v >= 0, ["bc_weight", "vae_weight", "policy_noise",
-                                                               "noise_clip", "eval_obs_noise"]),
-    "a finite number": (math.isfinite, ["eps_a", "reward_scale", "reward_shift"]),
-    "in [0, 1)": (lambda v: 0.0 <= v < 1.0, ["discount"]),
-    "in (0, 1]": (lambda v: 0.0 < v <= 1.0, ["tau"]),
-    "an integer >= 0": (lambda v: isinstance(v, int) and 0 <= v < 2**63, ["dataset_seed"]),
+# What a setting must be: the rule's words (they end the one-line error) and its test; then which fields follow
+# which rule. check_fields serves validate_args here and the companion a2pr_sweep.py for its own flags.
+RULES = {
+    "a positive integer": lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0,
+    "an integer >= 0": lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**63,
+    "a positive number": lambda v: math.isfinite(v) and v > 0,
+    "a number >= 0": lambda v: math.isfinite(v) and v >= 0,
+    "a finite number": math.isfinite,
+    "in [0, 1)": lambda v: 0.0 <= v < 1.0,
+    "in (0, 1]": lambda v: 0.0 < v <= 1.0,
 }
+CHECKS = {
+    "a positive integer": ["total_steps", "batch_size", "num_seeds", "policy_freq", "actor_hidden", "actor_layers",
+                           "critic_hidden", "critic_layers", "value_hidden", "value_layers", "vae_hidden",
+                           "vae_layers", "eval_freq", "eval_episodes", "log_freq", "save_freq", "bench_steps",
+                           "bench_repeats"],
+    "an integer >= 0": ["dataset_seed"],
+    "a positive number": ["actor_lr", "critic_lr", "value_lr", "vae_lr", "alpha", "download_timeout"],
+    "a number >= 0": ["bc_weight", "vae_weight", "policy_noise", "noise_clip", "eval_obs_noise"],
+    "a finite number": ["eps_a", "reward_scale", "reward_shift"],
+    "in [0, 1)": ["discount"],
+    "in (0, 1]": ["tau"],
+}
+
+
+def check_fields(obj, checks: dict[str, list[str]]) -> None:
+    """The first field of obj that breaks its rule is one line: --flag must be RULE, got VALUE."""
+    for rule, names in checks.items():
+        for name in names:
+            if not RULES[rule](v := getattr(obj, name)):
+                raise A2PRError(f"--{name.replace('_', '-')} must be {rule}, got {v!r}")
 
 
 def validate_args(args: Args) -> None:
     """One clear line per mistake, before any work is done."""
-    for what, (ok, names) in CHECKS.items():
-        for name in names:
-            if not ok(getattr(args, name)):
-                raise A2PRError(f"--{name.replace('_', '-')} must be {what}, got {getattr(args, name)!r}")
+    check_fields(args, CHECKS)
     top = 2**63 - 1 - 10_000 - args.num_seeds - args.eval_episodes  # evaluation seeds envs with seed + 10000 + e
     if not (isinstance(args.seed, int) and 0 <= args.seed <= top):
         raise A2PRError(f"--seed must be an integer from 0 to {top}, got {args.seed!r}")
     if args.compile and args.cuda_graphs:  # each is checked against eager on its own, not yet together
         raise A2PRError("use --compile or --cuda-graphs, not both (the combination is not verified yet)")
-    for name in ("bc_target", "gate"):  # Args built in Python bypass argparse's choices
-        if (v := getattr(args, name)) not in (choices := Args.__dataclass_fields__[name].metadata["choices"]):
-            raise A2PRError(f"--{name.replace('_', '-')} must be one of {', '.join(choices)}, got {v!r}")
-
+    for f in dataclasses.fields(Args):  # the one check of the fields with choices, for the command line and Python
+        if "choices" in f.metadata and (v := getattr(args, f.name)) not in f.metadata["choices"] + (None,) * (
+                f.default is None):
+            raise A2PRError(f"--{f.name.replace('_', '-')} must be one of {', '.join(f.metadata['choices'])}, "
+                            f"got {v!r}")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -222,12 +222,9 @@ def check_sweep_flags(sw: SweepArgs) -> None:
                              f"{SET_PER_RUN[per_run[0]]}")
     if other:
         raise a2pr.A2PRError(f"--{other[0].replace('_', '-')} is not a sweep flag; use {NOT_TRAINING[other[0]]}")
-    for name, v, least in (("seeds", sw.seeds, 1), ("num_seeds", seeds_per_task(sw), 1),
-                           ("task_retries", sw.task_retries, 0)):
-        if not isinstance(v, int) or isinstance(v, bool) or v < least:
-            raise a2pr.A2PRError(f"--{name.replace('_', '-')} must be an integer >= {least}, got {v!r}")
-    if not (math.isfinite(sw.task_cpus) and sw.task_cpus > 0):
-        raise a2pr.A2PRError(f"--task-cpus must be a positive number, got {sw.task_cpus!r}")
+    a2pr.check_fields(sw, {"a positive integer": ["seeds"], "an integer >= 0": ["task_retries"],
+                           "a positive number": ["task_cpus"]})
+    a2pr.check_fields(sw.train, {"a positive integer": ["num_seeds"]})  # before plan_sweep splits seeds by it
     gpus = task_gpus(sw)
     if not (math.isfinite(gpus) and gpus >= 0):
         raise a2pr.A2PRError(f"--task-gpus must be a number >= 0, got {sw.task_gpus!r}")

@@ -282,8 +282,8 @@ def test_config_file_gives_the_training_settings_and_flags_win(tmp_path):
 
 @pytest.mark.parametrize("argv, expect", [
     (["builtin", "--variants", "a2pr,best"], "--variants must list distinct names among"),
-    (["builtin", "--seeds", "0"], "--seeds must be an integer >= 1"),
-    (["builtin", "--num-seeds", "0"], "--num-seeds must be an integer >= 1"),
+    (["builtin", "--seeds", "0"], "--seeds must be a positive integer"),
+    (["builtin", "--num-seeds", "0"], "--num-seeds must be a positive integer"),
     (["builtin", "--task-retries", "-1"], "--task-retries must be an integer >= 0"),
     (["builtin", "--task-cpus", "0"], "--task-cpus must be a positive number"),
     (["builtin", "--gate", "always"], "--gate is set per run by the sweep; use --variants"),
