@@ -10,7 +10,6 @@ import json
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,46 +28,11 @@ os.environ["A2PR_DATA_DIR"] = str(_TMP / "data")
 import a2pr  # noqa: E402
 import a2pr_sweep  # noqa: E402
 
+
+# ================================================================================================================
+# Shared helpers (the isolation fixtures, loopback only and nothing outside tmp_path, are in conftest.py)
+# ================================================================================================================
 HERE = Path(__file__).resolve().parent
-LOOPBACK = ("127.0.0.1", "localhost")
-
-
-# ================================================================================================================
-# Shared helpers: isolation (as in test_a2pr.py), tiny sweeps, results tables
-# ================================================================================================================
-@pytest.fixture(autouse=True)
-def isolate(tmp_path, monkeypatch):
-    """No network beyond loopback, and nothing written outside tmp_path: HOME, the D4RL cache, the Minari root and
-    the working directory all point into it."""
-    real_getaddrinfo, real_connect = socket.getaddrinfo, socket.socket.connect
-
-    def getaddrinfo(host, *a, **k):
-        if host not in LOOPBACK and host is not None:
-            raise OSError(f"test blocked a DNS lookup of {host}")
-        return real_getaddrinfo(host, *a, **k)
-
-    def connect(self, address):
-        if isinstance(address, tuple) and address[0] not in LOOPBACK:
-            raise OSError(f"test blocked a connection to {address}")
-        return real_connect(self, address)
-
-    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
-    monkeypatch.setattr(socket.socket, "connect", connect)
-    for var, sub in [("HOME", "home"), ("D4RL_DATASET_DIR", "d4rl"), ("MINARI_DATASETS_PATH", "minari")]:
-        monkeypatch.setenv(var, str(tmp_path / sub))
-    monkeypatch.delenv("A2PR_D4RL_MIRROR", raising=False)
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    monkeypatch.chdir(tmp_path)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def private_home(tmp_path_factory):
-    """Nothing written into the real HOME (Ray's and matplotlib's files, for instance) by the module-scoped runs."""
-    home = tmp_path_factory.mktemp("home")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HOME", str(home))
-        mp.setenv("MPLCONFIGDIR", str(home / "mpl"))
-        yield
 
 
 def run_sweep_cli(*argv, timeout=120, cwd=HERE):

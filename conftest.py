@@ -1,0 +1,43 @@
+"""Shared by test_a2pr.py and test_a2pr_sweep.py: every test runs offline (loopback only) and writes nothing outside
+its own temporary folders."""
+
+import socket
+
+import pytest
+
+LOOPBACK = ("127.0.0.1", "localhost")
+
+
+@pytest.fixture(autouse=True)
+def isolate(tmp_path, monkeypatch):
+    """No network beyond loopback, and nothing written outside tmp_path: HOME, the D4RL cache, the Minari root and
+    the working directory (MuJoCo writes MUJOCO_LOG.TXT there) all point into it; no Ray cluster from outside."""
+    real_getaddrinfo, real_connect = socket.getaddrinfo, socket.socket.connect
+
+    def getaddrinfo(host, *a, **k):
+        if host not in LOOPBACK and host is not None:
+            raise OSError(f"test blocked a DNS lookup of {host}")
+        return real_getaddrinfo(host, *a, **k)
+
+    def connect(self, address):
+        if isinstance(address, tuple) and address[0] not in LOOPBACK:
+            raise OSError(f"test blocked a connection to {address}")
+        return real_connect(self, address)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    for var, sub in [("HOME", "home"), ("D4RL_DATASET_DIR", "d4rl"), ("MINARI_DATASETS_PATH", "minari")]:
+        monkeypatch.setenv(var, str(tmp_path / sub))
+    monkeypatch.delenv("A2PR_D4RL_MIRROR", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def private_home(tmp_path_factory):
+    """Nothing written into the real HOME (Ray's and matplotlib's files, for instance) by the module-scoped runs."""
+    home = tmp_path_factory.mktemp("home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HOME", str(home))
+        mp.setenv("MPLCONFIGDIR", str(home / "mpl"))
+        yield
