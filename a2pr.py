@@ -51,10 +51,10 @@ Reading map (line: what). Everything above main() is A2PR; below it, appendices 
     837  train:            train(args) -> summary: setup, then the loop
     896  main:             the command line's entry point
     915  Appendix A:       data sources: built-in, D4RL, HDF5, downloads, Minari, mixes
-   1611  Appendix B:       speed paths: torch.compile, CUDA graphs, --benchmark update
-   1771  Appendix C:       run files: folders, locks, checkpoints, config.json, CSV, plot, trackers, export
-   2255  Appendix D:       the theory on finite MDPs
-   2318  Appendix E:       the command line: parser, --config, presets, validation
+   1612  Appendix B:       speed paths: torch.compile, CUDA graphs, --benchmark update
+   1772  Appendix C:       run files: folders, locks, checkpoints, config.json, CSV, plot, trackers, export
+   2256  Appendix D:       the theory on finite MDPs
+   2319  Appendix E:       the command line: parser, --config, presets, validation
 """
 
 from __future__ import annotations
@@ -1385,8 +1385,9 @@ def minari_eval_spec(ds, dataset_id: str):
 
 
 def _bytes_written(folders) -> int:
+    """Bytes in files under `folders`; a folder whose name holds a glob pattern stands for the folders it matches."""
     total = 0
-    for folder in folders:
+    for folder in (f for p in map(Path, folders) for f in (p.parent.glob(p.name) if "*" in p.name else [p])):
         for root, _, files in os.walk(folder):
             for name in files:
                 with contextlib.suppress(OSError):  # a file may be renamed or removed while we count
@@ -1434,7 +1435,7 @@ def load_minari(dataset_id: str, args: Args, log=print) -> tuple[dict, dict]:
                                                           "huggingface") / "hub")
         try:
             ds = stall_deadline(lambda: minari.load_dataset(dataset_id, download=True), args.download_timeout,
-                                [minari_local_path(""), hub])
+                                [minari_local_path(""), hub / "datasets--*"])  # not the hub's models: they are large
         except Exception as e:
             raise A2PRError(f"cannot download {where} ({type(e).__name__}: {e}); check the id (minari list remote) "
                             f"and your connection, or put it under {minari_local_path(dataset_id)} "
@@ -2063,8 +2064,8 @@ def keep_best_policy(path: Path, progress, scores: np.ndarray, step: int, agent,
     progress.best = np.maximum(progress.best, scores)
     if not better.any():
         return
-    if path.exists():
-        kept = torch.load(path, map_location="cpu", weights_only=True)
+    if path.exists():  # loaded as every a2pr file is: a planted file is refused in one line, nothing in it runs
+        kept = load_checkpoint(path.parent, path.name, "--resume")
     else:  # the first evaluation beats -inf for every seed, so every slice is filled below
         kept = dict(actor={k: v.detach().cpu().clone() for k, v in agent.actor.state_dict().items()},
                     scores=torch.full((len(scores),), -math.inf, dtype=torch.float64),
