@@ -34,10 +34,10 @@ behaviour term also moves p through the VAE; the VAE learns at Adam's default 1e
 released code divides by max_action, which is wrong for asymmetric bounds).
 
 Reading map (line: what). Everything above main() is A2PR; below it, appendices a reader may skip:
-    107  Args:             Args and the published per-task presets (D4RL_PRESETS)
-    228  EnsembleLinear:   networks: Actor, TwinCritic, ValueNet, VAE, in the (K, B, .) ensemble layout
-    344  td_target:        losses, one pure function per spec step
-    388  select_bc_target: advantage selection and the adaptive gate (spec 4)
+    112  Args:             Args and the published per-task presets (D4RL_PRESETS)
+    235  EnsembleLinear:   networks: Actor, TwinCritic, ValueNet, VAE, in the (K, B, .) ensemble layout
+    351  td_target:        losses, one pure function per spec step
+    392  select_bc_target: advantage selection and the adaptive gate (spec 4)
     437  critic_step:      spec 1: critics, TD3 target with policy smoothing
     450  q1_data_and_y2:   spec 2: y2 from the just-updated online critics
     458  value_step:       spec 2: V towards min(y, y2)
@@ -46,15 +46,15 @@ Reading map (line: what). Everything above main() is A2PR; below it, appendices 
     520  update_core:      spec 1-4 in order, on a batch with its noise
     536  update:           one gradient step: a batch per seed, its noise, update_core
     567  Dataset:          the data as the networks see it: normalisation, action scaling, device batches
-    650  Policy:           the deployed policy: normalise -> actor -> env action bounds
-    698  evaluate:         deterministic evaluation, D4RL normalised score
-    837  train:            train(args) -> summary: setup, then the loop
-    896  main:             the command line's entry point
-    915  Appendix A:       data sources: built-in, D4RL, HDF5, downloads, Minari, mixes
-   1612  Appendix B:       speed paths: torch.compile, CUDA graphs, --benchmark update
-   1772  Appendix C:       run files: folders, locks, checkpoints, config.json, CSV, plot, trackers, export
-   2256  Appendix D:       the theory on finite MDPs
-   2319  Appendix E:       the command line: parser, --config, presets, validation
+    648  Policy:           the deployed policy: normalise -> actor -> env action bounds
+    691  evaluate:         deterministic evaluation, D4RL normalised score
+    828  train:            train(args) -> summary: setup, then the loop
+    889  main:             the command line's entry point
+    908  Appendix A:       data sources: built-in, D4RL, HDF5, downloads, Minari, mixes
+   1624  Appendix B:       speed paths: torch.compile, CUDA graphs, --benchmark update
+   1796  Appendix C:       run files: folders, locks, checkpoints, config.json, CSV, plot, trackers, export
+   2270  Appendix D:       the theory on finite MDPs
+   2333  Appendix E:       the command line: parser, --config, presets, validation
 """
 
 from __future__ import annotations
@@ -74,7 +74,6 @@ import itertools
 import json
 import math
 import os
-import pickle
 import platform
 import re
 import shlex
@@ -86,12 +85,18 @@ import time
 import typing
 import urllib.error
 import urllib.request
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-import torch
-import torch.nn as nn
+try:
+    import numpy as np
+    import torch
+    import torch.nn as nn
+except KeyboardInterrupt:  # Ctrl-C while torch loads (seconds): one line, not the import machinery's traceback
+    if __name__ != "__main__":
+        raise
+    sys.exit("a2pr.py: interrupted while starting")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -112,6 +117,8 @@ class Args:
     cuda: bool = _arg(False, "train on the GPU; stops at once if none is visible")
     compile: bool = _arg(False, "run the update through torch.compile (opt-in; compiling takes a minute or more)")
     cuda_graphs: bool = _arg(False, "with --cuda: replay the whole update as CUDA graphs (fastest on a GPU)")
+    threads: int | None = _arg(None, "torch's CPU threads (default: torch's choice); the last bits of results depend "
+                               "on it, so it is recorded")
     preset: str = _arg("auto", "hyperparameter preset: auto (by --env), spec, pendulum-cpu or a D4RL dataset name")
     total_steps: int | None = _arg(None, "gradient steps (spec: 1,000,000)")
     # --- data ---
@@ -378,22 +385,15 @@ def actor_loss(q_pi, pi, target, gate, alpha: float):
 
 
 def prefer_generated(adv_gen, adv_data):
-    """THE selection rule: prefer the generated action where A(s, a_G) >= A(s, a_D); ties go to a_G.
-
-    Plain `>=` so the same function serves numpy arrays here and torch tensors in `select_bc_target`.
-    """
+    """THE selection rule: prefer the generated action where A(s, a_G) >= A(s, a_D), ties to a_G (numpy or torch)."""
     return adv_gen >= adv_data
 
 
 def select_bc_target(adv_vae, adv_data, vae_action, data_action, bc_weight: float, eps_a: float,
                      bc_target: str = "select", gate: str = "adaptive"):
-    """Spec 4: advantage selection and the adaptive gate, for each state of the batch.
-
-    target = VAE action where A_vae >= A_data (ties go to the VAE), else the dataset action;
-    gate   = bc_weight where A_vae >= eps_A or A_data > eps_A, else 0: a state where neither candidate has an
-             advantage above eps_A gets no behaviour constraint at all (the released code's logical OR).
-    The ablations replace one of the two rules. Returns (target, gate, use_vae).
-    """
+    """Spec 4, per state: target = VAE action where A_vae >= A_data (ties to the VAE), else the dataset action;
+    gate = bc_weight where A_vae >= eps_A or A_data > eps_A (the released code's OR), else 0: no constraint there.
+    The ablations replace one of the two rules. Returns (target, gate, use_vae)."""
     if bc_target == "select":
         use_vae = prefer_generated(adv_vae, adv_data)  # the same rule as the tabular theory below
     else:
@@ -580,6 +580,7 @@ class Dataset:
     action_high: np.ndarray
     source: str = ""                 # where the data came from, printed at start
     notice: str = ""                 # a warning to print with every result (e.g. not the D4RL data)
+    fingerprint: str = ""            # sha256 of the arrays trained on: a resume checks that they did not change
 
     @property
     def average_score(self) -> float:  # the data's own normalised score, the bar a policy should clear
@@ -608,9 +609,6 @@ class DeviceData:
     obs_mean: np.ndarray
     obs_std: np.ndarray
 
-    def __len__(self):
-        return self.obs.shape[0]
-
 
 def prepare_data(ds: Dataset, args: Args, device: torch.device, stats=None) -> DeviceData:
     if stats is not None:
@@ -633,7 +631,7 @@ def prepare_data(ds: Dataset, args: Args, device: torch.device, stats=None) -> D
 
 def sample_batch(data: DeviceData, batch_size: int, gens: list[torch.Generator]):
     """One batch per agent seed, each from that seed's own generator: tensors of shape (K, B, ...)."""
-    idx = torch.stack([torch.randint(len(data), (batch_size,), generator=g, device=data.obs.device)
+    idx = torch.stack([torch.randint(len(data.obs), (batch_size,), generator=g, device=data.obs.device)
                        for g in gens])
     return data.obs[idx], data.act[idx], data.rew[idx], data.next_obs[idx], data.done[idx]
 
@@ -683,24 +681,19 @@ def normalized_score(ret, ref_min: float, ref_max: float):
 
 def make_eval_envs(env_id, agents: int, episodes: int) -> list[list]:
     """One env per (agent, episode), made once per run and reused by every evaluation (each episode reseeds)."""
-    import gymnasium as gym
-
-    register_a2pr_envs()
-    return [[gym.make(env_id) for _ in range(episodes)] for _ in range(agents)]
-
-
-def close_envs(envs: list[list]) -> None:
-    for env in itertools.chain.from_iterable(envs):
-        env.close()
+    if agents * episodes > 500:
+        print(f"note: each evaluation runs {agents} x {episodes} episodes side by side; making the envs and every "
+              "evaluation will take a while (--eval-episodes, --num-seeds)", file=sys.stderr)
+    return [[make_env(env_id) for _ in range(episodes)] for _ in range(agents)]
 
 
 @torch.no_grad()
 def evaluate(policy: Policy, env_id, episodes: int, seed: int, obs_noise: float = 0.0,
-             envs: list[list] | None = None) -> np.ndarray:
+             envs: list[list] | None = None, stop=None) -> np.ndarray:
     """Deterministic returns, shape (K, episodes). All episodes of all agents run side by side, so each env step is
     one batched forward (on a GPU: one transfer per step). Episode e uses env seed `seed + e` for every agent, so
     evaluations are comparable across steps and agents and reproducible on resume. `envs` (make_eval_envs) are
-    reused if given, else made and closed here."""
+    reused if given, else made and closed here. A `stop` flag that is set (StopFlag) ends it early: None."""
     k, device = policy.actor.net[0].weight.shape[0], policy.obs_mean.device
     own = envs is None
     envs = make_eval_envs(env_id, k, episodes) if own else envs
@@ -711,6 +704,8 @@ def evaluate(policy: Policy, env_id, episodes: int, seed: int, obs_noise: float 
         noise_rng = np.random.default_rng([seed, 12345])
         returns, alive = np.zeros((k, episodes)), np.ones((k, episodes), dtype=bool)
         while alive.any():
+            if stop is not None and stop.set:
+                return None
             o = obs + obs_noise * noise_rng.standard_normal(obs.shape) if obs_noise > 0 else obs
             act = policy(torch.as_tensor(o, dtype=torch.float32, device=device)).cpu().numpy()
             for i, e in zip(*np.nonzero(alive)):
@@ -720,7 +715,8 @@ def evaluate(policy: Policy, env_id, episodes: int, seed: int, obs_noise: float 
         return returns
     finally:
         if own:
-            close_envs(envs)
+            for env in itertools.chain(*envs):
+                env.close()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -738,17 +734,7 @@ def build_learner(args: Args, obs_dim: int, act_dim: int, device, ckpt: dict | N
     opt = Optimizers(agent, args)
     gens = [torch.Generator(device=device).manual_seed(s) for s in seeds]
     if ckpt:
-        agent.load_state_dict(ckpt["agent"])
-        for name, o in opt.all().items():
-            o.load_state_dict(ckpt["optimizers"][name])
-            for group in o.param_groups:  # a loaded state carries the saving run's flag; this run's mode wins
-                group["capturable"] = args.cuda_graphs
-        if ckpt.get("device", "cpu") == torch.device(device).type:
-            for g, st in zip(gens, ckpt["rng"]):
-                g.set_state(st)
-        else:  # CPU and CUDA generators have different states: continue with fresh streams, seeded by the step
-            for g, s in zip(gens, seeds):
-                g.manual_seed(s * 1_000_003 + ckpt["step"])
+        restore(agent, opt, gens, ckpt, args, device)  # Appendix C
     return agent, opt, gens
 
 
@@ -759,6 +745,7 @@ class Progress:
     history: list[dict]          # the CSV's rows
     step: int = 0
     last_score: float = float("nan")
+    eval_due: bool = False       # the evaluation of `step` has yet to run (a signal stopped it)
 
     @classmethod
     def start(cls, k: int, ckpt: dict | None) -> "Progress":
@@ -766,7 +753,7 @@ class Progress:
             return cls(np.full(k, -np.inf), [])
         scores = [r["eval/normalized_score_mean"] for r in ckpt["history"] if "eval/normalized_score_mean" in r]
         return cls(np.asarray(ckpt["best"], dtype=float), ckpt["history"], ckpt["step"],
-                   scores[-1] if scores else float("nan"))
+                   scores[-1] if scores else float("nan"), bool(ckpt.get("eval_due")))
 
 
 class MetricWindow:
@@ -814,10 +801,12 @@ class MetricWindow:
         return row
 
 
-def evaluation(policy: Policy, ds: Dataset, args: Args, envs) -> tuple[dict, np.ndarray]:
+def evaluation(policy: Policy, ds: Dataset, args: Args, envs, stop=None) -> tuple[dict, np.ndarray]:
     """Evaluate every seed's policy; returns the CSV columns and the per-seed normalised scores."""
     rets = evaluate(policy, ds.env_id, args.eval_episodes, seed=args.seed + 10_000, obs_noise=args.eval_obs_noise,
-                    envs=envs)
+                    envs=envs, stop=stop)
+    if rets is None:
+        return None, None
     scores = normalized_score(rets, ds.ref_min_score, ds.ref_max_score).mean(1)  # per seed
     row = {"eval/return_mean": float(rets.mean()), "eval/normalized_score_mean": float(scores.mean()),
            "eval/normalized_score_std": float(scores.std())}
@@ -828,8 +817,10 @@ def evaluation(policy: Policy, ds: Dataset, args: Args, envs) -> tuple[dict, np.
 
 def progress_line(step: int, args: Args, row: dict, progress: Progress) -> str:
     left = (args.total_steps - step) / max(row["charts/SPS"], 1e-9)
-    return (f"step {step:>9,}/{args.total_steps:,} | {row['charts/SPS']:7.1f} steps/s | score "
-            f"{progress.last_score:6.1f} (best {float(progress.best.mean()):6.1f}) | critic "
+    score = "     –" if math.isnan(progress.last_score) else f"{progress.last_score:6.1f}"  # – until evaluated
+    best = "     –" if not np.isfinite(progress.best).all() else f"{float(progress.best.mean()):6.1f}"
+    return (f"step {step:>9,}/{args.total_steps:,} | {row['charts/SPS']:7.1f} steps/s | score {score} (best "
+            f"{best}) | critic "
             f"{row.get('losses/critic', float('nan')):.3g} gate {row.get('charts/gate_fraction', float('nan')):.2f} "
             f"vae-target {row.get('charts/vae_target_fraction', float('nan')):.2f} | left {fmt_time(left)}")
 
@@ -839,11 +830,13 @@ def train(args: Args, given: set[str] | None = None) -> dict:
     args, source, ckpt = run_settings(args, given)  # on --resume: the checkpoint's settings and state
     log = (lambda *m, **k: None) if args.quiet else print
     device = make_device(args)
+    if args.threads:  # torch's CPU threads change the last bits of every sum: same threads, same numbers
+        torch.set_num_threads(args.threads)
     check_outputs(args)  # trackers installed, folders writable: before any work
     ds = load_dataset(args, log)
-    warn_about_data(ds, args)
+    check_data(ds, args, ckpt)
     obs_dim, act_dim = ds.observations.shape[1], ds.actions.shape[1]
-    check_batch_fits(args, obs_dim, act_dim, device)
+    check_memory(args, obs_dim, act_dim, device)
     with out_of_memory_as_error(args):  # a resumed run keeps the state normalisation it started with
         data = prepare_data(ds, args, device, (ckpt["obs_mean"], ckpt["obs_std"]) if ckpt else None)
         agent, opt, gens = build_learner(args, obs_dim, act_dim, device, ckpt)
@@ -857,9 +850,10 @@ def train(args: Args, given: set[str] | None = None) -> dict:
     paths, writers, t_start = run.paths, [], time.time()
     log(f"resuming {paths['run_dir']} at step {progress.step:,}" if ckpt else f"run folder {paths['run_dir']}")
     try:
-        write_config(paths["config"], args, source)  # every setting, where it came from, and the versions
+        write_config(paths["config"], args, source, ds.fingerprint)  # every setting, where it came from, and the versions
         writers = open_trackers(args, paths["run_dir"], progress.step)
         with StopFlag() as stop, out_of_memory_as_error(args):
+            evaluate_due(progress, policy, ds, args, eval_envs, stop, paths, agent, data, writers)  # one a signal cut
             while progress.step < args.total_steps:
                 progress.step = step = progress.step + 1
                 window.add(update(agent, opt, data, step, args, gens, core))  # spec 1-4 on a fresh batch per seed
@@ -870,24 +864,23 @@ def train(args: Args, given: set[str] | None = None) -> dict:
                     continue
                 window.check_finite(paths["checkpoint"])
                 if is_log:  # one row of the CSV: the window's mean losses, and the evaluation when due
-                    row = window.row(step, time.time() - t_start)
-                    if is_eval:
-                        eval_row, scores = evaluation(policy, ds, args, eval_envs)
-                        row.update(eval_row)
-                        keep_best_policy(paths["best_policy"], progress, scores, step, agent, data, ds, args)
-                        progress.last_score = eval_row["eval/normalized_score_mean"]
-                    progress.history.append(row)
+                    progress.history.append(row := window.row(step, time.time() - t_start))
                     for log_row, _ in writers:
                         log_row(row)
-                    write_csv(paths["csv"], progress.history, CSV_COLUMNS)
+                    progress.eval_due = is_eval
+                    evaluate_due(progress, policy, ds, args, eval_envs, stop, paths, agent, data, writers)
                     log(progress_line(step, args, row, progress))
                 if is_save:  # on Ctrl-C / SIGTERM the window's partial sums are saved too: resume is exact
                     save_checkpoint(paths["checkpoint"], args, agent, opt, gens, device, progress, window, data, ds)
                 if stop.set:
                     break
-        return finish_run(args, ds, progress, paths, ds.average_score, time.time() - t_start, log, stop.signal)
+        return finish_run(args, ds, progress, paths, time.time() - t_start, log, stop.signal)
+    except KeyboardInterrupt:  # a second signal, or one during an evaluation: the last checkpoint stands
+        print(interrupted_at_once(progress.step, paths), file=sys.stderr)
+        raise
     finally:
-        close_envs(eval_envs)
+        for env in itertools.chain(*eval_envs):
+            env.close()
         for _, close in writers:
             close()
         run.release()  # unlocks; a folder this run made and never wrote to is removed
@@ -1083,6 +1076,16 @@ def register_a2pr_envs() -> None:
         gym.register(ANT_D4RL_ENV_ID, entry_point=make_d4rl_ant_env, max_episode_steps=1000)
 
 
+def make_env(env_id):
+    """gymnasium.make, quietly: its -v4 deprecation notice would bury a2pr's own one-line messages."""
+    import gymnasium as gym
+
+    register_a2pr_envs()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return gym.make(env_id)
+
+
 def env_label(env_id) -> str:
     return env_id if isinstance(env_id, str) else getattr(env_id, "id", str(env_id))
 
@@ -1091,9 +1094,8 @@ def env_spaces(env_id, where: str):
     """(observation space, action space) of an evaluation env; one line if it cannot be made or is not continuous."""
     import gymnasium as gym
 
-    register_a2pr_envs()
     try:
-        env = gym.make(env_id)
+        env = make_env(env_id)
     except Exception as e:
         raise A2PRError(f"{where}: cannot make the evaluation env '{env_label(env_id)}' ({type(e).__name__}: {e})") \
             from None
@@ -1182,7 +1184,7 @@ def download_file(url: str, dest: Path, validate, timeout: float = 10.0, offline
         try:
             with urllib.request.urlopen(url, timeout=timeout) as resp, open(part, "wb") as f:
                 total, shown = int(resp.headers.get("Content-Length") or 0), 0
-                while chunk := resp.read(1 << 20):
+                while chunk := resp.read1(1 << 20):  # what has arrived: a stall reports the bytes so far
                     f.write(chunk)
                     done += len(chunk)
                     if total and (10 * done // total > shown or done == total):  # a line per 10 %, on stderr
@@ -1266,7 +1268,7 @@ def load_local_file(path_text: str, args: Args, log=print) -> tuple[dict, dict]:
     D4RL family of the eval env."""
     path = Path(path_text).expanduser()
     if not path.is_file():
-        raise A2PRError(f"{path}: file not found")
+        raise A2PRError(f"{path}: {'a folder, not an HDF5 file' if path.is_dir() else 'file not found'}")
     rows, fattrs = read_d4rl_hdf5(path)
     family = _d4rl_family_of(path.name)
     if args.eval_env:
@@ -1316,8 +1318,10 @@ MINARI_ID = re.compile(r"^[\w.-]+(/[\w.-]+)*-v\d+$")
 
 def minari_local_path(dataset_id: str) -> Path:
     """Where minari.load_dataset looks (minari/storage/datasets_root_dir.py), without importing minari."""
-    root = os.environ.get("MINARI_DATASETS_PATH") or Path.home() / ".minari" / "datasets"
-    return Path(root) / dataset_id
+    root = Path(os.environ.get("MINARI_DATASETS_PATH") or Path.home() / ".minari" / "datasets")
+    if root.exists() and not root.is_dir():
+        raise A2PRError(f"MINARI_DATASETS_PATH={root} is a file; it must be a folder (or unset, for ~/.minari/datasets)")
+    return root / dataset_id
 
 
 def flatten_observations(obs, space, where: str) -> np.ndarray:
@@ -1552,11 +1556,16 @@ def load_one(name: str, args: Args, log=print) -> tuple[dict, dict]:
 def load_rows(env_name: str, args: Args, log=print) -> tuple[dict[str, np.ndarray], dict]:
     """--env (and --mix) -> (rows, attrs). rows: D4RL row layout (+ next_observations for Minari); attrs: env_id
     (gymnasium id or EnvSpec), ref_min_score, ref_max_score, source, kind, optionally notice and mix."""
-    register_a2pr_envs()
-    rows, attrs = load_one(env_name, args, log)
     mix = args.mix
-    if mix:
+    if mix:  # two named datasets of different envs are refused before either is downloaded
         good_name, fraction = parse_mix(mix)
+        named = {n: "Pendulum-v1" if n in BUILTIN_DATASETS else D4RL_FAMILIES[D4RL_DATASETS[n][0]][0]
+                 for n in (env_name, good_name) if n in BUILTIN_DATASETS or n in D4RL_DATASETS}
+        if len(set(named.values())) > 1:
+            raise A2PRError(f"--mix: {good_name} is for {named[good_name]} but {env_name} is for {named[env_name]}; "
+                            "mix two datasets of the same env")
+    rows, attrs = load_one(env_name, args, log)
+    if mix:
         try:
             good, gattrs = load_one(good_name, args, log)
         except A2PRError as e:
@@ -1585,15 +1594,18 @@ def load_dataset(args: Args, log=print) -> Dataset:
     tr = rows_to_transitions(rows)
     if len(tr["rewards"]) == 0:
         raise A2PRError(f"{args.env}: no usable transitions (every row is a time-out)")
-    return Dataset(name=args.env + (f" + {args.mix}" if args.mix else ""), env_id=env_id, **tr,
+    fingerprint = hashlib.sha256(b"".join(np.ascontiguousarray(a).tobytes() for a in tr.values())).hexdigest()
+    return Dataset(name=args.env + (f" + {args.mix}" if args.mix else ""), env_id=env_id, **tr, fingerprint=fingerprint,
                    ref_min_score=float(attrs["ref_min_score"]), ref_max_score=float(attrs["ref_max_score"]),
                    episode_returns=episode_returns(rows), action_low=space.low.astype(np.float32),
                    action_high=space.high.astype(np.float32), source=attrs["source"], notice=attrs.get("notice", ""))
 
 
-def warn_about_data(ds: Dataset, args: Args) -> None:
-    """Data that is legal but suspicious: one `warning:` line each (shown even with --quiet), saying what is odd
-    and what the run does about it."""
+def check_data(ds: Dataset, args: Args, ckpt: dict | None) -> None:
+    """A resume must train on the data it started with; legal but suspicious data gets one `warning:` line each."""
+    if ckpt and ckpt.get("data_sha256", ds.fingerprint) != ds.fingerprint:
+        raise A2PRError(f"--resume {args.resume}: {args.env} is not the data this run started on (its arrays "
+                        "changed); put the original data back, or start a new run on this data")
     n, warn = len(ds.rewards), functools.partial(print, file=sys.stderr)
     outside = int(((ds.actions < ds.action_low) | (ds.actions > ds.action_high)).any(1).sum())
     if outside:
@@ -1639,19 +1651,31 @@ def out_of_memory_as_error(args: Args):
                         + _lower_memory(args)) from None
 
 
-def check_batch_fits(args: Args, obs_dim: int, act_dim: int, device: torch.device) -> None:
-    """Before any allocation: a batch whose tensors alone exceed the device's memory stops with one line (on a CPU
-    the kernel would otherwise kill the process without a message once the pages are touched)."""
+def check_memory(args: Args, obs_dim: int, act_dim: int, device: torch.device) -> None:
+    """Before any allocation: networks, Adam's state and one batch that exceed the device's memory stop with one
+    line (on a CPU the kernel would otherwise kill the process without a message once the pages are touched)."""
     if device.type == "cuda":
         total = torch.cuda.mem_get_info(device)[1]
     elif "SC_PHYS_PAGES" in getattr(os, "sysconf_names", {}):
         total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     else:
         return
-    need = args.num_seeds * args.batch_size * (8 + 4 * (2 * obs_dim + act_dim + 2))  # indices, then (s, a, r, s', d)
+
+    def mlp_size(d_in, hidden, layers, d_out):
+        return (d_in + 1) * hidden + (layers - 1) * (hidden + 1) * hidden + (hidden + 1) * d_out
+
+    z = 2 * act_dim
+    trained = (mlp_size(obs_dim, args.actor_hidden, args.actor_layers, act_dim),  # actor, critics, V, VAE
+               2 * mlp_size(obs_dim + act_dim, args.critic_hidden, args.critic_layers, 1),
+               mlp_size(obs_dim, args.value_hidden, args.value_layers, 1),
+               mlp_size(obs_dim + act_dim, args.vae_hidden, args.vae_layers, 2 * z)
+               + mlp_size(obs_dim + z, args.vae_hidden, args.vae_layers, act_dim))
+    params = 4 * sum(trained) + sum(trained[:2])  # weights, gradients, Adam's two moments; target actor and critics
+    batch = args.batch_size * (8 + 4 * (2 * obs_dim + act_dim + 2))  # indices, then (s, a, r, s', d)
+    need = args.num_seeds * (4 * params + batch)
     if need > total:
-        raise A2PRError(f"a batch needs at least {need / 2**30:,.1f} GiB but the {device.type.upper()} has "
-                        f"{total / 2**30:,.1f} GiB; {_lower_memory(args)}")
+        raise A2PRError(f"the networks, their optimiser state and a batch need at least {need / 2**30:,.1f} GiB but "
+                        f"the {device.type.upper()} has {total / 2**30:,.1f} GiB; {_lower_memory(args)}")
 
 
 def speed_path(args: Args) -> typing.Callable:
@@ -1769,53 +1793,35 @@ def benchmark_update(args: Args) -> dict:
 
 
 # ================================================================================================================
-# Appendix C. Run files: atomic writes, the run folder (claimed fresh and locked while written), config.json
-# (settings, their sources, versions), checkpoints (plain data, loaded with weights_only=True), the best policy, the
-# metrics CSV, the learning-curve plot, TensorBoard and wandb, loading a finished run or its policy, and exporting
-# that policy as a torch.export program. Not needed to understand A2PR: they record what train() does.
+# Appendix C. Run files: atomic writes, the run folder (claimed fresh, locked while written), config.json, the
+# checkpoint and the best policy (plain data, loaded with weights_only=True), the CSV, the plot, the trackers,
+# loading a run and exporting its policy as a torch.export program. They record what train() does.
 # ================================================================================================================
-def _umask() -> int:
-    """The process umask (reading it means setting it: set it straight back). Read when a file is written, not at
-    import time, so importing a2pr changes nothing in the importing process."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def atomic_write(path: Path, write) -> None:
-    """Call write(tmp_path), then rename over `path` (rename is atomic on POSIX and Windows). A failed write (disk
-    full, read-only folder) is one line saying so; the previous version of `path`, if any, is left intact."""
-    tmp = None
+    """write(tmp), then rename it over `path`: a reader sees the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp{path.suffix}")  # open(): umask
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp" + path.suffix)
-        os.close(fd)
-        write(tmp)
+        write(str(tmp))
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; results get the user's usual permissions
         os.replace(tmp, path)
     except OSError as e:
         kept = "its previous version is intact" if path.exists() else "nothing was written"
         full = "; the disk is full: free some space" if e.errno == errno.ENOSPC else ""
         raise A2PRError(f"cannot write {path} ({e.strerror or e}); {kept}{full}") from None
     finally:
-        if tmp and os.path.exists(tmp):
-            os.remove(tmp)
+        tmp.unlink(missing_ok=True)
 
 
 def check_writable(folder: Path, what: str) -> None:
-    """A real test write into `folder` (or, if it does not exist yet, its nearest existing parent), before any
-    work: a read-only or impossible folder is one line naming the flag to change, not a traceback later."""
+    """A test write into `folder` (or its nearest existing parent) before any work: one line naming what to change."""
+    existing = next(p for p in (folder.absolute(), *folder.absolute().parents) if p.exists())
     try:
-        if folder.exists() and not folder.is_dir():
-            raise NotADirectoryError(errno.ENOTDIR, "it is a file, not a folder")
-        existing = next(p for p in (folder.absolute(), *folder.absolute().parents) if p.exists())
-        if not existing.is_dir():  # a file where a parent folder should be
-            raise NotADirectoryError(errno.ENOTDIR, f"{existing} is a file")
-        fd, tmp = tempfile.mkstemp(dir=existing, prefix=".a2pr-write-test-")  # made later: a failed run leaves none
-        os.close(fd)
-        os.remove(tmp)
+        if not existing.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, "it is a file, not a folder" if existing == folder.absolute()
+                                     else f"{existing} is a file")
+        tempfile.TemporaryFile(dir=existing).close()
     except OSError as e:
         raise A2PRError(f"{folder} is not a writable folder ({e.strerror or e}); {what}") from None
 
@@ -1828,8 +1834,7 @@ def write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
     """rows as a CSV file, atomically: `columns` first, then any other keys (sorted); missing cells are empty."""
     def write(tmp):
         with open(tmp, "w", newline="") as f:
-            wr = csv.DictWriter(f, fieldnames=columns + sorted({k for r in rows for k in r} - set(columns)),
-                                restval="")
+            wr = csv.DictWriter(f, columns + sorted({k for r in rows for k in r} - set(columns)), restval="")
             wr.writeheader()
             wr.writerows(rows)
     atomic_write(path, write)
@@ -1842,23 +1847,18 @@ def plot_curves(path: Path, history: list[dict], dataset_score: float, title: st
     tr = [r for r in history if r.get("charts/gate_fraction") not in (None, "")]
     fig = Figure(figsize=(11, 3.8))
     ax1, ax2 = fig.subplots(1, 2)
-    seed_cols = sorted(k for k in (ev[0] if ev else {}) if k.startswith("eval/normalized_score_seed"))
-    for c in seed_cols:
+    for c in sorted(k for k in (ev[0] if ev else {}) if k.startswith("eval/normalized_score_seed")):
         ax1.plot([r["step"] for r in ev], [r[c] for r in ev], lw=0.8, alpha=0.5)
     ax1.plot([r["step"] for r in ev], [r["eval/normalized_score_mean"] for r in ev], lw=2, label="A2PR")
     ax1.axhline(dataset_score, ls="--", c="gray", label="dataset average")
     ax1.set(xlabel="gradient step", ylabel="normalised score", title=title)
-    ax1.legend()
     ax2.plot([r["step"] for r in tr], [r["charts/gate_fraction"] for r in tr], label="gate on (constrained)")
     ax2.plot([r["step"] for r in tr], [r["charts/vae_target_fraction"] for r in tr], label="target from VAE")
     ax2.set(xlabel="gradient step", ylabel="fraction of states", ylim=(-0.02, 1.02), title="advantage selection")
-    ax2.legend()
+    for ax in (ax1, ax2):
+        ax.legend()
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-
-
-def _finite_or_none(x):
-    return float(x) if np.isfinite(x) else None
 
 
 def fmt_time(s: float) -> str:
@@ -1867,37 +1867,38 @@ def fmt_time(s: float) -> str:
 
 
 class StopFlag:
-    """Ctrl-C, or SIGTERM (what SLURM, Ray and Kubernetes send before killing a job), sets a flag that the loop
-    checks between updates, so the checkpoint is never taken mid-update; `signal` names the one that came. A second
-    signal interrupts at once."""
-    SIGNALS = ("SIGINT", "SIGTERM")
+    """Ctrl-C or SIGTERM (what SLURM, Ray and Kubernetes send before a kill) sets a flag that the loop checks
+    between updates, so a checkpoint is never taken mid-update; a second signal interrupts at once."""
 
     def __init__(self):
-        self.set, self.signal, self._old = False, None, {}
+        self.set, self.signal, self.old = False, None, {}
 
     def __enter__(self):
-        import threading
-
-        if threading.current_thread() is threading.main_thread():
-            self._old = {name: signal.signal(getattr(signal, name), self._handle) for name in self.SIGNALS
-                         if hasattr(signal, name)}
+        if threading.current_thread() is threading.main_thread():  # Python sets signal handlers there only
+            self.old = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
         return self
 
-    def _handle(self, signum, _frame):
+    def handle(self, signum, _frame):
         if self.set:
             raise KeyboardInterrupt
         self.set, self.signal = True, signal.Signals(signum).name
 
     def __exit__(self, *exc):
-        for name, old in self._old.items():
-            signal.signal(getattr(signal, name), old)
+        for s, old in self.old.items():
+            signal.signal(s, old)
+
+
+def interrupted_at_once(step: int, paths: dict) -> str:
+    if paths["checkpoint"].exists():
+        return (f"interrupted at step {step:,}, before its checkpoint; the one in {paths['checkpoint']} stands. "
+                f"Continue with: {resume_command(paths['run_dir'])}")
+    return f"interrupted at step {step:,}, before its first checkpoint; the same command starts the run again"
 
 
 def run_paths(run_dir: Path) -> dict[str, Path]:
-    """The files of a run folder."""
-    return dict(run_dir=run_dir, csv=run_dir / "metrics.csv", png=run_dir / "learning_curve.png",
-                checkpoint=run_dir / "checkpoint.pt", summary=run_dir / "summary.json",
-                config=run_dir / "config.json", best_policy=run_dir / "best_policy.pt")
+    names = dict(csv="metrics.csv", png="learning_curve.png", checkpoint="checkpoint.pt", summary="summary.json",
+                 config="config.json", best_policy="best_policy.pt")
+    return dict(run_dir=run_dir, **{k: run_dir / v for k, v in names.items()})
 
 
 def library_versions(extra: tuple[str, ...] = ()) -> dict:
@@ -1906,77 +1907,72 @@ def library_versions(extra: tuple[str, ...] = ()) -> dict:
 
     out = dict(python=platform.python_version(), torch=torch.__version__, numpy=np.__version__)
     for name in ("gymnasium", "mujoco", "minari", "h5py", *extra):
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             out[name] = None
+            out[name] = importlib.metadata.version(name)
     return out
 
 
 def run_versions(args: Args) -> dict:
-    """What a run ran on: python and the libraries that decide its numbers, the device, and a2pr.py's own hash."""
-    out = library_versions()
-    out["device"] = (f"cuda: {torch.cuda.get_device_name()}" if args.cuda and torch.cuda.is_available()
-                     else f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores")
-    out["a2pr_sha256"] = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
-    return out
+    """What a run ran on: the libraries, the device, torch's threads and a2pr.py's own hash."""
+    return dict(library_versions(), threads=torch.get_num_threads(), a2pr_sha256=hashlib.sha256(
+        Path(__file__).read_bytes()).hexdigest(), device=f"cuda: {torch.cuda.get_device_name()}" if args.cuda else
+        f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores")
 
 
 def run_header(ds, data, args: Args, source: dict[str, str], device) -> str:
     """The lines a run starts with: its data, evaluation env, device and seeds, and each setting with its source."""
     settings = ", ".join(f"{k}={getattr(args, k)} ({source[k]})" for k in SPEC_DEFAULTS)
-    return (f"A2PR on {ds.name} ({len(data):,} transitions, obs {ds.observations.shape[1]}, act {ds.actions.shape[1]}; "
+    return (f"A2PR on {ds.name} ({len(data.obs):,} transitions, obs {ds.observations.shape[1]}, act {ds.actions.shape[1]}; "
             f"{ds.source}); eval env {env_label(ds.env_id)}; device {device}; seeds {agent_seeds(args)}\n"
             f"dataset average normalised score: {ds.average_score:.1f}\nsettings: {settings}, eps_a={args.eps_a}, "
             f"policy_freq={args.policy_freq}, bc_target={args.bc_target}, gate={args.gate}")
 
 
-def write_config(path: Path, args: Args, source: dict[str, str]) -> None:
-    """config.json: every resolved setting with where it came from (a preset-controlled field as resolve_args says;
-    any other "flag" where it differs from the Args default, else "default"), and the versions the run ran on.
-    `--config path` runs with these settings again."""
-    default = Args()
-    settings = dataclasses.asdict(args)
+def write_config(path: Path, args: Args, source: dict[str, str], data_sha256: str) -> None:
+    """config.json: every setting with where it came from, and the versions; `--config path` runs it again."""
+    settings, default = dataclasses.asdict(args), Args()
     origin = {k: source.get(k) or ("flag" if v != getattr(default, k) else "default") for k, v in settings.items()}
-    config = dict(settings=settings, source=origin, versions=run_versions(args))
+    config = dict(settings=settings, source=origin, versions=run_versions(args), data_sha256=data_sha256)
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
 
 
 def resume_command(run_dir: Path) -> str:
-    """The command that continues a run, quoted so that it pastes into a shell (a save dir may hold spaces), from
-    the folder the run was started in."""
+    """The command that continues a run, quoted for a shell, from the folder the run was started in."""
     script = Path(__file__).resolve()
-    try:
+    with contextlib.suppress(ValueError):
         script = script.relative_to(Path.cwd().resolve())  # "python a2pr.py" when started next to it
-    except ValueError:
-        pass
     return f"python {shlex.quote(str(script))} --resume {shlex.quote(str(run_dir))}"
 
 
 def lock_file(path: Path, busy: str):
-    """Lock `path` for this process and return the open file (the lock lasts while it is open). The OS drops flock
-    when the process dies, so even kill -9 leaves no stale lock. Windows: msvcrt's byte lock."""
-    f = open(path, "a+")
-    try:
+    """Lock `path` for this process and return the open file; the OS drops the lock when the process dies, so even
+    kill -9 leaves no stale lock. A lock taken on a file that was meanwhile removed is taken again."""
+    while True:
+        f = open(path, "a+")
         try:
-            import fcntl
-        except ImportError:  # Windows
-            import msvcrt
+            try:
+                import fcntl
+            except ImportError:  # Windows
+                import msvcrt
 
-            msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
-        else:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.close()
-        raise A2PRError(busy) from None
-    return f
+                msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
+            else:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.close()
+            raise A2PRError(busy) from None
+        if path.exists() and os.path.samestat(os.fstat(f.fileno()), os.stat(path)):
+            return f
+        f.close()  # its holder removed the file on release (see RunFolder): lock the new one
 
 
 def lock_run_dir(run_dir: Path):
-    """Lock run_dir/.lock; it holds the writer's pid, for the message a second writer gets."""
-    holder = (run_dir / ".lock").read_text().strip() if (run_dir / ".lock").exists() else ""
-    f = lock_file(run_dir / ".lock", f"{run_dir} is in use by another a2pr.py process" + (f" (pid {holder})" if
-                  holder else "") + f"; wait for it to end (or stop it), then continue with {resume_command(run_dir)}")
+    """Lock run_dir/.lock, which holds the writer's pid for the message a second writer gets."""
+    with contextlib.suppress(OSError):
+        holder = (run_dir / ".lock").read_text().strip()
+    f = lock_file(run_dir / ".lock", f"{run_dir} is in use by another a2pr.py process" + (
+        f" (pid {holder})" if locals().get("holder") else "") + "; wait for it to end or choose another --run-name")
     f.seek(0)
     f.truncate()
     f.write(str(os.getpid()))
@@ -1986,29 +1982,27 @@ def lock_run_dir(run_dir: Path):
 
 @dataclass
 class RunFolder:
-    """A run folder claimed by this process: locked while it writes there, and removed again by release() if this
-    run made it and wrote nothing but its config.json into it (a run that failed before its first update leaves no
-    folder behind)."""
+    """A run folder claimed by this process. release() unlocks it and removes the .lock; a folder this run made and
+    wrote nothing but config.json into is removed too (a run that failed before its first update leaves nothing)."""
     paths: dict[str, Path]
     lock: typing.Any
     made: bool
 
     def release(self) -> None:
         run_dir = self.paths["run_dir"]
-        if self.made and all(p.name in (".lock", "config.json") for p in run_dir.iterdir()):
-            for name in (".lock", "config.json"):
-                (run_dir / name).unlink(missing_ok=True)
+        (run_dir / ".lock").unlink(missing_ok=True)  # before unlocking: a waiting writer then locks a new file
+        if self.made and {p.name for p in run_dir.iterdir()} <= {"config.json"}:
+            self.paths["config"].unlink(missing_ok=True)
             run_dir.rmdir()
         self.lock.close()
 
 
 def claim_run_dir(args: Args) -> RunFolder:
-    """The run's folder, locked. A fresh run never writes into a folder that holds another run's files: a default
-    name (ENV__seedS__TIME) that is taken gets a free suffix -2, -3, ... (os.mkdir without exist_ok, so two runs
-    started in the same second cannot share one); an explicit --run-name that holds files stops with one line."""
+    """The run's folder, locked. A fresh run never writes into another run's folder: a default name that is taken
+    gets a free suffix -2, -3, ... (os.mkdir, so two runs started in the same second cannot share one), and a
+    --run-name that holds another run's files stops with one line."""
     if args.resume:
-        run_dir = Path(args.resume)
-        return RunFolder(run_paths(run_dir), lock_run_dir(run_dir), made=False)
+        return RunFolder(run_paths(Path(args.resume)), lock_run_dir(Path(args.resume)), made=False)
     base = args.run_name or f"{args.env.replace('/', '_')[-100:]}__seed{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
     for i in itertools.count(1):
         run_dir = Path(args.save_dir) / (base if i == 1 else f"{base}-{i}")
@@ -2021,12 +2015,13 @@ def claim_run_dir(args: Args) -> RunFolder:
                 continue
             made = False
         except OSError as e:
-            hint = "choose a shorter --run-name" if e.errno == errno.ENAMETOOLONG else "choose another --run-name"
+            hint = "choose a shorter --run-name" if e.errno == errno.ENAMETOOLONG else "choose another --save-dir"
             raise A2PRError(f"cannot make the run folder {run_dir} ({e.strerror or e}); {hint}") from None
         if not run_dir.is_dir():
             raise A2PRError(f"--run-name {args.run_name}: {run_dir} is a file, not a folder; choose another name")
         lock = lock_run_dir(run_dir)
-        if not made and any(p.name != ".lock" for p in run_dir.iterdir()):
+        if not made and not not_started(run_dir, args):
+            (run_dir / ".lock").unlink(missing_ok=True)  # it was free, so this process made it: leave no trace
             lock.close()
             raise A2PRError(f"{run_dir} already holds a run's files; continue that run with {resume_command(run_dir)}"
                             f", or choose another --run-name")
@@ -2035,15 +2030,49 @@ def claim_run_dir(args: Args) -> RunFolder:
         return RunFolder(run_paths(run_dir), lock, made)
 
 
+def not_started(run_dir: Path, args: Args) -> bool:
+    """A folder with no checkpoint and no summary holds a run that never got to its first checkpoint (killed, or
+    preempted): if it was this very run (same settings in its config.json), starting it again takes it over."""
+    names = {p.name for p in run_dir.iterdir()} - {".lock"}
+    if not names:
+        return True
+    if names & {"checkpoint.pt", "summary.json"} or not (run_dir / "config.json").is_file():
+        return False
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        saved = json.loads((run_dir / "config.json").read_text())["settings"]
+        skip = {*NOT_FROM_CONFIG, *RESUME_MAY_CHANGE}
+        return {k: v for k, v in saved.items() if k not in skip} == \
+            {k: v for k, v in dataclasses.asdict(args).items() if k not in skip}
+    return False
+
+
+def restore(agent, opt, gens, ckpt: dict, args: Args, device) -> None:
+    """A checkpoint's networks, optimisers and random streams into a fresh learner; a mismatch is one line."""
+    try:
+        agent.load_state_dict(ckpt["agent"])
+        for name, o in opt.all().items():
+            o.load_state_dict(ckpt["optimizers"][name])
+            for group in o.param_groups:  # a loaded state carries the saving run's flag; this run's mode wins
+                group["capturable"] = args.cuda_graphs
+        if ckpt.get("device", "cpu") == torch.device(device).type:
+            for g, st in zip(gens, ckpt["rng"], strict=True):
+                g.set_state(st)
+        else:  # CPU and CUDA generators have different states: continue with fresh streams, seeded by the step
+            for g, s in zip(gens, agent_seeds(args)):
+                g.manual_seed(s * 1_000_003 + ckpt["step"])
+    except (RuntimeError, KeyError, ValueError, TypeError) as e:
+        raise A2PRError(f"the checkpoint's weights do not fit its own settings ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:200] if str(e) else ''}); it was altered or is damaged") from None
+
+
 def save_checkpoint(path: Path, args: Args, agent, opt, gens, device, progress, window, data, ds) -> None:
-    """Everything a run needs to continue exactly: settings, networks, optimisers, random streams, progress, the
-    metric window's partial sums, and what evaluation needs (state normalisation, action bounds, env). Only
-    tensors, numbers, strings, lists and dicts (an EnvSpec as JSON text), so it loads with weights_only=True."""
+    """Everything a run needs to continue exactly, as tensors, numbers, strings, lists and dicts only (an EnvSpec as
+    JSON text), so that it loads with weights_only=True."""
     state = dict(args=dataclasses.asdict(args), agent=agent.state_dict(),
                  optimizers={k: o.state_dict() for k, o in opt.all().items()},
                  rng=[g.get_state() for g in gens], device=device.type, step=progress.step,
-                 best=progress.best.tolist(), history=progress.history,
-                 metric_sums=window.sums.cpu(), metric_counts=window.counts,
+                 best=progress.best.tolist(), history=progress.history, eval_due=progress.eval_due,
+                 metric_sums=window.sums.cpu(), metric_counts=window.counts, data_sha256=ds.fingerprint,
                  obs_mean=torch.as_tensor(data.obs_mean), obs_std=torch.as_tensor(data.obs_std),
                  env_id=env_label(ds.env_id), env_spec=None if isinstance(ds.env_id, str) else ds.env_id.to_json(),
                  dataset=ds.name, action_low=torch.as_tensor(ds.action_low),
@@ -2056,15 +2085,28 @@ def save_checkpoint(path: Path, args: Args, agent, opt, gens, device, progress, 
         raise A2PRError(f"{e}; continue with {resume_command(path.parent)}" if path.exists() else str(e)) from None
 
 
+def evaluate_due(progress, policy, ds, args: Args, envs, stop, paths, agent, data, writers) -> None:
+    """The evaluation of progress.step when due, into its CSV row. One that Ctrl-C / SIGTERM stops stays due: the
+    checkpoint records it, and the resumed run evaluates the same weights first, so the CSV ends as if uncut."""
+    if progress.eval_due and (got := evaluation(policy, ds, args, envs, stop))[0] is not None:
+        row, scores = got
+        progress.history[-1].update(row)
+        for log_row, _ in writers:
+            log_row({"step": progress.step, **row})
+        keep_best_policy(paths["best_policy"], progress, scores, progress.step, agent, data, ds, args)
+        progress.last_score, progress.eval_due = row["eval/normalized_score_mean"], False
+    if progress.history:
+        write_csv(paths["csv"], progress.history, CSV_COLUMNS)
+
+
 def keep_best_policy(path: Path, progress, scores: np.ndarray, step: int, agent, data, ds, args: Args) -> None:
-    """Whenever an evaluation beats a seed's best so far, that seed's actor becomes its slice of best_policy.pt
-    (with the state normalisation and action bounds), so that the best score comes with its weights. Only tensors,
-    numbers and strings, so torch.load(weights_only=True) reads it."""
+    """When an evaluation beats a seed's best so far, that seed's actor becomes its slice of best_policy.pt (with
+    the state normalisation and action bounds), so that the best score comes with its weights."""
     better = scores > progress.best
     progress.best = np.maximum(progress.best, scores)
     if not better.any():
         return
-    if path.exists():  # loaded as every a2pr file is: a planted file is refused in one line, nothing in it runs
+    if path.exists():  # read as every a2pr file is: a planted file is refused in one line, nothing in it runs
         kept = load_checkpoint(path.parent, path.name, "--resume")
     else:  # the first evaluation beats -inf for every seed, so every slice is filled below
         kept = dict(actor={k: v.detach().cpu().clone() for k, v in agent.actor.state_dict().items()},
@@ -2081,11 +2123,11 @@ def keep_best_policy(path: Path, progress, scores: np.ndarray, step: int, agent,
     atomic_write(path, lambda tmp: torch.save(kept, tmp))
 
 
-def finish_run(args: Args, ds, progress, paths: dict, dataset_score: float, elapsed: float, log,
-               stopped_by: str | None = None) -> dict:
-    """Write summary.json and the learning curve, tell the user how the run ended, and return the summary (with
-    the signal that stopped it, if one did: main() exits 128 + its number)."""
-    seeds, history, best = agent_seeds(args), progress.history, progress.best
+def finish_run(args: Args, ds, progress, paths: dict, elapsed: float, log, stopped_by: str | None = None) -> dict:
+    """Write summary.json and the learning curve, say how the run ended, and return the summary (with the signal
+    that stopped it, if one did: main() exits 128 + its number)."""
+    seeds, history, best, finite = agent_seeds(args), progress.history, progress.best, lambda x: (
+        float(x) if np.isfinite(x) else None)
     interrupted = progress.step < args.total_steps
     final = [r for r in history if "eval/normalized_score_mean" in r]
     final_scores = ([final[-1].get(f"eval/normalized_score_seed{s}", final[-1]["eval/normalized_score_mean"])
@@ -2093,18 +2135,18 @@ def finish_run(args: Args, ds, progress, paths: dict, dataset_score: float, elap
     summary = dict(env=args.env, seeds=seeds, steps=progress.step, interrupted=interrupted,
                    signal=stopped_by if interrupted else None,
                    final_score=float(np.mean(final_scores)), final_score_std=float(np.std(final_scores)),
-                   best_score=_finite_or_none(best.mean()), final_scores=[float(x) for x in final_scores],
-                   best_scores=[_finite_or_none(b) for b in best], dataset_score=dataset_score,
+                   best_score=finite(best.mean()), final_scores=[float(x) for x in final_scores],
+                   best_scores=[finite(b) for b in best], dataset_score=ds.average_score,
                    versions=run_versions(args), **{k: str(v) for k, v in paths.items()})
     atomic_write(paths["summary"], lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
-    if history and final:
-        plot_curves(paths["png"], history, dataset_score, f"A2PR on {ds.name}")
+    if final:
+        plot_curves(paths["png"], history, ds.average_score, f"A2PR on {ds.name}")
     if interrupted:
         print(f"interrupted{f' by {stopped_by}' if stopped_by else ''} at step {progress.step:,}; checkpoint saved. "
               f"Continue with: {resume_command(paths['run_dir'])}", file=sys.stderr)  # shown even with --quiet
     else:
         log(f"done: final score {summary['final_score']:.1f} +- {summary['final_score_std']:.1f}, best "
-            f"{float(best.mean()):.1f}, dataset average {dataset_score:.1f} ({fmt_time(elapsed)}); "
+            f"{float(best.mean()):.1f}, dataset average {ds.average_score:.1f} ({fmt_time(elapsed)}); "
             f"results in {paths['run_dir']}")
     if ds.notice:
         log(f"NOTICE: {ds.notice}")
@@ -2112,9 +2154,9 @@ def finish_run(args: Args, ds, progress, paths: dict, dataset_score: float, elap
 
 
 def load_run(run_dir: str | Path, device="cpu") -> dict:
-    """What a run left in its checkpoint, rebuilt: settings, networks, optimisers and random streams (ready to
-    continue), its Policy (normalisation, actor, bounds), the evaluation env and the metrics history."""
-    ckpt = load_checkpoint(Path(run_dir))
+    """A run's checkpoint, rebuilt: settings, networks, optimisers and random streams (ready to continue), its
+    Policy, the evaluation env and the metrics history."""
+    ckpt = load_checkpoint(Path(run_dir), flag="load_run")
     args = args_from_checkpoint(ckpt)
     agent, opt, gens = build_learner(args, len(ckpt["obs_mean"]), len(ckpt["action_low"]), device, ckpt)
     policy = Policy(agent.actor, *(ckpt[k] for k in ("obs_mean", "obs_std", "action_low", "action_high"))).to(device)
@@ -2130,79 +2172,49 @@ def load_policy(run_dir: str | Path, device="cpu", seed_index: int = 0):
 
 
 def export_policy(run_dir: str | Path, best: bool = False, seed_index: int = 0) -> Path:
-    """Write RUN_DIR/policy.pt2 (the checkpoint's actor) or, with best, policy_best.pt2 (best_policy.pt's): a
-    torch.export program of OneSeed(Policy), raw observations (batch, obs_dim) -> env actions, for any batch size;
-    torch.export.load(path).module() runs it in a program that has never seen a2pr.py. Returns its path."""
+    """RUN_DIR/policy.pt2 (the checkpoint's actor) or policy_best.pt2 (best_policy.pt's): a torch.export program
+    of OneSeed(Policy), raw observations (batch, obs_dim) -> env actions, any batch size; torch alone runs it."""
     run_dir = Path(run_dir)
     state = load_checkpoint(run_dir, "best_policy.pt" if best else "checkpoint.pt", "--export")
     args = args_from_checkpoint(state)
-    if best:
-        actor_state = state["actor"]
-    else:
-        actor_state = {k[len("actor."):]: v for k, v in state["agent"].items() if k.startswith("actor.")}
+    actor_state = state["actor"] if best else {k[6:]: v for k, v in state["agent"].items() if k.startswith("actor.")}
     obs_dim, act_dim = len(state["obs_mean"]), len(state["action_low"])
-    actor = Actor(args.num_seeds, obs_dim, act_dim, args.actor_hidden, args.actor_layers)
-    actor.load_state_dict(actor_state)
-    actor.requires_grad_(False)  # a deployed policy only acts
+    actor = Actor(args.num_seeds, obs_dim, act_dim, args.actor_hidden, args.actor_layers).requires_grad_(False)
+    try:
+        actor.load_state_dict(actor_state)
+    except (RuntimeError, TypeError) as e:
+        raise A2PRError(f"{run_dir / ('best_policy.pt' if best else 'checkpoint.pt')}: its actor weights do not "
+                        f"fit its settings ({str(e).splitlines()[0]}); export another run") from None
     module = OneSeed(Policy(actor, *(state[k] for k in ("obs_mean", "obs_std", "action_low", "action_high"))),
                      seed_index).eval()
-    program = torch.export.export(module, (torch.zeros(2, obs_dim),),
-                                  dynamic_shapes=({0: torch.export.Dim("batch")},))
+    program = torch.export.export(module, (torch.zeros(2, obs_dim),), dynamic_shapes=({0: torch.export.Dim("batch")},))
     out = run_dir / ("policy_best.pt2" if best else "policy.pt2")
     atomic_write(out, lambda tmp: torch.export.save(program, tmp))
     return out
 
 
-def run_settings(args: Args, given: set[str] | None) -> tuple[Args, dict[str, str], dict | None]:
-    """The run's resolved settings, where each came from, and the checkpoint when resuming. On --resume the
-    checkpoint's settings win so that the run continues unchanged; only RESUME_MAY_CHANGE follows this command line
-    (the length, how the update executes, where the data is found), so a GPU run can go on here."""
-    if given is None:  # train(Args(...)) from Python: what differs from the defaults was given
-        given = {f.name for f in dataclasses.fields(Args) if getattr(args, f.name) != f.default}
-    if not args.resume:
-        return (*resolve_args(args), None)
-    ckpt = load_checkpoint(Path(args.resume))
-    saved = args_from_checkpoint(ckpt)
-    check_resume_flags(args, saved, given)  # a flag that contradicts the checkpoint is an error, never ignored
-    if ckpt.get("device", "cpu") != ("cuda" if args.cuda else "cpu"):
-        print(f"note: the checkpoint was written on {ckpt.get('device', 'cpu')}; continuing on the other device with "
-              "fresh random streams, so the run will not be bit-identical to an uninterrupted one", file=sys.stderr)
-    mode = ("cuda", "cuda_graphs", "compile", "quiet")  # how this process runs: always this command line's
-    args = dataclasses.replace(saved, **{k: getattr(args, k) for k in RESUME_MAY_CHANGE if k in given or k in mode})
-    args, source = resolve_args(args)
-    return args, {k: "flag" if k in given else "checkpoint" for k in source}, ckpt
-
-
-def args_from_checkpoint(ckpt: dict) -> Args:
-    """The run's settings; keys this version does not know (a newer a2pr) are reported, not a crash."""
-    known = {f.name for f in dataclasses.fields(Args)}
-    unknown = sorted(set(ckpt["args"]) - known)
-    if unknown:
-        print(f"note: ignoring checkpoint settings this a2pr.py does not know: {', '.join(unknown)}", file=sys.stderr)
-    return Args(**{k: v for k, v in ckpt["args"].items() if k in known})
-
-
 def load_checkpoint(run_dir: Path, name: str = "checkpoint.pt", flag: str = "--resume") -> dict:
     """A run folder's checkpoint.pt (or best_policy.pt), loaded with weights_only=True: a shared file's pickle may
-    carry code, so only tensors and plain data are let through, and a refusal is one line."""
+    carry code, so only tensors and plain data are let through, and anything else is refused in one line."""
     path = run_dir / name
-    if not path.exists():
+    if not path.is_file():
         raise A2PRError(f"{flag} {run_dir}: no {name} there; give the folder of a run that saved one")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        found = re.findall(r"GLOBAL (\S+)", str(e)) if isinstance(e, pickle.UnpicklingError) else []
-        why = (f"it holds Python objects ({found[0]}) that could run code when loaded; a2pr files hold only tensors "
-               "and plain data, so this one was not written by this a2pr.py or was altered" if found else
-               f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-        raise A2PRError(f"{path}: refused, nothing in it was run: not a safe a2pr file ({why})") from None
-    needed = {"args", "obs_mean", "obs_std", "action_low", "action_high"} | (
-        {"actor"} if name == "best_policy.pt" else {"agent", "optimizers", "rng", "step", "history"})
-    if not isinstance(ckpt, dict) or not needed <= ckpt.keys():
-        what = f"lacks {sorted(needed - set(ckpt))}" if isinstance(ckpt, dict) else f"holds a {type(ckpt).__name__}"
-        raise A2PRError(f"{path}: not an a2pr {name} (it {what})")
+    except Exception as e:  # never relay torch's advice to retry with weights_only=False: that runs the file's code
+        found = re.findall(r"GLOBAL (\S+)", str(e))
+        why = (f"it holds Python objects ({found[0]}) that could run code when loaded" if found else
+               f"it is not a file torch.save wrote ({type(e).__name__})")
+        raise A2PRError(f"{path}: refused, nothing in it was run: not a safe a2pr file ({why}); use only files from "
+                        "runs you trust") from None
+    needed = dict(args=dict, obs_mean=torch.Tensor, obs_std=torch.Tensor, action_low=torch.Tensor,
+                  action_high=torch.Tensor, **(dict(actor=dict, scores=torch.Tensor, steps=torch.Tensor) if name ==
+                  "best_policy.pt" else dict(agent=dict, optimizers=dict, rng=list, step=int, history=list)))
+    wrong = sorted(k for k, t in needed.items() if not isinstance(ckpt, dict) or not isinstance(ckpt.get(k), t))
+    if wrong:
+        raise A2PRError(f"{path}: not an a2pr {name} (missing or wrong: {', '.join(wrong)}); give a run's own file")
     for k in ("obs_mean", "obs_std", "action_low", "action_high"):  # tensors on disk, numpy arrays in memory
-        ckpt[k] = np.asarray(ckpt[k])
+        ckpt[k] = ckpt[k].numpy()
     if ckpt.get("env_spec"):  # a Minari dataset's eval env: an EnvSpec, stored as JSON text
         from gymnasium.envs.registration import EnvSpec
 
@@ -2214,27 +2226,29 @@ def check_outputs(args: Args) -> None:
     """Before any work: the trackers asked for are installed, and the run's folder can be written."""
     import importlib.util
 
-    for flag, package in (("tensorboard", "tensorboard"), ("wandb", "wandb")):
-        if getattr(args, flag) and importlib.util.find_spec(package) is None:
-            raise A2PRError(f"--{flag} needs the {package} package: pip install {package}")
+    for flag in ("tensorboard", "wandb"):
+        if getattr(args, flag) and importlib.util.find_spec(flag) is None:
+            raise A2PRError(f"--{flag} needs the {flag} package: pip install {flag}")
     check_writable(Path(args.resume or args.save_dir), "--resume needs to write there" if args.resume
                    else "choose another --save-dir")
 
 
-def _wandb_run_id(run_dir: Path) -> str:
-    """The run folder's W&B run id, kept in wandb.json so that every --resume continues the same W&B run."""
+def wandb_run_id(run_dir: Path) -> str:
+    """The run folder's W&B run id, kept in wandb.json, so that every --resume continues the same W&B run."""
     path = run_dir / "wandb.json"
     if path.exists():
-        return str(json.loads(path.read_text())["id"])
+        try:
+            return str(json.loads(path.read_text())["id"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise A2PRError(f"{path}: unreadable ({type(e).__name__}); delete it to log this run to a new W&B run")
     run_id = f"{re.sub(r'[^A-Za-z0-9_-]', '-', run_dir.name)[:40]}-{os.urandom(4).hex()}"
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps({"id": run_id})))
     return run_id
 
 
 def open_trackers(args: Args, run_dir: Path, step: int = 0) -> list[tuple]:
-    """Optional TensorBoard / wandb sinks, each a (log(row), close()) pair. A run resumed at `step` continues the
-    same W&B run (its id is kept in the run folder; runs are grouped by dataset), and TensorBoard drops what was
-    logged after the checkpoint (purge_step), so no step appears twice."""
+    """Optional TensorBoard / wandb sinks, each a (log(row), close()) pair. A resumed run continues the same W&B
+    run, and TensorBoard drops what was logged after the checkpoint (purge_step), so no step appears twice."""
     sinks = []
     if args.tensorboard:
         from torch.utils.tensorboard import SummaryWriter
@@ -2245,7 +2259,7 @@ def open_trackers(args: Args, run_dir: Path, step: int = 0) -> list[tuple]:
     if args.wandb:
         import wandb
 
-        run = wandb.init(project=args.wandb_project, name=run_dir.name, id=_wandb_run_id(run_dir), resume="allow",
+        run = wandb.init(project=args.wandb_project, name=run_dir.name, id=wandb_run_id(run_dir), resume="allow",
                          group=args.env, config=dataclasses.asdict(args))
         sinks.append((lambda row: run.log({k: v for k, v in row.items() if k != "step"}, step=row["step"]),
                       run.finish))
@@ -2316,9 +2330,8 @@ def total_variation(p, q) -> np.ndarray:
 
 
 # ================================================================================================================
-# Appendix E. The command line: the parser built from Args, --config (a run's config.json as the defaults), preset
-# resolution and validation (one clear line per mistake, before any work). Not needed to understand A2PR:
-# train(args) takes an Args however it was made.
+# Appendix E. The command line: the parser built from Args, --config (a run's settings as the defaults), --resume
+# (the checkpoint's settings win), preset resolution and validation: one clear line per mistake, before any work.
 # ================================================================================================================
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, not a usage dump; an unknown flag gets the closest known one
@@ -2333,31 +2346,65 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser(prog: str = "a2pr.py", description: str | None = None) -> argparse.ArgumentParser:
-    """The command line, built from Args: one flag per field, its help line from the field's metadata. Defaults are
-    argparse.SUPPRESS, so a parse holds exactly the flags given (a flag given with its default value counts)."""
+    """One flag per Args field, its help from the field. Defaults are SUPPRESS: a parse holds exactly the flags given."""
     p = _Parser(prog=prog, description=description or __doc__.split("\n\n")[0], argument_default=argparse.SUPPRESS,
                 formatter_class=lambda prog: argparse.HelpFormatter(prog, max_help_position=30, width=120))
-    p.flags, hints = [], typing.get_type_hints(Args)
+    p.flags = []
     for f in dataclasses.fields(Args):
-        flags, typ = ["--" + f.name.replace("_", "-"), *f.metadata.get("aliases", ())], hints[f.name]
+        flags, typ = ["--" + f.name.replace("_", "-"), *f.metadata.get("aliases", ())], FIELD_TYPES[f.name]
         hide = f.default is None or typ is bool or str(f.default) in f.metadata["help"]
         kw = dict(dest=f.name, help=f.metadata["help"] + ("" if hide else f" (default {f.default})"))
         if typ is bool:
             kw["action"] = argparse.BooleanOptionalAction if f.metadata.get("negatable") else "store_true"
         else:
-            base = next((t for t in typing.get_args(typ) if t is not type(None)), typ)
-            kw.update(type=base, metavar=f.metadata.get("metavar", f.name.split("_")[-1].upper()))
+            kw.update(type=typ, metavar=f.metadata.get("metavar", f.name.split("_")[-1].upper()))
         p.add_argument(*flags, **kw)
         p.flags += flags
     return p
 
 
 def parse_args(argv=None) -> tuple[Args, set[str]]:
-    """(Args, the names of the flags given), from one parse of argv; with --config FILE the fields not given on
+    """(Args, the names of the flags given), from one parse of argv; with --config FILE, the settings not given on
     the command line come from FILE."""
     given = vars(build_parser().parse_args(argv))
     values = {**(load_config(given["config"]) if "config" in given else {}), **given}
     return Args(**values), set(given)
+
+
+# Each field's type (int, float, str or bool; None is allowed where the default is None), for the parser and for
+# the settings read from files.
+FIELD_TYPES = {k: next(t for t in typing.get_args(h) or (h,) if t is not type(None))
+               for k, h in typing.get_type_hints(Args).items()}
+FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Args)}
+# Where files go and what the program does come from the command line only, never from a shared config.json.
+NOT_FROM_CONFIG = ("config", "resume", "run_name", "export", "best", "save_dir", "data_dir", "cuda", "compile",
+                   "cuda_graphs", "benchmark", "bench_steps", "bench_modes", "bench_repeats", "bench_dims")
+
+
+TYPE_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+
+
+def checked_settings(values, where: str) -> dict:
+    """Settings read from a file (config.json, a checkpoint): known fields of the right types, or one line."""
+    if not isinstance(values, dict):
+        raise A2PRError(f"{where}: its settings are a {type(values).__name__}, not a dict; give a run's own file")
+    for k, v in values.items():
+        if k not in FIELD_TYPES:
+            raise A2PRError(f"{where}: settings this a2pr.py does not know: {k}; remove it or use the a2pr.py that "
+                            "wrote the file")
+        typ = FIELD_TYPES[k]
+        if not (type(v) is typ or (typ is float and type(v) is int) or (v is None and FIELD_DEFAULTS[k] is None)):
+            raise A2PRError(f"{where}: '{k}' must be {TYPE_WORDS[typ]}, got {v!r}; fix or remove it")
+    return values
+
+
+def load_config(path: str) -> dict:
+    """The experiment's settings from a run's config.json (write_config), minus NOT_FROM_CONFIG."""
+    try:
+        settings = json.loads(Path(path).read_text())["settings"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise A2PRError(f"--config {path}: not a run's config.json ({type(e).__name__}: {e})") from None
+    return {k: v for k, v in checked_settings(settings, f"--config {path}").items() if k not in NOT_FROM_CONFIG}
 
 
 # On --resume the checkpoint's settings win; these follow the command line: the run's length, how the update
@@ -2366,8 +2413,46 @@ RESUME_MAY_CHANGE = ("resume", "total_steps", "cuda", "compile", "cuda_graphs", 
                      "download_timeout")
 
 
-def check_resume_flags(args: Args, saved: Args, given: set[str]) -> None:
+def run_settings(args: Args, given: set[str] | None) -> tuple[Args, dict[str, str], dict | None]:
+    """The run's resolved settings, where each came from, and the checkpoint when resuming (its settings win, but
+    for RESUME_MAY_CHANGE, so that a GPU run can go on here)."""
+    if given is None:  # train(Args(...)) from Python: what differs from the defaults was given
+        given = {f.name for f in dataclasses.fields(Args) if getattr(args, f.name) != f.default}
+    mode = ("cuda", "cuda_graphs", "compile", "quiet")  # how this process runs: always this command line's
+    follow = {k: getattr(args, k) for k in RESUME_MAY_CHANGE if k != "resume" and (k in given or k in mode)}
+    if args.resume and not (Path(args.resume) / "checkpoint.pt").exists() and (Path(args.resume) / "config.json"
+                                                                                ).is_file():
+        run_dir = Path(args.resume)  # killed before its first checkpoint: start that run again, in its folder
+        args = dataclasses.replace(Args(**load_config(str(run_dir / "config.json"))), save_dir=str(run_dir.parent),
+                                   run_name=run_dir.name, **follow)
+    if not args.resume:
+        args, source = resolve_args(args)
+        if args.config:  # what the file set is labelled (config), not (flag)
+            source.update({k: "config" for k in load_config(args.config) if k not in given})
+        return args, source, None
+    ckpt = load_checkpoint(Path(args.resume))
+    saved = args_from_checkpoint(ckpt)
+    check_resume_flags(args, saved, given, ckpt["step"])  # a flag that contradicts the checkpoint is an error
+    if ckpt.get("device", "cpu") != ("cuda" if args.cuda else "cpu"):
+        print(f"note: the checkpoint was written on {ckpt.get('device', 'cpu')}; continuing on the other device with "
+              "fresh random streams, so the run will not be bit-identical to an uninterrupted one", file=sys.stderr)
+    args = dataclasses.replace(saved, resume=args.resume, **follow)
+    args, source = resolve_args(args)
+    return args, {k: "flag" if k in given else "checkpoint" for k in source}, ckpt
+
+
+def args_from_checkpoint(ckpt: dict) -> Args:
+    """The run's settings, checked as any file's are; those a newer a2pr.py wrote are reported and left out."""
+    if unknown := sorted(set(ckpt["args"]) - set(FIELD_TYPES)):
+        print(f"note: ignoring checkpoint settings this a2pr.py does not know: {', '.join(unknown)}", file=sys.stderr)
+    return Args(**checked_settings({k: v for k, v in ckpt["args"].items() if k in FIELD_TYPES}, "the checkpoint"))
+
+
+def check_resume_flags(args: Args, saved: Args, given: set[str], step: int) -> None:
     """--resume continues the checkpoint's run: a given setting that contradicts it is an error naming both."""
+    if "total_steps" in given and args.total_steps is not None and args.total_steps < step:
+        raise A2PRError(f"--resume {args.resume}: the run is at step {step:,}, past --total-steps {args.total_steps:,}"
+                        "; give a larger --total-steps, or none to finish as planned")
     clash = []
     for name in sorted(given - set(RESUME_MAY_CHANGE)):
         mine, theirs = getattr(args, name), getattr(saved, name)
@@ -2381,22 +2466,6 @@ def check_resume_flags(args: Args, saved: Args, given: set[str]) -> None:
                         f"(only {may} may change), or start a new run with it")
 
 
-NOT_FROM_CONFIG = ("config", "resume", "run_name", "export", "best")  # where and what to run, not the settings
-
-
-def load_config(path: str) -> dict:
-    """The settings of a run's config.json (write_config), minus where and what to run: a re-run gets its own
-    folder. A file of another a2pr version may hold fields this one does not know: a one-line error names them."""
-    try:
-        settings = json.loads(Path(path).read_text())["settings"]
-        unknown = sorted(set(settings) - {f.name for f in dataclasses.fields(Args)})
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise A2PRError(f"--config {path}: not a run's config.json ({type(e).__name__}: {e})") from None
-    if unknown:
-        raise A2PRError(f"--config {path}: settings this a2pr.py does not know: {', '.join(unknown)}")
-    return {k: v for k, v in settings.items() if k not in NOT_FROM_CONFIG}
-
-
 def auto_preset(env: str) -> str:
     return env if env in D4RL_PRESETS else "pendulum-cpu" if env.startswith("pendulum-") else "spec"
 
@@ -2405,7 +2474,7 @@ def resolve_args(args: Args) -> tuple[Args, dict[str, str]]:
     """Fill the preset-controlled fields left as None: explicit value > preset > spec default."""
     preset = auto_preset(args.env) if args.preset == "auto" else args.preset
     if preset not in PRESETS:
-        close = difflib.get_close_matches(preset, PRESETS, n=3)
+        close = difflib.get_close_matches(str(preset), PRESETS, n=3)
         raise A2PRError(f"unknown preset '{preset}'; known: auto, {', '.join(PRESETS)}"
                         + (f" (did you mean {', '.join(close)}?)" if close else ""))
     out, source = dataclasses.replace(args, preset=preset), {}
@@ -2439,7 +2508,7 @@ CHECKS = {
     "a positive integer": ["total_steps", "batch_size", "num_seeds", "policy_freq", "actor_hidden", "actor_layers",
                            "critic_hidden", "critic_layers", "value_hidden", "value_layers", "vae_hidden",
                            "vae_layers", "eval_freq", "eval_episodes", "log_freq", "save_freq", "bench_steps",
-                           "bench_repeats"],
+                           "bench_repeats", "threads"],
     "an integer >= 0": ["dataset_seed"],
     "a positive number": ["actor_lr", "critic_lr", "value_lr", "vae_lr", "alpha", "download_timeout"],
     "a number >= 0": ["bc_weight", "vae_weight", "policy_noise", "noise_clip", "eval_obs_noise"],
@@ -2450,10 +2519,10 @@ CHECKS = {
 
 
 def check_fields(obj, checks: dict[str, list[str]]) -> None:
-    """The first field of obj that breaks its rule is one line: --flag must be RULE, got VALUE."""
+    """The first field of obj that breaks its rule is one line: --flag must be RULE, got VALUE (None: not given)."""
     for rule, names in checks.items():
         for name in names:
-            if not RULES[rule](v := getattr(obj, name)):
+            if (v := getattr(obj, name)) is not None and not RULES[rule](v):
                 raise A2PRError(f"--{name.replace('_', '-')} must be {rule}, got {v!r}")
 
 
@@ -2470,6 +2539,7 @@ def validate_args(args: Args) -> None:
                 f.default is None):
             raise A2PRError(f"--{f.name.replace('_', '-')} must be one of {', '.join(f.metadata['choices'])}, "
                             f"got {v!r}")
+
 
 if __name__ == "__main__":
     sys.exit(main())
