@@ -51,10 +51,10 @@ Reading map (line: what). Everything above main() is A2PR; below it, appendices 
     828  train:            train(args) -> summary: setup, then the loop
     889  main:             the command line's entry point
     908  Appendix A:       data sources: built-in, D4RL, HDF5, downloads, Minari, mixes
-   1624  Appendix B:       speed paths: torch.compile, CUDA graphs, --benchmark update
-   1796  Appendix C:       run files: folders, locks, checkpoints, config.json, CSV, plot, trackers, export
-   2270  Appendix D:       the theory on finite MDPs
-   2333  Appendix E:       the command line: parser, --config, presets, validation
+   1609  Appendix B:       speed paths: torch.compile, CUDA graphs, --benchmark update
+   1781  Appendix C:       run files: folders, locks, checkpoints, config.json, CSV, plot, trackers, export
+   2255  Appendix D:       the theory on finite MDPs
+   2318  Appendix E:       the command line: parser, --config, presets, validation
 """
 
 from __future__ import annotations
@@ -1018,19 +1018,11 @@ def read_d4rl_hdf5(path: Path, cached: bool = False) -> tuple[dict[str, np.ndarr
     except OSError as e:
         raise A2PRError(f"{path}: cannot read the HDF5 file ({e}); " + (CACHE_REMEDY if cached else
                         "check that it is a complete HDF5 file in D4RL's layout")) from None
-    if rows["observations"].ndim != 2 or rows["actions"].ndim != 2:
-        raise A2PRError(f"{path}: observations and actions must be 2-D arrays")
-    n = len(rows["observations"])
-    for k in ("rewards", "terminals", "timeouts"):
-        rows[k] = rows[k].reshape(-1)
-    for k in D4RL_KEYS:
-        if len(rows[k]) != n:
-            raise A2PRError(f"{path}: '{k}' has {len(rows[k])} rows but observations has {n}")
-    for k in ("observations", "actions", "rewards"):
-        rows[k] = rows[k].astype(np.float32)
-    rows["terminals"] = rows["terminals"].astype(bool)
-    rows["timeouts"] = rows["timeouts"].astype(bool)
-    return validate_rows(rows, str(path)), attrs  # empty, NaN/inf: the same checks as for rows made in memory
+    rows = {k: v.astype(np.float32) if k in ("observations", "actions", "rewards") else v.astype(bool)
+            for k, v in rows.items()}
+    rows.update({k: rows[k].reshape(len(rows[k]), -1)[:, 0] if rows[k].ndim == 2 and rows[k].shape[1] == 1 else
+                 rows[k] for k in ("rewards", "terminals", "timeouts")})  # (N, 1) columns, as some writers store
+    return validate_rows(rows, str(path)), attrs  # shapes, empty, NaN/inf: the checks every source gets
 
 
 def qlearning_transitions(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -1252,14 +1244,22 @@ def _d4rl_family_of(text: str) -> str | None:
     return m.group(1) if m else None
 
 
-def _parse_ref_scores(text, where: str) -> tuple[float, float]:
-    try:
-        lo, hi = (float(x) for x in str(text).split(","))
-    except ValueError:
-        raise A2PRError(f"{where}: --ref-scores must be MIN,MAX (two numbers), got {text!r}") from None
-    if not (math.isfinite(lo) and math.isfinite(hi) and hi != lo):
-        raise A2PRError(f"{where}: --ref-scores must be two different finite numbers, got {text!r}")
-    return lo, hi
+def ref_scores(args: Args, attrs: dict, where: str, fallback=None) -> tuple[float, float]:
+    """The random and expert returns of the normalised score: --ref-scores, else the data's own, else `fallback`."""
+    if args.ref_scores:
+        try:
+            lo, hi = (float(x) for x in str(args.ref_scores).split(","))
+        except ValueError:
+            raise A2PRError(f"{where}: --ref-scores must be MIN,MAX (two numbers), got {args.ref_scores!r}") from None
+        if not (math.isfinite(lo) and math.isfinite(hi) and hi != lo):
+            raise A2PRError(f"{where}: --ref-scores must be two different finite numbers, got {args.ref_scores!r}")
+        return lo, hi
+    if attrs.get("ref_min_score") is not None and attrs.get("ref_max_score") is not None:
+        return float(attrs["ref_min_score"]), float(attrs["ref_max_score"])
+    if fallback is not None:
+        return tuple(fallback)
+    raise A2PRError(f"{where}: no reference returns for the normalised score (no ref_min_score/ref_max_score in the "
+                    "data, and no D4RL env to take them from); pass --ref-scores MIN,MAX")
 
 
 def load_local_file(path_text: str, args: Args, log=print) -> tuple[dict, dict]:
@@ -1282,16 +1282,7 @@ def load_local_file(path_text: str, args: Args, log=print) -> tuple[dict, dict]:
                         f"start with {', '.join(D4RL_FAMILIES)}); pass --eval-env ID, e.g. --eval-env Hopper-v4")
     check_dims(rows, [sp.shape[0] for sp in env_spaces(env_id, str(path))], str(path),
                f"the evaluation env {env_id} (from {how})")
-    by_env = {v[0]: v for v in D4RL_FAMILIES.values()}
-    if args.ref_scores:
-        ref = _parse_ref_scores(args.ref_scores, str(path))
-    elif "ref_min_score" in fattrs and "ref_max_score" in fattrs:
-        ref = (float(fattrs["ref_min_score"]), float(fattrs["ref_max_score"]))
-    elif env_id in by_env:
-        ref = by_env[env_id][3:5]
-    else:
-        raise A2PRError(f"{path}: no reference returns for the normalised score (the file has no ref_min_score/"
-                        f"ref_max_score attributes and {env_id} is not a D4RL env); pass --ref-scores MIN,MAX")
+    ref = ref_scores(args, fattrs, str(path), {v[0]: v[3:5] for v in D4RL_FAMILIES.values()}.get(env_id))
     return rows, dict(env_id=env_id, ref_min_score=ref[0], ref_max_score=ref[1],
                       source=f"file {path}, evaluated in {env_id} (from {how})")
 
@@ -1459,13 +1450,7 @@ def load_minari(dataset_id: str, args: Args, log=print) -> tuple[dict, dict]:
         raise A2PRError(f"{where}: cannot read its data at {ds.storage.data_path} ({type(e).__name__}: {e}); "
                         f"delete that folder and download it again") from None
     spec = minari_eval_spec(ds, dataset_id)
-    if args.ref_scores:
-        ref = _parse_ref_scores(args.ref_scores, where)
-    elif meta.get("ref_min_score") is not None and meta.get("ref_max_score") is not None:
-        ref = (float(meta["ref_min_score"]), float(meta["ref_max_score"]))
-    else:
-        raise A2PRError(f"{where} has no ref_min_score/ref_max_score in its metadata, so its normalised score is "
-                        f"undefined; pass --ref-scores MIN,MAX")
+    ref = ref_scores(args, meta, where)
     check_dims(rows, [sp.shape[0] for sp in env_spaces(spec, where)], where, f"its evaluation env {spec.id}")
     attrs = dict(env_id=spec, ref_min_score=ref[0], ref_max_score=ref[1],
                  source=f"Minari {dataset_id} ({len(rows['rewards']):,} steps), {ds.storage.data_path}")
