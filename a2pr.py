@@ -669,9 +669,9 @@ class OneSeed(nn.Module):
         self.policy, self.index = policy, index
         self.k = policy.actor.net[0].weight.shape[0]
 
-    def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        x = obs.to(torch.float32).reshape(1, -1, obs.shape[-1]).expand(self.k, -1, -1)
-        return self.policy(x)[self.index].reshape(obs.shape[:-1] + (-1,))
+    def forward(self, observation: torch.Tensor) -> torch.Tensor:  # the export's check of a wrong size names it
+        x = observation.to(torch.float32).reshape(1, -1, observation.shape[-1]).expand(self.k, -1, -1)
+        return self.policy(x)[self.index].reshape(observation.shape[:-1] + (-1,))
 
 
 def normalized_score(ret, ref_min: float, ref_max: float):
