@@ -1420,7 +1420,7 @@ def load_minari(dataset_id: str, args: Args, log=print) -> tuple[dict, dict]:
         import minari
     except ImportError:
         raise A2PRError(f"'{dataset_id}' looks like a Minari dataset id, which needs the minari package: "
-                        f"pip install minari") from None
+                        f"pip install 'minari[hf]'") from None
     where = f"Minari dataset {dataset_id}"
     try:
         ds = minari.load_dataset(dataset_id, download=False)

@@ -1,5 +1,5 @@
 """Tests for a2pr_sweep.py. Run: pytest test_a2pr_sweep.py  (the Ray tests skip without Ray, the rliable checks
-without rliable: pip install -r requirements-sweep.txt)."""
+without rliable: pip install -r requirements-dev.txt)."""
 
 from __future__ import annotations
 
