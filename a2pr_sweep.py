@@ -379,7 +379,7 @@ def _start_ray(ray, sw: SweepArgs) -> bool:
 
 def sweep(sw: SweepArgs) -> dict:
     """Plan the sweep, run what is not finished on Ray (one task per run folder), then write the results. Returns
-    dict(sweep_dir, results_csv, results_md, results_png, ran, skipped, failed)."""
+    dict(sweep_dir, results_csv, results_md, results_png, summary, ran, skipped, failed)."""
     runs, levels = plan_sweep(sw), noise_levels(sw)
     sweep_dir = Path(runs[0]["run_dir"]).parent
     resolved, todo = {}, []
@@ -405,6 +405,8 @@ def sweep(sw: SweepArgs) -> dict:
     out = write_sweep_results(sw, runs, sweep_dir, levels)
     out.update(ran=[r["run_dir"] for r in todo], skipped=[r["run_dir"] for r in runs if r["state"] == "done"],
                failed=failed)
+    for line in out["summary"]:
+        print(f"sweep {sw.suite}: {line}", file=sys.stderr)
     print(f"sweep {sw.suite}: results in {out['results_md']}", file=sys.stderr)
     if failed:
         raise a2pr.A2PRError(f"{len(failed)} of {len(runs)} runs failed (first: {failed[0][0]}: {failed[0][1]}); "
@@ -546,13 +548,67 @@ def command_line(sw: SweepArgs) -> str:
     return shlex.join(parts)
 
 
+def no_interval(tasks) -> str | None:
+    """Why these per-dataset runs give no interval, or None: the stratified bootstrap draws a dataset's runs from that
+    dataset's runs only, so a dataset with a single run is the same in every resample and the interval would be a
+    bracket of width 0 (or, beside other datasets, too narrow)."""
+    single = sum(len(t) < 2 for t in tasks)
+    if not single:
+        return None
+    return "1 run: no interval" if single == len(tasks) else f"1 run on {single} of {len(tasks)} datasets: no interval"
+
+
+def interval_cell(tasks, stat, digits: int = 1) -> str:
+    """`point [low, high]` (stratified bootstrap, 95 %), or `point (1 run: no interval)` where a dataset has one run."""
+    tasks = [np.asarray(t, dtype=np.float64) for t in tasks]
+    if why := no_interval(tasks):
+        return f"{float(stat(tasks)):.{digits}f} ({why})"
+    p, lo, hi = stratified_bootstrap_ci(tasks, stat)
+    return f"{p:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+
+
+POI_NEEDS = "needs >= 2 runs per variant on every dataset; give --seeds 2 or more"
+
+
+def aggregate_cells(rows: list[dict], variants: list[str]) -> tuple[dict, dict]:
+    """The aggregates of results.md and of the driver's last lines: {variant: (datasets, runs, mean cell, IQM cell)}
+    and {other variant: (datasets, P(a2pr > other) cell)}, the cell None where a dataset has a single run of
+    either: no probability of improvement then."""
+    datasets = list(dict.fromkeys(r["dataset"] for r in rows))
+    scores = {}
+    for r in rows:
+        scores.setdefault((r["dataset"], r["variant"]), []).append(r["final_score"])
+    agg, poi = {}, {}
+    for v in variants:
+        tasks = [np.array(scores[(d, v)]) for d in datasets if (d, v) in scores]
+        if tasks:
+            agg[v] = (len(tasks), sum(len(t) for t in tasks), interval_cell(tasks, aggregate_mean),
+                      interval_cell(tasks, aggregate_iqm))
+    for v in variants if "a2pr" in variants else []:
+        common = [d for d in datasets if (d, "a2pr") in scores and (d, v) in scores]
+        if v == "a2pr" or not common:
+            continue
+        x, y = [np.array(scores[(d, "a2pr")]) for d in common], [np.array(scores[(d, v)]) for d in common]
+        if no_interval(x + y):
+            poi[v] = (len(common), None)
+        else:
+            t = stratified_bootstrap_ci(x + y, lambda g, n=len(x): probability_of_improvement(g[:n], g[n:]))
+            poi[v] = (len(common), f"{t[0]:.2f} [{t[1]:.2f}, {t[2]:.2f}]")
+    return agg, poi
+
+
+def summary_lines(rows: list[dict], variants: list[str]) -> list[str]:
+    """The aggregates as the driver prints them at the end, the same cells as results.md."""
+    agg, poi = aggregate_cells(rows, variants)
+    return ([f"{v}, final score over {n} datasets ({runs} runs): mean {mean}, IQM {q}"
+             for v, (n, runs, mean, q) in agg.items()] +
+            [f"P(a2pr > {v}) = {cell}" if cell else f"P(a2pr > {v}): {POI_NEEDS}" for v, (_, cell) in poi.items()])
+
+
 def sweep_tables(rows: list[dict], levels: list[float], variants: list[str]) -> str:
     """results.md's tables: per dataset and variant, then the aggregates with their bootstrap CIs."""
     def pm(x):
-        return f"{np.mean(x):.1f} ± {np.std(x):.1f}"
-
-    def ci(t):
-        return f"{t[0]:.1f} [{t[1]:.1f}, {t[2]:.1f}]"
+        return f"{np.mean(x):.1f} ± {np.std(x):.1f}" if len(x) > 1 else f"{np.mean(x):.1f} (1 run: no std)"
 
     datasets = list(dict.fromkeys(r["dataset"] for r in rows))
     by = {}
@@ -576,31 +632,18 @@ def sweep_tables(rows: list[dict], levels: list[float], variants: list[str]) -> 
             "evaluation, best = best evaluation). steps/s: gradient steps per second of a run folder (each step "
             "updates all the seeds that share it); wall time: sum over the run folders of their tasks' wall time "
             "(data loading and evaluation included)."]
-    per_variant = {v: [np.array([r["final_score"] for r in by[(d, v)]]) for d in datasets if (d, v) in by]
-                   for v in variants}
+    agg, poi = aggregate_cells(rows, variants)
     out += ["", f"## Aggregate over datasets (final score; stratified bootstrap, 95 % CI, {BOOTSTRAP_REPS:,} "
             "resamples)", "", "| variant | datasets | runs | mean | IQM |", "|---|---|---|---|---|"]
-    for v, tasks in per_variant.items():
-        if tasks:
-            out.append(f"| {v} | {len(tasks)} | {sum(len(t) for t in tasks)} | "
-                       f"{ci(stratified_bootstrap_ci(tasks, aggregate_mean))} | "
-                       f"{ci(stratified_bootstrap_ci(tasks, aggregate_iqm))} |")
+    out += [f"| {v} | {n} | {runs} | {mean} | {q} |" for v, (n, runs, mean, q) in agg.items()]
     out += ["", "Mean: the mean over datasets of each dataset's mean score. IQM: the interquartile mean of all runs "
             "(the middle 50 %). CIs: runs resampled with replacement within each dataset independently (rliable's "
-            "stratified bootstrap), percentile interval."]
-    if "a2pr" in variants and len(variants) > 1:
+            "stratified bootstrap), percentile interval; a dataset with a single run would be the same in every "
+            "resample, so a cell with one gives its value and no interval (--seeds 2 or more gives one)."]
+    if poi:
         out += ["", "## Probability of improvement", "", "| comparison | datasets | P(X > Y) [95 % CI] |",
                 "|---|---|---|"]
-        for v in variants:
-            if v == "a2pr":
-                continue
-            common = [d for d in datasets if (d, "a2pr") in by and (d, v) in by]
-            if not common:
-                continue
-            x = [np.array([r["final_score"] for r in by[(d, "a2pr")]]) for d in common]
-            y = [np.array([r["final_score"] for r in by[(d, v)]]) for d in common]
-            t = stratified_bootstrap_ci(x + y, lambda g, n=len(x): probability_of_improvement(g[:n], g[n:]))
-            out.append(f"| P(a2pr > {v}) | {len(common)} | {t[0]:.2f} [{t[1]:.2f}, {t[2]:.2f}] |")
+        out += [f"| P(a2pr > {v}) | {n} | {cell or '– (' + POI_NEEDS + ')'} |" for v, (n, cell) in poi.items()]
         out += ["", "rliable's definition: for each dataset, the probability that a random run of X has a higher "
                 "final score than a random run of Y (ties count 1/2), averaged over datasets; the runs of each "
                 "variant on each dataset are resampled independently for the CI."]
@@ -615,14 +658,13 @@ def sweep_tables(rows: list[dict], levels: list[float], variants: list[str]) -> 
                     out.append(f"| {d} | {v} | " + " | ".join(
                         pm([r[f"noise_{x:g}"] for r in rs]) if all(f"noise_{x:g}" in r for r in rs) else "–"
                         for x in levels) + " |")
-        for v, tasks in per_variant.items():
-            if tasks:
+        for v in variants:
+            if any((d, v) in by for d in datasets):
                 cells = []
                 for x in levels:
                     g = [np.array([r.get(f"noise_{x:g}", np.nan) for r in by[(d, v)]]) for d in datasets
                          if (d, v) in by]
-                    cells.append(ci(stratified_bootstrap_ci(g, aggregate_mean)) if all(np.isfinite(t).all()
-                                                                                    for t in g) else "–")
+                    cells.append(interval_cell(g, aggregate_mean) if all(np.isfinite(t).all() for t in g) else "–")
                 out.append(f"| **mean over datasets** [95 % CI] | {v} | " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
 
@@ -652,11 +694,17 @@ def write_sweep_results(sw: SweepArgs, runs: list[dict], sweep_dir: Path, levels
     a2pr.atomic_write(Path(paths["results_md"]), lambda tmp: Path(tmp).write_text(text))
     if rows:
         plot_sweep(Path(paths["results_png"]), runs, rows, levels, variants, sw.suite)
+    paths["summary"] = summary_lines(rows, variants)
     return paths
 
 
 def plot_sweep(path: Path, runs: list[dict], rows: list[dict], levels: list[float], variants: list[str],
                suite: str) -> None:
+    fig = sweep_figure(runs, rows, levels, variants, suite)
+    a2pr.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+
+
+def sweep_figure(runs: list[dict], rows: list[dict], levels: list[float], variants: list[str], suite: str):
     """Per-dataset learning curves (mean over seeds, 95 % bootstrap band), the aggregate intervals, and the score
     under observation noise; matplotlib's Figure API, as a2pr's learning curve."""
     from matplotlib.figure import Figure  # no pyplot: a sweep never changes a notebook's plotting backend
@@ -683,22 +731,37 @@ def plot_sweep(path: Path, runs: list[dict], rows: list[dict], levels: list[floa
         if d in PAPER_SCORES:
             ax.axhline(PAPER_SCORES[d], ls="--", c="gray", lw=1, label="paper (A2PR)")
         ax.set(title=d, xlabel="gradient step", ylabel="normalised score")
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     for ax in axes[:-1].ravel()[len(datasets):]:
         ax.set_visible(False)
     bottom = axes[-1]
     for k, (name, stat) in enumerate((("mean", aggregate_mean), ("IQM", aggregate_iqm))):
-        ax = bottom[k]
+        ax, ends, single, drawn = bottom[k], [], 0, 0
         for i, v in enumerate(variants):
             tasks = [np.array([r["final_score"] for r in rows if r["dataset"] == d and r["variant"] == v])
                      for d in datasets]
             tasks = [t for t in tasks if len(t)]
-            if tasks:
+            if not tasks:
+                continue
+            drawn += 1
+            if no_interval(tasks):  # the value alone, as in results.md: a dataset with one run gives no interval
+                p, single = float(stat(tasks)), single + 1
+                ax.plot([p], [i], marker="D", ms=8, ls="none", color=colors[v])
+                ends.append(p)
+            else:
                 p, lo, hi = stratified_bootstrap_ci(tasks, stat)
                 ax.plot([lo, hi], [i, i], lw=12, solid_capstyle="butt", color=colors[v], alpha=0.6)  # no barh:
                 ax.plot([p, p], [i - 0.25, i + 0.25], color="k")  # its sticky edges hide an interval at the border
+                ends += [lo, p, hi]
+        if ends:  # every mark inside the axes, with a margin (an interval of width 0 once sat on the edge)
+            lo, hi = min(ends), max(ends)
+            pad = 0.1 * (hi - lo) if hi > lo else max(1.0, 0.05 * abs(hi))
+            ax.set_xlim(lo - pad, hi + pad)
+        ax.set_ylim(-0.6, len(variants) - 0.4)
         ax.set(yticks=range(len(variants)), yticklabels=variants, xlabel="normalised score",
-               title=f"{name} over datasets, 95 % CI")
+               title=f"{name} over datasets, " + ("1 run: no interval" if single == drawn else "95 % CI" +
+                                                  (" (diamond: 1 run, no interval)" if single else "")))
     ax = bottom[2]
     if levels:
         for v in variants:
@@ -720,7 +783,7 @@ def plot_sweep(path: Path, runs: list[dict], rows: list[dict], levels: list[floa
         ax.set_visible(False)
     fig.suptitle(f"sweep {suite}")
     fig.tight_layout()
-    a2pr.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    return fig
 
 
 # --- the command line: a2pr.py's parser (every training flag) plus the sweep's own arguments ----------------------

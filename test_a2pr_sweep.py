@@ -173,6 +173,67 @@ def test_bootstrap_intervals_agree_with_rliable():
         assert lo == pytest.approx(tlo, abs=tol * (thi - tlo)) and hi == pytest.approx(thi, abs=tol * (thi - tlo))
 
 
+def score_rows(runs_per_cell: dict) -> list[dict]:
+    """results.csv's rows by hand: {(dataset, variant): number of runs}, scores spread by variant and seed."""
+    rows = []
+    for (d, v), n in runs_per_cell.items():
+        for seed in range(n):
+            score = (60.0 if v == "a2pr" else 40.0) + 3.0 * seed + len(d)
+            rows.append(dict(dataset=d, variant=v, seed=seed, final_score=score, best_score=score + 1, steps=40,
+                             steps_per_s="", wall_s=1.0, run_dir=f"{d}__{v}", **{"noise_0.1": score - 5}))
+    return rows
+
+
+def test_single_runs_give_no_interval_and_no_probability_of_improvement():
+    """One run per dataset: every resample of the stratified bootstrap is that run, so there is no interval to show
+    (no `x [x, x]` bracket) and no probability of improvement; the table and the driver's last lines say so."""
+    variants = ["a2pr", "td3bc"]
+    one = score_rows({(d, v): 1 for d in ("ds-a", "ds-b") for v in variants})
+    md = a2pr_sweep.sweep_tables(one, [0.1], variants)
+    aggregate = md.split("## Aggregate")[1]
+    assert " [" not in aggregate.replace("[95 % CI]", "")  # no bracket anywhere below the per-dataset table
+    assert "| a2pr | 2 | 2 | 64.0 (1 run: no interval) | 64.0 (1 run: no interval) |" in md
+    assert "| ds-a | a2pr | 1 | 64.0 (1 run: no std) |" in md
+    assert "| P(a2pr > td3bc) | 2 | – (needs >= 2 runs per variant on every dataset; give --seeds 2 or more) |" in md
+    assert "| **mean over datasets** [95 % CI] | td3bc | 39.0 (1 run: no interval) |" in md
+    assert a2pr_sweep.summary_lines(one, variants) == [
+        "a2pr, final score over 2 datasets (2 runs): mean 64.0 (1 run: no interval), IQM 64.0 (1 run: no interval)",
+        "td3bc, final score over 2 datasets (2 runs): mean 44.0 (1 run: no interval), IQM 44.0 (1 run: no interval)",
+        "P(a2pr > td3bc): needs >= 2 runs per variant on every dataset; give --seeds 2 or more"]
+    # one dataset of one variant with a single run: still no interval and no P for that variant, the other has both
+    mixed = score_rows({("ds-a", "a2pr"): 3, ("ds-b", "a2pr"): 1, ("ds-a", "td3bc"): 3, ("ds-b", "td3bc"): 3})
+    agg, poi = a2pr_sweep.aggregate_cells(mixed, variants)
+    assert agg["a2pr"][2] == "65.5 (1 run on 1 of 2 datasets: no interval)" and poi["td3bc"] == (2, None)
+    assert " [" in agg["td3bc"][2] and " [" in agg["td3bc"][3]
+    three = score_rows({(d, v): 3 for d in ("ds-a", "ds-b") for v in variants})
+    agg, poi = a2pr_sweep.aggregate_cells(three, variants)
+    assert agg["a2pr"][2].startswith("67.0 [") and poi["td3bc"][1].startswith("1.00 [")
+    assert "run: no interval" not in a2pr_sweep.sweep_tables(three, [0.1], variants)
+
+
+@pytest.mark.parametrize("runs", [1, 3])
+def test_aggregate_panels_show_every_mark_inside_their_axes(runs):
+    """results.png's mean and IQM panels: every point and interval end lies inside the axes, a margin away from the
+    edges (a single run's interval of width 0 used to sit on the edge, invisible)."""
+    variants = ["a2pr", "td3bc", "no-gate"]
+    rows = score_rows({(d, v): runs for d in ("ds-a", "ds-b", "ds-c") for v in variants})
+    runs_planned = [dict(dataset=r["dataset"], variant=r["variant"], seeds=[0], run_dir=r["run_dir"]) for r in rows]
+    fig = a2pr_sweep.sweep_figure(runs_planned, rows, [], variants, "test")
+    panels = [ax for ax in fig.axes if " over datasets" in ax.get_title()]
+    assert len(panels) == 2
+    for ax in panels:
+        assert ("1 run: no interval" in ax.get_title()) == (runs == 1)
+        (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
+        marks = [(x, y) for line in ax.get_lines() for x, y in zip(line.get_xdata(), line.get_ydata())]
+        assert len(marks) >= len(variants)
+        margin = 0.02 * (x1 - x0)
+        for x, y in marks:
+            assert x0 + margin < x < x1 - margin and y0 < y < y1, (ax.get_title(), x, (x0, x1))
+        for i in range(len(variants)):  # each variant visible: a marker, or an interval of some width
+            at = [line for line in ax.get_lines() if set(line.get_ydata()) == {i}]
+            assert any(line.get_marker() not in ("None", "", None) or np.ptp(line.get_xdata()) > 0 for line in at)
+
+
 # ================================================================================================================
 # The plan and the command line
 # ================================================================================================================
@@ -441,3 +502,4 @@ def test_worker_killed_mid_run_is_retried_and_the_table_equals_the_uninterrupted
         info = json.loads((Path(d) / "sweep.json").read_text())
         assert info["resumed_at"] and info["attempts"] == 1  # the killed attempt never finished; its rerun resumed
     assert results_table(sw) == results_table(reference)
+
