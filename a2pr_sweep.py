@@ -274,8 +274,66 @@ def sweep_run_state(run: dict, total_steps: int, levels: list[float]) -> str:
     return "resume" if (run_dir / "checkpoint.pt").exists() else "new"
 
 
+# What to do about a run folder's file that is not what a2pr and the sweep wrote there (truncated, garbage, foreign).
+_FILE_FIX = {"summary.json": "remove the folder {run_dir}; the same command then trains that run again",
+             "metrics.csv": "remove the folder {run_dir}; the same command then trains that run again",
+             "sweep.json": "remove that file (it holds only the run's wall time and host), then run the same command "
+                           "again",
+             "noise.json": "remove that file; the same command then evaluates the noise levels again"}
+
+
+def _bad_file(path: Path, why: str) -> a2pr.A2PRError:
+    return a2pr.A2PRError(f"{path} cannot be read ({why}); {_FILE_FIX[path.name].format(run_dir=path.parent)}")
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _list_of(check):
+    return lambda x: isinstance(x, list) and all(check(v) for v in x)
+
+
+# The fields of a run folder's JSON files that the sweep reads, each with the check its value must pass.
+_JSON_FIELDS = {
+    "summary.json": dict(interrupted=lambda x: isinstance(x, bool), steps=_is_int, seeds=_list_of(_is_int),
+                         final_scores=_list_of(_is_number), best_scores=_list_of(lambda x: x is None or _is_number(x))),
+    "sweep.json": dict(wall_s=_is_number, host=lambda x: isinstance(x, str), attempts=_is_int,
+                       resumed_at=_list_of(_is_int)),
+    "noise.json": dict(episodes=_is_int, scores=lambda x: isinstance(x, dict) and all(
+        _list_of(_is_number)(v) for v in x.values())),
+}
+
+
 def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.exists() else {}
+    """A run folder's summary.json, sweep.json or noise.json ({} where there is none), checked: a JSON object whose
+    fields the sweep reads have the right types (a finished summary has them all, one score per seed). Anything
+    else is one line naming the file and what to do, never a traceback in the driver."""
+    if not path.exists():
+        return {}
+    try:
+        out = json.loads(path.read_text())
+    except OSError as e:
+        raise _bad_file(path, e.strerror or type(e).__name__) from None
+    except ValueError:  # JSONDecodeError, UnicodeDecodeError
+        raise _bad_file(path, "not JSON") from None
+    if not isinstance(out, dict):
+        raise _bad_file(path, f"a JSON {type(out).__name__}, not an object")
+    fields = _JSON_FIELDS[path.name]
+    for k, ok in fields.items():
+        if k in out and not ok(out[k]):
+            raise _bad_file(path, f"its {k} is {str(out[k])[:40]!r}")
+    if path.name == "summary.json" and out.get("interrupted") is False:
+        missing = [k for k in fields if k not in out]
+        if missing:
+            raise _bad_file(path, f"a finished run's summary without {', '.join(missing)}")
+        if not len(out["seeds"]) == len(out["final_scores"]) == len(out["best_scores"]):
+            raise _bad_file(path, "not one score per seed")
+    return out
 
 
 def check_run_folder(run: dict, resolved: a2pr.Args) -> None:
@@ -383,7 +441,8 @@ def sweep(sw: SweepArgs) -> dict:
     runs, levels = plan_sweep(sw), noise_levels(sw)
     sweep_dir = Path(runs[0]["run_dir"]).parent
     resolved, todo = {}, []
-    for run in runs:
+    for run in runs:  # every file the sweep reads, before it writes anything: a bad one is one line
+        check_run_files(run)
         resolved[run["run_dir"]] = r = a2pr.resolve_args(run["args"])[0]
         check_run_folder(run, r)
         run["state"] = sweep_run_state(run, r.total_steps, levels)
@@ -474,25 +533,57 @@ def _run_on_ray(ray, sw: SweepArgs, todo: list[dict], resolved: dict, levels: li
 
 # --- results -----------------------------------------------------------------------------------------------------
 def _metrics(run_dir: Path) -> list[dict]:
+    """metrics.csv's rows ([] where there is none); a file that is not a2pr's CSV is one line saying so."""
     path = run_dir / "metrics.csv"
     if not path.exists():
         return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+    try:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            rows, header = list(reader), reader.fieldnames or []
+    except OSError as e:
+        raise _bad_file(path, e.strerror or type(e).__name__) from None
+    except (ValueError, csv.Error):  # UnicodeDecodeError, a NUL byte
+        raise _bad_file(path, "not a CSV file") from None
+    if not {"step", "time_s"} <= set(header):
+        raise _bad_file(path, "no step and time_s columns: not a2pr's metrics")
+    for i, r in enumerate(rows, 2):
+        try:
+            if None in r or None in r.values():
+                raise ValueError
+            int(r["step"]), float(r["time_s"])
+        except (KeyError, ValueError):
+            raise _bad_file(path, f"line {i} is not a row of a2pr's metrics: a step and its time_s") from None
+    return rows
 
 
 def _eval_curves(run_dir: Path, seeds: list[int]) -> tuple[np.ndarray, np.ndarray]:
     """(steps, scores (seeds, steps)) of a run's evaluations, from its metrics.csv."""
     rows = [r for r in _metrics(run_dir) if r.get("eval/normalized_score_mean", "") != ""]
     cols = ([f"eval/normalized_score_seed{s}" for s in seeds] if len(seeds) > 1 else ["eval/normalized_score_mean"])
-    return (np.array([int(r["step"]) for r in rows]),
-            np.array([[float(r[c]) for r in rows] for c in cols]).reshape(len(seeds), len(rows)))
+    try:
+        scores = np.array([[float(r[c]) for r in rows] for c in cols]).reshape(len(seeds), len(rows))
+    except (KeyError, ValueError):
+        raise _bad_file(run_dir / "metrics.csv", f"no evaluation score for each of the seeds {seeds}") from None
+    return np.array([int(r["step"]) for r in rows]), scores
 
 
 def _train_seconds(run_dir: Path) -> float:
     """Training time of the steps that count: time_s restarts at 0 when a run resumes, so sum each segment's end."""
     times = [float(r["time_s"]) for r in _metrics(run_dir)]
     return float(sum(a for a, b in zip(times, times[1:] + [-1.0]) if b < a))
+
+
+def check_run_files(run: dict) -> None:
+    """Read every file of a run folder that the sweep reads, so that one that is truncated, garbage or from
+    elsewhere stops the sweep with one line before it writes anything. metrics.csv only once the run has finished:
+    until then its last line may be a2pr's to complete, and a2pr reads it itself when the run resumes."""
+    run_dir = Path(run["run_dir"])
+    summary = _read_json(run_dir / "summary.json")
+    _read_json(run_dir / "sweep.json")
+    _read_json(run_dir / "noise.json")
+    if summary.get("interrupted") is False:
+        _eval_curves(run_dir, run["seeds"])
 
 
 def collect_sweep(runs: list[dict], levels: list[float]) -> list[dict]:

@@ -9,6 +9,7 @@ import dataclasses
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -503,3 +504,67 @@ def test_worker_killed_mid_run_is_retried_and_the_table_equals_the_uninterrupted
         assert info["resumed_at"] and info["attempts"] == 1  # the killed attempt never finished; its rerun resumed
     assert results_table(sw) == results_table(reference)
 
+
+# ================================================================================================================
+# What a sweep meets: strangers' files in its folder, a second sweep, SIGTERM, an address where nothing listens
+# ================================================================================================================
+ONE_RUN = ["envs", "--envs", "pendulum-medium-v0", "--seeds", "1", "--noise-levels", "0"]
+
+
+@pytest.fixture(scope="module")
+def finished_sweep(tmp_path_factory):
+    """A sweep folder holding one finished run (its task called directly, no Ray) and no results yet."""
+    sw = tmp_path_factory.mktemp("finished") / "sw"
+    run = a2pr_sweep.plan_sweep(sweep_args(sw, *ONE_RUN))[0]
+    a2pr_sweep.run_sweep_task(dict(run_dir=run["run_dir"], args=dataclasses.asdict(run["args"]), total_steps=40,
+                                   noise_levels=[0.0], eval_episodes=1, threads=1))
+    return Path(run["run_dir"])
+
+
+def folder_state(folder: Path) -> dict:
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def truncated(text: str) -> str:
+    return text[:len(text) // 2]
+
+
+def with_field(name, value):
+    return lambda text: json.dumps({**json.loads(text), name: value})
+
+
+@pytest.mark.parametrize("name, spoil, why, fix", [
+    ("summary.json", lambda t: "\x00garbage{", "not JSON", "remove the folder"),
+    ("summary.json", truncated, "not JSON", "remove the folder"),
+    ("summary.json", lambda t: "[1, 2]", "a JSON list, not an object", "remove the folder"),
+    ("summary.json", with_field("final_scores", "abc"), "its final_scores is 'abc'", "remove the folder"),
+    ("summary.json", with_field("final_scores", [1.0, 2.0]), "not one score per seed", "remove the folder"),
+    ("sweep.json", lambda t: "\x00garbage{", "not JSON", "remove that file (it holds only the run's wall time"),
+    ("sweep.json", with_field("wall_s", "x"), "its wall_s is 'x'", "remove that file"),
+    ("noise.json", truncated, "not JSON", "the same command then evaluates the noise levels again"),
+    ("metrics.csv", lambda t: "\x00\udcff garbage", "not a CSV file", "remove the folder"),  # not UTF-8
+    ("metrics.csv", lambda t: "\x00 garbage\n", "no step and time_s columns", "remove the folder"),
+    ("metrics.csv", truncated, "is not a row of a2pr's metrics", "remove the folder"),
+    ("metrics.csv", lambda t: "step,time_s\n1,2\nx,3\n", "line 3 is not a row of a2pr's metrics", "remove the"),
+])
+def test_a_bad_file_in_a_run_folder_is_one_line_naming_it_and_nothing_is_written(
+        finished_sweep, tmp_path, capsys, name, spoil, why, fix):
+    sw = tmp_path / "sw"
+    run_dir = sw / finished_sweep.name
+    shutil.copytree(finished_sweep, run_dir)
+    argv = [*ONE_RUN, *SWEEP_TINY, "--sweep-dir", str(sw)]
+    path = run_dir / name
+    path.write_bytes(spoil(path.read_text()).encode("utf-8", "surrogateescape"))
+    before = folder_state(sw)
+    assert a2pr_sweep.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"a2pr_sweep.py: error: {path} cannot be read ("), err
+    assert why in err and fix in err, err
+    assert folder_state(sw) == before  # nothing written: no results, no lock file, the run folder as it was
+
+
+def test_the_intact_finished_folder_gives_results(finished_sweep, tmp_path, capsys):
+    """The same copy as above, unspoilt: the sweep finds the run finished and writes the results (without Ray)."""
+    shutil.copytree(finished_sweep, tmp_path / "sw" / finished_sweep.name)
+    assert a2pr_sweep.main([*ONE_RUN, *SWEEP_TINY, "--sweep-dir", str(tmp_path / "sw")]) == 0, capsys.readouterr().err
+    assert "1 of 1 run folders finished" in (tmp_path / "sw" / "results.md").read_text()
