@@ -427,7 +427,9 @@ def _start_ray(ray, sw: SweepArgs) -> bool:
             ray.init(address=address, **quiet)
         else:
             cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-            ray.init(num_cpus=cpus, include_dashboard=False, object_store_memory=128 * 2**20, **quiet)
+            # "local": a Ray of its own, even where `ray start` left one running (which rejects num_cpus)
+            ray.init(address="local", num_cpus=cpus, include_dashboard=False, object_store_memory=128 * 2**20,
+                     **quiet)
     except (ConnectionError, RuntimeError, ValueError) as e:
         where = f"the Ray cluster at {address}" if address else "a local Ray"
         raise a2pr.A2PRError(f"could not start {where}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") \
