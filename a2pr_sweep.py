@@ -16,6 +16,7 @@ Every flag of a2pr.py (--total-steps, --eval-freq, --alpha, --cuda, ...) is give
 per-dataset presets as in a single run; --num-seeds N splits each dataset's seeds into Ray tasks of N (default: all
 of --seeds in one task, trained as one batched computation, which is faster per seed than one seed at a time).
 On a cluster every node needs a2pr.py and this file at the same path, and --sweep-dir on a shared filesystem.
+While it runs, the driver holds --sweep-dir/.sweep.lock: a second sweep into the same folder stops with one line.
 
 Reading map: constants and SweepArgs · statistics (iqm ... stratified_bootstrap_ci) · the plan (plan_sweep) · one
 Ray task (run_sweep_task) · the driver (sweep) · results (collect_sweep, sweep_tables, plot_sweep) · command line.
@@ -437,33 +438,75 @@ def _start_ray(ray, sw: SweepArgs) -> bool:
     return True
 
 
+def lock_sweep_dir(sweep_dir: Path):
+    """Lock sweep_dir/.sweep.lock for this driver and return the open file (the lock lasts while it is open; the OS
+    drops it when the process ends, even on kill -9); the file holds the driver's pid. A second sweep into the same
+    folder stops with one line instead of starting runs that the first one's workers are training."""
+    path = sweep_dir / ".sweep.lock"
+    try:
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        f = open(path, "a+")
+    except OSError as e:
+        raise a2pr.A2PRError(f"cannot write into {sweep_dir} ({e.strerror or e}); give another --sweep-dir") from None
+    try:
+        try:
+            import fcntl
+        except ImportError:  # Windows
+            import msvcrt
+
+            msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
+        else:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip()
+        f.close()
+        raise a2pr.A2PRError(f"another sweep{f' (pid {holder})' if holder.isdigit() else ''} is running in "
+                             f"{sweep_dir} and is training those runs; wait for it to end, then run this command "
+                             "again (it keeps what the other finished), or give another --sweep-dir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    return f
+
+
 def sweep(sw: SweepArgs) -> dict:
     """Plan the sweep, run what is not finished on Ray (one task per run folder), then write the results. Returns
     dict(sweep_dir, results_csv, results_md, results_png, summary, ran, skipped, failed)."""
     runs, levels = plan_sweep(sw), noise_levels(sw)
     sweep_dir = Path(runs[0]["run_dir"]).parent
-    resolved, todo = {}, []
+    resolved = {}
     for run in runs:  # every file the sweep reads, before it writes anything: a bad one is one line
         check_run_files(run)
         resolved[run["run_dir"]] = r = a2pr.resolve_args(run["args"])[0]
         check_run_folder(run, r)
-        run["state"] = sweep_run_state(run, r.total_steps, levels)
-        if run["state"] != "done":
-            todo.append(run)
+
+    def unfinished():
+        for run in runs:
+            run["state"] = sweep_run_state(run, resolved[run["run_dir"]].total_steps, levels)
+        return [run for run in runs if run["state"] != "done"]
+
+    todo = unfinished()
     ray = _import_ray() if todo else None  # after the checks above, so that a mistake in the flags comes first
-    print(f"sweep {sw.suite}: {len(runs)} runs in {sweep_dir} ({len(runs) - len(todo)} finished, "
-          f"{sum(r['state'] == 'resume' for r in todo)} to resume, {sum(r['state'] == 'new' for r in todo)} new, "
-          f"{sum(r['state'] == 'noise' for r in todo)} to evaluate under noise)", file=sys.stderr)
-    failed = []
-    if todo:
-        seen = set()
-        for run in todo:  # load (download, generate) each dataset once here, not in every task at once
-            key = (run["env"], run["mix"])
-            if key not in seen and run["state"] != "noise":
-                seen.add(key)
-                a2pr.load_dataset(run["args"], log=lambda *m, **k: print(*m, file=sys.stderr, **k))
-        failed = _run_on_ray(ray, sw, todo, resolved, levels)
-    out = write_sweep_results(sw, runs, sweep_dir, levels)
+    lock = lock_sweep_dir(sweep_dir)
+    try:
+        todo = unfinished()  # again, now that no other sweep writes here: one may have finished runs meanwhile
+        print(f"sweep {sw.suite}: {len(runs)} runs in {sweep_dir} ({len(runs) - len(todo)} finished, "
+              f"{sum(r['state'] == 'resume' for r in todo)} to resume, {sum(r['state'] == 'new' for r in todo)} new, "
+              f"{sum(r['state'] == 'noise' for r in todo)} to evaluate under noise)", file=sys.stderr)
+        failed = []
+        if todo:
+            seen = set()
+            for run in todo:  # load (download, generate) each dataset once here, not in every task at once
+                key = (run["env"], run["mix"])
+                if key not in seen and run["state"] != "noise":
+                    seen.add(key)
+                    a2pr.load_dataset(run["args"], log=lambda *m, **k: print(*m, file=sys.stderr, **k))
+            failed = _run_on_ray(ray, sw, todo, resolved, levels)
+        out = write_sweep_results(sw, runs, sweep_dir, levels)
+    finally:
+        lock.close()
     out.update(ran=[r["run_dir"] for r in todo], skipped=[r["run_dir"] for r in runs if r["state"] == "done"],
                failed=failed)
     for line in out["summary"]:

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -568,3 +569,52 @@ def test_the_intact_finished_folder_gives_results(finished_sweep, tmp_path, caps
     shutil.copytree(finished_sweep, tmp_path / "sw" / finished_sweep.name)
     assert a2pr_sweep.main([*ONE_RUN, *SWEEP_TINY, "--sweep-dir", str(tmp_path / "sw")]) == 0, capsys.readouterr().err
     assert "1 of 1 run folders finished" in (tmp_path / "sw" / "results.md").read_text()
+
+
+def start_sweep(*argv, cwd) -> tuple[subprocess.Popen, Path]:
+    """A sweep driver in the background, its stderr in a file."""
+    err = Path(cwd) / f"driver-{len(list(Path(cwd).glob('driver-*')))}.err"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.pop("RAY_ADDRESS", None)
+    with open(err, "w") as f:
+        proc = subprocess.Popen([sys.executable, str(HERE / "a2pr_sweep.py"), *argv], stderr=f, stdout=f, env=env,
+                                cwd=cwd)
+    return proc, err
+
+
+def wait_until(condition, timeout: float, proc: subprocess.Popen):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, "the sweep ended before the test could act"
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def training(sw: Path) -> bool:
+    """A Ray worker holds a run folder of the sweep (its pid in the folder's .lock)."""
+    return any(p.read_text().strip() for p in sw.glob("*/.lock"))
+
+
+LONG_RUN = ["envs", "--envs", "pendulum-medium-v0", "--seeds", "1", *SWEEP_TINY, "--total-steps", "4000",
+            "--eval-freq", "1000"]
+
+
+@pytest.mark.slow
+def test_a_second_sweep_into_the_same_folder_says_the_first_is_running_those_runs(tmp_path):
+    pytest.importorskip("ray")
+    first, first_err = start_sweep(*LONG_RUN, "--sweep-dir", "sw", cwd=tmp_path)
+    try:
+        wait_until(lambda: training(tmp_path / "sw"), 120, first)
+        second = run_sweep_cli(*LONG_RUN, "--sweep-dir", "sw", cwd=tmp_path)
+        assert first.poll() is None, "the first sweep should still be running"
+        assert second.returncode == 2, second.stderr
+        assert second.stderr == (f"a2pr_sweep.py: error: another sweep (pid {first.pid}) is running in sw and is "
+                                 "training those runs; wait for it to end, then run this command again (it keeps what "
+                                 "the other finished), or give another --sweep-dir\n")
+        assert first.wait(300) == 0, first_err.read_text()  # the first sweep undisturbed
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert "1 of 1 run folders finished" in (tmp_path / "sw" / "results.md").read_text()
+    again = run_sweep_cli(*LONG_RUN, "--sweep-dir", "sw", cwd=tmp_path)
+    assert again.returncode == 0 and "(1 finished, 0 to resume, 0 new" in again.stderr, again.stderr
