@@ -33,7 +33,9 @@ import os
 import platform
 import re
 import shlex
+import signal
 import sys
+import threading
 import time
 import typing
 from dataclasses import dataclass, field
@@ -423,6 +425,7 @@ def _start_ray(ray, sw: SweepArgs) -> bool:
     quiet = dict(job_config=JobConfig(code_search_path=_code_dirs()), log_to_driver=False,
                  logging_level=logging.ERROR)
     address = sw.ray_address or os.environ.get("RAY_ADDRESS")
+    on_term = signal.getsignal(signal.SIGTERM)
     try:
         if address:
             ray.init(address=address, **quiet)
@@ -435,6 +438,11 @@ def _start_ray(ray, sw: SweepArgs) -> bool:
         where = f"the Ray cluster at {address}" if address else "a local Ray"
         raise a2pr.A2PRError(f"could not start {where}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") \
             from None
+    finally:
+        # ray.init puts its own SIGTERM handlers in place (Python's exits with status 15, the core worker's prints a
+        # stack dump and aborts): SIGTERM stays what it was before, in main() an interruption like Ctrl-C.
+        if on_term is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, on_term)
     return True
 
 
@@ -568,8 +576,8 @@ def _run_on_ray(ray, sw: SweepArgs, todo: list[dict], resolved: dict, levels: li
                 print(line, file=sys.stderr, flush=True)
         return failed
     except KeyboardInterrupt:
-        print("\nsweep interrupted: finished runs are kept; the same command resumes the others from their "
-              "checkpoints", file=sys.stderr)
+        print(f"\nsweep interrupted{' by SIGTERM' if _terminated else ''}: finished runs are kept; the same command "
+              "resumes the others from their checkpoints", file=sys.stderr)
         raise
     finally:
         if started:
@@ -951,15 +959,33 @@ def parse_args(argv=None) -> SweepArgs:
     return SweepArgs(**own, train=a2pr.Args(**values), given=frozenset(given))
 
 
+_terminated = False  # whether SIGTERM stopped the driver: Ray's waits turn what a handler raises into KeyboardInterrupt
+
+
+def _terminate(_signum, _frame):
+    """SIGTERM to the driver (what `kill`, SLURM and Kubernetes send) stops the sweep as Ctrl-C does."""
+    global _terminated
+    _terminated = True
+    raise KeyboardInterrupt
+
+
 def main(argv=None) -> int:
+    """The command line: 0 when every run finished, 2 after an error (one line), 130 after Ctrl-C and 143 after
+    SIGTERM (as the shell reports a process they ended)."""
+    global _terminated
+    here, _terminated = threading.current_thread() is threading.main_thread(), False
+    on_term = signal.signal(signal.SIGTERM, _terminate) if here else None
     try:
         sweep(parse_args(argv))
     except a2pr.A2PRError as e:
         print(f"a2pr_sweep.py: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("a2pr_sweep.py: interrupted", file=sys.stderr)
-        return 130
+        print(f"a2pr_sweep.py: interrupted{' by SIGTERM' if _terminated else ''}", file=sys.stderr)
+        return 128 + (signal.SIGTERM if _terminated else signal.SIGINT)
+    finally:
+        if here:
+            signal.signal(signal.SIGTERM, on_term)
     return 0
 
 

@@ -618,3 +618,22 @@ def test_a_second_sweep_into_the_same_folder_says_the_first_is_running_those_run
     assert "1 of 1 run folders finished" in (tmp_path / "sw" / "results.md").read_text()
     again = run_sweep_cli(*LONG_RUN, "--sweep-dir", "sw", cwd=tmp_path)
     assert again.returncode == 0 and "(1 finished, 0 to resume, 0 new" in again.stderr, again.stderr
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_driver_is_the_usual_interrupted_line_and_exit_143(tmp_path):
+    pytest.importorskip("ray")
+    driver, err = start_sweep(*LONG_RUN, "--total-steps", "40000", "--sweep-dir", "sw", cwd=tmp_path)
+    try:
+        wait_until(lambda: training(tmp_path / "sw"), 120, driver)
+        before = err.read_text()
+        driver.send_signal(signal.SIGTERM)
+        code = driver.wait(120)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    after = err.read_text()[len(before):]
+    assert code == 143, after
+    assert after.strip().splitlines() == [
+        "sweep interrupted by SIGTERM: finished runs are kept; the same command resumes the others from their "
+        "checkpoints", "a2pr_sweep.py: interrupted by SIGTERM"]  # no Ray stack dump, no traceback
