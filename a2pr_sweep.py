@@ -34,6 +34,7 @@ import platform
 import re
 import shlex
 import signal
+import socket
 import sys
 import threading
 import time
@@ -66,6 +67,7 @@ PAPER_SCORES = {"halfcheetah-medium-v2": 68.6, "hopper-medium-v2": 100.8, "walke
                 "walker2d-medium-replay-v2": 94.4, "halfcheetah-medium-expert-v2": 98.3,
                 "hopper-medium-expert-v2": 112.1, "walker2d-medium-expert-v2": 114.6}
 BOOTSTRAP_REPS = 10_000
+RAY_CONNECT_TIMEOUT_S = 10  # how long --ray-address may take to answer a plain TCP connection
 RAY_INSTALL = "pip install -r requirements-sweep.txt (or: pip install 'ray>=2.40,<3')"
 # a2pr.py flags that the sweep sets for every run itself, each with what to give the sweep instead.
 SET_PER_RUN = {"env": "the suite, or envs --envs A,B", "mix": "ENV+NAME:FRAC in --envs", "bc_target": "--variants",
@@ -413,6 +415,28 @@ def _code_dirs() -> list[str]:
     return list(dict.fromkeys(str(Path(f).resolve().parent) for f in (__file__, a2pr.__file__)))
 
 
+def ray_address(sw: SweepArgs) -> str | None:
+    return sw.ray_address or os.environ.get("RAY_ADDRESS")
+
+
+def check_ray_address(address: str | None) -> None:
+    """A HOST:PORT (or ray://HOST:PORT) where nothing listens is one line within RAY_CONNECT_TIMEOUT_S: ray.init
+    would retry it for ever, printing a GCS error every few seconds. So a plain TCP connection first; `auto`, and
+    an address that answers, are ray.init's to judge."""
+    if not address or address == "auto":
+        return
+    host, _, port = address.split("://", 1)[-1].rpartition(":")
+    if not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=RAY_CONNECT_TIMEOUT_S).close()
+    except OSError as e:
+        why = (f"no answer within {RAY_CONNECT_TIMEOUT_S} s" if isinstance(e, TimeoutError)
+               else e.strerror or str(e) or type(e).__name__)
+        raise a2pr.A2PRError(f"no Ray cluster at {address} ({why}); start one there (ray start --head --port {port}) "
+                             "or give --ray-address the address that ray start printed") from None
+
+
 def _start_ray(ray, sw: SweepArgs) -> bool:
     """Connect to --ray-address / $RAY_ADDRESS, else start a quiet local Ray with this machine's cores. Returns
     whether we started it (and must stop it)."""
@@ -424,7 +448,7 @@ def _start_ray(ray, sw: SweepArgs) -> bool:
 
     quiet = dict(job_config=JobConfig(code_search_path=_code_dirs()), log_to_driver=False,
                  logging_level=logging.ERROR)
-    address = sw.ray_address or os.environ.get("RAY_ADDRESS")
+    address = ray_address(sw)
     on_term = signal.getsignal(signal.SIGTERM)
     try:
         if address:
@@ -497,6 +521,8 @@ def sweep(sw: SweepArgs) -> dict:
 
     todo = unfinished()
     ray = _import_ray() if todo else None  # after the checks above, so that a mistake in the flags comes first
+    if todo and not ray.is_initialized():
+        check_ray_address(ray_address(sw))
     lock = lock_sweep_dir(sweep_dir)
     try:
         todo = unfinished()  # again, now that no other sweep writes here: one may have finished runs meanwhile

@@ -3,6 +3,7 @@ without rliable: pip install -r requirements-sweep.txt)."""
 
 from __future__ import annotations
 
+import _socket
 import contextlib
 import csv
 import dataclasses
@@ -11,6 +12,7 @@ import os
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -491,9 +493,28 @@ def kill_each_writer_after_its_first_checkpoint(sweep_dir: Path):
         watcher.join()
 
 
+@pytest.fixture
+def cluster_reachable(ray_cluster, monkeypatch):
+    """The test cluster listens on this machine's own address, not on loopback, which is all conftest's isolation
+    lets Python connect to: the driver's check that --ray-address answers (a plain TCP connection) reaches it as Ray's
+    own connection, made outside Python, does."""
+    host, isolated, lookup = ray_cluster.address.rpartition(":")[0], socket.socket.connect, socket.getaddrinfo
+
+    def connect(self, address):
+        if isinstance(address, tuple) and address[0] == host:
+            return _socket.socket.connect(self, address)
+        return isolated(self, address)
+
+    def getaddrinfo(name, *a, **k):
+        return (_socket.getaddrinfo if name == host else lookup)(name, *a, **k)
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+
+
 @pytest.mark.slow
 def test_worker_killed_mid_run_is_retried_and_the_table_equals_the_uninterrupted_one(
-        cluster_sweep, ray_cluster, tmp_path):
+        cluster_sweep, ray_cluster, cluster_reachable, tmp_path):
     reference, _ = cluster_sweep
     sw = tmp_path / "sw"
     with kill_each_writer_after_its_first_checkpoint(sw) as killed:
@@ -637,3 +658,17 @@ def test_sigterm_to_the_driver_is_the_usual_interrupted_line_and_exit_143(tmp_pa
     assert after.strip().splitlines() == [
         "sweep interrupted by SIGTERM: finished runs are kept; the same command resumes the others from their "
         "checkpoints", "a2pr_sweep.py: interrupted by SIGTERM"]  # no Ray stack dump, no traceback
+
+
+def test_ray_address_where_nothing_listens_fails_in_bounded_time_with_one_line(tmp_path):
+    with socket.socket() as s:  # a port of this machine that nothing listens on once the socket is closed
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t0 = time.monotonic()
+    r = run_sweep_cli(*ONE_RUN, *SWEEP_TINY, "--ray-address", f"127.0.0.1:{port}", "--sweep-dir", "sw", timeout=60,
+                      cwd=tmp_path)
+    assert time.monotonic() - t0 < 30
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith(f"a2pr_sweep.py: error: no Ray cluster at 127.0.0.1:{port} (Connection refused); "
+                               f"start one there (ray start --head --port {port})"), r.stderr
+    assert not (tmp_path / "sw").exists()
