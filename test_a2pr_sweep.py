@@ -603,10 +603,10 @@ def start_sweep(*argv, cwd) -> tuple[subprocess.Popen, Path]:
     return proc, err
 
 
-def wait_until(condition, timeout: float, proc: subprocess.Popen):
+def wait_until(condition, timeout: float, proc: subprocess.Popen, err: Path):
     deadline = time.monotonic() + timeout
     while not condition():
-        assert proc.poll() is None, "the sweep ended before the test could act"
+        assert proc.poll() is None, f"the sweep ended before the test could act: {err.read_text()}"
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.05)
 
@@ -625,7 +625,7 @@ def test_a_second_sweep_into_the_same_folder_says_the_first_is_running_those_run
     pytest.importorskip("ray")
     first, first_err = start_sweep(*LONG_RUN, "--sweep-dir", "sw", cwd=tmp_path)
     try:
-        wait_until(lambda: training(tmp_path / "sw"), 120, first)
+        wait_until(lambda: training(tmp_path / "sw"), 120, first, first_err)
         second = run_sweep_cli(*LONG_RUN, "--sweep-dir", "sw", cwd=tmp_path)
         assert first.poll() is None, "the first sweep should still be running"
         assert second.returncode == 2, second.stderr
@@ -646,7 +646,7 @@ def test_sigterm_to_the_driver_is_the_usual_interrupted_line_and_exit_143(tmp_pa
     pytest.importorskip("ray")
     driver, err = start_sweep(*LONG_RUN, "--total-steps", "40000", "--sweep-dir", "sw", cwd=tmp_path)
     try:
-        wait_until(lambda: training(tmp_path / "sw"), 120, driver)
+        wait_until(lambda: training(tmp_path / "sw"), 120, driver, err)
         before = err.read_text()
         driver.send_signal(signal.SIGTERM)
         code = driver.wait(120)
