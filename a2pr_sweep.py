@@ -16,6 +16,7 @@ Every flag of a2pr.py (--total-steps, --eval-freq, --alpha, --cuda, ...) is give
 per-dataset presets as in a single run; --num-seeds N splits each dataset's seeds into Ray tasks of N (default: all
 of --seeds in one task, trained as one batched computation, which is faster per seed than one seed at a time).
 On a cluster every node needs a2pr.py and this file at the same path, and --sweep-dir on a shared filesystem.
+While it runs, the driver holds --sweep-dir/.sweep.lock: a second sweep into the same folder stops with one line.
 
 Reading map: constants and SweepArgs · statistics (iqm ... stratified_bootstrap_ci) · the plan (plan_sweep) · one
 Ray task (run_sweep_task) · the driver (sweep) · results (collect_sweep, sweep_tables, plot_sweep) · command line.
@@ -32,7 +33,10 @@ import os
 import platform
 import re
 import shlex
+import signal
+import socket
 import sys
+import threading
 import time
 import typing
 from dataclasses import dataclass, field
@@ -63,6 +67,7 @@ PAPER_SCORES = {"halfcheetah-medium-v2": 68.6, "hopper-medium-v2": 100.8, "walke
                 "walker2d-medium-replay-v2": 94.4, "halfcheetah-medium-expert-v2": 98.3,
                 "hopper-medium-expert-v2": 112.1, "walker2d-medium-expert-v2": 114.6}
 BOOTSTRAP_REPS = 10_000
+RAY_CONNECT_TIMEOUT_S = 10  # how long --ray-address may take to answer a plain TCP connection
 RAY_INSTALL = "pip install -r requirements-sweep.txt (or: pip install 'ray>=2.40,<3')"
 # a2pr.py flags that the sweep sets for every run itself, each with what to give the sweep instead.
 SET_PER_RUN = {"env": "the suite, or envs --envs A,B", "mix": "ENV+NAME:FRAC in --envs", "bc_target": "--variants",
@@ -274,8 +279,66 @@ def sweep_run_state(run: dict, total_steps: int, levels: list[float]) -> str:
     return "resume" if (run_dir / "checkpoint.pt").exists() else "new"
 
 
+# What to do about a run folder's file that is not what a2pr and the sweep wrote there (truncated, garbage, foreign).
+_FILE_FIX = {"summary.json": "remove the folder {run_dir}; the same command then trains that run again",
+             "metrics.csv": "remove the folder {run_dir}; the same command then trains that run again",
+             "sweep.json": "remove that file (it holds only the run's wall time and host), then run the same command "
+                           "again",
+             "noise.json": "remove that file; the same command then evaluates the noise levels again"}
+
+
+def _bad_file(path: Path, why: str) -> a2pr.A2PRError:
+    return a2pr.A2PRError(f"{path} cannot be read ({why}); {_FILE_FIX[path.name].format(run_dir=path.parent)}")
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _list_of(check):
+    return lambda x: isinstance(x, list) and all(check(v) for v in x)
+
+
+# The fields of a run folder's JSON files that the sweep reads, each with the check its value must pass.
+_JSON_FIELDS = {
+    "summary.json": dict(interrupted=lambda x: isinstance(x, bool), steps=_is_int, seeds=_list_of(_is_int),
+                         final_scores=_list_of(_is_number), best_scores=_list_of(lambda x: x is None or _is_number(x))),
+    "sweep.json": dict(wall_s=_is_number, host=lambda x: isinstance(x, str), attempts=_is_int,
+                       resumed_at=_list_of(_is_int)),
+    "noise.json": dict(episodes=_is_int, scores=lambda x: isinstance(x, dict) and all(
+        _list_of(_is_number)(v) for v in x.values())),
+}
+
+
 def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.exists() else {}
+    """A run folder's summary.json, sweep.json or noise.json ({} where there is none), checked: a JSON object whose
+    fields the sweep reads have the right types (a finished summary has them all, one score per seed). Anything
+    else is one line naming the file and what to do, never a traceback in the driver."""
+    if not path.exists():
+        return {}
+    try:
+        out = json.loads(path.read_text())
+    except OSError as e:
+        raise _bad_file(path, e.strerror or type(e).__name__) from None
+    except ValueError:  # JSONDecodeError, UnicodeDecodeError
+        raise _bad_file(path, "not JSON") from None
+    if not isinstance(out, dict):
+        raise _bad_file(path, f"a JSON {type(out).__name__}, not an object")
+    fields = _JSON_FIELDS[path.name]
+    for k, ok in fields.items():
+        if k in out and not ok(out[k]):
+            raise _bad_file(path, f"its {k} is {str(out[k])[:40]!r}")
+    if path.name == "summary.json" and out.get("interrupted") is False:
+        missing = [k for k in fields if k not in out]
+        if missing:
+            raise _bad_file(path, f"a finished run's summary without {', '.join(missing)}")
+        if not len(out["seeds"]) == len(out["final_scores"]) == len(out["best_scores"]):
+            raise _bad_file(path, "not one score per seed")
+    return out
 
 
 def check_run_folder(run: dict, resolved: a2pr.Args) -> None:
@@ -352,6 +415,28 @@ def _code_dirs() -> list[str]:
     return list(dict.fromkeys(str(Path(f).resolve().parent) for f in (__file__, a2pr.__file__)))
 
 
+def ray_address(sw: SweepArgs) -> str | None:
+    return sw.ray_address or os.environ.get("RAY_ADDRESS")
+
+
+def check_ray_address(address: str | None) -> None:
+    """A HOST:PORT (or ray://HOST:PORT) where nothing listens is one line within RAY_CONNECT_TIMEOUT_S: ray.init
+    would retry it for ever, printing a GCS error every few seconds. So a plain TCP connection first; `auto`, and
+    an address that answers, are ray.init's to judge."""
+    if not address or address == "auto":
+        return
+    host, _, port = address.split("://", 1)[-1].rpartition(":")
+    if not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=RAY_CONNECT_TIMEOUT_S).close()
+    except OSError as e:
+        why = (f"no answer within {RAY_CONNECT_TIMEOUT_S} s" if isinstance(e, TimeoutError)
+               else e.strerror or str(e) or type(e).__name__)
+        raise a2pr.A2PRError(f"no Ray cluster at {address} ({why}); start one there (ray start --head --port {port}) "
+                             "or give --ray-address the address that ray start printed") from None
+
+
 def _start_ray(ray, sw: SweepArgs) -> bool:
     """Connect to --ray-address / $RAY_ADDRESS, else start a quiet local Ray with this machine's cores. Returns
     whether we started it (and must stop it)."""
@@ -363,48 +448,103 @@ def _start_ray(ray, sw: SweepArgs) -> bool:
 
     quiet = dict(job_config=JobConfig(code_search_path=_code_dirs()), log_to_driver=False,
                  logging_level=logging.ERROR)
-    address = sw.ray_address or os.environ.get("RAY_ADDRESS")
+    address = ray_address(sw)
+    on_term = signal.getsignal(signal.SIGTERM)
     try:
         if address:
             ray.init(address=address, **quiet)
         else:
             cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-            ray.init(num_cpus=cpus, include_dashboard=False, object_store_memory=128 * 2**20, **quiet)
+            # "local": a Ray of its own, even where `ray start` left one running (which rejects num_cpus)
+            ray.init(address="local", num_cpus=cpus, include_dashboard=False, object_store_memory=128 * 2**20,
+                     **quiet)
     except (ConnectionError, RuntimeError, ValueError) as e:
         where = f"the Ray cluster at {address}" if address else "a local Ray"
         raise a2pr.A2PRError(f"could not start {where}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") \
             from None
+    finally:
+        # ray.init puts its own SIGTERM handlers in place (Python's exits with status 15, the core worker's prints a
+        # stack dump and aborts): SIGTERM stays what it was before, in main() an interruption like Ctrl-C.
+        if on_term is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, on_term)
     return True
+
+
+def lock_sweep_dir(sweep_dir: Path):
+    """Lock sweep_dir/.sweep.lock for this driver and return the open file (the lock lasts while it is open; the OS
+    drops it when the process ends, even on kill -9); the file holds the driver's pid. A second sweep into the same
+    folder stops with one line instead of starting runs that the first one's workers are training."""
+    path = sweep_dir / ".sweep.lock"
+    try:
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        f = open(path, "a+")
+    except OSError as e:
+        raise a2pr.A2PRError(f"cannot write into {sweep_dir} ({e.strerror or e}); give another --sweep-dir") from None
+    try:
+        try:
+            import fcntl
+        except ImportError:  # Windows
+            import msvcrt
+
+            msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
+        else:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip()
+        f.close()
+        raise a2pr.A2PRError(f"another sweep{f' (pid {holder})' if holder.isdigit() else ''} is running in "
+                             f"{sweep_dir} and is training those runs; wait for it to end, then run this command "
+                             "again (it keeps what the other finished), or give another --sweep-dir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    return f
 
 
 def sweep(sw: SweepArgs) -> dict:
     """Plan the sweep, run what is not finished on Ray (one task per run folder), then write the results. Returns
-    dict(sweep_dir, results_csv, results_md, results_png, ran, skipped, failed)."""
+    dict(sweep_dir, results_csv, results_md, results_png, summary, ran, skipped, failed)."""
     runs, levels = plan_sweep(sw), noise_levels(sw)
     sweep_dir = Path(runs[0]["run_dir"]).parent
-    resolved, todo = {}, []
-    for run in runs:
+    resolved = {}
+    for run in runs:  # every file the sweep reads, before it writes anything: a bad one is one line
+        check_run_files(run)
         resolved[run["run_dir"]] = r = a2pr.resolve_args(run["args"])[0]
         check_run_folder(run, r)
-        run["state"] = sweep_run_state(run, r.total_steps, levels)
-        if run["state"] != "done":
-            todo.append(run)
+
+    def unfinished():
+        for run in runs:
+            run["state"] = sweep_run_state(run, resolved[run["run_dir"]].total_steps, levels)
+        return [run for run in runs if run["state"] != "done"]
+
+    todo = unfinished()
     ray = _import_ray() if todo else None  # after the checks above, so that a mistake in the flags comes first
-    print(f"sweep {sw.suite}: {len(runs)} runs in {sweep_dir} ({len(runs) - len(todo)} finished, "
-          f"{sum(r['state'] == 'resume' for r in todo)} to resume, {sum(r['state'] == 'new' for r in todo)} new, "
-          f"{sum(r['state'] == 'noise' for r in todo)} to evaluate under noise)", file=sys.stderr)
-    failed = []
-    if todo:
-        seen = set()
-        for run in todo:  # load (download, generate) each dataset once here, not in every task at once
-            key = (run["env"], run["mix"])
-            if key not in seen and run["state"] != "noise":
-                seen.add(key)
-                a2pr.load_dataset(run["args"], log=lambda *m, **k: print(*m, file=sys.stderr, **k))
-        failed = _run_on_ray(ray, sw, todo, resolved, levels)
-    out = write_sweep_results(sw, runs, sweep_dir, levels)
+    if todo and not ray.is_initialized():
+        check_ray_address(ray_address(sw))
+    lock = lock_sweep_dir(sweep_dir)
+    try:
+        todo = unfinished()  # again, now that no other sweep writes here: one may have finished runs meanwhile
+        print(f"sweep {sw.suite}: {len(runs)} runs in {sweep_dir} ({len(runs) - len(todo)} finished, "
+              f"{sum(r['state'] == 'resume' for r in todo)} to resume, {sum(r['state'] == 'new' for r in todo)} new, "
+              f"{sum(r['state'] == 'noise' for r in todo)} to evaluate under noise)", file=sys.stderr)
+        failed = []
+        if todo:
+            seen = set()
+            for run in todo:  # load (download, generate) each dataset once here, not in every task at once
+                key = (run["env"], run["mix"])
+                if key not in seen and run["state"] != "noise":
+                    seen.add(key)
+                    a2pr.load_dataset(run["args"], log=lambda *m, **k: print(*m, file=sys.stderr, **k))
+            failed = _run_on_ray(ray, sw, todo, resolved, levels)
+        out = write_sweep_results(sw, runs, sweep_dir, levels)
+    finally:
+        lock.close()
     out.update(ran=[r["run_dir"] for r in todo], skipped=[r["run_dir"] for r in runs if r["state"] == "done"],
                failed=failed)
+    for line in out["summary"]:
+        print(f"sweep {sw.suite}: {line}", file=sys.stderr)
     print(f"sweep {sw.suite}: results in {out['results_md']}", file=sys.stderr)
     if failed:
         raise a2pr.A2PRError(f"{len(failed)} of {len(runs)} runs failed (first: {failed[0][0]}: {failed[0][1]}); "
@@ -462,8 +602,8 @@ def _run_on_ray(ray, sw: SweepArgs, todo: list[dict], resolved: dict, levels: li
                 print(line, file=sys.stderr, flush=True)
         return failed
     except KeyboardInterrupt:
-        print("\nsweep interrupted: finished runs are kept; the same command resumes the others from their "
-              "checkpoints", file=sys.stderr)
+        print(f"\nsweep interrupted{' by SIGTERM' if _terminated else ''}: finished runs are kept; the same command "
+              "resumes the others from their checkpoints", file=sys.stderr)
         raise
     finally:
         if started:
@@ -472,25 +612,57 @@ def _run_on_ray(ray, sw: SweepArgs, todo: list[dict], resolved: dict, levels: li
 
 # --- results -----------------------------------------------------------------------------------------------------
 def _metrics(run_dir: Path) -> list[dict]:
+    """metrics.csv's rows ([] where there is none); a file that is not a2pr's CSV is one line saying so."""
     path = run_dir / "metrics.csv"
     if not path.exists():
         return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+    try:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            rows, header = list(reader), reader.fieldnames or []
+    except OSError as e:
+        raise _bad_file(path, e.strerror or type(e).__name__) from None
+    except (ValueError, csv.Error):  # UnicodeDecodeError, a NUL byte
+        raise _bad_file(path, "not a CSV file") from None
+    if not {"step", "time_s"} <= set(header):
+        raise _bad_file(path, "no step and time_s columns: not a2pr's metrics")
+    for i, r in enumerate(rows, 2):
+        try:
+            if None in r or None in r.values():
+                raise ValueError
+            int(r["step"]), float(r["time_s"])
+        except (KeyError, ValueError):
+            raise _bad_file(path, f"line {i} is not a row of a2pr's metrics: a step and its time_s") from None
+    return rows
 
 
 def _eval_curves(run_dir: Path, seeds: list[int]) -> tuple[np.ndarray, np.ndarray]:
     """(steps, scores (seeds, steps)) of a run's evaluations, from its metrics.csv."""
     rows = [r for r in _metrics(run_dir) if r.get("eval/normalized_score_mean", "") != ""]
     cols = ([f"eval/normalized_score_seed{s}" for s in seeds] if len(seeds) > 1 else ["eval/normalized_score_mean"])
-    return (np.array([int(r["step"]) for r in rows]),
-            np.array([[float(r[c]) for r in rows] for c in cols]).reshape(len(seeds), len(rows)))
+    try:
+        scores = np.array([[float(r[c]) for r in rows] for c in cols]).reshape(len(seeds), len(rows))
+    except (KeyError, ValueError):
+        raise _bad_file(run_dir / "metrics.csv", f"no evaluation score for each of the seeds {seeds}") from None
+    return np.array([int(r["step"]) for r in rows]), scores
 
 
 def _train_seconds(run_dir: Path) -> float:
     """Training time of the steps that count: time_s restarts at 0 when a run resumes, so sum each segment's end."""
     times = [float(r["time_s"]) for r in _metrics(run_dir)]
     return float(sum(a for a, b in zip(times, times[1:] + [-1.0]) if b < a))
+
+
+def check_run_files(run: dict) -> None:
+    """Read every file of a run folder that the sweep reads, so that one that is truncated, garbage or from
+    elsewhere stops the sweep with one line before it writes anything. metrics.csv only once the run has finished:
+    until then its last line may be a2pr's to complete, and a2pr reads it itself when the run resumes."""
+    run_dir = Path(run["run_dir"])
+    summary = _read_json(run_dir / "summary.json")
+    _read_json(run_dir / "sweep.json")
+    _read_json(run_dir / "noise.json")
+    if summary.get("interrupted") is False:
+        _eval_curves(run_dir, run["seeds"])
 
 
 def collect_sweep(runs: list[dict], levels: list[float]) -> list[dict]:
@@ -546,13 +718,67 @@ def command_line(sw: SweepArgs) -> str:
     return shlex.join(parts)
 
 
+def no_interval(tasks) -> str | None:
+    """Why these per-dataset runs give no interval, or None: the stratified bootstrap draws a dataset's runs from that
+    dataset's runs only, so a dataset with a single run is the same in every resample and the interval would be a
+    bracket of width 0 (or, beside other datasets, too narrow)."""
+    single = sum(len(t) < 2 for t in tasks)
+    if not single:
+        return None
+    return "1 run: no interval" if single == len(tasks) else f"1 run on {single} of {len(tasks)} datasets: no interval"
+
+
+def interval_cell(tasks, stat, digits: int = 1) -> str:
+    """`point [low, high]` (stratified bootstrap, 95 %), or `point (1 run: no interval)` where a dataset has one run."""
+    tasks = [np.asarray(t, dtype=np.float64) for t in tasks]
+    if why := no_interval(tasks):
+        return f"{float(stat(tasks)):.{digits}f} ({why})"
+    p, lo, hi = stratified_bootstrap_ci(tasks, stat)
+    return f"{p:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+
+
+POI_NEEDS = "needs >= 2 runs per variant on every dataset; give --seeds 2 or more"
+
+
+def aggregate_cells(rows: list[dict], variants: list[str]) -> tuple[dict, dict]:
+    """The aggregates of results.md and of the driver's last lines: {variant: (datasets, runs, mean cell, IQM cell)}
+    and {other variant: (datasets, P(a2pr > other) cell)}, the cell None where a dataset has a single run of
+    either: no probability of improvement then."""
+    datasets = list(dict.fromkeys(r["dataset"] for r in rows))
+    scores = {}
+    for r in rows:
+        scores.setdefault((r["dataset"], r["variant"]), []).append(r["final_score"])
+    agg, poi = {}, {}
+    for v in variants:
+        tasks = [np.array(scores[(d, v)]) for d in datasets if (d, v) in scores]
+        if tasks:
+            agg[v] = (len(tasks), sum(len(t) for t in tasks), interval_cell(tasks, aggregate_mean),
+                      interval_cell(tasks, aggregate_iqm))
+    for v in variants if "a2pr" in variants else []:
+        common = [d for d in datasets if (d, "a2pr") in scores and (d, v) in scores]
+        if v == "a2pr" or not common:
+            continue
+        x, y = [np.array(scores[(d, "a2pr")]) for d in common], [np.array(scores[(d, v)]) for d in common]
+        if no_interval(x + y):
+            poi[v] = (len(common), None)
+        else:
+            t = stratified_bootstrap_ci(x + y, lambda g, n=len(x): probability_of_improvement(g[:n], g[n:]))
+            poi[v] = (len(common), f"{t[0]:.2f} [{t[1]:.2f}, {t[2]:.2f}]")
+    return agg, poi
+
+
+def summary_lines(rows: list[dict], variants: list[str]) -> list[str]:
+    """The aggregates as the driver prints them at the end, the same cells as results.md."""
+    agg, poi = aggregate_cells(rows, variants)
+    return ([f"{v}, final score over {n} datasets ({runs} runs): mean {mean}, IQM {q}"
+             for v, (n, runs, mean, q) in agg.items()] +
+            [f"P(a2pr > {v}) = {cell}" if cell else f"P(a2pr > {v}): {POI_NEEDS}" for v, (_, cell) in poi.items()])
+
+
 def sweep_tables(rows: list[dict], levels: list[float], variants: list[str]) -> str:
     """results.md's tables: per dataset and variant, then the aggregates with their bootstrap CIs."""
     def pm(x):
-        return f"{np.mean(x):.1f} ± {np.std(x):.1f}"
-
-    def ci(t):
-        return f"{t[0]:.1f} [{t[1]:.1f}, {t[2]:.1f}]"
+        return f"{np.mean(x):.1f} ± {np.std(x):.1f}" if len(x) > 1 else f"{np.mean(x):.1f} (1 run: no std)"
 
     datasets = list(dict.fromkeys(r["dataset"] for r in rows))
     by = {}
@@ -576,31 +802,18 @@ def sweep_tables(rows: list[dict], levels: list[float], variants: list[str]) -> 
             "evaluation, best = best evaluation). steps/s: gradient steps per second of a run folder (each step "
             "updates all the seeds that share it); wall time: sum over the run folders of their tasks' wall time "
             "(data loading and evaluation included)."]
-    per_variant = {v: [np.array([r["final_score"] for r in by[(d, v)]]) for d in datasets if (d, v) in by]
-                   for v in variants}
+    agg, poi = aggregate_cells(rows, variants)
     out += ["", f"## Aggregate over datasets (final score; stratified bootstrap, 95 % CI, {BOOTSTRAP_REPS:,} "
             "resamples)", "", "| variant | datasets | runs | mean | IQM |", "|---|---|---|---|---|"]
-    for v, tasks in per_variant.items():
-        if tasks:
-            out.append(f"| {v} | {len(tasks)} | {sum(len(t) for t in tasks)} | "
-                       f"{ci(stratified_bootstrap_ci(tasks, aggregate_mean))} | "
-                       f"{ci(stratified_bootstrap_ci(tasks, aggregate_iqm))} |")
+    out += [f"| {v} | {n} | {runs} | {mean} | {q} |" for v, (n, runs, mean, q) in agg.items()]
     out += ["", "Mean: the mean over datasets of each dataset's mean score. IQM: the interquartile mean of all runs "
             "(the middle 50 %). CIs: runs resampled with replacement within each dataset independently (rliable's "
-            "stratified bootstrap), percentile interval."]
-    if "a2pr" in variants and len(variants) > 1:
+            "stratified bootstrap), percentile interval; a dataset with a single run would be the same in every "
+            "resample, so a cell with one gives its value and no interval (--seeds 2 or more gives one)."]
+    if poi:
         out += ["", "## Probability of improvement", "", "| comparison | datasets | P(X > Y) [95 % CI] |",
                 "|---|---|---|"]
-        for v in variants:
-            if v == "a2pr":
-                continue
-            common = [d for d in datasets if (d, "a2pr") in by and (d, v) in by]
-            if not common:
-                continue
-            x = [np.array([r["final_score"] for r in by[(d, "a2pr")]]) for d in common]
-            y = [np.array([r["final_score"] for r in by[(d, v)]]) for d in common]
-            t = stratified_bootstrap_ci(x + y, lambda g, n=len(x): probability_of_improvement(g[:n], g[n:]))
-            out.append(f"| P(a2pr > {v}) | {len(common)} | {t[0]:.2f} [{t[1]:.2f}, {t[2]:.2f}] |")
+        out += [f"| P(a2pr > {v}) | {n} | {cell or '– (' + POI_NEEDS + ')'} |" for v, (n, cell) in poi.items()]
         out += ["", "rliable's definition: for each dataset, the probability that a random run of X has a higher "
                 "final score than a random run of Y (ties count 1/2), averaged over datasets; the runs of each "
                 "variant on each dataset are resampled independently for the CI."]
@@ -615,14 +828,13 @@ def sweep_tables(rows: list[dict], levels: list[float], variants: list[str]) -> 
                     out.append(f"| {d} | {v} | " + " | ".join(
                         pm([r[f"noise_{x:g}"] for r in rs]) if all(f"noise_{x:g}" in r for r in rs) else "–"
                         for x in levels) + " |")
-        for v, tasks in per_variant.items():
-            if tasks:
+        for v in variants:
+            if any((d, v) in by for d in datasets):
                 cells = []
                 for x in levels:
                     g = [np.array([r.get(f"noise_{x:g}", np.nan) for r in by[(d, v)]]) for d in datasets
                          if (d, v) in by]
-                    cells.append(ci(stratified_bootstrap_ci(g, aggregate_mean)) if all(np.isfinite(t).all()
-                                                                                    for t in g) else "–")
+                    cells.append(interval_cell(g, aggregate_mean) if all(np.isfinite(t).all() for t in g) else "–")
                 out.append(f"| **mean over datasets** [95 % CI] | {v} | " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
 
@@ -652,11 +864,17 @@ def write_sweep_results(sw: SweepArgs, runs: list[dict], sweep_dir: Path, levels
     a2pr.atomic_write(Path(paths["results_md"]), lambda tmp: Path(tmp).write_text(text))
     if rows:
         plot_sweep(Path(paths["results_png"]), runs, rows, levels, variants, sw.suite)
+    paths["summary"] = summary_lines(rows, variants)
     return paths
 
 
 def plot_sweep(path: Path, runs: list[dict], rows: list[dict], levels: list[float], variants: list[str],
                suite: str) -> None:
+    fig = sweep_figure(runs, rows, levels, variants, suite)
+    a2pr.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+
+
+def sweep_figure(runs: list[dict], rows: list[dict], levels: list[float], variants: list[str], suite: str):
     """Per-dataset learning curves (mean over seeds, 95 % bootstrap band), the aggregate intervals, and the score
     under observation noise; matplotlib's Figure API, as a2pr's learning curve."""
     from matplotlib.figure import Figure  # no pyplot: a sweep never changes a notebook's plotting backend
@@ -683,22 +901,37 @@ def plot_sweep(path: Path, runs: list[dict], rows: list[dict], levels: list[floa
         if d in PAPER_SCORES:
             ax.axhline(PAPER_SCORES[d], ls="--", c="gray", lw=1, label="paper (A2PR)")
         ax.set(title=d, xlabel="gradient step", ylabel="normalised score")
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     for ax in axes[:-1].ravel()[len(datasets):]:
         ax.set_visible(False)
     bottom = axes[-1]
     for k, (name, stat) in enumerate((("mean", aggregate_mean), ("IQM", aggregate_iqm))):
-        ax = bottom[k]
+        ax, ends, single, drawn = bottom[k], [], 0, 0
         for i, v in enumerate(variants):
             tasks = [np.array([r["final_score"] for r in rows if r["dataset"] == d and r["variant"] == v])
                      for d in datasets]
             tasks = [t for t in tasks if len(t)]
-            if tasks:
+            if not tasks:
+                continue
+            drawn += 1
+            if no_interval(tasks):  # the value alone, as in results.md: a dataset with one run gives no interval
+                p, single = float(stat(tasks)), single + 1
+                ax.plot([p], [i], marker="D", ms=8, ls="none", color=colors[v])
+                ends.append(p)
+            else:
                 p, lo, hi = stratified_bootstrap_ci(tasks, stat)
                 ax.plot([lo, hi], [i, i], lw=12, solid_capstyle="butt", color=colors[v], alpha=0.6)  # no barh:
                 ax.plot([p, p], [i - 0.25, i + 0.25], color="k")  # its sticky edges hide an interval at the border
+                ends += [lo, p, hi]
+        if ends:  # every mark inside the axes, with a margin (an interval of width 0 once sat on the edge)
+            lo, hi = min(ends), max(ends)
+            pad = 0.1 * (hi - lo) if hi > lo else max(1.0, 0.05 * abs(hi))
+            ax.set_xlim(lo - pad, hi + pad)
+        ax.set_ylim(-0.6, len(variants) - 0.4)
         ax.set(yticks=range(len(variants)), yticklabels=variants, xlabel="normalised score",
-               title=f"{name} over datasets, 95 % CI")
+               title=f"{name} over datasets, " + ("1 run: no interval" if single == drawn else "95 % CI" +
+                                                  (" (diamond: 1 run, no interval)" if single else "")))
     ax = bottom[2]
     if levels:
         for v in variants:
@@ -720,7 +953,7 @@ def plot_sweep(path: Path, runs: list[dict], rows: list[dict], levels: list[floa
         ax.set_visible(False)
     fig.suptitle(f"sweep {suite}")
     fig.tight_layout()
-    a2pr.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    return fig
 
 
 # --- the command line: a2pr.py's parser (every training flag) plus the sweep's own arguments ----------------------
@@ -752,15 +985,33 @@ def parse_args(argv=None) -> SweepArgs:
     return SweepArgs(**own, train=a2pr.Args(**values), given=frozenset(given))
 
 
+_terminated = False  # whether SIGTERM stopped the driver: Ray's waits turn what a handler raises into KeyboardInterrupt
+
+
+def _terminate(_signum, _frame):
+    """SIGTERM to the driver (what `kill`, SLURM and Kubernetes send) stops the sweep as Ctrl-C does."""
+    global _terminated
+    _terminated = True
+    raise KeyboardInterrupt
+
+
 def main(argv=None) -> int:
+    """The command line: 0 when every run finished, 2 after an error (one line), 130 after Ctrl-C and 143 after
+    SIGTERM (as the shell reports a process they ended)."""
+    global _terminated
+    here, _terminated = threading.current_thread() is threading.main_thread(), False
+    on_term = signal.signal(signal.SIGTERM, _terminate) if here else None
     try:
         sweep(parse_args(argv))
     except a2pr.A2PRError as e:
         print(f"a2pr_sweep.py: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("a2pr_sweep.py: interrupted", file=sys.stderr)
-        return 130
+        print(f"a2pr_sweep.py: interrupted{' by SIGTERM' if _terminated else ''}", file=sys.stderr)
+        return 128 + (signal.SIGTERM if _terminated else signal.SIGINT)
+    finally:
+        if here:
+            signal.signal(signal.SIGTERM, on_term)
     return 0
 
 

@@ -3,17 +3,21 @@ without rliable: pip install -r requirements-dev.txt)."""
 
 from __future__ import annotations
 
+import _socket
 import contextlib
 import csv
 import dataclasses
 import json
 import os
 import shlex
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -171,6 +175,67 @@ def test_bootstrap_intervals_agree_with_rliable():
         assert p == pytest.approx(tp, rel=1e-12)
         assert tlo < tp < thi
         assert lo == pytest.approx(tlo, abs=tol * (thi - tlo)) and hi == pytest.approx(thi, abs=tol * (thi - tlo))
+
+
+def score_rows(runs_per_cell: dict) -> list[dict]:
+    """results.csv's rows by hand: {(dataset, variant): number of runs}, scores spread by variant and seed."""
+    rows = []
+    for (d, v), n in runs_per_cell.items():
+        for seed in range(n):
+            score = (60.0 if v == "a2pr" else 40.0) + 3.0 * seed + len(d)
+            rows.append(dict(dataset=d, variant=v, seed=seed, final_score=score, best_score=score + 1, steps=40,
+                             steps_per_s="", wall_s=1.0, run_dir=f"{d}__{v}", **{"noise_0.1": score - 5}))
+    return rows
+
+
+def test_single_runs_give_no_interval_and_no_probability_of_improvement():
+    """One run per dataset: every resample of the stratified bootstrap is that run, so there is no interval to show
+    (no `x [x, x]` bracket) and no probability of improvement; the table and the driver's last lines say so."""
+    variants = ["a2pr", "td3bc"]
+    one = score_rows({(d, v): 1 for d in ("ds-a", "ds-b") for v in variants})
+    md = a2pr_sweep.sweep_tables(one, [0.1], variants)
+    aggregate = md.split("## Aggregate")[1]
+    assert " [" not in aggregate.replace("[95 % CI]", "")  # no bracket anywhere below the per-dataset table
+    assert "| a2pr | 2 | 2 | 64.0 (1 run: no interval) | 64.0 (1 run: no interval) |" in md
+    assert "| ds-a | a2pr | 1 | 64.0 (1 run: no std) |" in md
+    assert "| P(a2pr > td3bc) | 2 | – (needs >= 2 runs per variant on every dataset; give --seeds 2 or more) |" in md
+    assert "| **mean over datasets** [95 % CI] | td3bc | 39.0 (1 run: no interval) |" in md
+    assert a2pr_sweep.summary_lines(one, variants) == [
+        "a2pr, final score over 2 datasets (2 runs): mean 64.0 (1 run: no interval), IQM 64.0 (1 run: no interval)",
+        "td3bc, final score over 2 datasets (2 runs): mean 44.0 (1 run: no interval), IQM 44.0 (1 run: no interval)",
+        "P(a2pr > td3bc): needs >= 2 runs per variant on every dataset; give --seeds 2 or more"]
+    # one dataset of one variant with a single run: still no interval and no P for that variant, the other has both
+    mixed = score_rows({("ds-a", "a2pr"): 3, ("ds-b", "a2pr"): 1, ("ds-a", "td3bc"): 3, ("ds-b", "td3bc"): 3})
+    agg, poi = a2pr_sweep.aggregate_cells(mixed, variants)
+    assert agg["a2pr"][2] == "65.5 (1 run on 1 of 2 datasets: no interval)" and poi["td3bc"] == (2, None)
+    assert " [" in agg["td3bc"][2] and " [" in agg["td3bc"][3]
+    three = score_rows({(d, v): 3 for d in ("ds-a", "ds-b") for v in variants})
+    agg, poi = a2pr_sweep.aggregate_cells(three, variants)
+    assert agg["a2pr"][2].startswith("67.0 [") and poi["td3bc"][1].startswith("1.00 [")
+    assert "run: no interval" not in a2pr_sweep.sweep_tables(three, [0.1], variants)
+
+
+@pytest.mark.parametrize("runs", [1, 3])
+def test_aggregate_panels_show_every_mark_inside_their_axes(runs):
+    """results.png's mean and IQM panels: every point and interval end lies inside the axes, a margin away from the
+    edges (a single run's interval of width 0 used to sit on the edge, invisible)."""
+    variants = ["a2pr", "td3bc", "no-gate"]
+    rows = score_rows({(d, v): runs for d in ("ds-a", "ds-b", "ds-c") for v in variants})
+    runs_planned = [dict(dataset=r["dataset"], variant=r["variant"], seeds=[0], run_dir=r["run_dir"]) for r in rows]
+    fig = a2pr_sweep.sweep_figure(runs_planned, rows, [], variants, "test")
+    panels = [ax for ax in fig.axes if " over datasets" in ax.get_title()]
+    assert len(panels) == 2
+    for ax in panels:
+        assert ("1 run: no interval" in ax.get_title()) == (runs == 1)
+        (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
+        marks = [(x, y) for line in ax.get_lines() for x, y in zip(line.get_xdata(), line.get_ydata())]
+        assert len(marks) >= len(variants)
+        margin = 0.02 * (x1 - x0)
+        for x, y in marks:
+            assert x0 + margin < x < x1 - margin and y0 < y < y1, (ax.get_title(), x, (x0, x1))
+        for i in range(len(variants)):  # each variant visible: a marker, or an interval of some width
+            at = [line for line in ax.get_lines() if set(line.get_ydata()) == {i}]
+            assert any(line.get_marker() not in ("None", "", None) or np.ptp(line.get_xdata()) > 0 for line in at)
 
 
 # ================================================================================================================
@@ -428,9 +493,28 @@ def kill_each_writer_after_its_first_checkpoint(sweep_dir: Path):
         watcher.join()
 
 
+@pytest.fixture
+def cluster_reachable(ray_cluster, monkeypatch):
+    """The test cluster listens on this machine's own address, not on loopback, which is all conftest's isolation
+    lets Python connect to: the driver's check that --ray-address answers (a plain TCP connection) reaches it as Ray's
+    own connection, made outside Python, does."""
+    host, isolated, lookup = ray_cluster.address.rpartition(":")[0], socket.socket.connect, socket.getaddrinfo
+
+    def connect(self, address):
+        if isinstance(address, tuple) and address[0] == host:
+            return _socket.socket.connect(self, address)
+        return isolated(self, address)
+
+    def getaddrinfo(name, *a, **k):
+        return (_socket.getaddrinfo if name == host else lookup)(name, *a, **k)
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+
+
 @pytest.mark.slow
 def test_worker_killed_mid_run_is_retried_and_the_table_equals_the_uninterrupted_one(
-        cluster_sweep, ray_cluster, tmp_path):
+        cluster_sweep, ray_cluster, cluster_reachable, tmp_path):
     reference, _ = cluster_sweep
     sw = tmp_path / "sw"
     with kill_each_writer_after_its_first_checkpoint(sw) as killed:
@@ -441,3 +525,150 @@ def test_worker_killed_mid_run_is_retried_and_the_table_equals_the_uninterrupted
         info = json.loads((Path(d) / "sweep.json").read_text())
         assert info["resumed_at"] and info["attempts"] == 1  # the killed attempt never finished; its rerun resumed
     assert results_table(sw) == results_table(reference)
+
+
+# ================================================================================================================
+# What a sweep meets: strangers' files in its folder, a second sweep, SIGTERM, an address where nothing listens
+# ================================================================================================================
+ONE_RUN = ["envs", "--envs", "pendulum-medium-v0", "--seeds", "1", "--noise-levels", "0"]
+
+
+@pytest.fixture(scope="module")
+def finished_sweep(tmp_path_factory):
+    """A sweep folder holding one finished run (its task called directly, no Ray) and no results yet."""
+    sw = tmp_path_factory.mktemp("finished") / "sw"
+    run = a2pr_sweep.plan_sweep(sweep_args(sw, *ONE_RUN))[0]
+    a2pr_sweep.run_sweep_task(dict(run_dir=run["run_dir"], args=dataclasses.asdict(run["args"]), total_steps=40,
+                                   noise_levels=[0.0], eval_episodes=1, threads=1))
+    return Path(run["run_dir"])
+
+
+def folder_state(folder: Path) -> dict:
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def truncated(text: str) -> str:
+    return text[:len(text) // 2]
+
+
+def with_field(name, value):
+    return lambda text: json.dumps({**json.loads(text), name: value})
+
+
+@pytest.mark.parametrize("name, spoil, why, fix", [
+    ("summary.json", lambda t: "\x00garbage{", "not JSON", "remove the folder"),
+    ("summary.json", truncated, "not JSON", "remove the folder"),
+    ("summary.json", lambda t: "[1, 2]", "a JSON list, not an object", "remove the folder"),
+    ("summary.json", with_field("final_scores", "abc"), "its final_scores is 'abc'", "remove the folder"),
+    ("summary.json", with_field("final_scores", [1.0, 2.0]), "not one score per seed", "remove the folder"),
+    ("sweep.json", lambda t: "\x00garbage{", "not JSON", "remove that file (it holds only the run's wall time"),
+    ("sweep.json", with_field("wall_s", "x"), "its wall_s is 'x'", "remove that file"),
+    ("noise.json", truncated, "not JSON", "the same command then evaluates the noise levels again"),
+    ("metrics.csv", lambda t: "\x00\udcff garbage", "not a CSV file", "remove the folder"),  # not UTF-8
+    ("metrics.csv", lambda t: "\x00 garbage\n", "no step and time_s columns", "remove the folder"),
+    ("metrics.csv", truncated, "is not a row of a2pr's metrics", "remove the folder"),
+    ("metrics.csv", lambda t: "step,time_s\n1,2\nx,3\n", "line 3 is not a row of a2pr's metrics", "remove the"),
+])
+def test_a_bad_file_in_a_run_folder_is_one_line_naming_it_and_nothing_is_written(
+        finished_sweep, tmp_path, capsys, name, spoil, why, fix):
+    sw = tmp_path / "sw"
+    run_dir = sw / finished_sweep.name
+    shutil.copytree(finished_sweep, run_dir)
+    argv = [*ONE_RUN, *SWEEP_TINY, "--sweep-dir", str(sw)]
+    path = run_dir / name
+    path.write_bytes(spoil(path.read_text()).encode("utf-8", "surrogateescape"))
+    before = folder_state(sw)
+    assert a2pr_sweep.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"a2pr_sweep.py: error: {path} cannot be read ("), err
+    assert why in err and fix in err, err
+    assert folder_state(sw) == before  # nothing written: no results, no lock file, the run folder as it was
+
+
+def test_the_intact_finished_folder_gives_results(finished_sweep, tmp_path, capsys):
+    """The same copy as above, unspoilt: the sweep finds the run finished and writes the results (without Ray)."""
+    shutil.copytree(finished_sweep, tmp_path / "sw" / finished_sweep.name)
+    assert a2pr_sweep.main([*ONE_RUN, *SWEEP_TINY, "--sweep-dir", str(tmp_path / "sw")]) == 0, capsys.readouterr().err
+    assert "1 of 1 run folders finished" in (tmp_path / "sw" / "results.md").read_text()
+
+
+def start_sweep(*argv, cwd) -> tuple[subprocess.Popen, Path]:
+    """A sweep driver in the background, its stderr in a file."""
+    err = Path(cwd) / f"driver-{len(list(Path(cwd).glob('driver-*')))}.err"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.pop("RAY_ADDRESS", None)
+    with open(err, "w") as f:
+        proc = subprocess.Popen([sys.executable, str(HERE / "a2pr_sweep.py"), *argv], stderr=f, stdout=f, env=env,
+                                cwd=cwd)
+    return proc, err
+
+
+def wait_until(condition, timeout: float, proc: subprocess.Popen, err: Path):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, f"the sweep ended before the test could act: {err.read_text()}"
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def training(sw: Path) -> bool:
+    """A Ray worker holds a run folder of the sweep (its pid in the folder's .lock)."""
+    return any(p.read_text().strip() for p in sw.glob("*/.lock"))
+
+
+LONG_RUN = ["envs", "--envs", "pendulum-medium-v0", "--seeds", "1", *SWEEP_TINY, "--total-steps", "4000",
+            "--eval-freq", "1000"]
+
+
+@pytest.mark.slow
+def test_a_second_sweep_into_the_same_folder_says_the_first_is_running_those_runs(tmp_path):
+    pytest.importorskip("ray")
+    first, first_err = start_sweep(*LONG_RUN, "--sweep-dir", "sw", cwd=tmp_path)
+    try:
+        wait_until(lambda: training(tmp_path / "sw"), 120, first, first_err)
+        second = run_sweep_cli(*LONG_RUN, "--sweep-dir", "sw", cwd=tmp_path)
+        assert first.poll() is None, "the first sweep should still be running"
+        assert second.returncode == 2, second.stderr
+        assert second.stderr == (f"a2pr_sweep.py: error: another sweep (pid {first.pid}) is running in sw and is "
+                                 "training those runs; wait for it to end, then run this command again (it keeps what "
+                                 "the other finished), or give another --sweep-dir\n")
+        assert first.wait(300) == 0, first_err.read_text()  # the first sweep undisturbed
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert "1 of 1 run folders finished" in (tmp_path / "sw" / "results.md").read_text()
+    again = run_sweep_cli(*LONG_RUN, "--sweep-dir", "sw", cwd=tmp_path)
+    assert again.returncode == 0 and "(1 finished, 0 to resume, 0 new" in again.stderr, again.stderr
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_driver_is_the_usual_interrupted_line_and_exit_143(tmp_path):
+    pytest.importorskip("ray")
+    driver, err = start_sweep(*LONG_RUN, "--total-steps", "40000", "--sweep-dir", "sw", cwd=tmp_path)
+    try:
+        wait_until(lambda: training(tmp_path / "sw"), 120, driver, err)
+        before = err.read_text()
+        driver.send_signal(signal.SIGTERM)
+        code = driver.wait(120)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    after = err.read_text()[len(before):]
+    assert code == 143, after
+    assert after.strip().splitlines() == [
+        "sweep interrupted by SIGTERM: finished runs are kept; the same command resumes the others from their "
+        "checkpoints", "a2pr_sweep.py: interrupted by SIGTERM"]  # no Ray stack dump, no traceback
+
+
+def test_ray_address_where_nothing_listens_fails_in_bounded_time_with_one_line(tmp_path):
+    with socket.socket() as s:  # a port of this machine that nothing listens on once the socket is closed
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t0 = time.monotonic()
+    r = run_sweep_cli(*ONE_RUN, *SWEEP_TINY, "--ray-address", f"127.0.0.1:{port}", "--sweep-dir", "sw", timeout=60,
+                      cwd=tmp_path)
+    assert time.monotonic() - t0 < 30
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith(f"a2pr_sweep.py: error: no Ray cluster at 127.0.0.1:{port} (Connection refused); "
+                               f"start one there (ray start --head --port {port})"), r.stderr
+    assert not (tmp_path / "sw").exists()
