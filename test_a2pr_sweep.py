@@ -468,16 +468,19 @@ def test_runs_on_a_two_node_cluster_through_ray_address(cluster_sweep):
 
 
 @contextlib.contextmanager
-def kill_each_writer_after_its_first_checkpoint(sweep_dir: Path):
-    """SIGKILL, once per run folder, the process writing it as soon as the folder has a checkpoint and no summary:
-    a2pr's .lock in the folder holds that process's pid (here a Ray worker). Yields {run folder: killed pid}."""
+def kill_each_writer_after_its_first_checkpoint(sweep_dir: Path, first: str = "checkpoint.pt"):
+    """SIGKILL, once per run folder, the process writing it as soon as the folder has `first` (checkpoint.pt; or
+    config.json, before any checkpoint) and no summary: a2pr's .lock in the folder holds that process's pid (here a
+    Ray worker). Yields {run folder: killed pid}."""
     killed, stop = {}, threading.Event()
 
     def watch():
         while not stop.wait(0.005):
-            for ckpt in sweep_dir.glob("*/checkpoint.pt"):
-                d = ckpt.parent
+            for f in sweep_dir.glob(f"*/{first}"):
+                d = f.parent
                 if d in killed or (d / "summary.json").exists():
+                    continue
+                if first == "config.json" and (d / "checkpoint.pt").exists():
                     continue
                 pid = (d / ".lock").read_text().strip()  # empty for an instant: the lock is taken, the pid not written
                 if pid and int(pid) != os.getpid():
@@ -524,6 +527,19 @@ def test_worker_killed_mid_run_is_retried_and_the_table_equals_the_uninterrupted
     for d in out["ran"]:
         info = json.loads((Path(d) / "sweep.json").read_text())
         assert info["resumed_at"] and info["attempts"] == 1  # the killed attempt never finished; its rerun resumed
+    assert results_table(sw) == results_table(reference)
+
+
+@pytest.mark.slow
+def test_worker_killed_before_its_first_checkpoint_is_retried_from_scratch_to_the_same_table(
+        cluster_sweep, ray_cluster, cluster_reachable, tmp_path):
+    """Its folder holds config.json and a dead writer's .lock: the retry takes the folder over and starts the run."""
+    reference, _ = cluster_sweep
+    sw = tmp_path / "sw"
+    with kill_each_writer_after_its_first_checkpoint(sw, first="config.json") as killed:
+        out = a2pr_sweep.sweep(sweep_args(sw, "envs", *KILL_SWEEP, "--ray-address", ray_cluster.address))
+    assert not out["failed"]
+    assert sorted(killed) == sorted(Path(d) for d in out["ran"]), "every run's worker should have been killed once"
     assert results_table(sw) == results_table(reference)
 
 
