@@ -53,8 +53,8 @@ Reading map (line: what). Everything above main() is A2PR; below it, appendices 
     908  Appendix A:       data sources: built-in, D4RL, HDF5, downloads, Minari, mixes
    1609  Appendix B:       speed paths: torch.compile, CUDA graphs, --benchmark update
    1781  Appendix C:       run files: folders, locks, checkpoints, config.json, CSV, plot, trackers, export
-   2255  Appendix D:       the theory on finite MDPs
-   2318  Appendix E:       the command line: parser, --config, presets, validation
+   2256  Appendix D:       the theory on finite MDPs
+   2319  Appendix E:       the command line: parser, --config, presets, validation
 """
 
 from __future__ import annotations
@@ -850,8 +850,8 @@ def train(args: Args, given: set[str] | None = None) -> dict:
     paths, writers, t_start = run.paths, [], time.time()
     log(f"resuming {paths['run_dir']} at step {progress.step:,}" if ckpt else f"run folder {paths['run_dir']}")
     try:
-        write_config(paths["config"], args, source, ds.fingerprint)  # every setting, where it came from, and the versions
-        writers = open_trackers(args, paths["run_dir"], progress.step)
+        writers = open_trackers(args, paths["run_dir"], progress.step)  # first: a bad wandb.json stops before any write
+        write_config(paths["config"], args, source, ds.fingerprint)  # every setting, its source, the versions
         with StopFlag() as stop, out_of_memory_as_error(args):
             evaluate_due(progress, policy, ds, args, eval_envs, stop, paths, agent, data, writers)  # one a signal cut
             while progress.step < args.total_steps:
@@ -1311,7 +1311,7 @@ def minari_local_path(dataset_id: str) -> Path:
     """Where minari.load_dataset looks (minari/storage/datasets_root_dir.py), without importing minari."""
     root = Path(os.environ.get("MINARI_DATASETS_PATH") or Path.home() / ".minari" / "datasets")
     if root.exists() and not root.is_dir():
-        raise A2PRError(f"MINARI_DATASETS_PATH={root} is a file; it must be a folder (or unset, for ~/.minari/datasets)")
+        raise A2PRError(f"MINARI_DATASETS_PATH={root} is a file; it must be a folder (unset: ~/.minari/datasets)")
     return root / dataset_id
 
 
@@ -1908,7 +1908,8 @@ def run_versions(args: Args) -> dict:
 def run_header(ds, data, args: Args, source: dict[str, str], device) -> str:
     """The lines a run starts with: its data, evaluation env, device and seeds, and each setting with its source."""
     settings = ", ".join(f"{k}={getattr(args, k)} ({source[k]})" for k in SPEC_DEFAULTS)
-    return (f"A2PR on {ds.name} ({len(data.obs):,} transitions, obs {ds.observations.shape[1]}, act {ds.actions.shape[1]}; "
+    return (f"A2PR on {ds.name} ({len(data.obs):,} transitions, obs {ds.observations.shape[1]}, act "
+            f"{ds.actions.shape[1]}; "
             f"{ds.source}); eval env {env_label(ds.env_id)}; device {device}; seeds {agent_seeds(args)}\n"
             f"dataset average normalised score: {ds.average_score:.1f}\nsettings: {settings}, eps_a={args.eps_a}, "
             f"policy_freq={args.policy_freq}, bc_target={args.bc_target}, gate={args.gate}")
@@ -2331,7 +2332,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser(prog: str = "a2pr.py", description: str | None = None) -> argparse.ArgumentParser:
-    """One flag per Args field, its help from the field. Defaults are SUPPRESS: a parse holds exactly the flags given."""
+    """One flag per Args field, its help from the field; defaults are SUPPRESS, so a parse holds the flags given."""
     p = _Parser(prog=prog, description=description or __doc__.split("\n\n")[0], argument_default=argparse.SUPPRESS,
                 formatter_class=lambda prog: argparse.HelpFormatter(prog, max_help_position=30, width=120))
     p.flags = []
@@ -2416,6 +2417,8 @@ def run_settings(args: Args, given: set[str] | None) -> tuple[Args, dict[str, st
             source.update({k: "config" for k in load_config(args.config) if k not in given})
         return args, source, None
     ckpt = load_checkpoint(Path(args.resume))
+    if (Path(args.resume) / "best_policy.pt").exists():  # read at the first better evaluation: refused now, if at all
+        load_checkpoint(Path(args.resume), "best_policy.pt")
     saved = args_from_checkpoint(ckpt)
     check_resume_flags(args, saved, given, ckpt["step"])  # a flag that contradicts the checkpoint is an error
     if ckpt.get("device", "cpu") != ("cuda" if args.cuda else "cpu"):
