@@ -51,10 +51,10 @@ Reading map (line: what). Everything above main() is A2PR; below it, appendices 
     828  train:            train(args) -> summary: setup, then the loop
     889  main:             the command line's entry point
     908  Appendix A:       data sources: built-in, D4RL, HDF5, downloads, Minari, mixes
-   1609  Appendix B:       speed paths: torch.compile, CUDA graphs, --benchmark update
-   1781  Appendix C:       run files: folders, locks, checkpoints, config.json, CSV, plot, trackers, export
-   2256  Appendix D:       the theory on finite MDPs
-   2319  Appendix E:       the command line: parser, --config, presets, validation
+   1610  Appendix B:       speed paths: torch.compile, CUDA graphs, --benchmark update
+   1782  Appendix C:       run files: folders, locks, checkpoints, config.json, CSV, plot, trackers, export
+   2257  Appendix D:       the theory on finite MDPs
+   2320  Appendix E:       the command line: parser, --config, presets, validation
 """
 
 from __future__ import annotations
@@ -1422,6 +1422,7 @@ def load_minari(dataset_id: str, args: Args, log=print) -> tuple[dict, dict]:
         raise A2PRError(f"'{dataset_id}' looks like a Minari dataset id, which needs the minari package: "
                         f"pip install 'minari[hf]'") from None
     where = f"Minari dataset {dataset_id}"
+    minari_local_path(dataset_id)  # MINARI_DATASETS_PATH that is a file: a2pr's line, not minari's FileExistsError
     try:
         ds = minari.load_dataset(dataset_id, download=False)
     except FileNotFoundError:

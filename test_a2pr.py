@@ -2730,6 +2730,276 @@ def test_a_failed_run_leaves_no_empty_folders(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# 5.5 Preemption, strangers' files and dead ends
+# ----------------------------------------------------------------------------------------------------------------
+# `python a2pr.py ARGS` that blocks in its first update (so that the kill lands before any checkpoint, every time)
+BLOCK_FIRST_UPDATE = ("import sys, time, a2pr; a2pr.update = lambda *a, **k: (print('updating', flush=True), "
+                      "time.sleep(600)); sys.exit(a2pr.main(sys.argv[1:]))")
+
+
+def killed_before_first_checkpoint(save_dir: Path, name: str, *flags) -> Path:
+    """A run started from the command line and killed with SIGKILL at its first update, as a preempted job is: its
+    folder holds config.json (and the dead process's .lock) but no checkpoint."""
+    proc = subprocess.Popen([sys.executable, "-c", BLOCK_FIRST_UPDATE, *flags, "--save-dir", str(save_dir),
+                             "--run-name", name], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONPATH=str(HERE)))
+    try:
+        assert proc.stdout.readline().strip() == "updating", proc.stderr.read() if proc.poll() is not None else ""
+    finally:
+        proc.kill()  # SIGKILL: no cleanup code runs
+        proc.communicate()
+    run = save_dir / name
+    assert (run / "config.json").is_file() and not (run / "checkpoint.pt").exists()
+    return run
+
+
+def csv_metrics(run_dir) -> list[dict]:
+    """metrics.csv as a user reads it, without the wall-clock columns."""
+    with open(Path(run_dir) / "metrics.csv") as f:
+        return comparable(list(csv.DictReader(f)))
+
+
+def summary_scores(run_dir) -> tuple:
+    s = json.loads((Path(run_dir) / "summary.json").read_text())
+    return s["steps"], s["final_scores"], s["best_scores"]
+
+
+def test_a_run_killed_before_its_first_checkpoint_is_finished_by_the_same_command(tmp_path, capsys):
+    flags = [*TINY_CLI, "--quiet"]
+    run = killed_before_first_checkpoint(tmp_path, "cut", *flags)
+    left = (run / "config.json").read_bytes()
+    # another run's settings (another seed) in that folder: still refused, and the folder is left as it was
+    assert a2pr.main([*flags, "--seed", "1", "--save-dir", str(tmp_path), "--run-name", "cut"]) == 2
+    assert "already holds a run's files" in capsys.readouterr().err
+    assert (run / "config.json").read_bytes() == left and not (run / "checkpoint.pt").exists()
+    assert a2pr.main([*flags, "--save-dir", str(tmp_path), "--run-name", "cut"]) == 0  # the same command again
+    assert a2pr.main([*flags, "--save-dir", str(tmp_path), "--run-name", "whole"]) == 0  # never interrupted
+    assert summary_scores(run) == summary_scores(tmp_path / "whole") and summary_scores(run)[0] == 20
+    assert csv_metrics(run) == csv_metrics(tmp_path / "whole")
+
+
+def test_resume_of_a_run_killed_before_its_first_checkpoint_starts_it_in_its_folder(tmp_path):
+    flags = [*TINY_CLI, "--quiet"]
+    run = killed_before_first_checkpoint(tmp_path, "cut", *flags)
+    assert a2pr.main(["--resume", str(run), "--quiet"]) == 0
+    assert a2pr.main([*flags, "--save-dir", str(tmp_path), "--run-name", "whole"]) == 0
+    assert summary_scores(run) == summary_scores(tmp_path / "whole") and summary_scores(run)[0] == 20
+    assert csv_metrics(run) == csv_metrics(tmp_path / "whole")
+    assert checkpoint(run)["step"] == 20
+
+
+def test_resume_on_changed_data_stops_and_config_and_checkpoint_carry_the_datas_sha256(tmp_path):
+    path = tmp_path / "pendulum.hdf5"
+    attrs = dict(env_id="Pendulum-v1", ref_min_score=-1200.0, ref_max_score=-150.0)
+    write_d4rl_hdf5(path, make_rows([50] * 4, obs_dim=3, act_dim=1), attrs)
+    original = path.read_bytes()
+    a2pr.train(quick(tmp_path, env=str(path)))
+    run = tmp_path / "run"
+    sha = json.loads((run / "config.json").read_text())["data_sha256"]
+    assert re.fullmatch(r"[0-9a-f]{64}", sha) and checkpoint(run)["data_sha256"] == sha
+    write_d4rl_hdf5(path, make_rows([50] * 4, obs_dim=3, act_dim=1, seed=1), attrs)  # same shape, other numbers
+    msg = one_line(run_cli("--resume", str(run), "--total-steps", "40"))
+    assert f"{path} is not the data this run started on" in msg
+    assert checkpoint(run)["step"] == 20
+    path.write_bytes(original)  # the original data back: the run goes on
+    assert a2pr.train(a2pr.Args(resume=str(run), total_steps=40, quiet=True))["steps"] == 40
+
+
+def test_resume_with_total_steps_below_the_runs_step_stops_and_leaves_the_folder_as_it_was(tmp_path):
+    a2pr.train(quick(tmp_path))
+    run = tmp_path / "run"
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    msg = one_line(run_cli("--resume", str(run), "--total-steps", "10"))
+    assert "the run is at step 20, past --total-steps 10" in msg
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before  # config.json included
+
+
+@pytest.mark.parametrize("settings, match", [
+    ([["alpha", 2.5]], r"its settings are a list, not a dict"),
+    ({"alpha": "abc"}, r"'alpha' must be a number, got 'abc'"),
+    ({"env": 5}, r"'env' must be a string, got 5"),
+    ({"discount": "x"}, r"'discount' must be a number, got 'x'"),
+])
+def test_config_settings_of_the_wrong_type_are_one_line_naming_the_key(tmp_path, settings, match):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"settings": settings}))
+    with pytest.raises(A2PRError, match=match) as e:
+        a2pr.parse_args(["--config", str(path)])
+    assert "\n" not in str(e.value) and str(path) in str(e.value)
+
+
+def test_a_shared_config_json_never_chooses_where_files_go_or_the_device(tmp_path):
+    a2pr.train(quick(tmp_path, run_name="theirs", seed=3))
+    config = json.loads((tmp_path / "theirs" / "config.json").read_text())
+    config["settings"].update(save_dir="/", data_dir=str(tmp_path / "their-data"), cuda=True, compile=True,
+                              cuda_graphs=True)
+    path = tmp_path / "shared.json"
+    path.write_text(json.dumps(config))
+    args, _ = a2pr.parse_args(["--config", str(path)])
+    assert (args.save_dir, args.data_dir, args.cuda, args.compile, args.cuda_graphs) == ("runs", None, False, False,
+                                                                                          False)
+    assert args.seed == 3  # the experiment's settings do come from the file
+    assert a2pr.parse_args(["--config", str(path), "--save-dir", "mine"])[0].save_dir == "mine"
+    assert a2pr.main(["--config", str(path), "--run-name", "again"]) == 0  # the tests run in tmp_path
+    assert (tmp_path / "runs" / "again" / "summary.json").is_file() and not (tmp_path / "their-data").exists()
+
+
+@pytest.mark.parametrize("content", ["{not json", "", "[1, 2]", '{"name": "x"}'])
+def test_a_garbage_wandb_json_is_one_line_naming_it(tmp_path, content):
+    (tmp_path / "wandb.json").write_text(content)
+    with pytest.raises(A2PRError, match=r"wandb.json: unreadable .*; delete it") as e:
+        a2pr.wandb_run_id(tmp_path)
+    assert "\n" not in str(e.value)
+    assert (tmp_path / "wandb.json").read_text() == content  # left for the user to look at
+
+
+def test_export_of_a_checkpoint_without_actor_weights_is_one_line(tmp_path):
+    a2pr.train(quick(tmp_path))
+    ck = checkpoint(tmp_path / "run")
+    ck["agent"] = {k: v for k, v in ck["agent"].items() if not k.startswith("actor.")}
+    torch.save(ck, tmp_path / "run" / "checkpoint.pt")
+    msg = one_line(run_cli("--export", str(tmp_path / "run")))
+    assert "checkpoint.pt: its actor weights do not fit its settings" in msg
+    assert not (tmp_path / "run" / "policy.pt2").exists()
+
+
+def test_a_checkpoint_whose_settings_are_a_list_is_one_line(tmp_path, capsys):
+    a2pr.train(quick(tmp_path))
+    ck = checkpoint(tmp_path / "run")
+    ck["args"] = [list(kv) for kv in ck["args"].items()]
+    torch.save(ck, tmp_path / "run" / "checkpoint.pt")
+    for argv in (["--export", str(tmp_path / "run")], ["--resume", str(tmp_path / "run"), "--quiet"]):
+        assert a2pr.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "checkpoint.pt: not an a2pr checkpoint.pt (missing or wrong: args)" in err
+
+
+def test_a_garbage_checkpoint_is_refused_in_one_line_without_torchs_advice_to_load_it_unsafely(tmp_path, capsys):
+    (tmp_path / "checkpoint.pt").write_bytes(np.random.default_rng(0).bytes(4096))
+    for argv in (["--resume", str(tmp_path)], ["--export", str(tmp_path)]):
+        assert a2pr.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "checkpoint.pt: refused, nothing in it was run" in err
+        assert "weights_only" not in err and "will likely succeed" not in err  # torch's advice runs the file's code
+
+
+def test_progress_before_the_first_evaluation_shows_a_dash_not_nan(tmp_path, capsys):
+    a2pr.train(quick(tmp_path, quiet=False, log_freq=10, eval_freq=20))
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("step ")]
+    assert len(lines) == 2 and lines[0].startswith("step        10/20 ")
+    assert "| score      – (best      –) |" in lines[0] and "nan" not in lines[0]
+    assert "score      –" not in lines[1]  # evaluated at step 20: a number
+
+
+def test_a_config_reruns_header_says_which_settings_came_from_the_file(tmp_path, capsys):
+    a2pr.train(quick(tmp_path, run_name="first", quiet=False, alpha=2.0))
+    capsys.readouterr()
+    cfg = str(tmp_path / "first" / "config.json")
+    assert a2pr.main(["--config", cfg, "--run-name", "again", "--discount", "0.98", "--save-dir", str(tmp_path)]) == 0
+    settings = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("settings: "))
+    assert "alpha=2.0 (config)" in settings and "batch_size=32 (config)" in settings
+    assert "discount=0.98 (flag)" in settings
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["source"]["alpha"] == "config"
+
+
+def test_a_finished_run_folder_holds_no_lock(tmp_path):
+    a2pr.train(quick(tmp_path))
+    assert not (tmp_path / "run" / ".lock").exists()
+    a2pr.train(a2pr.Args(resume=str(tmp_path / "run"), total_steps=30, quiet=True))
+    assert not (tmp_path / "run" / ".lock").exists()
+
+
+def test_threads_are_recorded_and_a_config_rerun_of_them_is_bit_identical(tmp_path):
+    base = [*TINY_CLI, "--total-steps", "40", "--save-dir", str(tmp_path), "--quiet"]
+    r = run_cli(*base, "--threads", "1", "--run-name", "a")
+    assert r.returncode == 0, r.stderr[-2000:]
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert config["settings"]["threads"] == 1 and config["versions"]["threads"] == 1
+    r = run_cli("--config", str(tmp_path / "a" / "config.json"), "--save-dir", str(tmp_path), "--run-name", "b")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["versions"]["threads"] == 1
+    assert csv_metrics(tmp_path / "a") == csv_metrics(tmp_path / "b")
+
+
+def test_sigterm_during_an_evaluation_stops_it_and_the_resumed_run_redoes_it_first(tmp_path, monkeypatch):
+    real, sent = a2pr.evaluation, []
+
+    def sigterm_then_evaluation(*a, **k):
+        if not sent:  # the first evaluation only
+            sent.append(True)
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives while the evaluation runs
+        return real(*a, **k)
+
+    def unhandled(*_):
+        raise AssertionError("SIGTERM reached the default handler: the run would have died unsaved")
+
+    monkeypatch.setattr(a2pr, "evaluation", sigterm_then_evaluation)
+    old = signal.signal(signal.SIGTERM, unhandled)
+    try:
+        s = a2pr.train(quick(tmp_path, run_name="cut", total_steps=40, eval_freq=20))
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    assert s["interrupted"] and s["signal"] == "SIGTERM" and s["steps"] == 20
+    ck = checkpoint(tmp_path / "cut")
+    assert ck["step"] == 20 and ck["eval_due"] is True
+    assert "eval/normalized_score_mean" not in ck["history"][-1]  # stopped, not half-counted
+    monkeypatch.undo()
+    resumed = a2pr.train(a2pr.Args(resume=str(tmp_path / "cut"), quiet=True))
+    whole = a2pr.train(quick(tmp_path, run_name="whole", total_steps=40, eval_freq=20))
+    assert resumed["steps"] == 40 and resumed["best_scores"] == whole["best_scores"]
+    assert resumed["final_scores"] == whole["final_scores"]
+    assert comparable(checkpoint(tmp_path / "cut")["history"]) == comparable(checkpoint(tmp_path / "whole")["history"])
+
+
+def test_the_memory_check_counts_the_networks_and_stops_before_any_allocation(tmp_path, monkeypatch):
+    """A batch of 32 fits anywhere; 10,000 seeds of networks 4,096 wide (terabytes with Adam's state) do not."""
+    monkeypatch.setattr(a2pr, "prepare_data", lambda *a: pytest.fail("nothing is allocated"))
+    wide = dict(actor_hidden=4096, critic_hidden=4096, value_hidden=4096, vae_hidden=4096)
+    with pytest.raises(A2PRError, match=r"the networks, their optimiser state and a batch need at least [\d,.]+ GiB "
+                                        r"but the CPU has [\d,.]+ GiB; lower --batch-size \(now 32\) or --num-seeds "
+                                        r"\(now 10000\), or the network sizes") as e:
+        a2pr.train(quick(tmp_path, num_seeds=10_000, **wide))
+    assert "\n" not in str(e.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_hdf5_path_that_is_a_folder_is_one_line(tmp_path):
+    (tmp_path / "data.hdf5").mkdir()
+    with pytest.raises(A2PRError, match=r"data.hdf5: a folder, not an HDF5 file$"):
+        load_rows(str(tmp_path / "data.hdf5"), tiny(), NOOP_LOG)
+
+
+def test_minari_datasets_path_that_is_a_file_is_one_line(tmp_path, monkeypatch):
+    (tmp_path / "not-a-folder").write_text("")
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "not-a-folder"))
+    with pytest.raises(A2PRError, match=r"MINARI_DATASETS_PATH=\S*not-a-folder is a file; it must be a folder") as e:
+        load_rows("some/minari-v0", tiny(), NOOP_LOG)
+    assert "\n" not in str(e.value)
+
+
+def test_a_mix_of_two_envs_is_refused_before_any_download(tmp_path, monkeypatch):
+    cache = tmp_path / "d4rl-empty"
+    cache.mkdir()
+    monkeypatch.setenv("D4RL_DATASET_DIR", str(cache))
+    monkeypatch.setenv("A2PR_D4RL_MIRROR", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setattr(a2pr, "download_file", lambda *a, **k: pytest.fail("no download is attempted"))
+    with pytest.raises(A2PRError, match=r"--mix: walker2d-expert-v2 is for Walker2d-v4 but hopper-medium-v2 is for "
+                                        r"Hopper-v4; mix two datasets of the same env") as e:
+        load_rows("hopper-medium-v2", tiny(env="hopper-medium-v2", mix="walker2d-expert-v2:0.1"), NOOP_LOG)
+    assert "\n" not in str(e.value)
+    assert list(cache.iterdir()) == []  # no .part file, nothing cached
+
+
+def test_making_a_v4_env_prints_no_deprecation_warning():
+    pytest.importorskip("mujoco")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        env = a2pr.make_env("Hopper-v4")
+        env.close()
+    assert not [w for w in caught if issubclass(w.category, DeprecationWarning)], [str(w.message) for w in caught]
+
+
 # ================================================================================================================
 # 6. Run files: config.json, the best policy, export, TensorBoard and W&B
 # ================================================================================================================
@@ -2911,7 +3181,7 @@ def test_wandb_resume_continues_the_same_run_grouped_by_dataset(tmp_path, monkey
 
 
 # ================================================================================================================
-# 7. The tutorial notebook. Regenerate its committed outputs with the current code (full settings, ~3 minutes):
+# 7. The tutorial notebook. Regenerate its committed outputs with the current code (full settings, 8-10 minutes on 2 cores):
 #     A2PR_REGENERATE_NOTEBOOK=1 python -m pytest -k tutorial
 # ================================================================================================================
 NOTEBOOK = HERE / "tutorial.ipynb"
