@@ -34,27 +34,27 @@ behaviour term also moves p through the VAE; the VAE learns at Adam's default 1e
 released code divides by max_action, which is wrong for asymmetric bounds).
 
 Reading map (line: what). Everything above main() is A2PR; below it, appendices a reader may skip:
-    112  Args:             Args and the published per-task presets (D4RL_PRESETS)
-    235  EnsembleLinear:   networks: Actor, TwinCritic, ValueNet, VAE, in the (K, B, .) ensemble layout
-    351  td_target:        losses, one pure function per spec step
-    392  select_bc_target: advantage selection and the adaptive gate (spec 4)
-    437  critic_step:      spec 1: critics, TD3 target with policy smoothing
+    113  Args:             Args and the published per-task presets (D4RL_PRESETS)
+    236  EnsembleLinear:   networks: Actor, TwinCritic, ValueNet, VAE, in the (K, B, .) ensemble layout
+    352  td_target:        losses, one pure function per spec step
+    393  select_bc_target: advantage selection and the adaptive gate (spec 4)
+    438  critic_step:      spec 1: critics, TD3 target with policy smoothing
     450  q1_data_and_y2:   spec 2: y2 from the just-updated online critics
-    458  value_step:       spec 2: V towards min(y, y2)
-    466  vae_step:         spec 3: advantage-weighted VAE
-    492  actor_step:       spec 4: actor, then the soft target updates
-    520  update_core:      spec 1-4 in order, on a batch with its noise
-    536  update:           one gradient step: a batch per seed, its noise, update_core
-    567  Dataset:          the data as the networks see it: normalisation, action scaling, device batches
-    648  Policy:           the deployed policy: normalise -> actor -> env action bounds
-    691  evaluate:         deterministic evaluation, D4RL normalised score
-    828  train:            train(args) -> summary: setup, then the loop
-    889  main:             the command line's entry point
-    908  Appendix A:       data sources: built-in, D4RL, HDF5, downloads, Minari, mixes
-   1610  Appendix B:       speed paths: torch.compile, CUDA graphs, --benchmark update
-   1782  Appendix C:       run files: folders, locks, checkpoints, config.json, CSV, plot, trackers, export
-   2257  Appendix D:       the theory on finite MDPs
-   2320  Appendix E:       the command line: parser, --config, presets, validation
+    459  value_step:       spec 2: V towards min(y, y2)
+    467  vae_step:         spec 3: advantage-weighted VAE
+    493  actor_step:       spec 4: actor, then the soft target updates
+    521  update_core:      spec 1-4 in order, on a batch with its noise
+    537  update:           one gradient step: a batch per seed, its noise, update_core
+    568  Dataset:          the data as the networks see it: normalisation, action scaling, device batches
+    649  Policy:           the deployed policy: normalise -> actor -> env action bounds
+    692  evaluate:         deterministic evaluation, D4RL normalised score
+    829  train:            train(args) -> summary: setup, then the loop
+    890  main:             the command line's entry point
+    909  Appendix A:       data sources: built-in, D4RL, HDF5, downloads, Minari, mixes
+   1611  Appendix B:       speed paths: torch.compile, CUDA graphs, --benchmark update
+   1783  Appendix C:       run files: folders, locks, checkpoints, config.json, CSV, plot, trackers, export
+   2258  Appendix D:       the theory on finite MDPs
+   2321  Appendix E:       the command line: parser, --config, presets, validation
 """
 
 from __future__ import annotations
@@ -96,7 +96,8 @@ try:
 except KeyboardInterrupt:  # Ctrl-C while torch loads (seconds): one line, not the import machinery's traceback
     if __name__ != "__main__":
         raise
-    sys.exit("a2pr.py: interrupted while starting")
+    print("a2pr.py: interrupted while starting", file=sys.stderr)
+    sys.exit(130)
 
 
 # ----------------------------------------------------------------------------------------------------------------
