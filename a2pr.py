@@ -39,7 +39,7 @@ Reading map (line: what). Everything above main() is A2PR; below it, appendices 
     352  td_target:        losses, one pure function per spec step
     393  select_bc_target: advantage selection and the adaptive gate (spec 4)
     438  critic_step:      spec 1: critics, TD3 target with policy smoothing
-    450  q1_data_and_y2:   spec 2: y2 from the just-updated online critics
+    451  q1_data_and_y2:   spec 2: y2 from the just-updated online critics
     459  value_step:       spec 2: V towards min(y, y2)
     467  vae_step:         spec 3: advantage-weighted VAE
     493  actor_step:       spec 4: actor, then the soft target updates
