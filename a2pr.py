@@ -53,8 +53,8 @@ Reading map (line: what). Everything above main() is A2PR; below it, appendices 
     909  Appendix A:       data sources: built-in, D4RL, HDF5, downloads, Minari, mixes
    1611  Appendix B:       speed paths: torch.compile, CUDA graphs, --benchmark update
    1783  Appendix C:       run files: folders, locks, checkpoints, config.json, CSV, plot, trackers, export
-   2258  Appendix D:       the theory on finite MDPs
-   2321  Appendix E:       the command line: parser, --config, presets, validation
+   2264  Appendix D:       the theory on finite MDPs
+   2327  Appendix E:       the command line: parser, --config, presets, validation
 """
 
 from __future__ import annotations
@@ -1955,17 +1955,23 @@ def lock_file(path: Path, busy: str):
         f.close()  # its holder removed the file on release (see RunFolder): lock the new one
 
 
-def lock_run_dir(run_dir: Path):
-    """Lock run_dir/.lock, which holds the writer's pid for the message a second writer gets."""
-    with contextlib.suppress(OSError):
-        holder = (run_dir / ".lock").read_text().strip()
-    f = lock_file(run_dir / ".lock", f"{run_dir} is in use by another a2pr.py process" + (
-        f" (pid {holder})" if locals().get("holder") else "") + "; wait for it to end or choose another --run-name")
+def lock_with_pid(path: Path, busy: str):
+    """lock_file, then this process's pid into the file, for the message the next writer gets ({pid} in busy)."""
+    try:
+        holder = path.read_text().strip()
+    except OSError:
+        holder = ""
+    f = lock_file(path, busy.replace("{pid}", f" (pid {holder})" if holder.isdigit() else ""))
     f.seek(0)
     f.truncate()
     f.write(str(os.getpid()))
     f.flush()
     return f
+
+
+def lock_run_dir(run_dir: Path):
+    return lock_with_pid(run_dir / ".lock", f"{run_dir} is in use by another a2pr.py process{{pid}}; wait for it to "
+                         "end or choose another --run-name")
 
 
 @dataclass
@@ -2408,9 +2414,9 @@ def run_settings(args: Args, given: set[str] | None) -> tuple[Args, dict[str, st
         given = {f.name for f in dataclasses.fields(Args) if getattr(args, f.name) != f.default}
     mode = ("cuda", "cuda_graphs", "compile", "quiet")  # how this process runs: always this command line's
     follow = {k: getattr(args, k) for k in RESUME_MAY_CHANGE if k != "resume" and (k in given or k in mode)}
-    if args.resume and not (Path(args.resume) / "checkpoint.pt").exists() and (Path(args.resume) / "config.json"
-                                                                                ).is_file():
-        run_dir = Path(args.resume)  # killed before its first checkpoint: start that run again, in its folder
+    run_dir = Path(args.resume or ".")
+    if args.resume and not (run_dir / "checkpoint.pt").exists() and (run_dir / "config.json").is_file():
+        # killed before its first checkpoint: start that run again, in its folder (claim_run_dir takes it over)
         args = dataclasses.replace(Args(**load_config(str(run_dir / "config.json"))), save_dir=str(run_dir.parent),
                                    run_name=run_dir.name, **follow)
     if not args.resume:

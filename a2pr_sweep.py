@@ -477,17 +477,11 @@ def lock_sweep_dir(sweep_dir: Path):
     path = sweep_dir / ".sweep.lock"
     try:
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        holder = path.read_text().strip() if path.exists() else ""
-        f = a2pr.lock_file(path, f"another sweep{f' (pid {holder})' if holder.isdigit() else ''} is running in "
-                           f"{sweep_dir} and is training those runs; wait for it to end, then run this command again "
-                           "(it keeps what the other finished), or give another --sweep-dir")
+        return a2pr.lock_with_pid(path, f"another sweep{{pid}} is running in {sweep_dir} and is training those runs; "
+                                  "wait for it to end, then run this command again (it keeps what the other "
+                                  "finished), or give another --sweep-dir")
     except OSError as e:
         raise a2pr.A2PRError(f"cannot write into {sweep_dir} ({e.strerror or e}); give another --sweep-dir") from None
-    f.seek(0)
-    f.truncate()
-    f.write(str(os.getpid()))
-    f.flush()
-    return f
 
 
 def sweep(sw: SweepArgs) -> dict:
