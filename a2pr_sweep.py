@@ -67,7 +67,7 @@ PAPER_SCORES = {"halfcheetah-medium-v2": 68.6, "hopper-medium-v2": 100.8, "walke
                 "walker2d-medium-replay-v2": 94.4, "halfcheetah-medium-expert-v2": 98.3,
                 "hopper-medium-expert-v2": 112.1, "walker2d-medium-expert-v2": 114.6}
 BOOTSTRAP_REPS = 10_000
-RAY_CONNECT_TIMEOUT_S = 10  # how long --ray-address may take to answer a plain TCP connection
+RAY_CONNECT_TIMEOUT_S = 10  # how long --ray-address may take to accept a connection and answer as Ray does
 RAY_INSTALL = "pip install -r requirements-sweep.txt (or: pip install 'ray>=2.40,<3')"
 # a2pr.py flags that the sweep sets for every run itself, each with what to give the sweep instead.
 SET_PER_RUN = {"env": "the suite, or envs --envs A,B", "mix": "ENV+NAME:FRAC in --envs", "bc_target": "--variants",
@@ -420,21 +420,28 @@ def ray_address(sw: SweepArgs) -> str | None:
 
 
 def check_ray_address(address: str | None) -> None:
-    """A HOST:PORT (or ray://HOST:PORT) where nothing listens is one line within RAY_CONNECT_TIMEOUT_S: ray.init
-    would retry it for ever, printing a GCS error every few seconds. So a plain TCP connection first; `auto`, and
-    an address that answers, are ray.init's to judge."""
+    """A HOST:PORT (or ray://HOST:PORT) where nothing listens, or where something other than Ray listens, is one
+    line within RAY_CONNECT_TIMEOUT_S: ray.init would retry it for ever, printing a GCS error every few seconds.
+    Ray's GCS (and its client server) speak gRPC, so a server there must answer HTTP/2's opening (RFC 9113 3.4: the
+    client preface, then an empty SETTINGS frame) with a SETTINGS frame of its own; `auto` is ray.init's to judge."""
     if not address or address == "auto":
         return
     host, _, port = address.split("://", 1)[-1].rpartition(":")
     if not host or not port.isdigit():
         return
     try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=RAY_CONNECT_TIMEOUT_S).close()
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=RAY_CONNECT_TIMEOUT_S) as s:
+            s.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0]))
+            head = b""
+            while len(head) < 9 and (chunk := s.recv(9 - len(head))):
+                head += chunk
+        why = None if len(head) == 9 and head[3] == 4 else "something answers there, but not as Ray does"
     except OSError as e:
         why = (f"no answer within {RAY_CONNECT_TIMEOUT_S} s" if isinstance(e, TimeoutError)
                else e.strerror or str(e) or type(e).__name__)
+    if why:
         raise a2pr.A2PRError(f"no Ray cluster at {address} ({why}); start one there (ray start --head --port {port}) "
-                             "or give --ray-address the address that ray start printed") from None
+                             "or give --ray-address the address that ray start printed")
 
 
 def _start_ray(ray, sw: SweepArgs) -> bool:

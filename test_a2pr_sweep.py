@@ -689,3 +689,33 @@ def test_ray_address_where_nothing_listens_fails_in_bounded_time_with_one_line(t
     assert r.stderr.startswith(f"a2pr_sweep.py: error: no Ray cluster at 127.0.0.1:{port} (Connection refused); "
                                f"start one there (ray start --head --port {port})"), r.stderr
     assert not (tmp_path / "sw").exists()
+
+
+@pytest.mark.parametrize("listener", ["silent", "http/1.1"])
+def test_ray_address_where_something_else_listens_fails_in_bounded_time(monkeypatch, listener):
+    """A port that accepts connections but is not Ray (a silent one, or a web server such as Ray's own dashboard
+    port) makes ray.init retry for ever, inside Ray's C++ client where no Python signal reaches: the driver's HTTP/2
+    check says so within RAY_CONNECT_TIMEOUT_S instead."""
+    monkeypatch.setattr(a2pr_sweep, "RAY_CONNECT_TIMEOUT_S", 1)
+    if listener == "silent":
+        srv = socket.socket()
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(8)  # connections complete in the backlog, but nothing is ever sent back
+        port, close = srv.getsockname()[1], srv.close
+    else:
+        import http.server
+
+        quiet = type("Quiet", (http.server.BaseHTTPRequestHandler,), dict(log_message=lambda *a: None))
+        web = http.server.ThreadingHTTPServer(("127.0.0.1", 0), quiet)  # answers HTTP/2's opening with a 400
+        threading.Thread(target=web.serve_forever, daemon=True).start()
+        port, close = web.server_address[1], lambda: (web.shutdown(), web.server_close())
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(a2pr.A2PRError) as e:
+            a2pr_sweep.check_ray_address(f"127.0.0.1:{port}")
+    finally:
+        close()
+    assert time.monotonic() - t0 < 5
+    why = "no answer within 1 s" if listener == "silent" else "something answers there, but not as Ray does"
+    assert str(e.value) == (f"no Ray cluster at 127.0.0.1:{port} ({why}); start one there (ray start --head --port "
+                            f"{port}) or give --ray-address the address that ray start printed")
