@@ -899,9 +899,9 @@ def main(argv=None) -> int:
     except A2PRError as e:
         print(f"a2pr.py: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # Ctrl-C, or a second signal (StopFlag names it): 130, or 143 for SIGTERM
         print("a2pr.py: interrupted", file=sys.stderr)
-        return 130
+        return 128 + signal.Signals[e.args[0] if e.args else "SIGINT"]
     return 0
 
 
@@ -1866,8 +1866,8 @@ class StopFlag:
         return self
 
     def handle(self, signum, _frame):
-        if self.set:
-            raise KeyboardInterrupt
+        if self.set:  # main() exits 128 + the number of the signal named here
+            raise KeyboardInterrupt(signal.Signals(signum).name)
         self.set, self.signal = True, signal.Signals(signum).name
 
     def __exit__(self, *exc):

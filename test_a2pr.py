@@ -1617,6 +1617,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.wfile.flush()
             self.close_connection = True
             return
+        if self.mode == "stall":  # 100,000 bytes, then silence with the connection open
+            self.wfile.write(data[:100_000])
+            self.wfile.flush()
+            time.sleep(5)
+            return
         self.wfile.write(data)
 
     def log_message(self, *a):
@@ -1736,6 +1741,16 @@ def test_server_that_never_answers_times_out(monkeypatch):
     finally:
         silent.close()
     assert time.time() - t0 < 5
+    assert leftovers(a2pr.d4rl_cache_dir()) == []
+
+
+def test_a_download_that_stalls_part_way_reports_the_bytes_that_arrived(tmp_path, server):
+    server.files["walker2d_medium-v2.hdf5"] = file_bytes(tmp_path, make_rows([3000], 17, 6))
+    server.mode = "stall"
+    t0 = time.time()
+    with pytest.raises(A2PRError, match=r"no data for 1s after 100,000 bytes\)"):
+        load_rows("walker2d-medium-v2", tiny(download_timeout=1.0), NOOP_LOG)
+    assert time.time() - t0 < 4
     assert leftovers(a2pr.d4rl_cache_dir()) == []
 
 
@@ -2514,26 +2529,50 @@ def test_sigterm_saves_exits_143_and_prints_a_resume_command_that_pastes(tmp_pat
     assert argv[2] == "--resume" and Path(argv[3]) == save / "it's"
 
 
-def test_train_returns_interrupted_with_the_signal_and_main_exits_128_plus_it(tmp_path, monkeypatch, capsys):
+@pytest.fixture
+def sigterm_guard():
+    """SIGTERM's handler while a test runs train() in-process: a signal that train() fails to handle fails the test
+    (instead of killing pytest). Yields the guard."""
+    def unhandled(*_):
+        raise AssertionError("SIGTERM reached the default handler: the run would have died unsaved")
+
+    old = signal.signal(signal.SIGTERM, unhandled)
+    yield unhandled
+    signal.signal(signal.SIGTERM, old)
+
+
+def test_train_returns_interrupted_with_the_signal_and_main_exits_128_plus_it(tmp_path, monkeypatch, capsys,
+                                                                             sigterm_guard):
     real = a2pr.evaluation
 
     def evaluation_then_sigterm(*a, **k):
         os.kill(os.getpid(), signal.SIGTERM)  # handled by train: it finishes the update, saves and stops
         return real(*a, **k)
 
-    def unhandled(*_):
-        raise AssertionError("SIGTERM reached the default handler: the run would have died unsaved")
-
     monkeypatch.setattr(a2pr, "evaluation", evaluation_then_sigterm)
-    old = signal.signal(signal.SIGTERM, unhandled)
-    try:
-        s = a2pr.train(quick(tmp_path, total_steps=100, eval_freq=10))
-        assert s["interrupted"] and s["signal"] == "SIGTERM" and s["steps"] == 10
-        assert checkpoint(tmp_path / "run")["step"] == 10
-        assert a2pr.main(["--resume", str(tmp_path / "run"), "--quiet"]) == 143
-        assert signal.getsignal(signal.SIGTERM) is unhandled  # train puts the handlers back
-    finally:
-        signal.signal(signal.SIGTERM, old)
+    s = a2pr.train(quick(tmp_path, total_steps=100, eval_freq=10))
+    assert s["interrupted"] and s["signal"] == "SIGTERM" and s["steps"] == 10
+    assert checkpoint(tmp_path / "run")["step"] == 10
+    assert a2pr.main(["--resume", str(tmp_path / "run"), "--quiet"]) == 143
+    assert signal.getsignal(signal.SIGTERM) is sigterm_guard  # train puts the handlers back
+
+
+def test_a_second_sigterm_interrupts_at_once_exits_143_and_names_the_checkpoint(tmp_path, monkeypatch, capsys,
+                                                                                sigterm_guard):
+    real = a2pr.evaluation
+
+    def two_sigterms(*a, **k):
+        os.kill(os.getpid(), signal.SIGTERM)  # the first asks for a checkpoint after this step
+        os.kill(os.getpid(), signal.SIGTERM)  # the second stops at once, inside the evaluation
+        return real(*a, **k)
+
+    monkeypatch.setattr(a2pr, "evaluation", two_sigterms)
+    flags = [*TINY_CLI, "--total-steps", "40", "--save-freq", "10", "--save-dir", str(tmp_path), "--run-name", "cut"]
+    assert a2pr.main([*flags, "--quiet"]) == 143  # not 130: it was SIGTERM, as the scheduler that sent it expects
+    err = capsys.readouterr().err
+    assert (f"interrupted at step 20, before its checkpoint; the one in {tmp_path / 'cut' / 'checkpoint.pt'} stands. "
+            f"Continue with: python ") in err and err.endswith("a2pr.py: interrupted\n")
+    assert checkpoint(tmp_path / "cut")["step"] == 10
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -2922,7 +2961,8 @@ def test_threads_are_recorded_and_a_config_rerun_of_them_is_bit_identical(tmp_pa
     assert csv_metrics(tmp_path / "a") == csv_metrics(tmp_path / "b")
 
 
-def test_sigterm_during_an_evaluation_stops_it_and_the_resumed_run_redoes_it_first(tmp_path, monkeypatch):
+def test_sigterm_during_an_evaluation_stops_it_and_the_resumed_run_redoes_it_first(tmp_path, monkeypatch,
+                                                                                   sigterm_guard):
     real, sent = a2pr.evaluation, []
 
     def sigterm_then_evaluation(*a, **k):
@@ -2931,15 +2971,8 @@ def test_sigterm_during_an_evaluation_stops_it_and_the_resumed_run_redoes_it_fir
             os.kill(os.getpid(), signal.SIGTERM)  # arrives while the evaluation runs
         return real(*a, **k)
 
-    def unhandled(*_):
-        raise AssertionError("SIGTERM reached the default handler: the run would have died unsaved")
-
     monkeypatch.setattr(a2pr, "evaluation", sigterm_then_evaluation)
-    old = signal.signal(signal.SIGTERM, unhandled)
-    try:
-        s = a2pr.train(quick(tmp_path, run_name="cut", total_steps=40, eval_freq=20))
-    finally:
-        signal.signal(signal.SIGTERM, old)
+    s = a2pr.train(quick(tmp_path, run_name="cut", total_steps=40, eval_freq=20))
     assert s["interrupted"] and s["signal"] == "SIGTERM" and s["steps"] == 20
     ck = checkpoint(tmp_path / "cut")
     assert ck["step"] == 20 and ck["eval_due"] is True
@@ -2989,6 +3022,27 @@ def test_a_mix_of_two_envs_is_refused_before_any_download(tmp_path, monkeypatch)
         load_rows("hopper-medium-v2", tiny(env="hopper-medium-v2", mix="walker2d-expert-v2:0.1"), NOOP_LOG)
     assert "\n" not in str(e.value)
     assert list(cache.iterdir()) == []  # no .part file, nothing cached
+
+
+def test_an_evaluation_of_many_episodes_says_it_will_take_a_while(capsys):
+    envs = a2pr.make_eval_envs("Pendulum-v1", 2, 251)  # 502 episodes side by side
+    assert len(envs) == 2 and len(envs[1]) == 251
+    assert "note: each evaluation runs 2 x 251 episodes side by side; making the envs and every evaluation will " \
+           "take a while (--eval-episodes, --num-seeds)" in capsys.readouterr().err
+    for env in envs[0] + envs[1]:
+        env.close()
+    a2pr.make_eval_envs("Pendulum-v1", 2, 250)[0][0].close()
+    assert capsys.readouterr().err == ""  # 500 is ordinary
+
+
+def test_ctrl_c_while_torch_loads_is_one_line_and_exit_130(tmp_path):
+    """Importing torch takes seconds; a Ctrl-C then (here: a torch whose import raises KeyboardInterrupt, found first
+    on the path) is the usual one line, not the import machinery's traceback."""
+    (tmp_path / "torch").mkdir()
+    (tmp_path / "torch" / "__init__.py").write_text("raise KeyboardInterrupt\n")
+    r = subprocess.run([sys.executable, str(HERE / "a2pr.py")], capture_output=True, text=True, timeout=60,
+                       env=dict(os.environ, PYTHONPATH=str(tmp_path)), cwd=tmp_path)
+    assert (r.returncode, r.stderr, r.stdout) == (130, "a2pr.py: interrupted while starting\n", "")
 
 
 def test_making_a_v4_env_prints_no_deprecation_warning():
