@@ -831,8 +831,6 @@ def train(args: Args, given: set[str] | None = None) -> dict:
     args, source, ckpt = run_settings(args, given)  # on --resume: the checkpoint's settings and state
     log = (lambda *m, **k: None) if args.quiet else print
     device = make_device(args)
-    if args.threads:  # torch's CPU threads change the last bits of every sum: same threads, same numbers
-        torch.set_num_threads(args.threads)
     check_outputs(args)  # trackers installed, folders writable: before any work
     ds = load_dataset(args, log)
     check_data(ds, args, ckpt)
@@ -848,9 +846,10 @@ def train(args: Args, given: set[str] | None = None) -> dict:
     log(run_header(ds, data, args, source, device))  # the data, the device, every setting and its source
     eval_envs = make_eval_envs(ds.env_id, len(gens), args.eval_episodes)  # made once; each evaluation reseeds
     run = claim_run_dir(args)  # a fresh folder (or the resumed one), locked while this process writes it
-    paths, writers, t_start = run.paths, [], time.time()
+    paths, writers, t_start, threads = run.paths, [], time.time(), torch.get_num_threads()
     log(f"resuming {paths['run_dir']} at step {progress.step:,}" if ckpt else f"run folder {paths['run_dir']}")
     try:
+        torch.set_num_threads(args.threads or threads)  # CPU threads change the last bits of sums: same threads, same run
         writers = open_trackers(args, paths["run_dir"], progress.step)  # first: a bad wandb.json stops before any write
         write_config(paths["config"], args, source, ds.fingerprint)  # every setting, its source, the versions
         with StopFlag() as stop, out_of_memory_as_error(args):
@@ -885,6 +884,7 @@ def train(args: Args, given: set[str] | None = None) -> dict:
         for _, close in writers:
             close()
         run.release()  # unlocks; a folder this run made and never wrote to is removed
+        torch.set_num_threads(threads)  # train(Args(threads=N)) from Python leaves torch's threads as it found them
 
 
 def main(argv=None) -> int:

@@ -2961,6 +2961,14 @@ def test_threads_are_recorded_and_a_config_rerun_of_them_is_bit_identical(tmp_pa
     assert csv_metrics(tmp_path / "a") == csv_metrics(tmp_path / "b")
 
 
+def test_train_from_python_runs_on_its_threads_and_leaves_torchs_as_it_found_them(tmp_path):
+    before = torch.get_num_threads()
+    want = 1 if before > 1 else 2
+    s = a2pr.train(quick(tmp_path, threads=want))
+    assert json.loads(Path(s["config"]).read_text())["versions"]["threads"] == want
+    assert torch.get_num_threads() == before  # a notebook's later torch work is not pinned to the run's threads
+
+
 def test_sigterm_during_an_evaluation_stops_it_and_the_resumed_run_redoes_it_first(tmp_path, monkeypatch,
                                                                                    sigterm_guard):
     real, sent = a2pr.evaluation, []
