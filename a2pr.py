@@ -915,7 +915,7 @@ def data_dir(args: Args) -> Path:
 
 
 BUILTIN_DATASETS = {
-    # name: (fraction of expert episodes, fraction of random actions inside the other episodes)
+    # name: the policy that collected it (each 200 episodes of Pendulum-v1, generated offline from --dataset-seed)
     "pendulum-random-v0": "uniform random torques",
     "pendulum-medium-v0": "scripted swing-up controller that takes a random torque 70% of the time",
     "pendulum-expert-v0": "scripted energy-pumping swing-up with a PD balancer",
