@@ -42,10 +42,16 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-import torch
+try:
+    import numpy as np
+    import torch
 
-import a2pr
+    import a2pr
+except KeyboardInterrupt:  # Ctrl-C while torch loads (seconds): one line, as a2pr.py prints, not a traceback
+    if __name__ != "__main__":
+        raise
+    print("a2pr_sweep.py: interrupted while starting", file=sys.stderr)
+    sys.exit(130)
 
 # The ablations as a2pr's flags (spec 4): which action the actor is pulled to, and in which states.
 SWEEP_VARIANTS = {

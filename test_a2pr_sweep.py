@@ -719,3 +719,13 @@ def test_ray_address_where_something_else_listens_fails_in_bounded_time(monkeypa
     why = "no answer within 1 s" if listener == "silent" else "something answers there, but not as Ray does"
     assert str(e.value) == (f"no Ray cluster at 127.0.0.1:{port} ({why}); start one there (ray start --head --port "
                             f"{port}) or give --ray-address the address that ray start printed")
+
+
+def test_ctrl_c_while_torch_loads_is_one_line_and_exit_130(tmp_path):
+    """As for a2pr.py: a Ctrl-C during the seconds torch takes to import (here a torch whose import raises
+    KeyboardInterrupt, first on the path) is one line, not the import machinery's traceback."""
+    (tmp_path / "torch").mkdir()
+    (tmp_path / "torch" / "__init__.py").write_text("raise KeyboardInterrupt\n")
+    r = subprocess.run([sys.executable, str(HERE / "a2pr_sweep.py"), "builtin"], capture_output=True, text=True,
+                       timeout=60, env=dict(os.environ, PYTHONPATH=str(tmp_path)), cwd=tmp_path)
+    assert (r.returncode, r.stderr, r.stdout) == (130, "a2pr_sweep.py: interrupted while starting\n", "")
