@@ -48,13 +48,13 @@ Reading map (line: what). Everything above main() is A2PR; below it, appendices 
     568  Dataset:          the data as the networks see it: normalisation, action scaling, device batches
     649  Policy:           the deployed policy: normalise -> actor -> env action bounds
     692  evaluate:         deterministic evaluation, D4RL normalised score
-    829  train:            train(args) -> summary: setup, then the loop
-    890  main:             the command line's entry point
-    909  Appendix A:       data sources: built-in, D4RL, HDF5, downloads, Minari, mixes
-   1611  Appendix B:       speed paths: torch.compile, CUDA graphs, --benchmark update
-   1783  Appendix C:       run files: folders, locks, checkpoints, config.json, CSV, plot, trackers, export
-   2264  Appendix D:       the theory on finite MDPs
-   2327  Appendix E:       the command line: parser, --config, presets, validation
+    830  train:            train(args) -> summary: setup, then the loop
+    891  main:             the command line's entry point
+    910  Appendix A:       data sources: built-in, D4RL, HDF5, downloads, Minari, mixes
+   1612  Appendix B:       speed paths: torch.compile, CUDA graphs, --benchmark update
+   1784  Appendix C:       run files: folders, locks, checkpoints, config.json, CSV, plot, trackers, export
+   2266  Appendix D:       the theory on finite MDPs
+   2329  Appendix E:       the command line: parser, --config, presets, validation
 """
 
 from __future__ import annotations
@@ -747,6 +747,7 @@ class Progress:
     step: int = 0
     last_score: float = float("nan")
     eval_due: bool = False       # the evaluation of `step` has yet to run (a signal stopped it)
+    saved: int = 0               # the step of the last checkpoint written (0: none yet)
 
     @classmethod
     def start(cls, k: int, ckpt: dict | None) -> "Progress":
@@ -754,7 +755,7 @@ class Progress:
             return cls(np.full(k, -np.inf), [])
         scores = [r["eval/normalized_score_mean"] for r in ckpt["history"] if "eval/normalized_score_mean" in r]
         return cls(np.asarray(ckpt["best"], dtype=float), ckpt["history"], ckpt["step"],
-                   scores[-1] if scores else float("nan"), bool(ckpt.get("eval_due")))
+                   scores[-1] if scores else float("nan"), bool(ckpt.get("eval_due")), ckpt["step"])
 
 
 class MetricWindow:
@@ -876,7 +877,7 @@ def train(args: Args, given: set[str] | None = None) -> dict:
                     break
         return finish_run(args, ds, progress, paths, time.time() - t_start, log, stop.signal)
     except KeyboardInterrupt:  # a second signal, or one during an evaluation: the last checkpoint stands
-        print(interrupted_at_once(progress.step, paths), file=sys.stderr)
+        print(interrupted_at_once(progress, paths), file=sys.stderr)
         raise
     finally:
         for env in itertools.chain(*eval_envs):
@@ -1875,11 +1876,11 @@ class StopFlag:
             signal.signal(s, old)
 
 
-def interrupted_at_once(step: int, paths: dict) -> str:
-    if paths["checkpoint"].exists():
-        return (f"interrupted at step {step:,}, before its checkpoint; the one in {paths['checkpoint']} stands. "
-                f"Continue with: {resume_command(paths['run_dir'])}")
-    return f"interrupted at step {step:,}, before its first checkpoint; the same command starts the run again"
+def interrupted_at_once(progress, paths: dict) -> str:
+    if progress.saved:
+        return (f"interrupted at step {progress.step:,}; the checkpoint of step {progress.saved:,} in "
+                f"{paths['checkpoint']} stands. Continue with: {resume_command(paths['run_dir'])}")
+    return f"interrupted at step {progress.step:,}, before its first checkpoint; the same command starts the run again"
 
 
 def run_paths(run_dir: Path) -> dict[str, Path]:
@@ -2077,6 +2078,7 @@ def save_checkpoint(path: Path, args: Args, agent, opt, gens, device, progress, 
         atomic_write(path, lambda tmp: Path(tmp).write_bytes(buf.getbuffer()))
     except A2PRError as e:
         raise A2PRError(f"{e}; continue with {resume_command(path.parent)}" if path.exists() else str(e)) from None
+    progress.saved = progress.step
 
 
 def evaluate_due(progress, policy, ds, args: Args, envs, stop, paths, agent, data, writers) -> None:

@@ -2570,7 +2570,7 @@ def test_a_second_sigterm_interrupts_at_once_exits_143_and_names_the_checkpoint(
     flags = [*TINY_CLI, "--total-steps", "40", "--save-freq", "10", "--save-dir", str(tmp_path), "--run-name", "cut"]
     assert a2pr.main([*flags, "--quiet"]) == 143  # not 130: it was SIGTERM, as the scheduler that sent it expects
     err = capsys.readouterr().err
-    assert (f"interrupted at step 20, before its checkpoint; the one in {tmp_path / 'cut' / 'checkpoint.pt'} stands. "
+    assert (f"interrupted at step 20; the checkpoint of step 10 in {tmp_path / 'cut' / 'checkpoint.pt'} stands. "
             f"Continue with: python ") in err and err.endswith("a2pr.py: interrupted\n")
     assert checkpoint(tmp_path / "cut")["step"] == 10
 
