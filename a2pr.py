@@ -2057,7 +2057,7 @@ def restore(agent, opt, gens, ckpt: dict, args: Args, device) -> None:
                 g.manual_seed(s * 1_000_003 + ckpt["step"])
     except (RuntimeError, KeyError, ValueError, TypeError) as e:
         raise A2PRError(f"the checkpoint's weights do not fit its own settings ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0][:200] if str(e) else ''}); it was altered or is damaged") from None
+                        f"{' '.join(str(e).split())[:200]}); it was altered or is damaged") from None
 
 
 def save_checkpoint(path: Path, args: Args, agent, opt, gens, device, progress, window, data, ds) -> None:
@@ -2180,7 +2180,7 @@ def export_policy(run_dir: str | Path, best: bool = False, seed_index: int = 0) 
         actor.load_state_dict(actor_state)
     except (RuntimeError, TypeError) as e:
         raise A2PRError(f"{run_dir / ('best_policy.pt' if best else 'checkpoint.pt')}: its actor weights do not "
-                        f"fit its settings ({str(e).splitlines()[0]}); export another run") from None
+                        f"fit its settings ({' '.join(str(e).split())[:200]}); export another run") from None
     module = OneSeed(Policy(actor, *(state[k] for k in ("obs_mean", "obs_std", "action_low", "action_high"))),
                      seed_index).eval()
     program = torch.export.export(module, (torch.zeros(2, obs_dim),), dynamic_shapes=({0: torch.export.Dim("batch")},))
