@@ -850,7 +850,7 @@ def train(args: Args, given: set[str] | None = None) -> dict:
     paths, writers, t_start, threads = run.paths, [], time.time(), torch.get_num_threads()
     log(f"resuming {paths['run_dir']} at step {progress.step:,}" if ckpt else f"run folder {paths['run_dir']}")
     try:
-        torch.set_num_threads(args.threads or threads)  # CPU threads change the last bits of sums: same threads, same run
+        torch.set_num_threads(args.threads or threads)  # threads change the last bits of sums: same threads, same run
         writers = open_trackers(args, paths["run_dir"], progress.step)  # first: a bad wandb.json stops before any write
         write_config(paths["config"], args, source, ds.fingerprint)  # every setting, its source, the versions
         with StopFlag() as stop, out_of_memory_as_error(args):
@@ -902,7 +902,7 @@ def main(argv=None) -> int:
         return 2
     except KeyboardInterrupt as e:  # Ctrl-C, or a second signal (StopFlag names it): 130, or 143 for SIGTERM
         print("a2pr.py: interrupted", file=sys.stderr)
-        return 128 + signal.Signals[e.args[0] if e.args else "SIGINT"]
+        return 128 + (signal.SIGTERM if e.args == ("SIGTERM",) else signal.SIGINT)
     return 0
 
 
