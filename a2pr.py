@@ -2412,8 +2412,10 @@ RESUME_MAY_CHANGE = ("resume", "total_steps", "cuda", "compile", "cuda_graphs", 
 def run_settings(args: Args, given: set[str] | None) -> tuple[Args, dict[str, str], dict | None]:
     """The run's resolved settings, where each came from, and the checkpoint when resuming (its settings win, but
     for RESUME_MAY_CHANGE, so that a GPU run can go on here)."""
-    if given is None:  # train(Args(...)) from Python: what differs from the defaults was given
+    if given is None:  # train(Args(...)) from Python: what differs from the defaults was given; --config as parse_args
         given = {f.name for f in dataclasses.fields(Args) if getattr(args, f.name) != f.default}
+        if args.config:
+            args = dataclasses.replace(args, **{k: v for k, v in load_config(args.config).items() if k not in given})
     mode = ("cuda", "cuda_graphs", "compile", "quiet")  # how this process runs: always this command line's
     follow = {k: getattr(args, k) for k in RESUME_MAY_CHANGE if k != "resume" and (k in given or k in mode)}
     run_dir = Path(args.resume or ".")

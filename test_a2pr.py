@@ -3108,6 +3108,9 @@ def test_config_reruns_a_run_and_flags_on_the_command_line_win(tmp_path):
         {k: v for k, v in saved.items() if k not in a2pr.NOT_FROM_CONFIG}
     a, b = (json.loads((tmp_path / "runs" / n / "summary.json").read_text()) for n in ("first", "again"))
     assert a["final_scores"] == b["final_scores"] and a["best_scores"] == b["best_scores"]
+    py = a2pr.train(a2pr.Args(config=cfg, save_dir=str(tmp_path / "runs"), run_name="py", quiet=True))  # from Python
+    assert (py["steps"], py["final_scores"], py["best_scores"]) == (100, a["final_scores"], a["best_scores"])
+    assert json.loads((tmp_path / "runs" / "py" / "config.json").read_text())["source"]["tau"] == "config"
 
 
 @pytest.mark.parametrize("content, match", [("{not json", "not a run's config.json"),
