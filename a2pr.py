@@ -921,6 +921,8 @@ BUILTIN_DATASETS = {
     "pendulum-medium-v0": "scripted swing-up controller that takes a random torque 70% of the time",
     "pendulum-expert-v0": "scripted energy-pumping swing-up with a PD balancer",
     "pendulum-mostly-random-v0": "95% random episodes + 5% expert episodes, mixed trajectory-wise",
+    "pendulum-damped-v0": "a bad controller with narrow noise: damping u = -2 theta' + N(0, 0.3^2) keeps it hanging",
+    "pendulum-medium-damped-v0": "the expert's torque half of the time, the damping controller's otherwise (per step)",
 }
 
 BUILTIN_EPISODES = 200          # 200 episodes x 200 steps = 40,000 rows per built-in dataset
@@ -952,6 +954,8 @@ def _rollout_pendulum(policy: str, n_episodes: int, rng: np.random.Generator) ->
         while not done:
             if policy == "random" or (policy == "medium" and rng.random() < 0.7):
                 u = float(rng.uniform(-2.0, 2.0))
+            elif policy == "damped" or (policy == "medium-damped" and rng.random() < 0.5):
+                u = float(np.clip(-2.0 * obs[2] + 0.3 * rng.standard_normal(), -2.0, 2.0))  # brakes every swing
             else:
                 u = pendulum_expert_action(obs)
             nxt, r, term, trunc, _ = env.step(np.array([u], dtype=np.float32))
@@ -966,8 +970,8 @@ def _rollout_pendulum(policy: str, n_episodes: int, rng: np.random.Generator) ->
 def make_builtin_dataset(name: str, seed: int) -> tuple[dict[str, np.ndarray], dict]:
     """Generate a built-in Pendulum dataset (rows + attributes) from a seed; no network, no training."""
     rng = np.random.default_rng([seed, BUILTIN_VERSION])
-    kind = name.split("-")[1] if name != "pendulum-mostly-random-v0" else "mix"
-    if kind == "mix":  # trajectory-wise mix: whole episodes, 95 % random then 5 % expert
+    kind = name.removeprefix("pendulum-").removesuffix("-v0")  # the policy: random, medium, expert, damped, ...
+    if kind == "mostly-random":  # trajectory-wise mix: whole episodes, 95 % random then 5 % expert
         n_expert = BUILTIN_EPISODES // 20
         parts = [_rollout_pendulum("random", BUILTIN_EPISODES - n_expert, rng),
                  _rollout_pendulum("expert", n_expert, rng)]

@@ -59,6 +59,7 @@ SWEEP_VARIANTS = {
     "td3bc": dict(bc_target="data", gate="always"),      # TD3+BC's actor loss: dataset action, every state
     "no-gate": dict(bc_target="select", gate="always"),  # selection kept, constraint in every state
     "vae-only": dict(bc_target="vae", gate="adaptive"),  # VAE action always (no comparison), adaptive gate
+    "td3": dict(bc_target="data", gate="always", bc_weight=0.0),  # offline TD3: no behaviour constraint anywhere
 }
 _MIX_FAMILIES = ("hopper", "halfcheetah", "walker2d")
 SWEEP_SUITES = {
@@ -66,6 +67,9 @@ SWEEP_SUITES = {
     "mixes": [f"{f}-random-v2+{f}-{good}-v2:{frac}" for f in _MIX_FAMILIES for good in ("expert", "medium")
               for frac in ("0.01", "0.05")],
     "builtin": list(a2pr.BUILTIN_DATASETS),
+    # Built-in data from narrow and good to wide and bad: where no constraint, a uniform one and A2PR's choice fail.
+    "situations": ["pendulum-expert-v0", "pendulum-mostly-random-v0", "pendulum-damped-v0+pendulum-expert-v0:0.05",
+                   "pendulum-damped-v0+pendulum-expert-v0:0.2", "pendulum-medium-damped-v0"],
 }
 # A2PR's normalised scores in the paper's table (spec), 1M steps.
 PAPER_SCORES = {"halfcheetah-medium-v2": 68.6, "hopper-medium-v2": 100.8, "walker2d-medium-v2": 89.7,
@@ -96,14 +100,16 @@ class SweepArgs:
     """The sweep's own settings (its flags), the training settings every run starts from (a2pr's Args) and which of
     those the user gave (None: the fields of `train` that differ from a2pr.Args())."""
     suite: str = _flag("paper (the paper's 9 D4RL sets), mixes (random data + 1 or 5 percent expert/medium), builtin "
-                       "(the Pendulum datasets) or envs (--envs)", choices=("paper", "mixes", "builtin", "envs"),
+                       "(the Pendulum datasets), situations (Pendulum data from narrow and good to wide and bad) or "
+                       "envs (--envs)", choices=("paper", "mixes", "builtin", "situations", "envs"),
                        metavar="SUITE", positional=True)
     envs: str | None = _flag("with the suite envs: these datasets, comma-separated; ENV+NAME:FRAC for a --mix", None,
                              metavar="A,B")
     seeds: int = _flag("seeds per dataset and variant, --seed onwards (default 5); all in one Ray task unless "
                        "--num-seeds N splits them into tasks of N", 5)
     variants: str = _flag("side by side, among a2pr, td3bc (--bc-target data --gate always), no-gate (--gate always), "
-                          "vae-only (--bc-target vae) (default a2pr)", "a2pr", metavar="V,...")
+                          "vae-only (--bc-target vae), td3 (--bc-weight 0: offline TD3, no constraint) (default a2pr)",
+                          "a2pr", metavar="V,...")
     sweep_dir: str | None = _flag("folder of its run folders and results (default sweeps/SUITE)", None, metavar="DIR")
     task_cpus: float = _flag("CPU cores per Ray task; each task runs torch on that many threads (default 1)", 1.0)
     task_gpus: float | None = _flag("GPUs per Ray task, e.g. 0.25 packs four tasks on one GPU (default: 1 with "
@@ -701,6 +707,12 @@ def _option(name: str, value) -> list[str]:
     return [flag, str(value)]
 
 
+def variants_line(variants: list[str]) -> str:
+    """results.md's line naming each variant with the a2pr.py flags it sets."""
+    return "- variants: " + ", ".join(f"{v} ({' '.join(p for k, x in SWEEP_VARIANTS[v].items() for p in _option(k, x))})"
+                                      for v in variants)
+
+
 def command_line(sw: SweepArgs) -> str:
     """The command that runs this sweep: its own flags that differ from their defaults, and the a2pr.py flags given."""
     parts = ["python", "a2pr_sweep.py", sw.suite]
@@ -845,8 +857,7 @@ def write_sweep_results(sw: SweepArgs, runs: list[dict], sweep_dir: Path, levels
     head = [f"# Sweep `{sw.suite}`: {finished} of {len(runs)} run folders finished", "",
             f"- command: `{command_line(sw)}`",
             f"- datasets: {', '.join(dict.fromkeys(r['dataset'] for r in runs))}",
-            "- variants: " + ", ".join(f"{v} (--bc-target {SWEEP_VARIANTS[v]['bc_target']} --gate "
-                                        f"{SWEEP_VARIANTS[v]['gate']})" for v in variants),
+            variants_line(variants),
             f"- seeds: {sw.train.seed}..{sw.train.seed + sw.seeds - 1}, {seeds_per_task(sw)} per Ray task"
             f"{' (one batched computation)' if seeds_per_task(sw) > 1 else ''}, {sw.task_cpus:g} CPU and "
             f"{task_gpus(sw):g} GPU each",

@@ -1528,6 +1528,24 @@ def test_builtin_family_orders_by_quality(tmp_path):
     assert avg["random"] + 15 < avg["medium"] < avg["expert"] - 15
 
 
+def test_damped_data_is_narrow_and_bad_and_medium_damped_holds_a_good_and_a_bad_mode(tmp_path):
+    """The situations of a2pr_sweep.py's suite: pendulum-damped-v0 brakes every swing (a = -2 theta' + N(0, 0.3^2))
+    and scores below a random policy; pendulum-medium-damped-v0 takes the expert's torque in about half of the steps
+    and the brake otherwise, so each state holds one good and one bad narrow mode."""
+    got = {}
+    for name in ("pendulum-damped-v0", "pendulum-medium-damped-v0"):
+        rows, attrs = load_rows(name, a2pr.Args(env=name, data_dir=str(tmp_path)), NOOP_LOG)
+        obs, act = rows["observations"], rows["actions"][:, 0]
+        expert = np.isclose(act, [a2pr.pendulum_expert_action(o) for o in obs], atol=1e-5)
+        brake = act - np.clip(-2.0 * obs[:, 2], -2.0, 2.0)
+        score = a2pr.normalized_score(a2pr.episode_returns(rows), attrs["ref_min_score"], attrs["ref_max_score"])
+        unclipped = ~expert & (np.abs(obs[:, 2]) < 0.5)  # where the brake's torque stays inside [-2, 2]
+        got[name] = expert.mean(), np.abs(brake[~expert]).max(), brake[unclipped].std(), score.mean()
+    damped, mixed = got["pendulum-damped-v0"], got["pendulum-medium-damped-v0"]
+    assert damped[0] < 0.01 and damped[1] < 1.5 and 0.25 < damped[2] < 0.35 and damped[3] < -20
+    assert 0.45 < mixed[0] < 0.55 and mixed[1] < 1.5 and 0.25 < mixed[2] < 0.35 and damped[3] + 20 < mixed[3] < 50
+
+
 def test_builtin_dataset_from_cache(tmp_path):
     rows = make_rows([200] * 3, 3, 1)
     path = tmp_path / "a2pr" / "pendulum-random-v0-seed0-v1.hdf5"

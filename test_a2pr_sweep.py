@@ -271,6 +271,23 @@ def test_plan_suites_seed_blocks_variants_and_flags_over_presets(tmp_path):
     assert a2pr.resolve_args(builtin[0]["args"])[0].preset == "pendulum-cpu"
 
 
+def test_td3_is_offline_td3_and_the_situations_suite_runs_the_four_learners_side_by_side(tmp_path):
+    runs = a2pr_sweep.plan_sweep(sweep_args(tmp_path, "situations", "--seeds", "2",
+                                            "--variants", "td3,td3bc,no-gate,a2pr", "--bc-weight", "3"))
+    assert len(runs) == 5 * 4 and len({r["dataset"] for r in runs}) == 5
+    by = {(r["dataset"], r["variant"]): a2pr.resolve_args(r["args"])[0] for r in runs}
+    mix = "pendulum-damped-v0+pendulum-expert-v0:0.05"
+    td3, td3bc, a2pr_ = by[mix, "td3"], by[mix, "td3bc"], by[mix, "a2pr"]
+    assert (td3.env, td3.mix, td3.preset) == ("pendulum-damped-v0", "pendulum-expert-v0:0.05", "pendulum-cpu")
+    assert td3.bc_weight == 0.0 and (td3bc.bc_weight, a2pr_.bc_weight) == (3.0, 3.0)  # only td3 drops the constraint
+    # with bc_weight 0 the gate is 0 in every state: the actor loss is TD3's -lambda Q alone
+    adv = torch.tensor([[1.0, -1.0, 0.0]])
+    _, gate, _ = a2pr.select_bc_target(adv, adv, torch.zeros(1, 3, 1), torch.ones(1, 3, 1), td3.bc_weight, td3.eps_a,
+                                       td3.bc_target, td3.gate)
+    assert gate.abs().max() == 0
+    assert "td3 (--bc-target data --gate always --bc-weight 0.0)" in a2pr_sweep.variants_line(["td3"])
+
+
 def test_plan_trains_all_seeds_of_a_task_as_one_batched_run_unless_num_seeds_is_given(tmp_path):
     envs = a2pr_sweep.plan_sweep(a2pr_sweep.parse_args(["envs", "--envs", "pendulum-medium-v0+pendulum-expert-v0:0.05",
                                                         "--seed", "3"]))
