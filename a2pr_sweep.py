@@ -773,6 +773,52 @@ def aggregate_cells(rows: list[dict], variants: list[str]) -> tuple[dict, dict]:
     return agg, poi
 
 
+def _difference(g):
+    return np.mean(g[0], -1) - np.mean(g[1], -1)
+
+
+def comparison_cells(rows: list[dict], variants: list[str]) -> list[tuple]:
+    """A2PR against each other variant on each dataset: (dataset, other, cells), the cells `point [low, high]` for
+    the difference of mean final scores, of mean best scores, and P(a2pr > other) on final scores, each from a
+    bootstrap of each variant's runs; cells None where either variant has a single run there."""
+    scores = {}
+    for r in rows:
+        scores.setdefault((r["dataset"], r["variant"]), []).append((r["final_score"], r["best_score"]))
+    out = []
+    for d in dict.fromkeys(r["dataset"] for r in rows):
+        for v in variants:
+            if v == "a2pr" or (d, "a2pr") not in scores or (d, v) not in scores:
+                continue
+            a, b = np.array(scores[(d, "a2pr")]), np.array(scores[(d, v)])
+            if no_interval([a, b]):
+                out.append((d, v, None))
+                continue
+            cis = [stratified_bootstrap_ci([a[:, k], b[:, k]], _difference) for k in (0, 1)]
+            cis.append(stratified_bootstrap_ci([a[:, 0], b[:, 0]], lambda g: probability_of_improvement(g[:1], g[1:])))
+            out.append((d, v, cis))
+    return out
+
+
+def comparison_lines(rows: list[dict], variants: list[str]) -> list[str]:
+    """results.md's section on A2PR against each variant per dataset, and where its intervals lie above 0."""
+    cells = comparison_cells(rows, variants)
+    if not cells:
+        return []
+    out = ["", f"## A2PR against each variant, per dataset (bootstrap, 95 % CI, {BOOTSTRAP_REPS:,} resamples)", "",
+           "| dataset | vs | A2PR − X, final | A2PR − X, best | P(A2PR > X), final |", "|---|---|---|---|---|"]
+    for d, v, cis in cells:
+        text = [f"– ({POI_NEEDS})"] * 3 if cis is None else \
+            [f"{p:+.1f} [{lo:+.1f}, {hi:+.1f}]" for p, lo, hi in cis[:2]] + ["{:.2f} [{:.2f}, {:.2f}]".format(*cis[2])]
+        out.append(f"| {d} | {v} | " + " | ".join(text) + " |")
+    out += ["", "Differences of the two variants' mean scores on that dataset; the runs of each are resampled with "
+            "replacement independently. P: the probability that a random run of A2PR has the higher final score "
+            "(ties 1/2). **Where A2PR is above X** (the whole interval of the difference above 0):"]
+    for v in dict.fromkeys(c[1] for c in cells):
+        above = [[d for d, w, cis in cells if w == v and cis and cis[k][1] > 0] for k in (0, 1)]
+        out.append(f"- {v}: final on {', '.join(above[0]) or 'no dataset'}; best on {', '.join(above[1]) or 'no dataset'}")
+    return out
+
+
 def summary_lines(rows: list[dict], variants: list[str]) -> list[str]:
     """The aggregates as the driver prints them at the end, the same cells as results.md."""
     agg, poi = aggregate_cells(rows, variants)
@@ -823,6 +869,7 @@ def sweep_tables(rows: list[dict], levels: list[float], variants: list[str]) -> 
         out += ["", "rliable's definition: for each dataset, the probability that a random run of X has a higher "
                 "final score than a random run of Y (ties count 1/2), averaged over datasets; the runs of each "
                 "variant on each dataset are resampled independently for the CI."]
+    out += comparison_lines(rows, variants)
     if levels:
         out += ["", "## Final policy under Gaussian observation noise (std per observation dimension)", "",
                 "| dataset | variant | " + " | ".join(f"σ = {x:g}" for x in levels) + " |",

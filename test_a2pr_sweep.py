@@ -215,6 +215,23 @@ def test_single_runs_give_no_interval_and_no_probability_of_improvement():
     assert "run: no interval" not in a2pr_sweep.sweep_tables(three, [0.1], variants)
 
 
+def test_results_compare_a2pr_with_each_variant_per_dataset_and_say_where_it_is_above():
+    """Per dataset, A2PR − X on final and best scores and P(A2PR > X), with bootstrap intervals; the closing lines
+    name the datasets where the whole interval lies above 0, and a single run gives no interval."""
+    rows = score_rows({(d, v): 3 for d in ("ds-a", "ds-b") for v in ("a2pr", "td3", "td3bc")})
+    for r in rows:  # td3 beats a2pr by 30 on ds-b (a2pr's best is +1 over its final there too)
+        if (r["dataset"], r["variant"]) == ("ds-b", "td3"):
+            r["final_score"] += 50.0
+            r["best_score"] += 50.0
+    md = a2pr_sweep.sweep_tables(rows, [], ["a2pr", "td3", "td3bc"])
+    assert "| ds-a | td3bc | +20.0 [+" in md and "| ds-b | td3 | -30.0 [-" in md
+    assert "| ds-a | td3 | +20.0 [+16.0, +24.0] | +20.0 [+16.0, +24.0] | 1.00 [1.00, 1.00] |" in md
+    assert "- td3: final on ds-a; best on ds-a" in md and "- td3bc: final on ds-a, ds-b; best on ds-a, ds-b" in md
+    one = score_rows({("ds-a", v): 1 for v in ("a2pr", "td3")})
+    assert f"| ds-a | td3 | – ({a2pr_sweep.POI_NEEDS}) |" in a2pr_sweep.sweep_tables(one, [], ["a2pr", "td3"])
+    assert "- td3: final on no dataset; best on no dataset" in a2pr_sweep.sweep_tables(one, [], ["a2pr", "td3"])
+
+
 @pytest.mark.parametrize("runs", [1, 3])
 def test_aggregate_panels_show_every_mark_inside_their_axes(runs):
     """results.png's mean and IQM panels: every point and interval end lies inside the axes, a margin away from the
