@@ -26,6 +26,7 @@ import math
 import os
 import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -3300,6 +3301,57 @@ def test_tutorial_notebook_runs_top_to_bottom(tmp_path):
     nb = execute_notebook(copy_, fast=True)
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
     assert not errors
+
+
+def notebook_cells(tag: str) -> list:
+    nbformat = pytest.importorskip("nbformat")  # requirements-dev.txt
+    return [c for c in nbformat.read(NOTEBOOK, as_version=4).cells if tag in c.metadata.get("tags", [])]
+
+
+def test_exercise_checker_passes_select_bc_target_and_fails_the_near_misses(capsys):
+    """Exercise A's checker (the notebook cell tagged `checker`) accepts A2PR's rule and the tagged answer, and
+    rejects the two near misses a student writes: ties sent to the dataset action, and the gate as an AND."""
+    (checker,), (answer,) = notebook_cells("checker"), notebook_cells("answer")[:1]
+    ns = dict(a2pr=a2pr, torch=torch)
+    exec(checker.source, ns)
+    exec(answer.source, ns)
+    check_rule = ns["check_rule"]
+
+    def a2pr_rule(adv_vae, adv_data, vae_action, data_action, bc_weight, eps_a):
+        return a2pr.select_bc_target(adv_vae, adv_data, vae_action, data_action, bc_weight, eps_a)[:2]
+
+    def ties_to_data(adv_vae, adv_data, vae_action, data_action, bc_weight, eps_a):
+        target = torch.where((adv_vae > adv_data).unsqueeze(-1), vae_action, data_action)
+        return target, bc_weight * ((adv_vae >= eps_a) | (adv_data > eps_a)).float()
+
+    def gate_and(adv_vae, adv_data, vae_action, data_action, bc_weight, eps_a):
+        target = torch.where((adv_vae >= adv_data).unsqueeze(-1), vae_action, data_action)
+        return target, bc_weight * ((adv_vae >= eps_a) & (adv_data > eps_a)).float()
+
+    assert check_rule(a2pr_rule) and check_rule(ns["my_rule"])
+    assert "correct:" in capsys.readouterr().out
+    assert not check_rule(ties_to_data)
+    assert "expected: target the VAE action" in capsys.readouterr().out
+    assert not check_rule(gate_and)
+    assert not check_rule(lambda *_: None)  # the exercise cell as handed out: no traceback, a hint
+    assert "must return (target, gate)" in capsys.readouterr().out
+
+
+def test_student_copy_command_drops_answers_and_outputs(tmp_path):
+    """The command the notebook's first cell documents writes a copy without the answer cells and without outputs,
+    keeping the exercise and its checker."""
+    pytest.importorskip("nbconvert")  # requirements-dev.txt
+    nbformat = pytest.importorskip("nbformat")
+    intro = nbformat.read(NOTEBOOK, as_version=4).cells[0].source
+    command = re.search(r"```bash\n(python -m nbconvert .*?)\n```", intro, re.S).group(1).replace("\\\n", " ")
+    shutil.copy(NOTEBOOK, tmp_path / "tutorial.ipynb")
+    subprocess.run([sys.executable, *shlex.split(command)[1:]], cwd=tmp_path, check=True, capture_output=True)
+    student = nbformat.read(tmp_path / "tutorial-student.ipynb", as_version=4)
+    teacher = nbformat.read(NOTEBOOK, as_version=4)
+    tags = [t for c in student.cells for t in c.metadata.get("tags", [])]
+    assert "answer" not in tags and {"exercise", "checker"} <= set(tags)
+    assert len(student.cells) == len(teacher.cells) - len(notebook_cells("answer"))
+    assert not [c for c in student.cells if c.cell_type == "code" and (c.outputs or c.execution_count)]
 
 
 def test_committed_notebook_carries_its_outputs_and_pictures():
