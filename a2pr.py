@@ -1024,6 +1024,10 @@ def read_d4rl_hdf5(path: Path, cached: bool = False) -> tuple[dict[str, np.ndarr
     except OSError as e:
         raise A2PRError(f"{path}: cannot read the HDF5 file ({e}); " + (CACHE_REMEDY if cached else
                         "check that it is a complete HDF5 file in D4RL's layout")) from None
+    for k, v in rows.items():  # strings, objects or complex numbers would fail or be cut in astype below
+        if v.dtype.kind not in "biuf":
+            raise A2PRError(f"{path}: '{k}' holds {v.dtype} values, not real numbers; a D4RL file's arrays are "
+                            "numbers (float32 observations, actions and rewards; bool terminals and timeouts)")
     rows = {k: v.astype(np.float32) if k in ("observations", "actions", "rewards") else v.astype(bool)
             for k, v in rows.items()}
     rows.update({k: rows[k].reshape(len(rows[k]), -1)[:, 0] if rows[k].ndim == 2 and rows[k].shape[1] == 1 else
@@ -1177,10 +1181,11 @@ def download_file(url: str, dest: Path, validate, timeout: float = 10.0, offline
                          "and run again" + (f", {offline_hint}" if offline_hint else ""))
 
     dest.parent.mkdir(parents=True, exist_ok=True)
-    lock = lock_file(part, f"another a2pr.py process is downloading {dest}; wait for it to finish")
+    f = lock_file(part, f"another a2pr.py process is downloading {dest}; wait for it to finish")  # never a link
     try:
+        f.truncate(0)  # a killed download's part is rewritten
         try:
-            with urllib.request.urlopen(url, timeout=timeout) as resp, open(part, "wb") as f:
+            with urllib.request.urlopen(url, timeout=timeout) as resp:
                 total, shown = int(resp.headers.get("Content-Length") or 0), 0
                 while chunk := resp.read1(1 << 20):  # what has arrived: a stall reports the bytes so far
                     f.write(chunk)
@@ -1195,6 +1200,7 @@ def download_file(url: str, dest: Path, validate, timeout: float = 10.0, offline
             r = getattr(e, "reason", e)
             raise fail(f"no data for {timeout:g}s after {done:,} bytes" if isinstance(r, TimeoutError) else
                        f"interrupted after {done:,} bytes ({type(r).__name__}: {r})") from None
+        f.flush()
         if total and done != total:
             raise fail(f"incomplete: {done:,} of {total:,} bytes")
         try:
@@ -1206,8 +1212,9 @@ def download_file(url: str, dest: Path, validate, timeout: float = 10.0, offline
         os.replace(part, dest)
         return result
     finally:
-        part.unlink(missing_ok=True)
-        lock.close()
+        with contextlib.suppress(OSError):  # cleanup never hides the real error
+            part.unlink(missing_ok=True)
+        f.close()
 
 
 # --- Sources: D4RL names, local files, built-in datasets
@@ -1520,8 +1527,9 @@ def source_kind(name: str) -> str:
         return "d4rl"
     if name.lower().endswith((".hdf5", ".h5")) or os.path.isfile(name):
         return "file"
-    if ("/" in name and MINARI_ID.match(name)) or (minari_local_path(name) / "data").is_dir():
-        return "minari"
+    with contextlib.suppress(OSError):  # a name past the file system's limits (ENAMETOOLONG) is no local dataset
+        if ("/" in name and MINARI_ID.match(name)) or (minari_local_path(name) / "data").is_dir():
+            return "minari"
     raise unknown_name_error(name)
 
 
@@ -1585,7 +1593,9 @@ def load_dataset(args: Args, log=print) -> Dataset:
     _, space = env_spaces(env_id, args.env)
     tr = rows_to_transitions(rows)
     if len(tr["rewards"]) == 0:
-        raise A2PRError(f"{args.env}: no usable transitions (every row is a time-out)")
+        why = "it has a single row" if len(rows["rewards"]) == 1 else "every row but the last is a time-out"
+        raise A2PRError(f"{args.env}: no usable transitions: {why}, and a row without a next row (the file's last "
+                        "row, or a time-out) has no next state; give a dataset with whole episodes")
     fingerprint = hashlib.sha256(b"".join(np.ascontiguousarray(a).tobytes() for a in tr.values())).hexdigest()
     return Dataset(name=args.env + (f" + {args.mix}" if args.mix else ""), env_id=env_id, **tr, fingerprint=fingerprint,
                    ref_min_score=float(attrs["ref_min_score"]), ref_max_score=float(attrs["ref_max_score"]),
@@ -1596,8 +1606,10 @@ def load_dataset(args: Args, log=print) -> Dataset:
 def check_data(ds: Dataset, args: Args, ckpt: dict | None) -> None:
     """A resume must train on the data it started with; legal but suspicious data gets one `warning:` line each."""
     if ckpt and ckpt.get("data_sha256", ds.fingerprint) != ds.fingerprint:
+        cache = ds.source.removeprefix("built-in, ") if ds.source.startswith("built-in, ") else None
         raise A2PRError(f"--resume {args.resume}: {args.env} is not the data this run started on (its arrays "
-                        "changed); put the original data back, or start a new run on this data")
+                        "changed); " + (f"{cache} is a2pr's cached copy: delete it, and it is made again as it was"
+                                        if cache else "put the original data back, or start a new run on this data"))
     n, warn = len(ds.rewards), functools.partial(print, file=sys.stderr)
     outside = int(((ds.actions < ds.action_low) | (ds.actions > ds.action_high)).any(1).sum())
     if outside:
@@ -1790,20 +1802,27 @@ def benchmark_update(args: Args) -> dict:
 # loading a run and exporting its policy as a torch.export program. They record what train() does.
 # ================================================================================================================
 def atomic_write(path: Path, write) -> None:
-    """write(tmp), then rename it over `path`: a reader sees the old file or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp{path.suffix}")  # open(): umask
+    """write(tmp), then rename it over `path`: a reader sees the old file or the new one, never half of one. tmp is
+    created first, exclusively, under a random name, so a link planted where it goes is never followed."""
+    tmp = path.with_name(f".{path.name}.{os.urandom(6).hex()}.tmp{path.suffix}")
+    made = False
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # 0o666: the umask decides, as open()
+        made = True
         write(str(tmp))
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:  # RuntimeError: torch.save's and torch.export's "open file failed"
         kept = "its previous version is intact" if path.exists() else "nothing was written"
-        full = "; the disk is full: free some space" if e.errno == errno.ENOSPC else ""
-        raise A2PRError(f"cannot write {path} ({e.strerror or e}); {kept}{full}") from None
+        full = "; the disk is full: free some space" if getattr(e, "errno", None) == errno.ENOSPC else ""
+        why = getattr(e, "strerror", None) or " ".join(str(e).split())  # h5py's messages span lines: one line
+        raise A2PRError(f"cannot write {path} ({why}){full}; {kept}") from None
     finally:
-        tmp.unlink(missing_ok=True)
+        if made:
+            with contextlib.suppress(OSError):  # a read-only or vanished folder: the real error is raised above
+                tmp.unlink(missing_ok=True)
 
 
 def check_writable(folder: Path, what: str) -> None:
@@ -1874,6 +1893,8 @@ class StopFlag:
         if self.set:  # main() exits 128 + the number of the signal named here
             raise KeyboardInterrupt(signal.Signals(signum).name)
         self.set, self.signal = True, signal.Signals(signum).name
+        print(f"{self.signal}: stopping after the current update or evaluation step, then saving a checkpoint (a "
+              "second signal stops at once)", file=sys.stderr, flush=True)  # a long evaluation: said at once
 
     def __exit__(self, *exc):
         for s, old in self.old.items():
@@ -1939,10 +1960,17 @@ def resume_command(run_dir: Path) -> str:
 
 
 def lock_file(path: Path, busy: str):
-    """Lock `path` for this process and return the open file; the OS drops the lock when the process dies, so even
-    kill -9 leaves no stale lock. A lock taken on a file that was meanwhile removed is taken again."""
+    """Lock `path` for this process and return the open file (binary, read-write); the OS drops the lock when the
+    process dies, so even kill -9 leaves no stale lock. A lock taken on a file that was meanwhile removed is taken
+    again. A link planted at `path` is refused, never followed (O_NOFOLLOW), so its target is never written."""
     while True:
-        f = open(path, "a+")
+        try:
+            f = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666), "r+b")
+        except OSError as e:
+            what = ("is a symbolic link" if path.is_symlink() else "is a folder" if path.is_dir() else
+                    f"cannot be opened ({e.strerror or e})")
+            raise A2PRError(f"{path} {what}; a2pr keeps its lock and partial files there: remove it and run "
+                            "again") from None
         try:
             try:
                 import fcntl
@@ -1963,20 +1991,20 @@ def lock_file(path: Path, busy: str):
 def lock_with_pid(path: Path, busy: str):
     """lock_file, then this process's pid into the file, for the message the next writer gets ({pid} in busy)."""
     try:
-        holder = path.read_text().strip()
+        holder = "" if path.is_symlink() else path.read_text().strip()
     except OSError:
         holder = ""
     f = lock_file(path, busy.replace("{pid}", f" (pid {holder})" if holder.isdigit() else ""))
     f.seek(0)
     f.truncate()
-    f.write(str(os.getpid()))
+    f.write(str(os.getpid()).encode())
     f.flush()
     return f
 
 
-def lock_run_dir(run_dir: Path):
+def lock_run_dir(run_dir: Path, resuming: bool = False):
     return lock_with_pid(run_dir / ".lock", f"{run_dir} is in use by another a2pr.py process{{pid}}; wait for it to "
-                         "end or choose another --run-name")
+                         "end" + (", then resume it again" if resuming else " or choose another --run-name"))
 
 
 @dataclass
@@ -2001,7 +2029,7 @@ def claim_run_dir(args: Args) -> RunFolder:
     gets a free suffix -2, -3, ... (os.mkdir, so two runs started in the same second cannot share one), and a
     --run-name that holds another run's files stops with one line."""
     if args.resume:
-        return RunFolder(run_paths(Path(args.resume)), lock_run_dir(Path(args.resume)), made=False)
+        return RunFolder(run_paths(Path(args.resume)), lock_run_dir(Path(args.resume), resuming=True), made=False)
     base = args.run_name or f"{args.env.replace('/', '_')[-100:]}__seed{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
     for i in itertools.count(1):
         run_dir = Path(args.save_dir) / (base if i == 1 else f"{base}-{i}")
@@ -2188,8 +2216,9 @@ def export_policy(run_dir: str | Path, best: bool = False, seed_index: int = 0) 
     module = OneSeed(Policy(actor, *(state[k] for k in ("obs_mean", "obs_std", "action_low", "action_high"))),
                      seed_index).eval()
     program = torch.export.export(module, (torch.zeros(2, obs_dim),), dynamic_shapes=({0: torch.export.Dim("batch")},))
-    out = run_dir / ("policy_best.pt2" if best else "policy.pt2")
-    atomic_write(out, lambda tmp: torch.export.save(program, tmp))
+    out, buf = run_dir / ("policy_best.pt2" if best else "policy.pt2"), io.BytesIO()
+    torch.export.save(program, buf)  # in memory first: torch's own file writer aborts the process on a full disk
+    atomic_write(out, lambda tmp: Path(tmp).write_bytes(buf.getvalue()))
     return out
 
 
@@ -2200,13 +2229,17 @@ def load_checkpoint(run_dir: Path, name: str = "checkpoint.pt", flag: str = "--r
     if not path.is_file():
         raise A2PRError(f"{flag} {run_dir}: no {name} there; give the folder of a run that saved one")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's "Detected pickle protocol" note would turn one line into three
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # never relay torch's advice to retry with weights_only=False: that runs the file's code
-        found = re.findall(r"GLOBAL (\S+)", str(e))
-        why = (f"it holds Python objects ({found[0]}) that could run code when loaded" if found else
-               f"it is not a file torch.save wrote ({type(e).__name__})")
-        raise A2PRError(f"{path}: refused, nothing in it was run: not a safe a2pr file ({why}); use only files from "
-                        "runs you trust") from None
+        if found := re.findall(r"GLOBAL (\S+)", str(e)):
+            raise A2PRError(f"{path}: refused, nothing in it was run: it holds Python objects ({found[0]}) that could "
+                            "run code when loaded; use only files from runs you trust") from None
+        why = ("it is damaged or cut short (its archive cannot be read): copy it again, or resume another run"
+               if "zip archive" in str(e) or "central directory" in str(e) else
+               f"it is not a file that a2pr's torch.save wrote ({type(e).__name__}); give a run's own {name}")
+        raise A2PRError(f"{path}: cannot be loaded: {why}") from None
     needed = dict(args=dict, obs_mean=torch.Tensor, obs_std=torch.Tensor, action_low=torch.Tensor,
                   action_high=torch.Tensor, **(dict(actor=dict, scores=torch.Tensor, steps=torch.Tensor) if name ==
                   "best_policy.pt" else dict(agent=dict, optimizers=dict, rng=list, step=int, history=list)))
@@ -2390,8 +2423,8 @@ def checked_settings(values, where: str) -> dict:
         raise A2PRError(f"{where}: its settings are a {type(values).__name__}, not a dict; give a run's own file")
     for k, v in values.items():
         if k not in FIELD_TYPES:
-            raise A2PRError(f"{where}: settings this a2pr.py does not know: {k}; remove it or use the a2pr.py that "
-                            "wrote the file")
+            raise A2PRError(f"{where}: settings this a2pr.py does not know: {k!r}; remove it or use the a2pr.py that "
+                            "wrote the file")  # quoted, so that an empty or blank key shows
         typ = FIELD_TYPES[k]
         if not (type(v) is typ or (typ is float and type(v) is int) or (v is None and FIELD_DEFAULTS[k] is None)):
             raise A2PRError(f"{where}: '{k}' must be {TYPE_WORDS[typ]}, got {v!r}; fix or remove it")
@@ -2402,7 +2435,7 @@ def load_config(path: str) -> dict:
     """The experiment's settings from a run's config.json (write_config), minus NOT_FROM_CONFIG."""
     try:
         settings = json.loads(Path(path).read_text())["settings"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:  # RecursionError: nested past Python's limit
         raise A2PRError(f"--config {path}: not a run's config.json ({type(e).__name__}: {e})") from None
     return {k: v for k, v in checked_settings(settings, f"--config {path}").items() if k not in NOT_FROM_CONFIG}
 
@@ -2424,9 +2457,14 @@ def run_settings(args: Args, given: set[str] | None) -> tuple[Args, dict[str, st
     follow = {k: getattr(args, k) for k in RESUME_MAY_CHANGE if k != "resume" and (k in given or k in mode)}
     run_dir = Path(args.resume or ".")
     if args.resume and not (run_dir / "checkpoint.pt").exists() and (run_dir / "config.json").is_file():
-        # killed before its first checkpoint: start that run again, in its folder (claim_run_dir takes it over)
-        args = dataclasses.replace(Args(**load_config(str(run_dir / "config.json"))), save_dir=str(run_dir.parent),
-                                   run_name=run_dir.name, **follow)
+        # killed before its first checkpoint: start that run again, in its folder (claim_run_dir takes it over),
+        # with its own settings and their sources; a flag that contradicts them is refused, as with a checkpoint
+        saved = Args(**load_config(str(run_dir / "config.json")))
+        check_resume_flags(args, saved, given, 0, "the run's")
+        args, source = resolve_args(dataclasses.replace(saved, save_dir=str(run_dir.parent), run_name=run_dir.name,
+                                                        **follow))
+        origin = json.loads((run_dir / "config.json").read_text()).get("source") or {}
+        return args, {**source, **{k: str(v) for k, v in origin.items()}, **{k: "flag" for k in given}}, None
     if not args.resume:
         args, source = resolve_args(args)
         if args.config:  # what the file set is labelled (config), not (flag)
@@ -2452,7 +2490,7 @@ def args_from_checkpoint(ckpt: dict) -> Args:
     return Args(**checked_settings({k: v for k, v in ckpt["args"].items() if k in FIELD_TYPES}, "the checkpoint"))
 
 
-def check_resume_flags(args: Args, saved: Args, given: set[str], step: int) -> None:
+def check_resume_flags(args: Args, saved: Args, given: set[str], step: int, whose: str = "the checkpoint's") -> None:
     """--resume continues the checkpoint's run: a given setting that contradicts it is an error naming both."""
     if "total_steps" in given and args.total_steps is not None and args.total_steps < step:
         raise A2PRError(f"--resume {args.resume}: the run is at step {step:,}, past --total-steps {args.total_steps:,}"
@@ -2463,7 +2501,7 @@ def check_resume_flags(args: Args, saved: Args, given: set[str], step: int) -> N
         if name == "preset" and mine == "auto":
             mine = auto_preset(saved.env)
         if mine != theirs:
-            clash.append(f"--{name.replace('_', '-')} {mine} contradicts the checkpoint's {theirs}")
+            clash.append(f"--{name.replace('_', '-')} {mine} contradicts {whose} {theirs}")
     if clash:
         may = ", ".join("--" + k.replace("_", "-") for k in RESUME_MAY_CHANGE[1:])
         raise A2PRError(f"--resume {args.resume}: {'; '.join(clash)}. Drop the flag to continue the run as it was "
@@ -2522,16 +2560,29 @@ CHECKS = {
 }
 
 
+# Upper bounds of what torch, the OS and the sockets accept (counts are int32 in places; socket timeouts overflow
+# past about 10^9 s): a larger value is refused here, naming its flag, not deep inside a library.
+LARGEST = dict(count=2**31 - 1, seconds=10**9)
+
+
 def check_fields(obj, checks: dict[str, list[str]]) -> None:
     """The first field of obj that breaks its rule is one line: --flag must be RULE, got VALUE (None: not given)."""
     for rule, names in checks.items():
         for name in names:
             if (v := getattr(obj, name)) is not None and not RULES[rule](v):
                 raise A2PRError(f"--{name.replace('_', '-')} must be {rule}, got {v!r}")
+            top = LARGEST["count"] if "integer" in rule else LARGEST["seconds"] if "timeout" in name else None
+            if v is not None and top is not None and v > top:
+                shown = f"{v:g}" if isinstance(v, float) else f"{v:,}" if v < 10**15 else f"a {len(str(v))}-digit number"
+                raise A2PRError(f"--{name.replace('_', '-')} must be at most {top:,}, got {shown}")
 
 
 def validate_args(args: Args) -> None:
     """One clear line per mistake, before any work is done."""
+    cores = os.cpu_count() or 1
+    if isinstance(args.threads, int) and args.threads > cores:  # more threads than cores only slow torch down
+        raise A2PRError(f"--threads must be at most this machine's {cores} cores, got "
+                        f"{args.threads if args.threads < 10**15 else 'a larger number'}")
     check_fields(args, CHECKS)
     top = 2**63 - 1 - 10_000 - args.num_seeds - args.eval_episodes  # evaluation seeds envs with seed + 10000 + e
     if not (isinstance(args.seed, int) and 0 <= args.seed <= top):

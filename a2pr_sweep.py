@@ -438,9 +438,12 @@ def check_ray_address(address: str | None) -> None:
     client preface, then an empty SETTINGS frame) with a SETTINGS frame of its own; `auto` is ray.init's to judge."""
     if not address or address == "auto":
         return
-    host, _, port = address.split("://", 1)[-1].rpartition(":")
-    if not host or not port.isdigit():
+    host, colon, port = address.split("://", 1)[-1].rpartition(":")
+    if not colon:  # a bare host (ray://HOST: Ray's default port): ray.init's to judge
         return
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:  # a port past 65535 would wrap round
+        raise a2pr.A2PRError(f"--ray-address must be auto or HOST:PORT with a port from 1 to 65535 (what ray start "
+                             f"--head printed, e.g. 127.0.0.1:6379), got {address!r}")
     try:
         with socket.create_connection((host.strip("[]"), int(port)), timeout=RAY_CONNECT_TIMEOUT_S) as s:
             s.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0]))
@@ -674,10 +677,10 @@ def collect_sweep(runs: list[dict], levels: list[float]) -> list[dict]:
         if not s or s.get("interrupted", True):
             continue
         info, noise = _read_json(d / "sweep.json"), _read_json(d / "noise.json").get("scores", {})
-        secs = _train_seconds(d)
+        secs, curves = _train_seconds(d), _eval_curves(d, s["seeds"])[1]
         for i, seed in enumerate(s["seeds"]):
             row = dict(dataset=run["dataset"], variant=run["variant"], seed=seed, final_score=s["final_scores"][i],
-                       best_score=s["best_scores"][i], steps=s["steps"],
+                       best_score=s["best_scores"][i], run_mean_score=float(curves[i].mean()), steps=s["steps"],
                        steps_per_s=round(s["steps"] / secs, 2) if secs else "", wall_s=round(info.get("wall_s", 0), 1),
                        seeds_in_run=len(s["seeds"]), host=info.get("host", ""), run_dir=str(d))
             row.update({f"noise_{x:g}": noise[repr(x)][i] for x in levels if repr(x) in noise})
@@ -778,12 +781,14 @@ def _difference(g):
 
 
 def comparison_cells(rows: list[dict], variants: list[str]) -> list[tuple]:
-    """A2PR against each other variant on each dataset: (dataset, other, cells), the cells `point [low, high]` for
-    the difference of mean final scores, of mean best scores, and P(a2pr > other) on final scores, each from a
-    bootstrap of each variant's runs; cells None where either variant has a single run there."""
+    """A2PR against each other variant on each dataset: (dataset, other, cells), the cells (point, low, high) for
+    the difference of mean final scores, of mean best scores, of the means over the run (learning speed), and
+    P(a2pr > other) on final scores, each from a bootstrap of each variant's runs; None where either variant has a
+    single run there."""
     scores = {}
     for r in rows:
-        scores.setdefault((r["dataset"], r["variant"]), []).append((r["final_score"], r["best_score"]))
+        scores.setdefault((r["dataset"], r["variant"]), []).append(
+            (r["final_score"], r["best_score"], r.get("run_mean_score", np.nan)))
     out = []
     for d in dict.fromkeys(r["dataset"] for r in rows):
         for v in variants:
@@ -793,7 +798,8 @@ def comparison_cells(rows: list[dict], variants: list[str]) -> list[tuple]:
             if no_interval([a, b]):
                 out.append((d, v, None))
                 continue
-            cis = [stratified_bootstrap_ci([a[:, k], b[:, k]], _difference) for k in (0, 1)]
+            cis = [stratified_bootstrap_ci([a[:, k], b[:, k]], _difference) if np.isfinite(a[:, k]).all() and
+                   np.isfinite(b[:, k]).all() else (np.nan,) * 3 for k in (0, 1, 2)]
             cis.append(stratified_bootstrap_ci([a[:, 0], b[:, 0]], lambda g: probability_of_improvement(g[:1], g[1:])))
             out.append((d, v, cis))
     return out
@@ -805,17 +811,21 @@ def comparison_lines(rows: list[dict], variants: list[str]) -> list[str]:
     if not cells:
         return []
     out = ["", f"## A2PR against each variant, per dataset (bootstrap, 95 % CI, {BOOTSTRAP_REPS:,} resamples)", "",
-           "| dataset | vs | A2PR − X, final | A2PR − X, best | P(A2PR > X), final |", "|---|---|---|---|---|"]
+           "| dataset | vs | A2PR − X, final | A2PR − X, best | A2PR − X, over the run | P(A2PR > X), final |",
+           "|---|---|---|---|---|---|"]
     for d, v, cis in cells:
-        text = [f"– ({POI_NEEDS})"] * 3 if cis is None else \
-            [f"{p:+.1f} [{lo:+.1f}, {hi:+.1f}]" for p, lo, hi in cis[:2]] + ["{:.2f} [{:.2f}, {:.2f}]".format(*cis[2])]
+        text = [f"– ({POI_NEEDS})"] * 4 if cis is None else \
+            ["–" if np.isnan(p) else f"{p:+.1f} [{lo:+.1f}, {hi:+.1f}]" for p, lo, hi in cis[:3]] + \
+            ["{:.2f} [{:.2f}, {:.2f}]".format(*cis[3])]
         out.append(f"| {d} | {v} | " + " | ".join(text) + " |")
-    out += ["", "Differences of the two variants' mean scores on that dataset; the runs of each are resampled with "
-            "replacement independently. P: the probability that a random run of A2PR has the higher final score "
-            "(ties 1/2). **Where A2PR is above X** (the whole interval of the difference above 0):"]
+    out += ["", "Differences of the two variants' mean scores on that dataset (over the run: the mean of a run's "
+            "evaluations, a measure of learning speed); the runs of each are resampled with replacement "
+            "independently. P: the probability that a random run of A2PR has the higher final score (ties 1/2). "
+            "**Where A2PR is above X** (the whole interval of the difference above 0):"]
     for v in dict.fromkeys(c[1] for c in cells):
-        above = [[d for d, w, cis in cells if w == v and cis and cis[k][1] > 0] for k in (0, 1)]
-        out.append(f"- {v}: final on {', '.join(above[0]) or 'no dataset'}; best on {', '.join(above[1]) or 'no dataset'}")
+        above = [", ".join(d for d, w, cis in cells if w == v and cis and cis[k][1] > 0) or "no dataset"
+                 for k in (0, 1, 2)]
+        out.append(f"- {v}: final on {above[0]}; best on {above[1]}; over the run on {above[2]}")
     return out
 
 
@@ -898,7 +908,8 @@ def write_sweep_results(sw: SweepArgs, runs: list[dict], sweep_dir: Path, levels
     paths = dict(sweep_dir=str(sweep_dir), results_csv=str(sweep_dir / "results.csv"),
                  results_md=str(sweep_dir / "results.md"), results_png=str(sweep_dir / "results.png"))
     a2pr.write_csv(Path(paths["results_csv"]), rows,
-                   ["dataset", "variant", "seed", "final_score", "best_score", *[f"noise_{x:g}" for x in levels],
+                   ["dataset", "variant", "seed", "final_score", "best_score", "run_mean_score",
+                    *[f"noise_{x:g}" for x in levels],
                     "steps", "steps_per_s", "wall_s", "seeds_in_run", "host", "run_dir"])
     finished = len({r["run_dir"] for r in rows})
     head = [f"# Sweep `{sw.suite}`: {finished} of {len(runs)} run folders finished", "",

@@ -1120,7 +1120,8 @@ def test_resume_errors_are_one_line(tmp_path):
     with pytest.raises(A2PRError, match="no checkpoint.pt there"):
         a2pr.train(a2pr.Args(resume=str(tmp_path)))
     (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(A2PRError, match=r"checkpoint.pt: refused, nothing in it was run: not a safe a2pr file \(") as e:
+    with pytest.raises(A2PRError, match=r"checkpoint.pt: cannot be loaded: it is not a file that a2pr's torch.save "
+                                        r"wrote \(UnpicklingError\); give a run's own checkpoint.pt") as e:
         a2pr.train(a2pr.Args(resume=str(tmp_path)))
     assert "\n" not in str(e.value)
     torch.save({"weights": torch.zeros(1)}, tmp_path / "checkpoint.pt")
@@ -1709,7 +1710,7 @@ def test_download_ctrl_c_removes_part(tmp_path, server):
     assert not dest.exists() and leftovers(dest.parent) == []
 
 
-HOLD_PART = ("import sys, pathlib, time, a2pr; f = a2pr.lock_file(pathlib.Path(sys.argv[1]), 'busy'); f.write('half'); "
+HOLD_PART = ("import sys, pathlib, time, a2pr; f = a2pr.lock_file(pathlib.Path(sys.argv[1]), 'busy'); f.write(b'half'); "
              "f.flush(); print('locked', flush=True); time.sleep(120)")
 
 
@@ -2501,7 +2502,8 @@ def test_a_run_folder_is_locked_while_written_and_kill_9_leaves_no_stale_lock(tm
                                "time.sleep(120)", str(run)], stdout=subprocess.PIPE, text=True, cwd=HERE)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(A2PRError, match=rf"is in use by another a2pr.py process \(pid {holder.pid}\); wait"):
+        with pytest.raises(A2PRError, match=rf"is in use by another a2pr.py process \(pid {holder.pid}\); wait for "
+                                            "it to end, then resume it again$"):  # not: choose another --run-name
             a2pr.train(a2pr.Args(resume=str(run), total_steps=40, quiet=True))
     finally:
         holder.kill()  # SIGKILL: no cleanup code runs in the holder
@@ -2744,8 +2746,8 @@ def test_a_checkpoint_whose_pickle_runs_code_is_refused_and_nothing_runs(tmp_pat
     needed = ("args", "agent", "optimizers", "rng", "step", "obs_mean", "obs_std", "history")
     torch.save({k: _RunsCode(marker) for k in needed}, trap / "checkpoint.pt")
     for load in (lambda: a2pr.train(a2pr.Args(resume=str(trap))), lambda: a2pr.load_policy(trap)):
-        with pytest.raises(A2PRError, match=r"checkpoint.pt: refused, nothing in it was run: not a safe a2pr file "
-                                            r"\(it holds Python objects \(\S+\) that could run code when loaded"):
+        with pytest.raises(A2PRError, match=r"checkpoint.pt: refused, nothing in it was run: it holds Python objects "
+                                            r"\(\S+\) that could run code when loaded"):
             load()
         assert not marker.exists()
     torch.load(trap / "checkpoint.pt", weights_only=False)  # the payload is real: an unsafe load runs it
@@ -2767,8 +2769,8 @@ def test_checkpoints_hold_only_plain_data_and_one_holding_numpy_arrays_is_refuse
     assert run["env_id"] == gym.spec("Pendulum-v1") and isinstance(run["obs_mean"], np.ndarray)
     ck["obs_mean"] = ck["obs_mean"].numpy()  # a numpy array is a Python object to a safe load, like any other
     torch.save(ck, tmp_path / "run" / "checkpoint.pt")
-    with pytest.raises(A2PRError, match=r"checkpoint.pt: refused, nothing in it was run: not a safe a2pr file "
-                                        r"\(it holds Python objects \(numpy\S*\) that could run code") as e:
+    with pytest.raises(A2PRError, match=r"checkpoint.pt: refused, nothing in it was run: it holds Python objects "
+                                        r"\(numpy\S*\) that could run code") as e:
         a2pr.load_run(tmp_path / "run")
     assert "\n" not in str(e.value)
 
@@ -3080,6 +3082,186 @@ def test_making_a_v4_env_prints_no_deprecation_warning():
         env = a2pr.make_env("Hopper-v4")
         env.close()
     assert not [w for w in caught if issubclass(w.category, DeprecationWarning)], [str(w.message) for w in caught]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 5.6 Planted links, failing disks: a2pr never writes through a link it did not make, and a disk error is one line
+# ----------------------------------------------------------------------------------------------------------------
+def victim(tmp_path) -> tuple[Path, bytes]:
+    path = tmp_path / "someone-elses-file.txt"
+    path.write_bytes(b"precious data\n" * 100)
+    return path, path.read_bytes()
+
+
+def test_a_planted_part_link_in_the_download_cache_is_refused_and_its_target_untouched(tmp_path, server):
+    server.files["x.hdf5"] = b"x" * 100_008
+    target, before = victim(tmp_path)
+    dest = tmp_path / "cache" / "x.hdf5"
+    dest.parent.mkdir()
+    (dest.parent / "x.hdf5.part").symlink_to(target)
+    with pytest.raises(A2PRError, match=r"x\.hdf5\.part is a symbolic link; a2pr keeps its lock and partial files "
+                                        "there: remove it and run again") as e:
+        a2pr.download_file(f"http://127.0.0.1:{server.port}/x.hdf5", dest, lambda p: None, timeout=2)
+    assert target.read_bytes() == before and "\n" not in str(e.value) and server.hits == []
+    assert (dest.parent / "x.hdf5.part").is_symlink()  # the link is the user's to remove: it is named, not deleted
+
+
+@pytest.mark.parametrize("kind", ["link", "folder"])
+def test_a_planted_lock_in_a_run_folder_is_refused_on_resume_and_its_target_untouched(tmp_path, kind):
+    a2pr.train(quick(tmp_path))
+    run = tmp_path / "run"
+    target, before = victim(tmp_path)
+    (run / ".lock").unlink(missing_ok=True)
+    (run / ".lock").symlink_to(target) if kind == "link" else (run / ".lock").mkdir()
+    what = "is a symbolic link" if kind == "link" else "is a folder"
+    with pytest.raises(A2PRError, match=rf"run/\.lock {what}; a2pr keeps its lock"):
+        a2pr.train(a2pr.Args(resume=str(run), total_steps=40, quiet=True))
+    assert target.read_bytes() == before
+
+
+def test_a_planted_sweep_lock_link_is_refused_and_its_target_untouched(tmp_path):
+    import a2pr_sweep  # the sweep's folder lock is a2pr.lock_with_pid: the same refusal
+
+    target, before = victim(tmp_path)
+    (tmp_path / "sweep").mkdir()
+    (tmp_path / "sweep" / ".sweep.lock").symlink_to(target)
+    with pytest.raises(A2PRError, match=r"sweep/\.sweep\.lock is a symbolic link"):
+        a2pr_sweep.lock_sweep_dir(tmp_path / "sweep")
+    assert target.read_bytes() == before
+
+
+def test_atomic_write_never_follows_a_link_at_its_temporary_name(tmp_path, monkeypatch):
+    """The temporary file is created exclusively: if something already sits at its name (a link planted by someone
+    who guessed it), the write fails in one line and writes nothing through it."""
+    target, before = victim(tmp_path)
+    monkeypatch.setattr(os, "urandom", lambda n: b"\0" * n)  # the guessable name the attacker planted
+    (tmp_path / f".out.json.{'00' * 6}.tmp.json").symlink_to(target)
+    with pytest.raises(A2PRError, match=r"cannot write .*out\.json \(File exists\); nothing was written"):
+        a2pr.atomic_write(tmp_path / "out.json", lambda tmp: Path(tmp).write_text("{}"))
+    assert target.read_bytes() == before and not (tmp_path / "out.json").exists()
+
+
+@pytest.mark.parametrize("fault", ["read-only folder", "full disk"])
+def test_export_into_a_read_only_folder_or_onto_a_full_disk_is_one_line(tmp_path, monkeypatch, fault):
+    """Faults injected at the system call (the tests run as root, for whom a folder without write permission is
+    still writable): --export ends in one line naming the file, leaves no temporary file, and exits 2."""
+    a2pr.train(quick(tmp_path))
+    run = tmp_path / "run"
+    real_open = os.open
+
+    def no_permission(path, flags, *a):
+        if str(path).startswith(str(run / ".policy")):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, flags, *a)
+
+    if fault == "read-only folder":
+        monkeypatch.setattr(os, "open", no_permission)
+    else:
+        monkeypatch.setattr(Path, "write_bytes", lambda self, data: (_ for _ in ()).throw(
+            OSError(errno.ENOSPC, "No space left on device")))
+    with pytest.raises(A2PRError) as e:
+        a2pr.export_policy(run)
+    msg = str(e.value)
+    assert msg.startswith(f"cannot write {run / 'policy.pt2'} (") and "\n" not in msg
+    assert ("Permission denied" in msg) if fault == "read-only folder" else ("the disk is full" in msg)
+    assert not [p.name for p in run.iterdir() if ".tmp" in p.name or p.name.startswith(".policy")]
+
+
+@pytest.mark.parametrize("argv, expect", [
+    (["--threads", "100000000000000000000"], "--threads must be at most this machine's"),
+    (["--threads", "1000"], "--threads must be at most this machine's"),
+    (["--download-timeout", "1e300"], "--download-timeout must be at most 1,000,000,000, got 1e+300"),
+    (["--batch-size", "1" + "0" * 400], "--batch-size must be at most 2,147,483,647, got a 401-digit number"),
+    (["--eval-episodes", "10000000000000000000"], "--eval-episodes must be at most 2,147,483,647, got a 20-digit"),
+])
+def test_numbers_past_what_the_machine_accepts_name_their_flag_before_anything_is_made(tmp_path, argv, expect):
+    r = run_cli(*argv, "--save-dir", str(tmp_path / "runs"))
+    assert r.returncode == 2 and expect in r.stderr and r.stderr.strip().count("\n") == 0, r.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_batch_size_past_every_bound_in_a_config_file_is_one_line(tmp_path):
+    (tmp_path / "config.json").write_text('{"settings": {"batch_size": 1' + "0" * 400 + "}}")
+    r = run_cli("--config", str(tmp_path / "config.json"), "--save-dir", str(tmp_path / "runs"))
+    assert r.returncode == 2 and "--batch-size must be at most 2,147,483,647" in r.stderr, r.stderr
+
+
+def test_a_deeply_nested_config_file_is_one_line(tmp_path):
+    (tmp_path / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    r = run_cli("--config", str(tmp_path / "config.json"), "--save-dir", str(tmp_path / "runs"))
+    assert r.returncode == 2 and "not a run's config.json (RecursionError" in r.stderr, r.stderr
+    assert r.stderr.strip().count("\n") == 0
+
+
+@pytest.mark.parametrize("key, values", [
+    ("observations", lambda n: np.array([b"abc"] * n * 3).reshape(n, 3)),
+    ("observations", lambda n: (np.ones((n, 3)) + 1j).astype(np.complex64)),
+    ("actions", lambda n: np.array([str(i) for i in range(n)], dtype=h5py.string_dtype()).reshape(n, 1)),
+])
+def test_data_files_whose_arrays_are_not_real_numbers_are_refused_naming_the_array(tmp_path, key, values):
+    rows = make_rows([50] * 2, 3, 1)
+    rows[key] = values(len(rows["rewards"]))
+    path = tmp_path / "odd.hdf5"
+    write_d4rl_hdf5(path, rows, dict(env_id="Pendulum-v1", ref_min_score=-1200.0, ref_max_score=-150.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's ComplexWarning would mean the imaginary part was dropped
+        with pytest.raises(A2PRError, match=rf"odd\.hdf5: '{key}' holds .* values, not real numbers"):
+            a2pr.read_d4rl_hdf5(path)
+
+
+def test_an_env_name_past_the_file_systems_limit_is_the_unknown_name_line(tmp_path):
+    r = run_cli("--env", "x" * 300, "--save-dir", str(tmp_path / "runs"))
+    assert r.returncode == 2 and "unknown dataset 'xxx" in r.stderr and "File name too long" not in r.stderr
+
+
+def test_resume_of_a_run_killed_before_its_first_checkpoint_refuses_a_contradicting_flag_and_keeps_sources(
+        tmp_path, capsys):
+    """Taken over before its first checkpoint, a run is the same run: --alpha 5 against its 2.5 is refused as it is
+    with a checkpoint (it was dropped without a word), and its settings keep their sources (preset, default)."""
+    run = tmp_path / "run"
+    args, source = a2pr.resolve_args(quick(tmp_path))
+    run.mkdir()
+    a2pr.write_config(run / "config.json", args, source, "0" * 64)  # what a run killed before step 1 leaves
+    with pytest.raises(A2PRError, match=r"--alpha 5.0 contradicts the run's 2.5"):
+        a2pr.train(a2pr.Args(resume=str(run), alpha=5.0, quiet=True))
+    a2pr.train(a2pr.Args(resume=str(run)))
+    config = json.loads((run / "config.json").read_text())
+    assert config["source"]["alpha"] == "spec default" and config["settings"]["alpha"] == 2.5
+    assert "discount=0.99 (spec default)" in capsys.readouterr().out
+
+
+def test_the_first_signal_says_at_once_that_the_run_is_stopping(capsys):
+    flag = a2pr.StopFlag()
+    flag.handle(signal.SIGINT, None)
+    assert flag.set and "SIGINT: stopping after the current update or evaluation step" in capsys.readouterr().err
+
+
+def test_a_one_row_file_is_refused_for_the_real_reason(tmp_path):
+    rows = make_rows([1], 3, 1)
+    write_d4rl_hdf5(tmp_path / "one.hdf5", rows, dict(env_id="Pendulum-v1", ref_min_score=-1200.0,
+                                                        ref_max_score=-150.0))
+    with pytest.raises(A2PRError, match=r"no usable transitions: it has a single row, and a row without a next row"):
+        a2pr.load_dataset(a2pr.Args(env=str(tmp_path / "one.hdf5")), log=NOOP_LOG)
+
+
+def test_an_empty_key_in_a_config_file_shows_in_its_line(tmp_path):
+    (tmp_path / "config.json").write_text('{"settings": {"": 1}}')
+    with pytest.raises(A2PRError, match=r"settings this a2pr.py does not know: ''; remove it"):
+        a2pr.load_config(str(tmp_path / "config.json"))
+
+
+def test_resume_on_a_changed_built_in_cache_names_the_cached_file_and_says_delete_it(tmp_path):
+    data = tmp_path / "data"
+    a2pr.train(quick(tmp_path, data_dir=str(data)))
+    (cached,) = data.glob("pendulum-mostly-random-v0-*.hdf5")
+    rows, attrs = a2pr.read_d4rl_hdf5(cached)
+    rows["rewards"] = rows["rewards"] + 1.0
+    write_d4rl_hdf5(cached, rows, attrs)
+    msg = one_line(run_cli("--resume", str(tmp_path / "run"), "--data-dir", str(data)))
+    assert f"{cached} is a2pr's cached copy: delete it, and it is made again as it was" in msg
+    cached.unlink()
+    assert a2pr.train(a2pr.Args(resume=str(tmp_path / "run"), data_dir=str(data), total_steps=30,
+                                quiet=True))["steps"] == 30
 
 
 # ================================================================================================================

@@ -225,11 +225,18 @@ def test_results_compare_a2pr_with_each_variant_per_dataset_and_say_where_it_is_
             r["best_score"] += 50.0
     md = a2pr_sweep.sweep_tables(rows, [], ["a2pr", "td3", "td3bc"])
     assert "| ds-a | td3bc | +20.0 [+" in md and "| ds-b | td3 | -30.0 [-" in md
-    assert "| ds-a | td3 | +20.0 [+16.0, +24.0] | +20.0 [+16.0, +24.0] | 1.00 [1.00, 1.00] |" in md
-    assert "- td3: final on ds-a; best on ds-a" in md and "- td3bc: final on ds-a, ds-b; best on ds-a, ds-b" in md
+    assert "| ds-a | td3 | +20.0 [+16.0, +24.0] | +20.0 [+16.0, +24.0] | – | 1.00 [1.00, 1.00] |" in md
+    assert "- td3: final on ds-a; best on ds-a; over the run on no dataset" in md
+    assert "- td3bc: final on ds-a, ds-b; best on ds-a, ds-b; over the run on no dataset" in md
+    for r in rows:  # with each run's mean over its evaluations (results.csv's run_mean_score): its own column
+        r["run_mean_score"] = r["final_score"] / 2
+    md = a2pr_sweep.sweep_tables(rows, [], ["a2pr", "td3", "td3bc"])
+    assert "| ds-a | td3 | +20.0 [+16.0, +24.0] | +20.0 [+16.0, +24.0] | +10.0 [+8.0, +12.0] | 1.00 [" in md
+    assert "- td3: final on ds-a; best on ds-a; over the run on ds-a" in md
     one = score_rows({("ds-a", v): 1 for v in ("a2pr", "td3")})
     assert f"| ds-a | td3 | – ({a2pr_sweep.POI_NEEDS}) |" in a2pr_sweep.sweep_tables(one, [], ["a2pr", "td3"])
-    assert "- td3: final on no dataset; best on no dataset" in a2pr_sweep.sweep_tables(one, [], ["a2pr", "td3"])
+    assert "- td3: final on no dataset; best on no dataset; over the run on no dataset" in \
+        a2pr_sweep.sweep_tables(one, [], ["a2pr", "td3"])
 
 
 @pytest.mark.parametrize("runs", [1, 3])
@@ -763,3 +770,9 @@ def test_ctrl_c_while_torch_loads_is_one_line_and_exit_130(tmp_path):
     r = subprocess.run([sys.executable, str(HERE / "a2pr_sweep.py"), "builtin"], capture_output=True, text=True,
                        timeout=60, env=dict(os.environ, PYTHONPATH=str(tmp_path)), cwd=tmp_path)
     assert (r.returncode, r.stderr, r.stdout) == (130, "a2pr_sweep.py: interrupted while starting\n", "")
+
+
+@pytest.mark.parametrize("address", [":", "127.0.0.1:99999", "127.0.0.1:", ":6379", "127.0.0.1:0"])
+def test_a_ray_address_that_is_not_host_and_port_is_one_line_before_ray_starts(address):
+    with pytest.raises(a2pr.A2PRError, match=r"--ray-address must be auto or HOST:PORT with a port from 1 to 65535"):
+        a2pr_sweep.check_ray_address(address)
