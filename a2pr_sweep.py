@@ -66,7 +66,7 @@ SWEEP_SUITES = {
     "paper": [f"{f}-{k}-v2" for k in ("medium", "medium-replay", "medium-expert") for f in _MIX_FAMILIES],
     "mixes": [f"{f}-random-v2+{f}-{good}-v2:{frac}" for f in _MIX_FAMILIES for good in ("expert", "medium")
               for frac in ("0.01", "0.05")],
-    "builtin": list(a2pr.BUILTIN_DATASETS),
+    "builtin": [f"pendulum-{k}-v0" for k in ("random", "medium", "expert", "mostly-random")],  # by data quality
     # Built-in data from narrow and good to wide and bad: where no constraint, a uniform one and A2PR's choice fail.
     "situations": ["pendulum-expert-v0", "pendulum-mostly-random-v0", "pendulum-damped-v0+pendulum-expert-v0:0.05",
                    "pendulum-damped-v0+pendulum-expert-v0:0.2", "pendulum-medium-damped-v0"],
@@ -100,7 +100,7 @@ class SweepArgs:
     """The sweep's own settings (its flags), the training settings every run starts from (a2pr's Args) and which of
     those the user gave (None: the fields of `train` that differ from a2pr.Args())."""
     suite: str = _flag("paper (the paper's 9 D4RL sets), mixes (random data + 1 or 5 percent expert/medium), builtin "
-                       "(the Pendulum datasets), situations (Pendulum data from narrow and good to wide and bad) or "
+                       "(Pendulum: random, medium, expert, mostly-random), situations (Pendulum data from narrow and good to wide and bad) or "
                        "envs (--envs)", choices=("paper", "mixes", "builtin", "situations", "envs"),
                        metavar="SUITE", positional=True)
     envs: str | None = _flag("with the suite envs: these datasets, comma-separated; ENV+NAME:FRAC for a --mix", None,

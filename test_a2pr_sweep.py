@@ -290,7 +290,7 @@ def test_plan_suites_seed_blocks_variants_and_flags_over_presets(tmp_path):
         ("hopper-random-v2", "hopper-expert-v2:0.01")
     assert {r["args"].mix.split(":")[1] for r in mixes} == {"0.01", "0.05"}
     builtin = a2pr_sweep.plan_sweep(a2pr_sweep.parse_args(["builtin", "--seeds", "1"]))
-    assert [r["env"] for r in builtin] == list(a2pr.BUILTIN_DATASETS)
+    assert [r["env"] for r in builtin] == [f"pendulum-{k}-v0" for k in ("random", "medium", "expert", "mostly-random")]
     assert builtin[0]["run_dir"] == str(Path("sweeps/builtin/pendulum-random-v0__a2pr__seeds0-0"))
     assert a2pr.resolve_args(builtin[0]["args"])[0].preset == "pendulum-cpu"
 
