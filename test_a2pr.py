@@ -3448,7 +3448,7 @@ def test_wandb_resume_continues_the_same_run_grouped_by_dataset(tmp_path, monkey
 
 
 # ================================================================================================================
-# 7. The tutorial notebook. Regenerate its committed outputs with the current code (full settings, 8-10 minutes on 2 cores):
+# 7. The tutorial notebook. Regenerate its committed outputs with the current code (full settings, about 8 minutes on 2 cores):
 #     A2PR_REGENERATE_NOTEBOOK=1 python -m pytest -k tutorial
 # ================================================================================================================
 NOTEBOOK = HERE / "tutorial.ipynb"
@@ -3534,6 +3534,27 @@ def test_student_copy_command_drops_answers_and_outputs(tmp_path):
     assert "answer" not in tags and {"exercise", "checker"} <= set(tags)
     assert len(student.cells) == len(teacher.cells) - len(notebook_cells("answer"))
     assert not [c for c in student.cells if c.cell_type == "code" and (c.outputs or c.execution_count)]
+
+
+def test_numbers_the_notebooks_text_quotes_come_from_its_outputs_or_the_code():
+    """The text cannot drift from the results: every decimal number or percentage a markdown cell quotes is printed
+    by a code cell of the committed notebook (a result) or written in a2pr.py or a code cell (a setting, such as
+    gamma 0.99). Regenerating the notebook on another machine changes the outputs; a number quoted from an old run
+    then fails here."""
+    nbformat = pytest.importorskip("nbformat")  # requirements-dev.txt
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    printed = " ".join(str(o.get("text", "")) + str(o.get("data", {}).get("text/plain", ""))
+                       for c in code for o in c.get("outputs", []))
+    written = (HERE / "a2pr.py").read_text() + " ".join(c.source for c in code)
+    quoted = set()
+    for c in nb.cells:
+        if c.cell_type == "markdown":
+            text = re.sub(r"```.*?```|\(https?://[^)]*\)|arXiv:[\d.]+", "", c.source, flags=re.S)
+            quoted |= set(re.findall(r"(?<![\w.])\d+\.\d+|\d+(?= ?%)", text))
+    assert quoted  # the check has something to check
+    missing = sorted(x for x in quoted if x not in printed and x not in written)
+    assert not missing, f"quoted in the text but neither printed nor in the code: {missing}"
 
 
 def test_committed_notebook_carries_its_outputs_and_pictures():
