@@ -5,7 +5,7 @@ advantage-weighted VAE learns to generate the dataset's *better* actions; in eve
 whichever of {dataset action, VAE action} has the larger advantage Q(s,a) - V(s), and only where one of them has a
 positive advantage (the adaptive gate). The defaults follow the released code, which produced the paper's numbers.
 
-    python a2pr.py                                   # built-in Pendulum dataset, CPU: 1-3 minutes on 2 cores
+    python a2pr.py                                   # built-in Pendulum dataset, CPU: about 75 s on 2 cores
     python a2pr.py --env hopper-medium-v2 --cuda     # D4RL data and the published per-task preset
 
 The contract: one gradient step on a batch (s, a, r, s', d), d = 1 only on a true terminal (never on a time-out).
@@ -51,10 +51,10 @@ Reading map (line: what). Everything above main() is A2PR; below it, appendices 
     830  train:            train(args) -> summary: setup, then the loop
     891  main:             the command line's entry point
     910  Appendix A:       data sources: built-in, D4RL, HDF5, downloads, Minari, mixes
-   1612  Appendix B:       speed paths: torch.compile, CUDA graphs, --benchmark update
-   1784  Appendix C:       run files: folders, locks, checkpoints, config.json, CSV, plot, trackers, export
-   2266  Appendix D:       the theory on finite MDPs
-   2329  Appendix E:       the command line: parser, --config, presets, validation
+   1628  Appendix B:       speed paths: torch.compile, CUDA graphs, --benchmark update
+   1800  Appendix C:       run files: folders, locks, checkpoints, config.json, CSV, plot, trackers, export
+   2303  Appendix D:       the theory on finite MDPs
+   2366  Appendix E:       the command line: parser, --config, presets, validation
 """
 
 from __future__ import annotations
@@ -217,7 +217,7 @@ D4RL_PRESETS = {
 
 PRESETS: dict[str, dict] = {
     "spec": {},
-    # Pendulum is a 3-dim toy: narrow networks learn it in seconds, so a 2-core CPU run takes 1-3 minutes.
+    # Pendulum is a 3-dim toy: narrow networks learn it in seconds, so a run takes about 75 s on 2 cores.
     "pendulum-cpu": dict(total_steps=15_000, batch_size=256, actor_hidden=64, critic_hidden=64, value_hidden=64,
                          vae_hidden=128, eval_freq=1000, log_freq=500),
     **{name: dict(alpha=p[0], vae_weight=p[1], bc_weight=p[2], discount=p[3]) for name, p in D4RL_PRESETS.items()},
@@ -1818,7 +1818,7 @@ def atomic_write(path: Path, write) -> None:
         kept = "its previous version is intact" if path.exists() else "nothing was written"
         full = "; the disk is full: free some space" if getattr(e, "errno", None) == errno.ENOSPC else ""
         why = getattr(e, "strerror", None) or " ".join(str(e).split())  # h5py's messages span lines: one line
-        raise A2PRError(f"cannot write {path} ({why}){full}; {kept}") from None
+        raise A2PRError(f"cannot write {path} ({why}); {kept}{full}") from None
     finally:
         if made:
             with contextlib.suppress(OSError):  # a read-only or vanished folder: the real error is raised above
@@ -2435,7 +2435,7 @@ def load_config(path: str) -> dict:
     """The experiment's settings from a run's config.json (write_config), minus NOT_FROM_CONFIG."""
     try:
         settings = json.loads(Path(path).read_text())["settings"]
-    except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:  # RecursionError: nested past Python's limit
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:  # Recursion: nested past Python's limit
         raise A2PRError(f"--config {path}: not a run's config.json ({type(e).__name__}: {e})") from None
     return {k: v for k, v in checked_settings(settings, f"--config {path}").items() if k not in NOT_FROM_CONFIG}
 
@@ -2573,7 +2573,8 @@ def check_fields(obj, checks: dict[str, list[str]]) -> None:
                 raise A2PRError(f"--{name.replace('_', '-')} must be {rule}, got {v!r}")
             top = LARGEST["count"] if "integer" in rule else LARGEST["seconds"] if "timeout" in name else None
             if v is not None and top is not None and v > top:
-                shown = f"{v:g}" if isinstance(v, float) else f"{v:,}" if v < 10**15 else f"a {len(str(v))}-digit number"
+                shown = f"{v:g}" if isinstance(v, float) else f"{v:,}" if v < 10**15 else f"a {len(str(v))}-digit " \
+                    "number"
                 raise A2PRError(f"--{name.replace('_', '-')} must be at most {top:,}, got {shown}")
 
 

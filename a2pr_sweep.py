@@ -100,7 +100,8 @@ class SweepArgs:
     """The sweep's own settings (its flags), the training settings every run starts from (a2pr's Args) and which of
     those the user gave (None: the fields of `train` that differ from a2pr.Args())."""
     suite: str = _flag("paper (the paper's 9 D4RL sets), mixes (random data + 1 or 5 percent expert/medium), builtin "
-                       "(Pendulum: random, medium, expert, mostly-random), situations (Pendulum data from narrow and good to wide and bad) or "
+                       "(Pendulum: random, medium, expert, mostly-random), situations (Pendulum data from narrow and "
+                       "good to wide and bad) or "
                        "envs (--envs)", choices=("paper", "mixes", "builtin", "situations", "envs"),
                        metavar="SUITE", positional=True)
     envs: str | None = _flag("with the suite envs: these datasets, comma-separated; ENV+NAME:FRAC for a --mix", None,
@@ -712,8 +713,8 @@ def _option(name: str, value) -> list[str]:
 
 def variants_line(variants: list[str]) -> str:
     """results.md's line naming each variant with the a2pr.py flags it sets."""
-    return "- variants: " + ", ".join(f"{v} ({' '.join(p for k, x in SWEEP_VARIANTS[v].items() for p in _option(k, x))})"
-                                      for v in variants)
+    flags = {v: " ".join(p for k, x in SWEEP_VARIANTS[v].items() for p in _option(k, x)) for v in variants}
+    return "- variants: " + ", ".join(f"{v} ({flags[v]})" for v in variants)
 
 
 def command_line(sw: SweepArgs) -> str:

@@ -425,8 +425,9 @@ def test_results_files_before_any_run_has_finished(tmp_path):
     sw = sweep_args(tmp_path / "sw", "builtin", "--noise-levels", "0.1")
     a2pr_sweep.write_sweep_results(sw, a2pr_sweep.plan_sweep(sw), tmp_path / "sw", [0.1])
     with open(tmp_path / "sw" / "results.csv", newline="") as f:
-        assert list(csv.reader(f)) == [["dataset", "variant", "seed", "final_score", "best_score", "noise_0.1", "steps",
-                                        "steps_per_s", "wall_s", "seeds_in_run", "host", "run_dir"]]
+        assert list(csv.reader(f)) == [["dataset", "variant", "seed", "final_score", "best_score", "run_mean_score",
+                                        "noise_0.1", "steps", "steps_per_s", "wall_s", "seeds_in_run", "host",
+                                        "run_dir"]]
     assert "0 of 4 run folders finished" in (tmp_path / "sw" / "results.md").read_text()
     assert not (tmp_path / "sw" / "results.png").exists()
 
