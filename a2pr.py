@@ -772,6 +772,9 @@ class MetricWindow:
         self.steps, self.t0 = 0, time.time()
 
     def add(self, m: dict) -> None:
+        if not m.keys() <= METRICS.keys():  # a metric without a column would vanish without a word
+            raise A2PRError(f"update() returned {sorted(m.keys() - METRICS.keys())}, which METRICS does not name; "
+                            "add it there (its CSV column, and whether it is measured on actor steps only)")
         vals = torch.stack([m[k] if k in m else torch.zeros_like(m["critic"]) for k in METRICS])
         self.sums += vals
         self.step_t += 1
@@ -1689,6 +1692,18 @@ def speed_path(args: Args) -> typing.Callable:
     return torch.compile(update_core) if args.compile else update_core
 
 
+@contextlib.contextmanager
+def no_global_randomness(device: torch.device):
+    """The update takes its randomness from `noise` (draw_noise, outside): a CUDA graph would replay numbers drawn
+    inside it unchanged at every step. Checked on the eager warm-up steps: torch's global generator must not move."""
+    state = (lambda: torch.cuda.get_rng_state(device)) if device.type == "cuda" else torch.get_rng_state
+    before = state()
+    yield
+    if not torch.equal(before, state()):
+        raise A2PRError("update_core drew random numbers from torch's global generator; draw them in draw_noise and "
+                        "pass them in `noise`, or --cuda-graphs would replay the same numbers at every step")
+
+
 class CudaGraphs:
     """update_core replayed as CUDA graphs, one for critic steps and one for actor steps, each captured after a few
     eager warm-up steps. update() draws the batch and the noise outside the graph, from the per-seed generators as
@@ -1704,7 +1719,7 @@ class CudaGraphs:
             self.eager_steps += 1  # warm-up steps are real training steps, on a side stream as capture requires
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
+            with torch.cuda.stream(side), no_global_randomness(batch[0].device):
                 out = self.core(agent, opt, batch, noise, actor_turn, args)
             torch.cuda.current_stream().wait_stream(side)
             return out

@@ -2458,6 +2458,33 @@ def test_benchmark_times_paths_side_by_side_and_reports_medians():
     assert out["steps_per_s"] == out["modes"]["eager"]["steps_per_s"]
 
 
+def test_a_metric_that_update_returns_and_METRICS_does_not_name_stops_the_run_in_one_line(tmp_path, monkeypatch):
+    real = a2pr.actor_step
+    monkeypatch.setattr(a2pr, "actor_step", lambda *a: {**real(*a), "my_new_metric": torch.zeros(1)})
+    with pytest.raises(A2PRError, match=r"update\(\) returned \['my_new_metric'\], which METRICS does not name"):
+        a2pr.train(quick(tmp_path))
+
+
+def test_randomness_drawn_inside_update_core_is_caught_before_cuda_graphs_capture_it(monkeypatch):
+    """CudaGraphs' eager warm-up steps check torch's global generator; on the CPU, with CUDA's stream calls stubbed
+    (the test's own fault injection), a core that calls torch.randn is refused in one line, the real one is not."""
+    monkeypatch.setattr(torch.cuda, "Stream", lambda: types.SimpleNamespace(wait_stream=lambda *_: None))
+    monkeypatch.setattr(torch.cuda, "stream", lambda _: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: types.SimpleNamespace(wait_stream=lambda *_: None))
+    args = tiny(resolve=True)
+    agent, opt, gens = a2pr.build_learner(args, 3, 1, "cpu")
+    data = a2pr.synthetic_data(3, 1, 500)
+    assert a2pr.update(agent, opt, data, 1, args, gens, a2pr.CudaGraphs(a2pr.update_core))["critic"].isfinite().all()
+
+    def noisy_core(*a):
+        out = a2pr.update_core(*a)
+        out["critic"] = out["critic"] + 0 * torch.randn(1)  # randomness drawn inside: replayed unchanged by a graph
+        return out
+
+    with pytest.raises(A2PRError, match="update_core drew random numbers from torch's global generator"):
+        a2pr.update(agent, opt, data, 2, args, gens, a2pr.CudaGraphs(noisy_core))
+
+
 # ================================================================================================================
 # 5. Nothing lost, nothing unsafe: run folders, signals, one-line errors, suspicious data, safe loading
 # ================================================================================================================
@@ -2943,6 +2970,16 @@ def test_a_garbage_checkpoint_is_refused_in_one_line_without_torchs_advice_to_lo
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "checkpoint.pt: cannot be loaded: it is not a file that a2pr's torch" in err
         assert "weights_only" not in err and "will likely succeed" not in err  # torch's advice runs the file's code
+
+
+def test_a_crafted_pickle_is_refused_in_one_line_without_torchs_protocol_warning(tmp_path):
+    """A plain pickle (protocol 4) named checkpoint.pt: torch warns "Detected pickle protocol 4" in two lines before
+    failing; the refusal is the only line the user sees."""
+    import pickle
+
+    (tmp_path / "checkpoint.pt").write_bytes(pickle.dumps({"args": {}, "step": 3}, protocol=4))
+    r = run_cli("--resume", str(tmp_path))
+    assert one_line(r).startswith("a2pr.py: error: ") and "Detected pickle protocol" not in r.stderr
 
 
 def test_progress_before_the_first_evaluation_shows_a_dash_not_nan(tmp_path, capsys):
