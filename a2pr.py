@@ -1668,15 +1668,12 @@ def check_memory(args: Args, obs_dim: int, act_dim: int, device: torch.device) -
     else:
         return
 
-    def mlp_size(d_in, hidden, layers, d_out):
-        return (d_in + 1) * hidden + (layers - 1) * (hidden + 1) * hidden + (hidden + 1) * d_out
-
-    z = 2 * act_dim
-    trained = (mlp_size(obs_dim, args.actor_hidden, args.actor_layers, act_dim),  # actor, critics, V, VAE
-               2 * mlp_size(obs_dim + act_dim, args.critic_hidden, args.critic_layers, 1),
-               mlp_size(obs_dim, args.value_hidden, args.value_layers, 1),
-               mlp_size(obs_dim + act_dim, args.vae_hidden, args.vae_layers, 2 * z)
-               + mlp_size(obs_dim + z, args.vae_hidden, args.vae_layers, act_dim))
+    with torch.device("meta"):  # the networks as Agent builds them, one seed's worth, without allocating memory
+        nets = (Actor(1, obs_dim, act_dim, args.actor_hidden, args.actor_layers),
+                TwinCritic(1, obs_dim, act_dim, args.critic_hidden, args.critic_layers),
+                ValueNet(1, obs_dim, args.value_hidden, args.value_layers),
+                VAE(1, obs_dim, act_dim, args.vae_hidden, args.vae_layers))
+    trained = [sum(p.numel() for p in net.parameters()) for net in nets]
     params = 4 * sum(trained) + sum(trained[:2])  # weights, gradients, Adam's two moments; target actor and critics
     batch = args.batch_size * (8 + 4 * (2 * obs_dim + act_dim + 2))  # indices, then (s, a, r, s', d)
     need = args.num_seeds * (4 * params + batch)

@@ -2802,6 +2802,22 @@ def test_checkpoints_hold_only_plain_data_and_one_holding_numpy_arrays_is_refuse
     assert "\n" not in str(e.value)
 
 
+def test_the_memory_check_counts_the_networks_as_built(monkeypatch):
+    """check_memory sizes the modules Agent builds (on the meta device), so a network changed in the code is counted
+    as changed: here a VAE twice as wide inside, with the flags unchanged, needs more memory."""
+    monkeypatch.setattr(os, "sysconf", lambda name: 1)  # a machine of one byte: the check always reports its need
+    args = tiny(resolve=True, vae_hidden=3000, num_seeds=20)
+
+    def need() -> float:
+        with pytest.raises(A2PRError) as e:
+            a2pr.check_memory(args, 11, 3, torch.device("cpu"))
+        return float(re.search(r"need at least ([\d.]+) GiB", str(e.value)).group(1))
+
+    before, real = need(), a2pr.VAE
+    monkeypatch.setattr(a2pr, "VAE", lambda k, o, a, hidden, layers: real(k, o, a, 2 * hidden, layers))
+    assert need() > 2 * before > 0
+
+
 def test_a_batch_bigger_than_the_machine_stops_before_any_allocation(tmp_path, monkeypatch):
     monkeypatch.setattr(a2pr, "prepare_data", lambda *a: pytest.fail("nothing is allocated"))
     with pytest.raises(A2PRError, match=r"a batch need at least [\d,.]+ GiB but the CPU has [\d,.]+ GiB; lower "
