@@ -48,13 +48,13 @@ Reading map (line: what). Everything above main() is A2PR; below it, appendices 
     568  Dataset:          the data as the networks see it: normalisation, action scaling, device batches
     649  Policy:           the deployed policy: normalise -> actor -> env action bounds
     692  evaluate:         deterministic evaluation, D4RL normalised score
-    830  train:            train(args) -> summary: setup, then the loop
-    891  main:             the command line's entry point
-    910  Appendix A:       data sources: built-in, D4RL, HDF5, downloads, Minari, mixes
-   1628  Appendix B:       speed paths: torch.compile, CUDA graphs, --benchmark update
-   1800  Appendix C:       run files: folders, locks, checkpoints, config.json, CSV, plot, trackers, export
-   2303  Appendix D:       the theory on finite MDPs
-   2366  Appendix E:       the command line: parser, --config, presets, validation
+    833  train:            train(args) -> summary: setup, then the loop
+    894  main:             the command line's entry point
+    913  Appendix A:       data sources: built-in, D4RL, HDF5, downloads, Minari, mixes
+   1631  Appendix B:       speed paths: torch.compile, CUDA graphs, --benchmark update
+   1812  Appendix C:       run files: folders, locks, checkpoints, config.json, CSV, plot, trackers, export
+   2315  Appendix D:       the theory on finite MDPs
+   2378  Appendix E:       the command line: parser, --config, presets, validation
 """
 
 from __future__ import annotations
