@@ -47,14 +47,14 @@ Reading map (line: what). Everything above main() is A2PR; below it, appendices 
     537  update:           one gradient step: a batch per seed, its noise, update_core
     568  Dataset:          the data as the networks see it: normalisation, action scaling, device batches
     649  Policy:           the deployed policy: normalise -> actor -> env action bounds
-    692  evaluate:         deterministic evaluation, D4RL normalised score
-    833  train:            train(args) -> summary: setup, then the loop
-    894  main:             the command line's entry point
-    913  Appendix A:       data sources: built-in, D4RL, HDF5, downloads, Minari, mixes
-   1631  Appendix B:       speed paths: torch.compile, CUDA graphs, --benchmark update
-   1812  Appendix C:       run files: folders, locks, checkpoints, config.json, CSV, plot, trackers, export
-   2315  Appendix D:       the theory on finite MDPs
-   2378  Appendix E:       the command line: parser, --config, presets, validation
+    698  evaluate:         deterministic evaluation, D4RL normalised score
+    839  train:            train(args) -> summary: setup, then the loop
+    900  main:             the command line's entry point
+    919  Appendix A:       data sources: built-in, D4RL, HDF5, downloads, Minari, mixes
+   1637  Appendix B:       speed paths: torch.compile, CUDA graphs, --benchmark update
+   1818  Appendix C:       run files: folders, locks, checkpoints, config.json, CSV, plot, trackers, export
+   2321  Appendix D:       the theory on finite MDPs
+   2384  Appendix E:       the command line: parser, --config, presets, validation
 """
 
 from __future__ import annotations
@@ -658,21 +658,27 @@ class Policy(nn.Module):
             self.register_buffer(name, torch.as_tensor(np.asarray(v, dtype=np.float32)))
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        obs = torch.nan_to_num(obs, nan=0.0, posinf=1e6, neginf=-1e6)  # a saturated sensor: still an action in bounds
         return to_env_actions(self.actor((obs - self.obs_mean) / self.obs_std), self.action_low, self.action_high)
 
 
 class OneSeed(nn.Module):
-    """Seed `index` of a Policy for observations (..., obs_dim). All K actors run, as in training: a K-member batched
-    product can differ from a 1-member one in the last bit."""
+    """Seed `index` of a Policy for one observation (obs_dim,) or a batch (N, obs_dim). All K actors run, as in
+    training: a K-member batched product can differ from a 1-member one in the last bit."""
 
     def __init__(self, policy: Policy, index: int = 0):
         super().__init__()
         self.policy, self.index = policy, index
-        self.k = policy.actor.net[0].weight.shape[0]
+        self.k, self.obs_dim, self.act_dim = policy.actor.net[0].weight.shape[0], *map(len, (policy.obs_mean,
+                                                                                               policy.action_low))
 
-    def forward(self, observation: torch.Tensor) -> torch.Tensor:  # the export's check of a wrong size names it
-        x = observation.to(torch.float32).reshape(1, -1, observation.shape[-1]).expand(self.k, -1, -1)
-        return self.policy(x)[self.index].reshape(observation.shape[:-1] + (-1,))
+    def forward(self, observation: torch.Tensor) -> torch.Tensor:  # explicit sizes: an empty or 3-D batch fails here
+        if observation.dim() not in (1, 2) or observation.shape[-1] != self.obs_dim:
+            raise ValueError(f"the policy takes one observation ({self.obs_dim},) or a batch (N, {self.obs_dim}), "
+                             f"got shape {tuple(observation.shape)}")
+        n = observation.shape[0] if observation.dim() == 2 else 1
+        x = observation.to(torch.float32).reshape(1, n, self.obs_dim).expand(self.k, -1, -1)
+        return self.policy(x)[self.index].reshape(observation.shape[:-1] + (self.act_dim,))
 
 
 def normalized_score(ret, ref_min: float, ref_max: float):

@@ -3441,6 +3441,26 @@ def test_exported_policy_acts_like_load_policy_in_a_program_without_a2pr(tmp_pat
     assert np.array_equal(np.load(tmp_path / "one.npy")[0], expect(obs[0]))
 
 
+def test_the_policy_takes_one_observation_or_a_batch_and_a_saturated_sensor_still_gives_an_action_in_bounds(
+        tmp_path):
+    """load_policy and the exported program: (N, obs_dim) -> (N, act_dim), an empty batch included; a batch of
+    another rank is refused (load_policy names the shapes it takes; the program's reshape fails); an inf or NaN in an
+    observation gives a finite action inside the env's bounds."""
+    a2pr.train(quick(tmp_path, num_seeds=2))
+    run = tmp_path / "run"
+    policy, exported = a2pr.load_policy(run), torch.export.load(a2pr.export_policy(run)).module()
+    bad = np.array([[np.inf, 0.0, 1.0], [0.5, -np.inf, np.nan]], np.float32)
+    for act in (policy, lambda o: exported(torch.as_tensor(o)).numpy()):
+        assert act(np.zeros((0, 3), np.float32)).shape == (0, 1)
+        out = act(bad)
+        assert out.shape == (2, 1) and np.isfinite(out).all() and (np.abs(out) <= 2.0).all()  # Pendulum: [-2, 2]
+    assert policy(np.zeros(3, np.float32)).shape == (1,)  # one observation -> one action
+    with pytest.raises(ValueError, match=r"takes one observation \(3,\) or a batch \(N, 3\), got shape \(2, 3, 3\)"):
+        policy(np.zeros((2, 3, 3), np.float32))
+    with pytest.raises(Exception):  # not (2, 3) silently, as a program traced for (N, 3) used to answer
+        exported(torch.zeros(2, 3, 3))
+
+
 def test_export_errors_are_one_line(tmp_path):
     r = run_cli("--export", str(tmp_path / "nothing"))
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "no checkpoint.pt" in r.stderr
