@@ -682,16 +682,25 @@ LONG_RUN = ["envs", "--envs", "pendulum-medium-v0", "--seeds", "1", *SWEEP_TINY,
 def test_a_second_sweep_into_the_same_folder_says_the_first_is_running_those_runs(tmp_path):
     pytest.importorskip("ray")
     first, first_err = start_sweep(*LONG_RUN, "--sweep-dir", "sw", cwd=tmp_path)
+    worker = None
     try:
         wait_until(lambda: training(tmp_path / "sw"), 120, first, first_err)
+        # Held where the test needs it, whatever the machine's speed: the worker training the run (its pid is in
+        # the run folder's .lock) is stopped while the second sweep tries, and continued afterwards.
+        worker = int(next(p for p in (tmp_path / "sw").glob("*/.lock") if p.read_text().strip()).read_text())
+        os.kill(worker, signal.SIGSTOP)
         second = run_sweep_cli(*LONG_RUN, "--sweep-dir", "sw", cwd=tmp_path)
         assert first.poll() is None, "the first sweep should still be running"
+        os.kill(worker, signal.SIGCONT)
         assert second.returncode == 2, second.stderr
         assert second.stderr == (f"a2pr_sweep.py: error: another sweep (pid {first.pid}) is running in sw and is "
                                  "training those runs; wait for it to end, then run this command again (it keeps what "
                                  "the other finished), or give another --sweep-dir\n")
         assert first.wait(300) == 0, first_err.read_text()  # the first sweep undisturbed
     finally:
+        if worker is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(worker, signal.SIGCONT)
         if first.poll() is None:
             first.kill()
     assert "1 of 1 run folders finished" in (tmp_path / "sw" / "results.md").read_text()
