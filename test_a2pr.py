@@ -1196,9 +1196,9 @@ def test_loaded_policy_acts_exactly_like_the_in_memory_actor(short_run):
     assert (expected >= -2).all() and (expected <= 2).all()     # Pendulum's torque bounds
 
 
-def test_one_seed_of_a_policy_is_that_seeds_row_for_any_leading_shape():
+def test_one_seed_of_a_policy_is_that_seeds_row_for_one_observation_or_a_batch():
     """Policy maps raw observations (K, N, obs_dim) to env actions, agent k's in row k; OneSeed(policy, k) is agent
-    k alone for observations of any leading shape, inside the env's action bounds."""
+    k alone for one observation or a batch, inside the env's action bounds; another rank is refused, naming both."""
     actor = a2pr.Actor(3, 4, 2, 16, 2)
     a2pr.init_ensemble(actor, [0, 1, 2])
     low, high = np.array([-1.0, 0.0], np.float32), np.array([3.0, 0.5], np.float32)
@@ -1212,7 +1212,8 @@ def test_one_seed_of_a_policy_is_that_seeds_row_for_any_leading_shape():
             one = a2pr.OneSeed(policy, k)
             assert torch.equal(one(obs), rows[k])
             torch.testing.assert_close(one(obs[2]), rows[k, 2], rtol=0, atol=1e-6)  # one observation -> one action
-            torch.testing.assert_close(one(obs.reshape(5, 1, 4)), rows[k].reshape(5, 1, 2), rtol=0, atol=1e-6)
+            with pytest.raises(ValueError, match=r"one observation \(4,\) or a batch \(N, 4\), got shape \(5, 1, 4\)"):
+                one(obs.reshape(5, 1, 4))
 
 
 def test_normalisation_stats_come_from_the_data_and_reach_evaluation_and_checkpoint(short_run, pendulum_data_dir):
