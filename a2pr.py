@@ -51,10 +51,10 @@ Reading map (line: what). Everything above main() is A2PR; below it, appendices 
     839  train:            train(args) -> summary: setup, then the loop
     900  main:             the command line's entry point
     919  Appendix A:       data sources: built-in, D4RL, HDF5, downloads, Minari, mixes
-   1637  Appendix B:       speed paths: torch.compile, CUDA graphs, --benchmark update
-   1818  Appendix C:       run files: folders, locks, checkpoints, config.json, CSV, plot, trackers, export
-   2321  Appendix D:       the theory on finite MDPs
-   2384  Appendix E:       the command line: parser, --config, presets, validation
+   1638  Appendix B:       speed paths: torch.compile, CUDA graphs, --benchmark update
+   1819  Appendix C:       run files: folders, locks, checkpoints, config.json, CSV, plot, trackers, export
+   2322  Appendix D:       the theory on finite MDPs
+   2385  Appendix E:       the command line: parser, --config, presets, validation
 """
 
 from __future__ import annotations
@@ -1459,7 +1459,8 @@ def load_minari(dataset_id: str, args: Args, log=print) -> tuple[dict, dict]:
                             f"and your connection, or put it under {minari_local_path(dataset_id)} "
                             f"(MINARI_DATASETS_PATH), {_offline_hint()}") from None
     except Exception as e:  # unsupported version, corrupt metadata
-        raise A2PRError(f"cannot load {where} ({type(e).__name__}: {e})") from None
+        raise A2PRError(f"cannot load {where} from {minari_local_path(dataset_id)} ({type(e).__name__}: {e}); if "
+                        "that folder is damaged, delete it, and it is downloaded again") from None
     meta = ds.storage.metadata
     import gymnasium as gym
 

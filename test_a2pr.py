@@ -1840,6 +1840,17 @@ def no_minari_download(monkeypatch):
     return calls
 
 
+def test_a_damaged_minari_folder_is_named_with_the_fix(tmp_path):
+    pytest.importorskip("minari")  # requirements.txt's minari[hf]; the lean pass has it too
+    data = Path(os.environ["MINARI_DATASETS_PATH"]) / "mujoco" / "hopper" / "medium-v0" / "data"
+    data.mkdir(parents=True)
+    (data / "metadata.json").write_text("junk{")
+    with pytest.raises(A2PRError, match=r"cannot load Minari dataset mujoco/hopper/medium-v0 from .*medium-v0 "
+                                        r"\(JSONDecodeError: .*\); if that folder is damaged, delete it") as e:
+        load_rows("mujoco/hopper/medium-v0", tiny(), NOOP_LOG)
+    assert "\n" not in str(e.value)
+
+
 def test_minari_local_dataset_rows_next_obs_eval_env_and_notice(no_minari_download):
     eps = episodes([5, 6, 7], ["term", "trunc", "none"])
     minari_dataset("mujoco/hopper/test-v0", eps)
