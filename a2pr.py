@@ -2450,13 +2450,14 @@ def checked_settings(values, where: str) -> dict:
     return values
 
 
-def load_config(path: str) -> dict:
+def load_config(path: str, where: str = "--config {path}", fix: str = "") -> dict:
     """The experiment's settings from a run's config.json (write_config), minus NOT_FROM_CONFIG."""
+    where = where.format(path=path)
     try:
         settings = json.loads(Path(path).read_text())["settings"]
     except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:  # Recursion: nested past Python's limit
-        raise A2PRError(f"--config {path}: not a run's config.json ({type(e).__name__}: {e})") from None
-    return {k: v for k, v in checked_settings(settings, f"--config {path}").items() if k not in NOT_FROM_CONFIG}
+        raise A2PRError(f"{where}: not a run's config.json ({type(e).__name__}: {e}){fix}") from None
+    return {k: v for k, v in checked_settings(settings, where).items() if k not in NOT_FROM_CONFIG}
 
 
 # On --resume the checkpoint's settings win; these follow the command line: the run's length, how the update
@@ -2478,7 +2479,9 @@ def run_settings(args: Args, given: set[str] | None) -> tuple[Args, dict[str, st
     if args.resume and not (run_dir / "checkpoint.pt").exists() and (run_dir / "config.json").is_file():
         # killed before its first checkpoint: start that run again, in its folder (claim_run_dir takes it over),
         # with its own settings and their sources; a flag that contradicts them is refused, as with a checkpoint
-        saved = Args(**load_config(str(run_dir / "config.json")))
+        saved = Args(**load_config(str(run_dir / "config.json"), "{path}", f"; the run never reached its first "
+                                   f"checkpoint: remove the folder {run_dir} and start it again (the same sweep, "
+                                   "or a2pr.py without --resume)"))
         check_resume_flags(args, saved, given, 0, "the run's")
         args, source = resolve_args(dataclasses.replace(saved, save_dir=str(run_dir.parent), run_name=run_dir.name,
                                                         **follow))

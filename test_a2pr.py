@@ -1711,7 +1711,8 @@ def test_download_ctrl_c_removes_part(tmp_path, server):
     assert not dest.exists() and leftovers(dest.parent) == []
 
 
-HOLD_PART = ("import sys, pathlib, time, a2pr; f = a2pr.lock_file(pathlib.Path(sys.argv[1]), 'busy'); f.write(b'half'); "
+HOLD_PART = ("import sys, pathlib, time, a2pr; f = a2pr.lock_file(pathlib.Path(sys.argv[1]), 'busy'); "
+             "f.write(b'half'); "
              "f.flush(); print('locked', flush=True); time.sleep(120)")
 
 
@@ -3307,6 +3308,17 @@ def test_a_one_row_file_is_refused_for_the_real_reason(tmp_path):
                                                         ref_max_score=-150.0))
     with pytest.raises(A2PRError, match=r"no usable transitions: it has a single row, and a row without a next row"):
         a2pr.load_dataset(a2pr.Args(env=str(tmp_path / "one.hdf5")), log=NOOP_LOG)
+
+
+def test_a_garbage_config_in_a_run_folder_without_a_checkpoint_names_that_file_and_the_way_out(tmp_path):
+    """Not the --config nobody gave: the run folder's own config.json, and what to do (the folder holds no
+    checkpoint, so starting the run again loses nothing)."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text("{garbage")
+    msg = one_line(run_cli("--resume", str(tmp_path / "run")))
+    assert f"{tmp_path / 'run' / 'config.json'}: not a run's config.json (JSONDecodeError" in msg
+    assert "--config" not in msg
+    assert f"remove the folder {tmp_path / 'run'} and start it again" in msg
 
 
 def test_an_empty_key_in_a_config_file_shows_in_its_line(tmp_path):
