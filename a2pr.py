@@ -51,10 +51,10 @@ Reading map (line: what). Everything above main() is A2PR; below it, appendices 
     839  train:            train(args) -> summary: setup, then the loop
     900  main:             the command line's entry point
     919  Appendix A:       data sources: built-in, D4RL, HDF5, downloads, Minari, mixes
-   1638  Appendix B:       speed paths: torch.compile, CUDA graphs, --benchmark update
-   1819  Appendix C:       run files: folders, locks, checkpoints, config.json, CSV, plot, trackers, export
-   2322  Appendix D:       the theory on finite MDPs
-   2385  Appendix E:       the command line: parser, --config, presets, validation
+   1643  Appendix B:       speed paths: torch.compile, CUDA graphs, --benchmark update
+   1824  Appendix C:       run files: folders, locks, checkpoints, config.json, CSV, plot, trackers, export
+   2327  Appendix D:       the theory on finite MDPs
+   2390  Appendix E:       the command line: parser, --config, presets, validation
 """
 
 from __future__ import annotations
@@ -1197,7 +1197,12 @@ def download_file(url: str, dest: Path, validate, timeout: float = 10.0, offline
             with urllib.request.urlopen(url, timeout=timeout) as resp:
                 total, shown = int(resp.headers.get("Content-Length") or 0), 0
                 while chunk := resp.read1(1 << 20):  # what has arrived: a stall reports the bytes so far
-                    f.write(chunk)
+                    try:
+                        f.write(chunk)
+                    except OSError as e:  # the cache's disk, not the connection
+                        raise A2PRError(f"cannot write {part} ({e.strerror or e}); nothing was saved at {dest}"
+                                        + ("; the disk is full: free some space" if e.errno == errno.ENOSPC else "")
+                                        ) from None
                     done += len(chunk)
                     if total and (10 * done // total > shown or done == total):  # a line per 10 %, on stderr
                         shown = 10 * done // total

@@ -243,6 +243,8 @@ def check_sweep_flags(sw: SweepArgs) -> None:
     a2pr.check_fields(sw, {"a positive integer": ["seeds"], "an integer >= 0": ["task_retries"],
                            "a positive number": ["task_cpus"]})
     a2pr.check_fields(sw.train, {"a positive integer": ["num_seeds"]})  # before plan_sweep splits seeds by it
+    if sw.task_cpus > a2pr.LARGEST["count"]:  # torch's thread count in each worker is an int32
+        raise a2pr.A2PRError(f"--task-cpus must be at most {a2pr.LARGEST['count']:,}, got {sw.task_cpus:g}")
     gpus = task_gpus(sw)
     if not (math.isfinite(gpus) and gpus >= 0):
         raise a2pr.A2PRError(f"--task-gpus must be a number >= 0, got {sw.task_gpus!r}")

@@ -3207,6 +3207,28 @@ def test_atomic_write_never_follows_a_link_at_its_temporary_name(tmp_path, monke
     assert target.read_bytes() == before and not (tmp_path / "out.json").exists()
 
 
+def test_a_download_onto_a_full_disk_is_one_line_naming_the_file_and_leaves_no_part(tmp_path, server, monkeypatch):
+    server.files["x.hdf5"] = b"x" * 5000
+    real = a2pr.lock_file
+
+    class FullDisk:  # the locked .part file, on a disk that is full
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+    monkeypatch.setattr(a2pr, "lock_file", lambda *a: FullDisk(real(*a)))
+    dest = tmp_path / "cache" / "x.hdf5"
+    with pytest.raises(A2PRError, match=r"cannot write .*x\.hdf5\.part \(No space left on device\); nothing was "
+                                        r"saved at .*; the disk is full: free some space$"):
+        a2pr.download_file(f"http://127.0.0.1:{server.port}/x.hdf5", dest, lambda p: None, timeout=2)
+    assert leftovers(dest.parent) == [] and not dest.exists()
+
+
 @pytest.mark.parametrize("fault", ["read-only folder", "full disk"])
 def test_export_into_a_read_only_folder_or_onto_a_full_disk_is_one_line(tmp_path, monkeypatch, fault):
     """Faults injected at the system call (the tests run as root, for whom a folder without write permission is

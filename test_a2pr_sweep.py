@@ -356,6 +356,8 @@ def test_config_file_gives_the_training_settings_and_flags_win(tmp_path):
     (["builtin", "--num-seeds", "0"], "--num-seeds must be a positive integer"),
     (["builtin", "--task-retries", "-1"], "--task-retries must be an integer >= 0"),
     (["builtin", "--task-cpus", "0"], "--task-cpus must be a positive number"),
+    (["builtin", "--task-cpus", "1e300"], "--task-cpus must be at most 2,147,483,647, got 1e+300"),
+    (["builtin", "--seeds", "10000000000000000000"], "--seeds must be at most 2,147,483,647, got a 20-digit number"),
     (["builtin", "--gate", "always"], "--gate is set per run by the sweep; use --variants"),
     (["builtin", "--env", "hopper-medium-v2"], "--env is set per run by the sweep; use the suite, or envs --envs"),
     (["builtin", "--resume", "x"], "--resume is set per run by the sweep; use the same a2pr_sweep.py command"),
