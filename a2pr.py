@@ -53,8 +53,8 @@ Reading map (line: what). Everything above main() is A2PR; below it, appendices 
     919  Appendix A:       data sources: built-in, D4RL, HDF5, downloads, Minari, mixes
    1643  Appendix B:       speed paths: torch.compile, CUDA graphs, --benchmark update
    1824  Appendix C:       run files: folders, locks, checkpoints, config.json, CSV, plot, trackers, export
-   2327  Appendix D:       the theory on finite MDPs
-   2390  Appendix E:       the command line: parser, --config, presets, validation
+   2329  Appendix D:       the theory on finite MDPs
+   2392  Appendix E:       the command line: parser, --config, presets, validation
 """
 
 from __future__ import annotations
@@ -2260,8 +2260,10 @@ def load_checkpoint(run_dir: Path, name: str = "checkpoint.pt", flag: str = "--r
         if found := re.findall(r"GLOBAL (\S+)", str(e)):
             raise A2PRError(f"{path}: refused, nothing in it was run: it holds Python objects ({found[0]}) that could "
                             "run code when loaded; use only files from runs you trust") from None
+        with open(path, "rb") as f:  # torch.save writes a zip archive: one that cannot be read is damaged
+            zipped = f.read(4) == b"PK\x03\x04"
         why = ("it is damaged or cut short (its archive cannot be read): copy it again, or resume another run"
-               if "zip archive" in str(e) or "central directory" in str(e) else
+               if zipped else
                f"it is not a file that a2pr's torch.save wrote ({type(e).__name__}); give a run's own {name}")
         raise A2PRError(f"{path}: cannot be loaded: {why}") from None
     needed = dict(args=dict, obs_mean=torch.Tensor, obs_std=torch.Tensor, action_low=torch.Tensor,

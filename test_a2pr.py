@@ -3185,13 +3185,15 @@ def test_a_planted_lock_in_a_run_folder_is_refused_on_resume_and_its_target_unto
     assert target.read_bytes() == before
 
 
-def test_a_planted_sweep_lock_link_is_refused_and_its_target_untouched(tmp_path):
+@pytest.mark.parametrize("kind", ["link", "folder"])
+def test_a_planted_sweep_lock_link_is_refused_and_its_target_untouched(tmp_path, kind):
     import a2pr_sweep  # the sweep's folder lock is a2pr.lock_with_pid: the same refusal
 
     target, before = victim(tmp_path)
     (tmp_path / "sweep").mkdir()
-    (tmp_path / "sweep" / ".sweep.lock").symlink_to(target)
-    with pytest.raises(A2PRError, match=r"sweep/\.sweep\.lock is a symbolic link"):
+    lock = tmp_path / "sweep" / ".sweep.lock"
+    lock.symlink_to(target) if kind == "link" else lock.mkdir()
+    with pytest.raises(A2PRError, match=rf"sweep/\.sweep\.lock is a {'symbolic link' if kind == 'link' else 'folder'}"):
         a2pr_sweep.lock_sweep_dir(tmp_path / "sweep")
     assert target.read_bytes() == before
 
@@ -3322,6 +3324,24 @@ def test_the_first_signal_says_at_once_that_the_run_is_stopping(capsys):
     flag = a2pr.StopFlag()
     flag.handle(signal.SIGINT, None)
     assert flag.set and "SIGINT: stopping after the current update or evaluation step" in capsys.readouterr().err
+
+
+def test_a_truncated_checkpoint_is_called_damaged_not_untrusted(tmp_path):
+    a2pr.train(quick(tmp_path))
+    path = tmp_path / "run" / "checkpoint.pt"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(A2PRError, match=r"checkpoint.pt: cannot be loaded: it is damaged or cut short") as e:
+        a2pr.load_checkpoint(tmp_path / "run")
+    assert "trust" not in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_library_error_of_several_lines_while_writing_is_one_line(tmp_path):
+    def h5py_like(tmp):  # h5py's disk-full OSError carries a newline and no strerror
+        raise OSError("Can't write data\n(file write failed: errno = 28, error message = 'No space left on device')")
+
+    with pytest.raises(A2PRError) as e:
+        a2pr.atomic_write(tmp_path / "x.hdf5", h5py_like)
+    assert "\n" not in str(e.value) and "Can't write data (file write failed" in str(e.value)
 
 
 def test_a_one_row_file_is_refused_for_the_real_reason(tmp_path):
