@@ -51,10 +51,10 @@ Reading map (line: what). Everything above main() is A2PR; below it, appendices 
     839  train:            train(args) -> summary: setup, then the loop
     900  main:             the command line's entry point
     919  Appendix A:       data sources: built-in, D4RL, HDF5, downloads, Minari, mixes
-   1643  Appendix B:       speed paths: torch.compile, CUDA graphs, --benchmark update
-   1824  Appendix C:       run files: folders, locks, checkpoints, config.json, CSV, plot, trackers, export
-   2329  Appendix D:       the theory on finite MDPs
-   2392  Appendix E:       the command line: parser, --config, presets, validation
+   1641  Appendix B:       speed paths: torch.compile, CUDA graphs, --benchmark update
+   1822  Appendix C:       run files: folders, locks, checkpoints, config.json, CSV, plot, trackers, export
+   2331  Appendix D:       the theory on finite MDPs
+   2394  Appendix E:       the command line: parser, --config, presets, validation
 """
 
 from __future__ import annotations
@@ -669,8 +669,8 @@ class OneSeed(nn.Module):
     def __init__(self, policy: Policy, index: int = 0):
         super().__init__()
         self.policy, self.index = policy, index
-        self.k, self.obs_dim, self.act_dim = policy.actor.net[0].weight.shape[0], *map(len, (policy.obs_mean,
-                                                                                               policy.action_low))
+        self.k = policy.actor.net[0].weight.shape[0]
+        self.obs_dim, self.act_dim = len(policy.obs_mean), len(policy.action_low)
 
     def forward(self, observation: torch.Tensor) -> torch.Tensor:  # explicit sizes: an empty or 3-D batch fails here
         if observation.dim() not in (1, 2) or observation.shape[-1] != self.obs_dim:
@@ -1200,9 +1200,7 @@ def download_file(url: str, dest: Path, validate, timeout: float = 10.0, offline
                     try:
                         f.write(chunk)
                     except OSError as e:  # the cache's disk, not the connection
-                        raise A2PRError(f"cannot write {part} ({e.strerror or e}); nothing was saved at {dest}"
-                                        + ("; the disk is full: free some space" if e.errno == errno.ENOSPC else "")
-                                        ) from None
+                        raise write_error(part, e, f"nothing was saved at {dest}") from None
                     done += len(chunk)
                     if total and (10 * done // total > shown or done == total):  # a line per 10 %, on stderr
                         shown = 10 * done // total
@@ -1839,14 +1837,18 @@ def atomic_write(path: Path, write) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:  # RuntimeError: torch.save's and torch.export's "open file failed"
-        kept = "its previous version is intact" if path.exists() else "nothing was written"
-        full = "; the disk is full: free some space" if getattr(e, "errno", None) == errno.ENOSPC else ""
-        why = getattr(e, "strerror", None) or " ".join(str(e).split())  # h5py's messages span lines: one line
-        raise A2PRError(f"cannot write {path} ({why}); {kept}{full}") from None
+        raise write_error(path, e, "its previous version is intact" if path.exists() else "nothing was written")
     finally:
         if made:
             with contextlib.suppress(OSError):  # a read-only or vanished folder: the real error is raised above
                 tmp.unlink(missing_ok=True)
+
+
+def write_error(path: Path, e: Exception, kept: str) -> A2PRError:
+    """A write that failed, in one line: the file, the reason (h5py's spans lines), what is kept, a full disk named."""
+    why = getattr(e, "strerror", None) or " ".join(str(e).split())
+    full = "; the disk is full: free some space" if getattr(e, "errno", None) == errno.ENOSPC else ""
+    return A2PRError(f"cannot write {path} ({why}); {kept}{full}")
 
 
 def check_writable(folder: Path, what: str) -> None:
@@ -2015,7 +2017,7 @@ def lock_file(path: Path, busy: str):
 def lock_with_pid(path: Path, busy: str):
     """lock_file, then this process's pid into the file, for the message the next writer gets ({pid} in busy)."""
     try:
-        holder = "" if path.is_symlink() else path.read_text().strip()
+        holder = "" if path.is_symlink() else path.read_text().strip()  # a planted link's target is never read
     except OSError:
         holder = ""
     f = lock_file(path, busy.replace("{pid}", f" (pid {holder})" if holder.isdigit() else ""))
@@ -2457,9 +2459,9 @@ def checked_settings(values, where: str) -> dict:
     return values
 
 
-def load_config(path: str, where: str = "--config {path}", fix: str = "") -> dict:
+def load_config(path: str, where: str | None = None, fix: str = "") -> dict:
     """The experiment's settings from a run's config.json (write_config), minus NOT_FROM_CONFIG."""
-    where = where.format(path=path)
+    where = where or f"--config {path}"
     try:
         settings = json.loads(Path(path).read_text())["settings"]
     except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:  # Recursion: nested past Python's limit
@@ -2486,13 +2488,13 @@ def run_settings(args: Args, given: set[str] | None) -> tuple[Args, dict[str, st
     if args.resume and not (run_dir / "checkpoint.pt").exists() and (run_dir / "config.json").is_file():
         # killed before its first checkpoint: start that run again, in its folder (claim_run_dir takes it over),
         # with its own settings and their sources; a flag that contradicts them is refused, as with a checkpoint
-        saved = Args(**load_config(str(run_dir / "config.json"), "{path}", f"; the run never reached its first "
-                                   f"checkpoint: remove the folder {run_dir} and start it again (the same sweep, "
-                                   "or a2pr.py without --resume)"))
+        config = str(run_dir / "config.json")
+        saved = Args(**load_config(config, config, f"; the run never reached its first checkpoint: remove the folder "
+                                   f"{run_dir} and start it again (the same sweep, or a2pr.py without --resume)"))
         check_resume_flags(args, saved, given, 0, "the run's")
         args, source = resolve_args(dataclasses.replace(saved, save_dir=str(run_dir.parent), run_name=run_dir.name,
                                                         **follow))
-        origin = json.loads((run_dir / "config.json").read_text()).get("source") or {}
+        origin = json.loads(Path(config).read_text()).get("source") or {}
         return args, {**source, **{k: str(v) for k, v in origin.items()}, **{k: "flag" for k in given}}, None
     if not args.resume:
         args, source = resolve_args(args)

@@ -3363,6 +3363,12 @@ def test_a_garbage_config_in_a_run_folder_without_a_checkpoint_names_that_file_a
     assert f"remove the folder {tmp_path / 'run'} and start it again" in msg
 
 
+def test_a_config_path_holding_braces_is_named_as_it_is(tmp_path):
+    (tmp_path / "run{0}.json").write_text("{garbage")
+    with pytest.raises(A2PRError, match=r"--config .*run\{0\}\.json: not a run's config.json \(JSONDecodeError"):
+        a2pr.load_config(str(tmp_path / "run{0}.json"))
+
+
 def test_an_empty_key_in_a_config_file_shows_in_its_line(tmp_path):
     (tmp_path / "config.json").write_text('{"settings": {"": 1}}')
     with pytest.raises(A2PRError, match=r"settings this a2pr.py does not know: ''; remove it"):
