@@ -102,8 +102,12 @@ except KeyboardInterrupt:  # Ctrl-C while torch loads (seconds): one line, not t
 
 # ----------------------------------------------------------------------------------------------------------------
 # Arguments and presets. Every field is a flag (--total-steps for total_steps); None means "the preset's value,
-# else the spec default" (resolve_args, in the command-line appendix, fills them in).
+# else the spec default", which resolve_args fills in (Agent and train call it, so Args() works as it is).
 # ----------------------------------------------------------------------------------------------------------------
+class A2PRError(Exception):
+    """A problem the user can fix; the command line prints it as one line, without a traceback."""
+
+
 def _arg(default, help: str, **meta):
     """A dataclass field whose metadata is its --help line (CleanRL keeps help in docstrings; we need no tyro)."""
     return field(default=default, metadata={"help": help, **meta})
@@ -194,7 +198,6 @@ class Args:
                            metavar="OBS,ACT")
 
 
-
 # Spec defaults for the fields that presets may change (None above means "preset, else this").
 SPEC_DEFAULTS = dict(total_steps=1_000_000, batch_size=256, discount=0.99, alpha=2.5, bc_weight=1.0,
                      vae_weight=1.0, actor_hidden=256, critic_hidden=256, value_hidden=256, vae_hidden=750,
@@ -215,6 +218,7 @@ D4RL_PRESETS = {
     "walker2d-medium-expert-v2": (2.5, 1.0, 0.8, 0.99),
 }
 
+
 PRESETS: dict[str, dict] = {
     "spec": {},
     # Pendulum is a 3-dim toy: narrow networks learn it in seconds, so a run takes about 75 s on 2 cores.
@@ -224,8 +228,31 @@ PRESETS: dict[str, dict] = {
 }
 
 
-class A2PRError(Exception):
-    """A problem the user can fix; the command line prints it as one line, without a traceback."""
+def auto_preset(env: str) -> str:
+    return env if env in D4RL_PRESETS else "pendulum-cpu" if env.startswith("pendulum-") else "spec"
+
+
+def resolve_args(args: Args) -> tuple[Args, dict[str, str]]:
+    """Fill the preset-controlled fields left as None: explicit value > preset > spec default."""
+    preset = auto_preset(args.env) if args.preset == "auto" else args.preset
+    if preset not in PRESETS:
+        close = difflib.get_close_matches(str(preset), PRESETS, n=3)
+        raise A2PRError(f"unknown preset '{preset}'; known: auto, {', '.join(PRESETS)}"
+                        + (f" (did you mean {', '.join(close)}?)" if close else ""))
+    out, source = dataclasses.replace(args, preset=preset), {}
+    for name, default in SPEC_DEFAULTS.items():
+        if getattr(args, name) is not None:
+            source[name] = "flag"
+        elif name in PRESETS[preset]:
+            setattr(out, name, PRESETS[preset][name])
+            source[name] = f"preset {preset}"
+        else:
+            setattr(out, name, default)
+            source[name] = "spec default"
+    if out.save_freq is None:
+        out.save_freq = out.eval_freq
+    validate_args(out)
+    return out, source
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -316,21 +343,6 @@ class VAE(nn.Module):
         return torch.tanh(self.decoder(torch.cat([s, z], -1)))
 
 
-class Agent(nn.Module):
-    """All networks of K agents; target copies for the actor and critics only (spec)."""
-
-    def __init__(self, seeds: list[int], obs_dim: int, act_dim: int, args: Args):
-        super().__init__()
-        k = len(seeds)
-        self.actor = Actor(k, obs_dim, act_dim, args.actor_hidden, args.actor_layers)
-        self.critic = TwinCritic(k, obs_dim, act_dim, args.critic_hidden, args.critic_layers)
-        self.value = ValueNet(k, obs_dim, args.value_hidden, args.value_layers)
-        self.vae = VAE(k, obs_dim, act_dim, args.vae_hidden, args.vae_layers)
-        init_ensemble(self, seeds)
-        self.actor_target = copy.deepcopy(self.actor).requires_grad_(False)
-        self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
-
-
 @torch.no_grad()
 def init_ensemble(module: nn.Module, seeds: list[int]) -> None:
     """PyTorch's nn.Linear default init, U(+-1/sqrt(fan_in)), drawn per seed from that seed's own generator, so
@@ -343,6 +355,21 @@ def init_ensemble(module: nn.Module, seeds: list[int]) -> None:
             bound = 1.0 / math.sqrt(lin.weight.shape[1])
             for p in (lin.weight, lin.bias):
                 p[k * per:(k + 1) * per].uniform_(-bound, bound, generator=g)
+
+
+class Agent(nn.Module):
+    """All networks of K agents; target copies for the actor and critics only (spec)."""
+
+    def __init__(self, seeds: list[int], obs_dim: int, act_dim: int, args: Args):
+        super().__init__()
+        k, args = len(seeds), resolve_args(args)[0]  # Args() as it is: the preset's or the spec's sizes
+        self.actor = Actor(k, obs_dim, act_dim, args.actor_hidden, args.actor_layers)
+        self.critic = TwinCritic(k, obs_dim, act_dim, args.critic_hidden, args.critic_layers)
+        self.value = ValueNet(k, obs_dim, args.value_hidden, args.value_layers)
+        self.vae = VAE(k, obs_dim, act_dim, args.vae_hidden, args.vae_layers)
+        init_ensemble(self, seeds)
+        self.actor_target = copy.deepcopy(self.actor).requires_grad_(False)
+        self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -390,7 +417,7 @@ def prefer_generated(adv_gen, adv_data):
     return adv_gen >= adv_data
 
 
-def select_bc_target(adv_vae, adv_data, vae_action, data_action, bc_weight: float, eps_a: float,
+def select_bc_target(adv_vae, adv_data, vae_action, data_action, bc_weight: float, eps_a: float, *,
                      bc_target: str = "select", gate: str = "adaptive"):
     """Spec 4, per state: target = VAE action where A_vae >= A_data (ties to the VAE), else the dataset action;
     gate = bc_weight where A_vae >= eps_A or A_data > eps_A (the released code's OR), else 0: no constraint there.
@@ -405,165 +432,14 @@ def select_bc_target(adv_vae, adv_data, vae_action, data_action, bc_weight: floa
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# One gradient step: spec 1-4 in order, one function per step, then update().
-# ----------------------------------------------------------------------------------------------------------------
-class Optimizers:
-    def __init__(self, agent: Agent, args: Args):
-        def adam(module, lr):
-            # fused Adam is one kernel per step on CPU and CUDA; capturable keeps its step counter on the GPU so
-            # that a CUDA graph can replay it
-            return torch.optim.Adam(module.parameters(), lr=lr, fused=True, capturable=args.cuda_graphs)
-
-        self.critic = adam(agent.critic, args.critic_lr)
-        self.value = adam(agent.value, args.value_lr)
-        self.vae = adam(agent.vae, args.vae_lr)
-        self.actor = adam(agent.actor, args.actor_lr)
-
-    def all(self) -> dict[str, torch.optim.Optimizer]:
-        return dict(critic=self.critic, value=self.value, vae=self.vae, actor=self.actor)
-
-
-def _step(opt: torch.optim.Optimizer, loss: torch.Tensor, params=None) -> None:
-    """Backward and Adam step. With params, gradients are computed for those parameters only (the actor step must
-    not touch the critics or the VAE, whose parameters the actor loss also reaches)."""
-    if params is None:
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-    else:
-        for p, g in zip(params, torch.autograd.grad(loss, params)):
-            p.grad = g
-    opt.step()
-
-
-def critic_step(agent: Agent, opt: Optimizers, s, a, r, s2, d, smoothing_noise, args: Args):
-    """Spec 1: TD3 target with clipped policy-smoothing noise (max action = 1 in the networks' units), one Adam
-    step on both critics. Returns (y, a', per-seed loss)."""
-    with torch.no_grad():
-        eps = (smoothing_noise * args.policy_noise).clamp(-args.noise_clip, args.noise_clip)
-        a2 = (agent.actor_target(s2) + eps).clamp(-1.0, 1.0)
-        y = td_target(*agent.critic_target(s2, a2), r, d, args.discount)
-    loss = critic_loss(agent.critic, s, a, y)
-    _step(opt.critic, loss.sum())
-    return y, a2, loss.detach()
-
-
-@torch.no_grad()
-def q1_data_and_y2(critic: TwinCritic, s, a, r, s2, a2, d, discount: float):
-    """Q1(s, a) (spec 3 and 4) and y2 (spec 2), both from the just-updated online critics: one forward over the
-    stacked batch [s; s'] gives both (a test checks it equals critic.q1(s, a) and td_target(*critic(s', a'), ...))."""
-    n = s.shape[1]
-    q1, q2 = critic(torch.cat([s, s2], 1), torch.cat([a, a2], 1))
-    return q1[:, :n], td_target(q1[:, n:], q2[:, n:], r, d, discount)
-
-
-def value_step(agent: Agent, opt: Optimizers, s, y, y2):
-    """Spec 2: V(s) is evaluated once, before its own step; that value v is reused by spec 3 and 4."""
-    v = agent.value(s)
-    loss = value_loss(v, y, y2)
-    _step(opt.value, loss.sum())
-    return v.detach(), loss.detach()
-
-
-def vae_step(agent: Agent, opt: Optimizers, s, a, q1_data, v, latent_noise, args: Args):
-    """Spec 3: the VAE reconstructs dataset actions only where Q1(s,a) > V(s)."""
-    w = vae_sample_weight(q1_data, v, args.vae_weight)
-    recon, mean, log_std = agent.vae(s, a, latent_noise)
-    loss = vae_loss(recon, a, mean, log_std, w)
-    _step(opt.vae, loss.sum())
-    return w, loss.detach()
-
-
-def actor_objective(agent: Agent, s, a, q1_data, v, latent_noise, args: Args):
-    """Spec 4: the actor loss with advantage selection and the adaptive gate. Returns (per-seed loss, parts)."""
-    pi = agent.actor(s)
-    q_pi = agent.critic.q1(s, pi)
-    # p_hat = the VAE's reconstruction of the policy action. Not detached, as in the released code: the behaviour
-    # term (pi - p_hat)^2 then also moves pi through the VAE (the paper's prose treats the target as fixed).
-    p_hat, _, _ = agent.vae(s, pi, latent_noise)
-    with torch.no_grad():  # the advantages only choose; no gradient flows through the choice
-        adv_vae = agent.critic.q1(s, p_hat) - v
-        adv_data = q1_data - v
-    target, gate, use_vae = select_bc_target(adv_vae, adv_data, p_hat, a, args.bc_weight, args.eps_a,
-                                             args.bc_target, args.gate)
-    loss, bc = actor_loss(q_pi, pi, target, gate, args.alpha)
-    return loss, dict(pi=pi, p_hat=p_hat, adv_vae=adv_vae, adv_data=adv_data, target=target, gate=gate,
-                      use_vae=use_vae, bc=bc)
-
-
-def actor_step(agent: Agent, opt: Optimizers, s, a, q1_data, v, latent_noise, args: Args) -> dict:
-    """Spec 4: one Adam step on the actor only, then the soft target updates."""
-    loss, parts = actor_objective(agent, s, a, q1_data, v, latent_noise, args)
-    _step(opt.actor, loss.sum(), list(agent.actor.parameters()))
-    soft_update(agent, args.tau)
-    return dict(actor=loss.detach(), bc=parts["bc"].detach(), gate_fraction=(parts["gate"] > 0).float().mean(-1),
-                vae_target_fraction=parts["use_vae"].float().mean(-1))
-
-
-@torch.no_grad()
-def soft_update(agent: Agent, tau: float) -> None:
-    """theta' <- tau theta + (1 - tau) theta', for the actor and the critics (only on actor steps)."""
-    for net, targ in ((agent.actor, agent.actor_target), (agent.critic, agent.critic_target)):
-        torch._foreach_lerp_(list(targ.parameters()), list(net.parameters()), tau)
-
-
-def draw_noise(gens: list[torch.Generator], batch, latent_dim: int, actor_turn: bool) -> dict:
-    """All the randomness of one update, drawn outside it (so update_core can be compiled or graph-captured): the
-    policy-smoothing noise (spec 1), the VAE's latent noise (spec 3), and on actor steps the latent noise of the
-    VAE's reconstruction of the policy action (spec 4). Seed k draws from its own stream."""
-    a = batch[1]
-    n, dev = a.shape[1], a.device
-    noise = dict(smoothing=randn(gens, a.shape[1:], dev), vae=randn(gens, (n, latent_dim), dev))
-    if actor_turn:
-        noise["actor"] = randn(gens, (n, latent_dim), dev)
-    return noise
-
-
-def update_core(agent: Agent, opt: Optimizers, batch, noise: dict, actor_turn: bool, args: Args) -> dict:
-    """Spec 1-4 on a batch (s, a, r, s', d) of shape (K, B, ...) with pre-drawn noise; per-seed metric tensors of
-    shape (K,), named as in METRICS. No randomness and no host synchronisation inside: the same code runs eagerly,
-    compiled, or as a CUDA graph."""
-    s, a, r, s2, d = batch
-    y, a2, l_critic = critic_step(agent, opt, s, a, r, s2, d, noise["smoothing"], args)          # spec 1
-    q1_data, y2 = q1_data_and_y2(agent.critic, s, a, r, s2, a2, d, args.discount)                # after spec 1
-    v, l_value = value_step(agent, opt, s, y, y2)                                                # spec 2
-    w, l_vae = vae_step(agent, opt, s, a, q1_data, v, noise["vae"], args)                        # spec 3
-    out = dict(critic=l_critic, value=l_value, vae=l_vae, q=q1_data.mean(-1),
-               vae_weight_fraction=(w > 0).float().mean(-1))
-    if actor_turn:
-        out.update(actor_step(agent, opt, s, a, q1_data, v, noise["actor"], args))               # spec 4
-    return out
-
-
-def update(agent: Agent, opt: Optimizers, data: DeviceData, step: int, args: Args, gens: list[torch.Generator],
-           core: typing.Callable = update_core) -> dict:
-    """One A2PR gradient step: a batch per seed, the step's noise, then spec 1-4 (update_core). `step` counts from 1;
-    the actor and the targets move when step % policy_freq == 0 (as in TD3). `core` is update_core itself, or the
-    same function compiled or replayed as CUDA graphs (Appendix B: speed_path)."""
-    actor_turn = step % args.policy_freq == 0
-    batch = sample_batch(data, args.batch_size, gens)
-    noise = draw_noise(gens, batch, agent.vae.latent_dim, actor_turn)
-    return core(agent, opt, batch, noise, actor_turn, args)
-
-
-# One place for the metric names: what update() returns -> its column in the CSV, TensorBoard and wandb, and
-# whether it is measured on actor steps only (then its window mean is over actor steps).
-METRICS = {
-    "critic": ("losses/critic", False),
-    "value": ("losses/value", False),
-    "vae": ("losses/vae", False),
-    "actor": ("losses/actor", True),
-    "bc": ("losses/bc", True),
-    "q": ("charts/q_mean", False),
-    "vae_weight_fraction": ("charts/vae_weight_fraction", False),
-    "gate_fraction": ("charts/gate_fraction", True),
-    "vae_target_fraction": ("charts/vae_target_fraction", True),
-}
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # The data as the networks see it: transitions in D4RL's convention, states normalised with the dataset's
 # statistics, actions in [-1, 1], all resident on the training device; batches are gathered there.
 # ----------------------------------------------------------------------------------------------------------------
+def normalized_score(ret, ref_min: float, ref_max: float):
+    """D4RL's normalised score: 0 = random policy, 100 = expert."""
+    return 100.0 * (np.asarray(ret, dtype=np.float64) - ref_min) / (ref_max - ref_min)
+
+
 @dataclass
 class Dataset:
     """Transitions in D4RL's Q-learning convention plus what evaluation needs to read a score."""
@@ -643,6 +519,165 @@ def randn(gens: list[torch.Generator], shape, device) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# One gradient step: spec 1-4 in order, one function per step, then update().
+# ----------------------------------------------------------------------------------------------------------------
+class Optimizers:
+    def __init__(self, agent: Agent, args: Args):
+        def adam(module, lr):
+            # fused Adam is one kernel per step on CPU and CUDA; capturable keeps its step counter on the GPU so
+            # that a CUDA graph can replay it
+            return torch.optim.Adam(module.parameters(), lr=lr, fused=True, capturable=args.cuda_graphs)
+
+        self.critic = adam(agent.critic, args.critic_lr)
+        self.value = adam(agent.value, args.value_lr)
+        self.vae = adam(agent.vae, args.vae_lr)
+        self.actor = adam(agent.actor, args.actor_lr)
+
+    def all(self) -> dict[str, torch.optim.Optimizer]:
+        return dict(critic=self.critic, value=self.value, vae=self.vae, actor=self.actor)
+
+
+def _step(opt: torch.optim.Optimizer, loss: torch.Tensor, params=None) -> None:
+    """Backward and Adam step. With params, gradients are computed for those parameters only (the actor step must
+    not touch the critics or the VAE, whose parameters the actor loss also reaches)."""
+    if params is None:
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+    else:
+        for p, g in zip(params, torch.autograd.grad(loss, params)):
+            p.grad = g
+    opt.step()
+
+
+def critic_step(agent: Agent, opt: Optimizers, batch, smoothing_noise, args: Args):
+    """Spec 1: TD3 target with clipped policy-smoothing noise (max action = 1 in the networks' units), one Adam
+    step on both critics. Returns (y, a', per-seed loss)."""
+    s, a, r, s2, d = batch
+    with torch.no_grad():
+        eps = (smoothing_noise * args.policy_noise).clamp(-args.noise_clip, args.noise_clip)
+        a2 = (agent.actor_target(s2) + eps).clamp(-1.0, 1.0)
+        y = td_target(*agent.critic_target(s2, a2), r, d, args.discount)
+    loss = critic_loss(agent.critic, s, a, y)
+    _step(opt.critic, loss.sum())
+    return y, a2, loss.detach()
+
+
+@torch.no_grad()
+def q1_data_and_y2(critic: TwinCritic, batch, a2, discount: float):
+    """Q1(s, a) (spec 3 and 4) and y2 (spec 2), both from the just-updated online critics: one forward over the
+    stacked batch [s; s'] gives both (a test checks it equals critic.q1(s, a) and td_target(*critic(s', a'), ...))."""
+    s, a, r, s2, d = batch
+    n = s.shape[1]
+    q1, q2 = critic(torch.cat([s, s2], 1), torch.cat([a, a2], 1))
+    return q1[:, :n], td_target(q1[:, n:], q2[:, n:], r, d, discount)
+
+
+def value_step(agent: Agent, opt: Optimizers, s, y, y2):
+    """Spec 2: V(s) is evaluated once, before its own step; that value v is reused by spec 3 and 4."""
+    v = agent.value(s)
+    loss = value_loss(v, y, y2)
+    _step(opt.value, loss.sum())
+    return v.detach(), loss.detach()
+
+
+def vae_step(agent: Agent, opt: Optimizers, batch, weight, latent_noise):
+    """Spec 3: the VAE reconstructs the dataset actions of weight w > 0 (vae_sample_weight: where Q1(s,a) > V(s))."""
+    s, a = batch[:2]
+    recon, mean, log_std = agent.vae(s, a, latent_noise)
+    loss = vae_loss(recon, a, mean, log_std, weight)
+    _step(opt.vae, loss.sum())
+    return loss.detach()
+
+
+def actor_objective(agent: Agent, batch, q1_data, v, latent_noise, args: Args):
+    """Spec 4: the actor loss with advantage selection and the adaptive gate. Returns (per-seed loss, parts)."""
+    s, a = batch[:2]
+    pi = agent.actor(s)
+    q_pi = agent.critic.q1(s, pi)
+    # p_hat = the VAE's reconstruction of the policy action. Not detached, as in the released code: the behaviour
+    # term (pi - p_hat)^2 then also moves pi through the VAE (the paper's prose treats the target as fixed).
+    p_hat, _, _ = agent.vae(s, pi, latent_noise)
+    with torch.no_grad():  # the advantages only choose; no gradient flows through the choice
+        adv_vae = agent.critic.q1(s, p_hat) - v
+        adv_data = q1_data - v
+    target, gate, use_vae = select_bc_target(adv_vae, adv_data, p_hat, a, args.bc_weight, args.eps_a,
+                                             bc_target=args.bc_target, gate=args.gate)
+    loss, bc = actor_loss(q_pi, pi, target, gate, args.alpha)
+    return loss, dict(pi=pi, p_hat=p_hat, adv_vae=adv_vae, adv_data=adv_data, target=target, gate=gate,
+                      use_vae=use_vae, bc=bc)
+
+
+@torch.no_grad()
+def soft_update(agent: Agent, tau: float) -> None:
+    """theta' <- tau theta + (1 - tau) theta', for the actor and the critics (only on actor steps)."""
+    for net, targ in ((agent.actor, agent.actor_target), (agent.critic, agent.critic_target)):
+        torch._foreach_lerp_(list(targ.parameters()), list(net.parameters()), tau)
+
+
+def actor_step(agent: Agent, opt: Optimizers, loss, parts: dict, tau: float) -> dict:
+    """Spec 4: one Adam step on the actor only (loss and parts from actor_objective), then the soft target updates."""
+    _step(opt.actor, loss.sum(), list(agent.actor.parameters()))
+    soft_update(agent, tau)
+    return dict(actor=loss.detach(), bc=parts["bc"].detach(), gate_fraction=(parts["gate"] > 0).float().mean(-1),
+                vae_target_fraction=parts["use_vae"].float().mean(-1))
+
+
+def draw_noise(gens: list[torch.Generator], batch, latent_dim: int, actor_turn: bool) -> dict:
+    """All the randomness of one update, drawn outside it (so update_core can be compiled or graph-captured): the
+    policy-smoothing noise (spec 1), the VAE's latent noise (spec 3), and on actor steps the latent noise of the
+    VAE's reconstruction of the policy action (spec 4). Seed k draws from its own stream."""
+    a = batch[1]
+    n, dev = a.shape[1], a.device
+    noise = dict(smoothing=randn(gens, a.shape[1:], dev), vae=randn(gens, (n, latent_dim), dev))
+    if actor_turn:
+        noise["actor"] = randn(gens, (n, latent_dim), dev)
+    return noise
+
+
+def update_core(agent: Agent, opt: Optimizers, batch, noise: dict, actor_turn: bool, args: Args) -> dict:
+    """Spec 1-4 on a batch (s, a, r, s', d) of shape (K, B, ...) with pre-drawn noise; per-seed metric tensors of
+    shape (K,), named as in METRICS. No randomness and no host synchronisation inside: the same code runs eagerly,
+    compiled, or as a CUDA graph."""
+    y, a2, l_critic = critic_step(agent, opt, batch, noise["smoothing"], args)                   # spec 1
+    q1_data, y2 = q1_data_and_y2(agent.critic, batch, a2, args.discount)                         # after spec 1
+    v, l_value = value_step(agent, opt, batch[0], y, y2)                                         # spec 2
+    w = vae_sample_weight(q1_data, v, args.vae_weight)                                           # spec 3
+    l_vae = vae_step(agent, opt, batch, w, noise["vae"])
+    out = dict(critic=l_critic, value=l_value, vae=l_vae, q=q1_data.mean(-1),
+               vae_weight_fraction=(w > 0).float().mean(-1))
+    if actor_turn:                                                                               # spec 4
+        loss, parts = actor_objective(agent, batch, q1_data, v, noise["actor"], args)
+        out.update(actor_step(agent, opt, loss, parts, args.tau))
+    return out
+
+
+def update(agent: Agent, opt: Optimizers, data: DeviceData, step: int, args: Args, gens: list[torch.Generator], *,
+           core: typing.Callable = update_core) -> dict:
+    """One A2PR gradient step: a batch per seed, the step's noise, then spec 1-4 (update_core). `step` counts from 1;
+    the actor and the targets move when step % policy_freq == 0 (as in TD3). `core` is update_core itself, or the
+    same function compiled or replayed as CUDA graphs (Appendix B: speed_path)."""
+    actor_turn = step % args.policy_freq == 0
+    batch = sample_batch(data, args.batch_size, gens)
+    noise = draw_noise(gens, batch, agent.vae.latent_dim, actor_turn)
+    return core(agent, opt, batch, noise, actor_turn, args)
+
+
+# One place for the metric names: what update() returns -> its column in the CSV, TensorBoard and wandb, and
+# whether it is measured on actor steps only (then its window mean is over actor steps).
+METRICS = {
+    "critic": ("losses/critic", False),
+    "value": ("losses/value", False),
+    "vae": ("losses/vae", False),
+    "actor": ("losses/actor", True),
+    "bc": ("losses/bc", True),
+    "q": ("charts/q_mean", False),
+    "vae_weight_fraction": ("charts/vae_weight_fraction", False),
+    "gate_fraction": ("charts/gate_fraction", True),
+    "vae_target_fraction": ("charts/vae_target_fraction", True),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Evaluation: the policy a user deploys (normalise -> actor -> env bounds), run for deterministic episodes in the
 # evaluation env and reported as D4RL's normalised score.
 # ----------------------------------------------------------------------------------------------------------------
@@ -662,28 +697,22 @@ class Policy(nn.Module):
         return to_env_actions(self.actor((obs - self.obs_mean) / self.obs_std), self.action_low, self.action_high)
 
 
-class OneSeed(nn.Module):
-    """Seed `index` of a Policy for one observation (obs_dim,) or a batch (N, obs_dim). All K actors run, as in
-    training: a K-member batched product can differ from a 1-member one in the last bit."""
-
-    def __init__(self, policy: Policy, index: int = 0):
-        super().__init__()
-        self.policy, self.index = policy, index
-        self.k = policy.actor.net[0].weight.shape[0]
-        self.obs_dim, self.act_dim = len(policy.obs_mean), len(policy.action_low)
-
-    def forward(self, observation: torch.Tensor) -> torch.Tensor:  # explicit sizes: an empty or 3-D batch fails here
-        if observation.dim() not in (1, 2) or observation.shape[-1] != self.obs_dim:
-            raise ValueError(f"the policy takes one observation ({self.obs_dim},) or a batch (N, {self.obs_dim}), "
-                             f"got shape {tuple(observation.shape)}")
-        n = observation.shape[0] if observation.dim() == 2 else 1
-        x = observation.to(torch.float32).reshape(1, n, self.obs_dim).expand(self.k, -1, -1)
-        return self.policy(x)[self.index].reshape(observation.shape[:-1] + (self.act_dim,))
+def env_label(env_id) -> str:
+    return env_id if isinstance(env_id, str) else getattr(env_id, "id", str(env_id))
 
 
-def normalized_score(ret, ref_min: float, ref_max: float):
-    """D4RL's normalised score: 0 = random policy, 100 = expert."""
-    return 100.0 * (np.asarray(ret, dtype=np.float64) - ref_min) / (ref_max - ref_min)
+ANT_D4RL_ENV_ID = "a2pr/AntD4RL-v4"  # Ant-v4 whose 84 contact-force dims are zero, as in D4RL's ant-v2 files
+
+
+def make_env(env_id):
+    """gymnasium.make, quietly: its -v4 deprecation notice would bury a2pr's own one-line messages."""
+    import gymnasium as gym
+
+    if ANT_D4RL_ENV_ID not in gym.registry:  # a2pr's own env, by name: make_d4rl_ant_env is in Appendix A
+        gym.register(ANT_D4RL_ENV_ID, entry_point=f"{__name__}:make_d4rl_ant_env", max_episode_steps=1000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return gym.make(env_id)
 
 
 def make_eval_envs(env_id, agents: int, episodes: int) -> list[list]:
@@ -695,8 +724,8 @@ def make_eval_envs(env_id, agents: int, episodes: int) -> list[list]:
 
 
 @torch.no_grad()
-def evaluate(policy: Policy, env_id, episodes: int, seed: int, obs_noise: float = 0.0,
-             envs: list[list] | None = None, stop=None) -> np.ndarray:
+def evaluate(policy: Policy, env_id, episodes: int, seed: int, obs_noise: float = 0.0, *,
+             envs: list[list] | None = None, stop=None) -> np.ndarray | None:
     """Deterministic returns, shape (K, episodes). All episodes of all agents run side by side, so each env step is
     one batched forward (on a GPU: one transfer per step). Episode e uses env seed `seed + e` for every agent, so
     evaluations are comparable across steps and agents and reproducible on resume. `envs` (make_eval_envs) are
@@ -761,7 +790,7 @@ class Progress:
             return cls(np.full(k, -np.inf), [])
         scores = [r["eval/normalized_score_mean"] for r in ckpt["history"] if "eval/normalized_score_mean" in r]
         return cls(np.asarray(ckpt["best"], dtype=float), ckpt["history"], ckpt["step"],
-                   scores[-1] if scores else float("nan"), bool(ckpt.get("eval_due")), ckpt["step"])
+                   scores[-1] if scores else float("nan"), ckpt["eval_due"], ckpt["step"])
 
 
 class MetricWindow:
@@ -812,18 +841,138 @@ class MetricWindow:
         return row
 
 
-def evaluation(policy: Policy, ds: Dataset, args: Args, envs, stop=None) -> tuple[dict, np.ndarray]:
-    """Evaluate every seed's policy; returns the CSV columns and the per-seed normalised scores."""
-    rets = evaluate(policy, ds.env_id, args.eval_episodes, seed=args.seed + 10_000, obs_noise=args.eval_obs_noise,
-                    envs=envs, stop=stop)
-    if rets is None:
-        return None, None
-    scores = normalized_score(rets, ds.ref_min_score, ds.ref_max_score).mean(1)  # per seed
-    row = {"eval/return_mean": float(rets.mean()), "eval/normalized_score_mean": float(scores.mean()),
-           "eval/normalized_score_std": float(scores.std())}
-    if args.num_seeds > 1:
-        row.update({f"eval/normalized_score_seed{s}": float(v) for s, v in zip(agent_seeds(args), scores)})
-    return row, scores
+def make_device(args: Args) -> torch.device:
+    if args.cuda_graphs and not args.cuda:
+        raise A2PRError("--cuda-graphs needs --cuda (CUDA graphs exist only on a GPU)")
+    if args.cuda and not torch.cuda.is_available():
+        raise A2PRError("--cuda was given but PyTorch sees no CUDA GPU (torch.cuda.is_available() is False); "
+                        "install a CUDA build of torch or drop --cuda to train on the CPU")
+    return torch.device("cuda" if args.cuda else "cpu")
+
+
+def _lower_memory(args: Args) -> str:
+    return (f"lower --batch-size (now {args.batch_size}) or --num-seeds (now {args.num_seeds}), or the network "
+            "sizes (--actor-hidden, --critic-hidden, --value-hidden, --vae-hidden)")
+
+
+@contextlib.contextmanager
+def out_of_memory_as_error(args: Args):
+    """Data, networks or a batch too big for the device: one line naming what to lower, not a traceback."""
+    try:
+        yield
+    except RuntimeError as e:  # torch.OutOfMemoryError is one; the CPU allocator raises a plain RuntimeError
+        if not (isinstance(e, torch.OutOfMemoryError) or re.search(r"not enough memory|can't allocate memory|"
+                                                                    r"out of memory", str(e), re.IGNORECASE)):
+            raise
+        raise A2PRError(f"out of memory on the {'GPU' if args.cuda else 'CPU'} ({str(e).splitlines()[0][:160]}); "
+                        + _lower_memory(args)) from None
+
+
+def speed_path(args: Args) -> typing.Callable:
+    """The `core` that update() calls: update_core itself, torch.compile of it, or its CUDA graphs."""
+    if args.cuda_graphs:
+        return CudaGraphs(update_core)
+    return torch.compile(update_core) if args.compile else update_core
+
+
+@dataclass
+class Run:
+    """One training run, as train() carries it from step to step and as evaluation and checkpoints read it."""
+    args: Args
+    ds: Dataset
+    data: DeviceData
+    agent: Agent
+    opt: Optimizers
+    gens: list[torch.Generator]
+    policy: Policy               # normalise -> agent.actor -> env bounds: what is evaluated is what is shipped
+    progress: Progress
+    window: MetricWindow
+    envs: list[list]             # the evaluation envs, made once; each evaluation reseeds them
+    log: typing.Callable = print
+    folder: RunFolder | None = None  # its files (Appendix C), claimed once every check has passed
+    writers: list = field(default_factory=list)  # TensorBoard / wandb: (log(row), close()) pairs
+
+    @classmethod
+    def start(cls, args: Args, ds: Dataset, device, ckpt: dict | None, log=print) -> "Run":
+        """The data on the device, the learner, its policy and its progress: new, or as the checkpoint left them (a
+        resumed run keeps the state normalisation it started with)."""
+        data = prepare_data(ds, args, device, (ckpt["obs_mean"], ckpt["obs_std"]) if ckpt else None)
+        agent, opt, gens = build_learner(args, data.obs.shape[1], data.act.shape[1], device, ckpt)
+        policy = Policy(agent.actor, data.obs_mean, data.obs_std, ds.action_low, ds.action_high).to(device)
+        progress = Progress.start(len(gens), ckpt)
+        return cls(args, ds, data, agent, opt, gens, policy, progress,
+                   MetricWindow(len(gens), device, progress.step, ckpt),
+                   make_eval_envs(ds.env_id, len(gens), args.eval_episodes), log)
+
+    def header(self, source: dict[str, str], device) -> str:
+        """The lines a run starts with: its data, evaluation env, device and seeds, each setting with its source."""
+        args, ds = self.args, self.ds
+        settings = ", ".join(f"{k}={getattr(args, k)} ({source[k]})" for k in SPEC_DEFAULTS)
+        return (f"A2PR on {ds.name} ({len(self.data.obs):,} transitions, obs {ds.observations.shape[1]}, act "
+                f"{ds.actions.shape[1]}; {ds.source}); eval env {env_label(ds.env_id)}; device {device}; seeds "
+                f"{agent_seeds(args)}\ndataset average normalised score: {ds.average_score:.1f}\nsettings: {settings}, "
+                f"eps_a={args.eps_a}, policy_freq={args.policy_freq}, bc_target={args.bc_target}, gate={args.gate}")
+
+    def close(self) -> None:
+        for env in itertools.chain(*self.envs):
+            env.close()
+        for _, close in self.writers:
+            close()
+        if self.folder:
+            self.folder.release()  # unlocks; a folder this run made and never wrote to is removed
+
+
+def evaluate_due(run: Run, stop=None) -> None:
+    """The evaluation of progress.step when it is due, into that step's CSV row; a seed's new best keeps its actor
+    in best_policy.pt. One that Ctrl-C / SIGTERM stops stays due: the checkpoint records it, and the resumed run
+    evaluates the same weights first, so the CSV ends as if uncut."""
+    args, p = run.args, run.progress
+    if p.eval_due and (rets := evaluate(run.policy, run.ds.env_id, args.eval_episodes, args.seed + 10_000,
+                                        args.eval_obs_noise, envs=run.envs, stop=stop)) is not None:
+        scores = normalized_score(rets, run.ds.ref_min_score, run.ds.ref_max_score).mean(1)  # per seed
+        row = {"eval/return_mean": float(rets.mean()), "eval/normalized_score_mean": float(scores.mean()),
+               "eval/normalized_score_std": float(scores.std())}
+        if args.num_seeds > 1:
+            row.update({f"eval/normalized_score_seed{s}": float(v) for s, v in zip(agent_seeds(args), scores)})
+        p.history[-1].update(row)
+        for log_row, _ in run.writers:
+            log_row({"step": p.step, **row})
+        better, p.best = scores > p.best, np.maximum(p.best, scores)
+        if better.any():
+            run.folder.save_best_policy(run, scores, better)
+        p.last_score, p.eval_due = row["eval/normalized_score_mean"], False
+    if p.history:
+        run.folder.write_csv(p.history)
+
+
+def finish(run: Run, elapsed: float, stopped_by: str | None = None) -> dict:
+    """The run's summary: written to summary.json beside the learning curve, said in a line, and returned (with the
+    signal that stopped it, if one did: main() exits 128 + its number)."""
+    args, p, ds, finite = run.args, run.progress, run.ds, lambda x: float(x) if np.isfinite(x) else None
+    seeds, interrupted = agent_seeds(args), p.step < args.total_steps
+    evals = [r for r in p.history if "eval/normalized_score_mean" in r]
+    final = ([evals[-1].get(f"eval/normalized_score_seed{s}", evals[-1]["eval/normalized_score_mean"]) for s in seeds]
+             if evals else [float("nan")] * len(seeds))
+    summary = run.folder.write_summary(run, dict(
+        env=args.env, seeds=seeds, steps=p.step, interrupted=interrupted, signal=stopped_by if interrupted else None,
+        final_score=float(np.mean(final)), final_score_std=float(np.std(final)), best_score=finite(p.best.mean()),
+        final_scores=[float(x) for x in final], best_scores=[finite(b) for b in p.best],
+        dataset_score=ds.average_score))
+    if interrupted:
+        print(f"interrupted{f' by {stopped_by}' if stopped_by else ''} at step {p.step:,}; checkpoint saved. "
+              f"Continue with: {resume_command(run.folder.dir)}", file=sys.stderr)  # shown even with --quiet
+    else:
+        run.log(f"done: final score {summary['final_score']:.1f} +- {summary['final_score_std']:.1f}, best "
+                f"{float(p.best.mean()):.1f}, dataset average {ds.average_score:.1f} ({fmt_time(elapsed)}); "
+                f"results in {run.folder.dir}")
+    if ds.notice:
+        run.log(f"NOTICE: {ds.notice}")
+    return summary
+
+
+def fmt_time(s: float) -> str:
+    s = int(max(s, 0))
+    return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
 def progress_line(step: int, args: Args, row: dict, progress: Progress) -> str:
@@ -838,62 +987,55 @@ def progress_line(step: int, args: Args, row: dict, progress: Progress) -> str:
 
 def train(args: Args, given: set[str] | None = None) -> dict:
     """Train A2PR; returns the summary (scores, the run's files). `given`: the flags typed (see parse_args)."""
-    args, source, ckpt = run_settings(args, given)  # on --resume: the checkpoint's settings and state
+    # Setup: the settings, the device, the data and the memory are all checked before the run's folder is made.
+    args, source, ckpt = run_settings(args, given)  # Appendix E: presets, --config; on --resume the checkpoint's
     log = (lambda *m, **k: None) if args.quiet else print
     device = make_device(args)
-    check_outputs(args)  # trackers installed, folders writable: before any work
-    ds = load_dataset(args, log)
+    check_outputs(args)  # Appendix C: the trackers asked for are installed, the folders are writable
+    ds = load_dataset(args, log)  # Appendix A: a built-in, D4RL, HDF5 or Minari dataset, as transitions
     check_data(ds, args, ckpt)
-    obs_dim, act_dim = ds.observations.shape[1], ds.actions.shape[1]
-    check_memory(args, obs_dim, act_dim, device)
-    with out_of_memory_as_error(args):  # a resumed run keeps the state normalisation it started with
-        data = prepare_data(ds, args, device, (ckpt["obs_mean"], ckpt["obs_std"]) if ckpt else None)
-        agent, opt, gens = build_learner(args, obs_dim, act_dim, device, ckpt)
-    policy = Policy(agent.actor, data.obs_mean, data.obs_std, ds.action_low, ds.action_high).to(device)
+    check_memory(args, ds.observations.shape[1], ds.actions.shape[1], device)  # Appendix B: before any allocation
+    with out_of_memory_as_error(args):
+        run = Run.start(args, ds, device, ckpt, log)  # the data on the device, the learner, the evaluation envs
     core = speed_path(args)  # update_core, or the same function compiled / replayed as CUDA graphs
-    progress = Progress.start(len(gens), ckpt)
-    window = MetricWindow(len(gens), device, progress.step, ckpt)
-    log(run_header(ds, data, args, source, device))  # the data, the device, every setting and its source
-    eval_envs = make_eval_envs(ds.env_id, len(gens), args.eval_episodes)  # made once; each evaluation reseeds
-    run = claim_run_dir(args)  # a fresh folder (or the resumed one), locked while this process writes it
-    paths, writers, t_start, threads = run.paths, [], time.time(), torch.get_num_threads()
-    log(f"resuming {paths['run_dir']} at step {progress.step:,}" if ckpt else f"run folder {paths['run_dir']}")
+    log(run.header(source, device))  # the data, the device, every setting and its source
+    run.folder = claim_run_dir(args)  # Appendix C: a fresh folder (or the resumed one), locked while written
+    p, t_start, threads = run.progress, time.time(), torch.get_num_threads()
+    log(f"resuming {run.folder.dir} at step {p.step:,}" if ckpt else f"run folder {run.folder.dir}")
     try:
         torch.set_num_threads(args.threads or threads)  # threads change the last bits of sums: same threads, same run
-        writers = open_trackers(args, paths["run_dir"], progress.step)  # first: a bad wandb.json stops before any write
-        write_config(paths["config"], args, source, ds.fingerprint)  # every setting, its source, the versions
+        run.writers = run.folder.open_trackers(args, p.step)  # first: a bad wandb.json stops before any write
+        run.folder.write_config(args, source, ds.fingerprint)  # every setting, its source, the versions
+        # The loop: an update per step; a CSV row every log_freq steps, with the evaluation every eval_freq steps;
+        # a checkpoint every save_freq steps, at the end, and after Ctrl-C or SIGTERM.
         with StopFlag() as stop, out_of_memory_as_error(args):
-            evaluate_due(progress, policy, ds, args, eval_envs, stop, paths, agent, data, writers)  # one a signal cut
-            while progress.step < args.total_steps:
-                progress.step = step = progress.step + 1
-                window.add(update(agent, opt, data, step, args, gens, core))  # spec 1-4 on a fresh batch per seed
+            evaluate_due(run, stop)  # one that a signal cut short
+            while p.step < args.total_steps:
+                p.step = step = p.step + 1
+                run.window.add(update(run.agent, run.opt, run.data, step, args, run.gens, core=core))  # spec 1-4
                 is_eval = step % args.eval_freq == 0 or step == args.total_steps
                 is_log = is_eval or step % args.log_freq == 0
                 is_save = stop.set or step % args.save_freq == 0 or step == args.total_steps
                 if not (is_log or is_save):
                     continue
-                window.check_finite(paths["checkpoint"])
+                run.window.check_finite(run.folder.paths["checkpoint"])
                 if is_log:  # one row of the CSV: the window's mean losses, and the evaluation when due
-                    progress.history.append(row := window.row(step, time.time() - t_start))
-                    for log_row, _ in writers:
+                    p.history.append(row := run.window.row(step, time.time() - t_start))
+                    for log_row, _ in run.writers:
                         log_row(row)
-                    progress.eval_due = is_eval
-                    evaluate_due(progress, policy, ds, args, eval_envs, stop, paths, agent, data, writers)
-                    log(progress_line(step, args, row, progress))
+                    p.eval_due = is_eval
+                    evaluate_due(run, stop)
+                    log(progress_line(step, args, row, p))
                 if is_save:  # on Ctrl-C / SIGTERM the window's partial sums are saved too: resume is exact
-                    save_checkpoint(paths["checkpoint"], args, agent, opt, gens, device, progress, window, data, ds)
+                    run.folder.save_checkpoint(run)
                 if stop.set:
                     break
-        return finish_run(args, ds, progress, paths, time.time() - t_start, log, stop.signal)
+        return finish(run, time.time() - t_start, stop.signal)  # summary.json, the learning curve, the last line
     except KeyboardInterrupt:  # a second signal, or one during an evaluation: the last checkpoint stands
-        print(interrupted_at_once(progress, paths), file=sys.stderr)
+        print(run.folder.interrupted_at_once(p), file=sys.stderr)
         raise
     finally:
-        for env in itertools.chain(*eval_envs):
-            env.close()
-        for _, close in writers:
-            close()
-        run.release()  # unlocks; a folder this run made and never wrote to is removed
+        run.close()  # the evaluation envs, the trackers, the folder's lock
         torch.set_num_threads(threads)  # train(Args(threads=N)) from Python leaves torch's threads as it found them
 
 
@@ -933,6 +1075,7 @@ BUILTIN_DATASETS = {
     "pendulum-damped-v0": "a bad controller with narrow noise: damping u = -2 theta' + N(0, 0.3^2) keeps it hanging",
     "pendulum-medium-damped-v0": "the expert's torque half of the time, the damping controller's otherwise (per step)",
 }
+
 
 BUILTIN_EPISODES = 200          # 200 episodes x 200 steps = 40,000 rows per built-in dataset
 
@@ -1056,15 +1199,22 @@ def qlearning_transitions(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 # --- D4RL registry (MuJoCo locomotion v2), as in D4RL's d4rl/infos.py: <env>_<kind with '_' for '-'>-v2.hdf5 files
 D4RL_BASE_URL = "http://rail.eecs.berkeley.edu/datasets/offline_rl/gym_mujoco_v2"
-ANT_D4RL_ENV_ID = "a2pr/AntD4RL-v4"  # Ant-v4 whose 84 contact-force dims are zero, as in D4RL's ant-v2 files
+
+
+
+
 D4RL_FAMILIES = {  # family: (evaluation env id, obs dim, act dim, ref_min_score (random policy), ref_max_score)
     "hopper": ("Hopper-v4", 11, 3, -20.272305, 3234.3),
     "halfcheetah": ("HalfCheetah-v4", 17, 6, -280.178953, 12135.0),
     "walker2d": ("Walker2d-v4", 17, 6, 1.629008, 4592.3),
     "ant": (ANT_D4RL_ENV_ID, 111, 8, -325.6, 3879.7),
 }
+
+
 D4RL_DATASETS = {f"{fam}-{kind}-v2": (fam, f"{fam}_{kind.replace('-', '_')}-v2.hdf5") for fam in D4RL_FAMILIES
                  for kind in ("random", "medium", "medium-replay", "medium-expert", "expert", "full-replay")}
+
+
 MINARI_MUJOCO_NOTICE = "Minari's mujoco/* datasets are not the D4RL data; do not compare these scores with D4RL tables"
 
 
@@ -1077,28 +1227,6 @@ def make_d4rl_ant_env(**kwargs):
 
     return TransformObservation(AntEnv(**kwargs, use_contact_forces=False), lambda o: np.concatenate([o, np.zeros(84)]),
                                 Box(-np.inf, np.inf, (111,), np.float64))
-
-
-def register_a2pr_envs() -> None:
-    """Register a2pr's own evaluation envs with gymnasium (idempotent); call before gym.make on a saved env id."""
-    import gymnasium as gym
-
-    if ANT_D4RL_ENV_ID not in gym.registry:
-        gym.register(ANT_D4RL_ENV_ID, entry_point=make_d4rl_ant_env, max_episode_steps=1000)
-
-
-def make_env(env_id):
-    """gymnasium.make, quietly: its -v4 deprecation notice would bury a2pr's own one-line messages."""
-    import gymnasium as gym
-
-    register_a2pr_envs()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return gym.make(env_id)
-
-
-def env_label(env_id) -> str:
-    return env_id if isinstance(env_id, str) else getattr(env_id, "id", str(env_id))
 
 
 def env_spaces(env_id, where: str):
@@ -1618,7 +1746,7 @@ def load_dataset(args: Args, log=print) -> Dataset:
 
 def check_data(ds: Dataset, args: Args, ckpt: dict | None) -> None:
     """A resume must train on the data it started with; legal but suspicious data gets one `warning:` line each."""
-    if ckpt and ckpt.get("data_sha256", ds.fingerprint) != ds.fingerprint:
+    if ckpt and ckpt["data_sha256"] != ds.fingerprint:
         cache = ds.source.removeprefix("built-in, ") if ds.source.startswith("built-in, ") else None
         raise A2PRError(f"--resume {args.resume}: {args.env} is not the data this run started on (its arrays "
                         "changed); " + (f"{cache} is a2pr's cached copy: delete it, and it is made again as it was"
@@ -1638,36 +1766,9 @@ def check_data(ds: Dataset, args: Args, ckpt: dict | None) -> None:
 
 
 # ================================================================================================================
-# Appendix B. Devices and speed paths: the device and what fits on it; update() runs update_core eagerly, through
-# torch.compile, or replayed as CUDA graphs (speed_path picks which); --benchmark update times them side by side.
+# Appendix B. Speed paths: what fits on the device; update() runs update_core eagerly, through torch.compile, or
+# replayed as CUDA graphs (speed_path picks which); --benchmark update times them side by side.
 # ================================================================================================================
-def make_device(args: Args) -> torch.device:
-    if args.cuda_graphs and not args.cuda:
-        raise A2PRError("--cuda-graphs needs --cuda (CUDA graphs exist only on a GPU)")
-    if args.cuda and not torch.cuda.is_available():
-        raise A2PRError("--cuda was given but PyTorch sees no CUDA GPU (torch.cuda.is_available() is False); "
-                        "install a CUDA build of torch or drop --cuda to train on the CPU")
-    return torch.device("cuda" if args.cuda else "cpu")
-
-
-def _lower_memory(args: Args) -> str:
-    return (f"lower --batch-size (now {args.batch_size}) or --num-seeds (now {args.num_seeds}), or the network "
-            "sizes (--actor-hidden, --critic-hidden, --value-hidden, --vae-hidden)")
-
-
-@contextlib.contextmanager
-def out_of_memory_as_error(args: Args):
-    """Data, networks or a batch too big for the device: one line naming what to lower, not a traceback."""
-    try:
-        yield
-    except RuntimeError as e:  # torch.OutOfMemoryError is one; the CPU allocator raises a plain RuntimeError
-        if not (isinstance(e, torch.OutOfMemoryError) or re.search(r"not enough memory|can't allocate memory|"
-                                                                    r"out of memory", str(e), re.IGNORECASE)):
-            raise
-        raise A2PRError(f"out of memory on the {'GPU' if args.cuda else 'CPU'} ({str(e).splitlines()[0][:160]}); "
-                        + _lower_memory(args)) from None
-
-
 def check_memory(args: Args, obs_dim: int, act_dim: int, device: torch.device) -> None:
     """Before any allocation: networks, Adam's state and one batch that exceed the device's memory stop with one
     line (on a CPU the kernel would otherwise kill the process without a message once the pages are touched)."""
@@ -1690,13 +1791,6 @@ def check_memory(args: Args, obs_dim: int, act_dim: int, device: torch.device) -
     if need > total:
         raise A2PRError(f"the networks, their optimiser state and a batch need at least {need / 2**30:,.1f} GiB but "
                         f"the {device.type.upper()} has {total / 2**30:,.1f} GiB; {_lower_memory(args)}")
-
-
-def speed_path(args: Args) -> typing.Callable:
-    """The `core` that update() calls: update_core itself, torch.compile of it, or its CUDA graphs."""
-    if args.cuda_graphs:
-        return CudaGraphs(update_core)
-    return torch.compile(update_core) if args.compile else update_core
 
 
 @contextlib.contextmanager
@@ -1796,7 +1890,7 @@ def benchmark_update(args: Args) -> dict:
         agent, opt, gens, margs, core = learners[mode]
         for _ in range(k):
             steps[mode] += 1
-            update(agent, opt, data, steps[mode], margs, gens, core)
+            update(agent, opt, data, steps[mode], margs, gens, core=core)
         if device.type == "cuda":
             torch.cuda.synchronize()
 
@@ -1898,11 +1992,6 @@ def plot_curves(path: Path, history: list[dict], dataset_score: float, title: st
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
 
 
-def fmt_time(s: float) -> str:
-    s = int(max(s, 0))
-    return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
-
-
 class StopFlag:
     """Ctrl-C or SIGTERM (what SLURM, Ray and Kubernetes send before a kill) sets a flag that the loop checks
     between updates, so a checkpoint is never taken mid-update; a second signal interrupts at once."""
@@ -1927,19 +2016,6 @@ class StopFlag:
             signal.signal(s, old)
 
 
-def interrupted_at_once(progress, paths: dict) -> str:
-    if progress.saved:
-        return (f"interrupted at step {progress.step:,}; the checkpoint of step {progress.saved:,} in "
-                f"{paths['checkpoint']} stands. Continue with: {resume_command(paths['run_dir'])}")
-    return f"interrupted at step {progress.step:,}, before its first checkpoint; the same command starts the run again"
-
-
-def run_paths(run_dir: Path) -> dict[str, Path]:
-    names = dict(csv="metrics.csv", png="learning_curve.png", checkpoint="checkpoint.pt", summary="summary.json",
-                 config="config.json", best_policy="best_policy.pt")
-    return dict(run_dir=run_dir, **{k: run_dir / v for k, v in names.items()})
-
-
 def library_versions(extra: tuple[str, ...] = ()) -> dict:
     """python and the libraries that decide a run's numbers (None where one is not installed)."""
     import importlib.metadata
@@ -1957,24 +2033,6 @@ def run_versions(args: Args) -> dict:
     return dict(library_versions(), threads=torch.get_num_threads(), a2pr_sha256=hashlib.sha256(
         Path(__file__).read_bytes()).hexdigest(), device=f"cuda: {torch.cuda.get_device_name()}" if args.cuda else
         f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores")
-
-
-def run_header(ds, data, args: Args, source: dict[str, str], device) -> str:
-    """The lines a run starts with: its data, evaluation env, device and seeds, and each setting with its source."""
-    settings = ", ".join(f"{k}={getattr(args, k)} ({source[k]})" for k in SPEC_DEFAULTS)
-    return (f"A2PR on {ds.name} ({len(data.obs):,} transitions, obs {ds.observations.shape[1]}, act "
-            f"{ds.actions.shape[1]}; "
-            f"{ds.source}); eval env {env_label(ds.env_id)}; device {device}; seeds {agent_seeds(args)}\n"
-            f"dataset average normalised score: {ds.average_score:.1f}\nsettings: {settings}, eps_a={args.eps_a}, "
-            f"policy_freq={args.policy_freq}, bc_target={args.bc_target}, gate={args.gate}")
-
-
-def write_config(path: Path, args: Args, source: dict[str, str], data_sha256: str) -> None:
-    """config.json: every setting with where it came from, and the versions; `--config path` runs it again."""
-    settings, default = dataclasses.asdict(args), Args()
-    origin = {k: source.get(k) or ("flag" if v != getattr(default, k) else "default") for k, v in settings.items()}
-    config = dict(settings=settings, source=origin, versions=run_versions(args), data_sha256=data_sha256)
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
 
 
 def resume_command(run_dir: Path) -> str:
@@ -2029,24 +2087,160 @@ def lock_with_pid(path: Path, busy: str):
 
 
 def lock_run_dir(run_dir: Path, resuming: bool = False):
-    return lock_with_pid(run_dir / ".lock", f"{run_dir} is in use by another a2pr.py process{{pid}}; wait for it to "
+    return lock_with_pid(run_dir / OTHER_RUN_FILES["lock"], f"{run_dir} is in use by another a2pr.py process{{pid}}; wait for it to "
                          "end" + (", then resume it again" if resuming else " or choose another --run-name"))
+
+
+# The run folder's files, in one place: what a run writes (summary.json lists their paths), then the files kept
+# beside them (the lock while a process writes the folder, the W&B run id, TensorBoard's folder, exported policies).
+RUN_FILES = dict(csv="metrics.csv", png="learning_curve.png", checkpoint="checkpoint.pt", summary="summary.json",
+                 config="config.json", best_policy="best_policy.pt")
+OTHER_RUN_FILES = dict(lock=".lock", wandb="wandb.json", tensorboard="tensorboard", export="policy.pt2",
+                       export_best="policy_best.pt2")
+
+
+def run_paths(run_dir: Path) -> dict[str, Path]:
+    return dict(run_dir=run_dir, **{k: run_dir / v for k, v in RUN_FILES.items()})
+
+
+# What checkpoint.pt and best_policy.pt hold, in one place: each key with its type on disk, plain data only, so that
+# they load with weights_only=True. save_state writes exactly these keys and the format number; load_checkpoint checks
+# a file against them. Change a key and bump CHECKPOINT_FORMAT: a file of another format is refused in one line.
+CHECKPOINT_FORMAT = 1  # files written before the number was stored hold format 1's keys, and are read as format 1
+_T = torch.Tensor
+CHECKPOINT_KEYS = {
+    RUN_FILES["checkpoint"]: dict(  # everything a run needs to continue exactly
+        args=dict, agent=dict, optimizers=dict, rng=list, device=str, step=int, best=list, history=list,
+        eval_due=bool, metric_sums=_T, metric_counts=dict, data_sha256=str, obs_mean=_T, obs_std=_T, env_id=str,
+        env_spec=(str, type(None)), dataset=str, action_low=_T, action_high=_T, ref_scores=tuple),
+    RUN_FILES["best_policy"]: dict(  # each seed's actor at its best evaluation, with that score and step
+        args=dict, actor=dict, scores=_T, steps=_T, obs_mean=_T, obs_std=_T, action_low=_T, action_high=_T, env=str)}
+
+
+def save_state(path: Path, state: dict) -> None:
+    """checkpoint.pt or best_policy.pt: the keys CHECKPOINT_KEYS names for it and the format number, serialised in
+    memory first, so that a full disk is an OSError of the write, not torch's own error."""
+    if (got := set(state) - {"format"}) != set(want := CHECKPOINT_KEYS[path.name]):  # a new key is declared there
+        raise ValueError(f"{path.name}: keys {sorted(got ^ set(want))} differ from CHECKPOINT_KEYS")
+    buf = io.BytesIO()
+    torch.save(dict(state, format=CHECKPOINT_FORMAT), buf)
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(buf.getbuffer()))
+
+
+def wandb_run_id(run_dir: Path) -> str:
+    """The run folder's W&B run id, kept in wandb.json, so that every --resume continues the same W&B run."""
+    path = run_dir / OTHER_RUN_FILES["wandb"]
+    if path.exists():
+        try:
+            return str(json.loads(path.read_text())["id"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise A2PRError(f"{path}: unreadable ({type(e).__name__}); delete it to log this run to a new W&B run")
+    run_id = f"{re.sub(r'[^A-Za-z0-9_-]', '-', run_dir.name)[:40]}-{os.urandom(4).hex()}"
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps({"id": run_id})))
+    return run_id
 
 
 @dataclass
 class RunFolder:
-    """A run folder claimed by this process. release() unlocks it and removes the .lock; a folder this run made and
-    wrote nothing but config.json into is removed too (a run that failed before its first update leaves nothing)."""
-    paths: dict[str, Path]
+    """A run's folder, claimed by this process (claim_run_dir), and the files train() writes into it. release()
+    unlocks it and removes the .lock; a folder this run made and wrote nothing but config.json into is removed too
+    (a run that failed before its first update leaves nothing)."""
+    dir: Path
     lock: typing.Any
     made: bool
 
+    @property
+    def paths(self) -> dict[str, Path]:
+        return run_paths(self.dir)
+
+    def write_config(self, args: Args, source: dict[str, str], data_sha256: str) -> None:
+        """config.json: every setting with where it came from, and the versions; `--config path` runs it again."""
+        settings, default = dataclasses.asdict(args), Args()
+        origin = {k: source.get(k) or ("flag" if v != getattr(default, k) else "default") for k, v in settings.items()}
+        config = dict(settings=settings, source=origin, versions=run_versions(args), data_sha256=data_sha256)
+        atomic_write(self.paths["config"], lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
+
+    def write_csv(self, history: list[dict]) -> None:
+        write_csv(self.paths["csv"], history, CSV_COLUMNS)
+
+    def save_checkpoint(self, run) -> None:
+        """Everything the run needs to continue exactly (CHECKPOINT_KEYS); a Minari EnvSpec as JSON text."""
+        p, ds, data, path = run.progress, run.ds, run.data, self.paths["checkpoint"]
+        state = dict(args=dataclasses.asdict(run.args), agent=run.agent.state_dict(),
+                     optimizers={k: o.state_dict() for k, o in run.opt.all().items()},
+                     rng=[g.get_state() for g in run.gens], device=data.obs.device.type, step=p.step,
+                     best=p.best.tolist(), history=p.history, eval_due=p.eval_due, metric_sums=run.window.sums.cpu(),
+                     metric_counts=run.window.counts, data_sha256=ds.fingerprint,
+                     obs_mean=torch.as_tensor(data.obs_mean), obs_std=torch.as_tensor(data.obs_std),
+                     env_id=env_label(ds.env_id), env_spec=None if isinstance(ds.env_id, str) else ds.env_id.to_json(),
+                     dataset=ds.name, action_low=torch.as_tensor(ds.action_low),
+                     action_high=torch.as_tensor(ds.action_high), ref_scores=(ds.ref_min_score, ds.ref_max_score))
+        try:
+            save_state(path, state)
+        except A2PRError as e:
+            raise A2PRError(f"{e}; continue with {resume_command(self.dir)}" if path.exists() else str(e)) from None
+        p.saved = p.step
+
+    def save_best_policy(self, run, scores: np.ndarray, better: np.ndarray) -> None:
+        """The seeds whose evaluation beat their best so far put their actor into their slice of best_policy.pt
+        (with the state normalisation and action bounds), so that the best score comes with its weights."""
+        path, actor = self.paths["best_policy"], run.agent.actor.state_dict()
+        if path.exists():  # read as every a2pr file is: a planted file is refused in one line, nothing in it runs
+            kept = load_checkpoint(self.dir, path.name, "--resume")
+        else:  # the first evaluation beats -inf for every seed, so every slice is filled below
+            kept = dict(actor={k: v.detach().cpu().clone() for k, v in actor.items()},
+                        scores=torch.full((len(scores),), -math.inf, dtype=torch.float64),
+                        steps=torch.zeros(len(scores), dtype=torch.long))
+        idx = torch.as_tensor(np.nonzero(better)[0])
+        for k, v in actor.items():  # every actor tensor is (K, ...): seed k is slice k
+            kept["actor"][k][idx] = v.detach().cpu()[idx]
+        kept["scores"][idx] = torch.as_tensor(scores[better], dtype=torch.float64)
+        kept["steps"][idx] = run.progress.step
+        kept.update(obs_mean=torch.as_tensor(run.data.obs_mean), obs_std=torch.as_tensor(run.data.obs_std),
+                    action_low=torch.as_tensor(run.ds.action_low), action_high=torch.as_tensor(run.ds.action_high),
+                    args=dataclasses.asdict(run.args), env=env_label(run.ds.env_id))
+        save_state(path, kept)
+
+    def write_summary(self, run, summary: dict) -> dict:
+        """summary.json (the scores, the versions, the run's files) and the learning curve; returns the summary."""
+        summary.update(versions=run_versions(run.args), **{k: str(v) for k, v in self.paths.items()})
+        atomic_write(self.paths["summary"], lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
+        if any("eval/normalized_score_mean" in r for r in run.progress.history):
+            plot_curves(self.paths["png"], run.progress.history, run.ds.average_score, f"A2PR on {run.ds.name}")
+        return summary
+
+    def interrupted_at_once(self, progress) -> str:
+        if progress.saved:
+            return (f"interrupted at step {progress.step:,}; the checkpoint of step {progress.saved:,} in "
+                    f"{self.paths['checkpoint']} stands. Continue with: {resume_command(self.dir)}")
+        return (f"interrupted at step {progress.step:,}, before its first checkpoint; the same command starts the run "
+                "again")
+
+    def open_trackers(self, args: Args, step: int = 0) -> list[tuple]:
+        """Optional TensorBoard / wandb sinks, each a (log(row), close()) pair. A resumed run continues the same W&B
+        run, and TensorBoard drops what was logged after the checkpoint (purge_step), so no step appears twice."""
+        sinks = []
+        if args.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            tb = SummaryWriter(str(self.dir / OTHER_RUN_FILES["tensorboard"]), purge_step=step + 1 if step else None)
+            sinks.append((lambda row: [tb.add_scalar(k, v, row["step"]) for k, v in row.items() if k != "step"],
+                          tb.close))
+        if args.wandb:
+            import wandb
+
+            run = wandb.init(project=args.wandb_project, name=self.dir.name, id=wandb_run_id(self.dir), resume="allow",
+                             group=args.env, config=dataclasses.asdict(args))
+            sinks.append((lambda row: run.log({k: v for k, v in row.items() if k != "step"}, step=row["step"]),
+                          run.finish))
+        return sinks
+
     def release(self) -> None:
-        run_dir = self.paths["run_dir"]
-        (run_dir / ".lock").unlink(missing_ok=True)  # before unlocking: a waiting writer then locks a new file
-        if self.made and {p.name for p in run_dir.iterdir()} <= {"config.json"}:
+        lock = self.dir / OTHER_RUN_FILES["lock"]
+        lock.unlink(missing_ok=True)  # before unlocking: a waiting writer then locks a new file
+        if self.made and {p.name for p in self.dir.iterdir()} <= {RUN_FILES["config"]}:
             self.paths["config"].unlink(missing_ok=True)
-            run_dir.rmdir()
+            self.dir.rmdir()
         self.lock.close()
 
 
@@ -2055,7 +2249,7 @@ def claim_run_dir(args: Args) -> RunFolder:
     gets a free suffix -2, -3, ... (os.mkdir, so two runs started in the same second cannot share one), and a
     --run-name that holds another run's files stops with one line."""
     if args.resume:
-        return RunFolder(run_paths(Path(args.resume)), lock_run_dir(Path(args.resume), resuming=True), made=False)
+        return RunFolder(Path(args.resume), lock_run_dir(Path(args.resume), resuming=True), made=False)
     base = args.run_name or f"{args.env.replace('/', '_')[-100:]}__seed{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
     for i in itertools.count(1):
         run_dir = Path(args.save_dir) / (base if i == 1 else f"{base}-{i}")
@@ -2074,25 +2268,25 @@ def claim_run_dir(args: Args) -> RunFolder:
             raise A2PRError(f"--run-name {args.run_name}: {run_dir} is a file, not a folder; choose another name")
         lock = lock_run_dir(run_dir)
         if not made and not not_started(run_dir, args):
-            (run_dir / ".lock").unlink(missing_ok=True)  # it was free, so this process made it: leave no trace
+            (run_dir / OTHER_RUN_FILES["lock"]).unlink(missing_ok=True)  # it was free, so this process made it: leave no trace
             lock.close()
             raise A2PRError(f"{run_dir} already holds a run's files; continue that run with {resume_command(run_dir)}"
                             f", or choose another --run-name")
         if i > 1:
             print(f"note: {Path(args.save_dir) / base} exists; this run writes to {run_dir}", file=sys.stderr)
-        return RunFolder(run_paths(run_dir), lock, made)
+        return RunFolder(run_dir, lock, made)
 
 
 def not_started(run_dir: Path, args: Args) -> bool:
     """A folder with no checkpoint and no summary holds a run that never got to its first checkpoint (killed, or
     preempted): if it was this very run (same settings in its config.json), starting it again takes it over."""
-    names = {p.name for p in run_dir.iterdir()} - {".lock"}
+    names = {p.name for p in run_dir.iterdir()} - {OTHER_RUN_FILES["lock"]}
     if not names:
         return True
-    if names & {"checkpoint.pt", "summary.json"} or not (run_dir / "config.json").is_file():
+    if names & {RUN_FILES["checkpoint"], RUN_FILES["summary"]} or not (config := run_dir / RUN_FILES["config"]).is_file():
         return False
     with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-        saved = json.loads((run_dir / "config.json").read_text())["settings"]
+        saved = json.loads(config.read_text())["settings"]
         skip = {*NOT_FROM_CONFIG, *RESUME_MAY_CHANGE}
         return {k: v for k, v in saved.items() if k not in skip} == \
             {k: v for k, v in dataclasses.asdict(args).items() if k not in skip}
@@ -2107,7 +2301,7 @@ def restore(agent, opt, gens, ckpt: dict, args: Args, device) -> None:
             o.load_state_dict(ckpt["optimizers"][name])
             for group in o.param_groups:  # a loaded state carries the saving run's flag; this run's mode wins
                 group["capturable"] = args.cuda_graphs
-        if ckpt.get("device", "cpu") == torch.device(device).type:
+        if ckpt["device"] == torch.device(device).type:
             for g, st in zip(gens, ckpt["rng"], strict=True):
                 g.set_state(st)
         else:  # CPU and CUDA generators have different states: continue with fresh streams, seeded by the step
@@ -2118,93 +2312,23 @@ def restore(agent, opt, gens, ckpt: dict, args: Args, device) -> None:
                         f"{' '.join(str(e).split())[:200]}); it was altered or is damaged") from None
 
 
-def save_checkpoint(path: Path, args: Args, agent, opt, gens, device, progress, window, data, ds) -> None:
-    """Everything a run needs to continue exactly, as tensors, numbers, strings, lists and dicts only (an EnvSpec as
-    JSON text), so that it loads with weights_only=True."""
-    state = dict(args=dataclasses.asdict(args), agent=agent.state_dict(),
-                 optimizers={k: o.state_dict() for k, o in opt.all().items()},
-                 rng=[g.get_state() for g in gens], device=device.type, step=progress.step,
-                 best=progress.best.tolist(), history=progress.history, eval_due=progress.eval_due,
-                 metric_sums=window.sums.cpu(), metric_counts=window.counts, data_sha256=ds.fingerprint,
-                 obs_mean=torch.as_tensor(data.obs_mean), obs_std=torch.as_tensor(data.obs_std),
-                 env_id=env_label(ds.env_id), env_spec=None if isinstance(ds.env_id, str) else ds.env_id.to_json(),
-                 dataset=ds.name, action_low=torch.as_tensor(ds.action_low),
-                 action_high=torch.as_tensor(ds.action_high), ref_scores=(ds.ref_min_score, ds.ref_max_score))
-    buf = io.BytesIO()  # serialised in memory, so that a full disk is an OSError from the write, not torch's own error
-    torch.save(state, buf)
-    try:
-        atomic_write(path, lambda tmp: Path(tmp).write_bytes(buf.getbuffer()))
-    except A2PRError as e:
-        raise A2PRError(f"{e}; continue with {resume_command(path.parent)}" if path.exists() else str(e)) from None
-    progress.saved = progress.step
+class OneSeed(nn.Module):
+    """Seed `index` of a Policy for one observation (obs_dim,) or a batch (N, obs_dim). All K actors run, as in
+    training: a K-member batched product can differ from a 1-member one in the last bit."""
 
+    def __init__(self, policy: Policy, index: int = 0):
+        super().__init__()
+        self.policy, self.index = policy, index
+        self.k = policy.actor.net[0].weight.shape[0]
+        self.obs_dim, self.act_dim = len(policy.obs_mean), len(policy.action_low)
 
-def evaluate_due(progress, policy, ds, args: Args, envs, stop, paths, agent, data, writers) -> None:
-    """The evaluation of progress.step when due, into its CSV row. One that Ctrl-C / SIGTERM stops stays due: the
-    checkpoint records it, and the resumed run evaluates the same weights first, so the CSV ends as if uncut."""
-    if progress.eval_due and (got := evaluation(policy, ds, args, envs, stop))[0] is not None:
-        row, scores = got
-        progress.history[-1].update(row)
-        for log_row, _ in writers:
-            log_row({"step": progress.step, **row})
-        keep_best_policy(paths["best_policy"], progress, scores, progress.step, agent, data, ds, args)
-        progress.last_score, progress.eval_due = row["eval/normalized_score_mean"], False
-    if progress.history:
-        write_csv(paths["csv"], progress.history, CSV_COLUMNS)
-
-
-def keep_best_policy(path: Path, progress, scores: np.ndarray, step: int, agent, data, ds, args: Args) -> None:
-    """When an evaluation beats a seed's best so far, that seed's actor becomes its slice of best_policy.pt (with
-    the state normalisation and action bounds), so that the best score comes with its weights."""
-    better = scores > progress.best
-    progress.best = np.maximum(progress.best, scores)
-    if not better.any():
-        return
-    if path.exists():  # read as every a2pr file is: a planted file is refused in one line, nothing in it runs
-        kept = load_checkpoint(path.parent, path.name, "--resume")
-    else:  # the first evaluation beats -inf for every seed, so every slice is filled below
-        kept = dict(actor={k: v.detach().cpu().clone() for k, v in agent.actor.state_dict().items()},
-                    scores=torch.full((len(scores),), -math.inf, dtype=torch.float64),
-                    steps=torch.zeros(len(scores), dtype=torch.long))
-    idx = torch.as_tensor(np.nonzero(better)[0])
-    for k, v in agent.actor.state_dict().items():  # every actor tensor is (K, ...): seed k is slice k
-        kept["actor"][k][idx] = v.detach().cpu()[idx]
-    kept["scores"][idx] = torch.as_tensor(scores[better], dtype=torch.float64)
-    kept["steps"][idx] = step
-    kept.update(obs_mean=torch.as_tensor(data.obs_mean), obs_std=torch.as_tensor(data.obs_std),
-                action_low=torch.as_tensor(ds.action_low), action_high=torch.as_tensor(ds.action_high),
-                args=dataclasses.asdict(args), env=env_label(ds.env_id))
-    atomic_write(path, lambda tmp: torch.save(kept, tmp))
-
-
-def finish_run(args: Args, ds, progress, paths: dict, elapsed: float, log, stopped_by: str | None = None) -> dict:
-    """Write summary.json and the learning curve, say how the run ended, and return the summary (with the signal
-    that stopped it, if one did: main() exits 128 + its number)."""
-    seeds, history, best, finite = agent_seeds(args), progress.history, progress.best, lambda x: (
-        float(x) if np.isfinite(x) else None)
-    interrupted = progress.step < args.total_steps
-    final = [r for r in history if "eval/normalized_score_mean" in r]
-    final_scores = ([final[-1].get(f"eval/normalized_score_seed{s}", final[-1]["eval/normalized_score_mean"])
-                     for s in seeds] if final else [float("nan")] * len(seeds))
-    summary = dict(env=args.env, seeds=seeds, steps=progress.step, interrupted=interrupted,
-                   signal=stopped_by if interrupted else None,
-                   final_score=float(np.mean(final_scores)), final_score_std=float(np.std(final_scores)),
-                   best_score=finite(best.mean()), final_scores=[float(x) for x in final_scores],
-                   best_scores=[finite(b) for b in best], dataset_score=ds.average_score,
-                   versions=run_versions(args), **{k: str(v) for k, v in paths.items()})
-    atomic_write(paths["summary"], lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
-    if final:
-        plot_curves(paths["png"], history, ds.average_score, f"A2PR on {ds.name}")
-    if interrupted:
-        print(f"interrupted{f' by {stopped_by}' if stopped_by else ''} at step {progress.step:,}; checkpoint saved. "
-              f"Continue with: {resume_command(paths['run_dir'])}", file=sys.stderr)  # shown even with --quiet
-    else:
-        log(f"done: final score {summary['final_score']:.1f} +- {summary['final_score_std']:.1f}, best "
-            f"{float(best.mean()):.1f}, dataset average {ds.average_score:.1f} ({fmt_time(elapsed)}); "
-            f"results in {paths['run_dir']}")
-    if ds.notice:
-        log(f"NOTICE: {ds.notice}")
-    return summary
+    def forward(self, observation: torch.Tensor) -> torch.Tensor:  # explicit sizes: an empty or 3-D batch fails here
+        if observation.dim() not in (1, 2) or observation.shape[-1] != self.obs_dim:
+            raise ValueError(f"the policy takes one observation ({self.obs_dim},) or a batch (N, {self.obs_dim}), "
+                             f"got shape {tuple(observation.shape)}")
+        n = observation.shape[0] if observation.dim() == 2 else 1
+        x = observation.to(torch.float32).reshape(1, n, self.obs_dim).expand(self.k, -1, -1)
+        return self.policy(x)[self.index].reshape(observation.shape[:-1] + (self.act_dim,))
 
 
 def load_run(run_dir: str | Path, device="cpu") -> dict:
@@ -2229,7 +2353,8 @@ def export_policy(run_dir: str | Path, best: bool = False, seed_index: int = 0) 
     """RUN_DIR/policy.pt2 (the checkpoint's actor) or policy_best.pt2 (best_policy.pt's): a torch.export program
     of OneSeed(Policy), raw observations (batch, obs_dim) -> env actions, any batch size; torch alone runs it."""
     run_dir = Path(run_dir)
-    state = load_checkpoint(run_dir, "best_policy.pt" if best else "checkpoint.pt", "--export")
+    name = RUN_FILES["best_policy" if best else "checkpoint"]
+    state = load_checkpoint(run_dir, name, "--export")
     args = args_from_checkpoint(state)
     actor_state = state["actor"] if best else {k[6:]: v for k, v in state["agent"].items() if k.startswith("actor.")}
     obs_dim, act_dim = len(state["obs_mean"]), len(state["action_low"])
@@ -2237,12 +2362,12 @@ def export_policy(run_dir: str | Path, best: bool = False, seed_index: int = 0) 
     try:
         actor.load_state_dict(actor_state)
     except (RuntimeError, TypeError) as e:
-        raise A2PRError(f"{run_dir / ('best_policy.pt' if best else 'checkpoint.pt')}: its actor weights do not "
+        raise A2PRError(f"{run_dir / name}: its actor weights do not "
                         f"fit its settings ({' '.join(str(e).split())[:200]}); export another run") from None
     module = OneSeed(Policy(actor, *(state[k] for k in ("obs_mean", "obs_std", "action_low", "action_high"))),
                      seed_index).eval()
     program = torch.export.export(module, (torch.zeros(2, obs_dim),), dynamic_shapes=({0: torch.export.Dim("batch")},))
-    out, buf = run_dir / ("policy_best.pt2" if best else "policy.pt2"), io.BytesIO()
+    out, buf = run_dir / OTHER_RUN_FILES["export_best" if best else "export"], io.BytesIO()
     torch.export.save(program, buf)  # in memory first: torch's own file writer aborts the process on a full disk
     atomic_write(out, lambda tmp: Path(tmp).write_bytes(buf.getvalue()))
     return out
@@ -2268,10 +2393,11 @@ def load_checkpoint(run_dir: Path, name: str = "checkpoint.pt", flag: str = "--r
                if zipped else
                f"it is not a file that a2pr's torch.save wrote ({type(e).__name__}); give a run's own {name}")
         raise A2PRError(f"{path}: cannot be loaded: {why}") from None
-    needed = dict(args=dict, obs_mean=torch.Tensor, obs_std=torch.Tensor, action_low=torch.Tensor,
-                  action_high=torch.Tensor, **(dict(actor=dict, scores=torch.Tensor, steps=torch.Tensor) if name ==
-                  "best_policy.pt" else dict(agent=dict, optimizers=dict, rng=list, step=int, history=list)))
-    wrong = sorted(k for k, t in needed.items() if not isinstance(ckpt, dict) or not isinstance(ckpt.get(k), t))
+    if isinstance(ckpt, dict) and ckpt.get("format", 1) != CHECKPOINT_FORMAT:
+        raise A2PRError(f"{path}: written in a2pr checkpoint format {ckpt['format']!r}; this a2pr.py reads format "
+                        f"{CHECKPOINT_FORMAT}: use the a2pr.py that wrote it (its config.json names its a2pr_sha256)")
+    keys = CHECKPOINT_KEYS[name]  # what the format holds: each key, and its type
+    wrong = sorted(k for k, t in keys.items() if not isinstance(ckpt, dict) or not isinstance(ckpt.get(k), t))
     if wrong:
         raise A2PRError(f"{path}: not an a2pr {name} (missing or wrong: {', '.join(wrong)}); give a run's own file")
     for k in ("obs_mean", "obs_std", "action_low", "action_high"):  # tensors on disk, numpy arrays in memory
@@ -2292,39 +2418,6 @@ def check_outputs(args: Args) -> None:
             raise A2PRError(f"--{flag} needs the {flag} package: pip install {flag}")
     check_writable(Path(args.resume or args.save_dir), "--resume needs to write there" if args.resume
                    else "choose another --save-dir")
-
-
-def wandb_run_id(run_dir: Path) -> str:
-    """The run folder's W&B run id, kept in wandb.json, so that every --resume continues the same W&B run."""
-    path = run_dir / "wandb.json"
-    if path.exists():
-        try:
-            return str(json.loads(path.read_text())["id"])
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise A2PRError(f"{path}: unreadable ({type(e).__name__}); delete it to log this run to a new W&B run")
-    run_id = f"{re.sub(r'[^A-Za-z0-9_-]', '-', run_dir.name)[:40]}-{os.urandom(4).hex()}"
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps({"id": run_id})))
-    return run_id
-
-
-def open_trackers(args: Args, run_dir: Path, step: int = 0) -> list[tuple]:
-    """Optional TensorBoard / wandb sinks, each a (log(row), close()) pair. A resumed run continues the same W&B
-    run, and TensorBoard drops what was logged after the checkpoint (purge_step), so no step appears twice."""
-    sinks = []
-    if args.tensorboard:
-        from torch.utils.tensorboard import SummaryWriter
-
-        tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=step + 1 if step else None)
-        sinks.append((lambda row: [tb.add_scalar(k, v, row["step"]) for k, v in row.items() if k != "step"],
-                      tb.close))
-    if args.wandb:
-        import wandb
-
-        run = wandb.init(project=args.wandb_project, name=run_dir.name, id=wandb_run_id(run_dir), resume="allow",
-                         group=args.env, config=dataclasses.asdict(args))
-        sinks.append((lambda row: run.log({k: v for k, v in row.items() if k != "step"}, step=row["step"]),
-                      run.finish))
-    return sinks
 
 
 # ================================================================================================================
@@ -2392,7 +2485,7 @@ def total_variation(p, q) -> np.ndarray:
 
 # ================================================================================================================
 # Appendix E. The command line: the parser built from Args, --config (a run's settings as the defaults), --resume
-# (the checkpoint's settings win), preset resolution and validation: one clear line per mistake, before any work.
+# (the checkpoint's settings win) and validation: one clear line per mistake, before any work.
 # ================================================================================================================
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, not a usage dump; an unknown flag gets the closest known one
@@ -2436,8 +2529,12 @@ def parse_args(argv=None) -> tuple[Args, set[str]]:
 # the settings read from files.
 FIELD_TYPES = {k: next(t for t in typing.get_args(h) or (h,) if t is not type(None))
                for k, h in typing.get_type_hints(Args).items()}
+
+
 FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Args)}
 # Where files go and what the program does come from the command line only, never from a shared config.json.
+
+
 NOT_FROM_CONFIG = ("config", "resume", "run_name", "export", "best", "save_dir", "data_dir", "cuda", "compile",
                    "cuda_graphs", "benchmark", "bench_steps", "bench_modes", "bench_repeats", "bench_dims")
 
@@ -2485,10 +2582,10 @@ def run_settings(args: Args, given: set[str] | None) -> tuple[Args, dict[str, st
     mode = ("cuda", "cuda_graphs", "compile", "quiet")  # how this process runs: always this command line's
     follow = {k: getattr(args, k) for k in RESUME_MAY_CHANGE if k != "resume" and (k in given or k in mode)}
     run_dir = Path(args.resume or ".")
-    if args.resume and not (run_dir / "checkpoint.pt").exists() and (run_dir / "config.json").is_file():
+    if args.resume and not (run_dir / RUN_FILES["checkpoint"]).exists() and (run_dir / RUN_FILES["config"]).is_file():
         # killed before its first checkpoint: start that run again, in its folder (claim_run_dir takes it over),
         # with its own settings and their sources; a flag that contradicts them is refused, as with a checkpoint
-        config = str(run_dir / "config.json")
+        config = str(run_dir / RUN_FILES["config"])
         saved = Args(**load_config(config, config, f"; the run never reached its first checkpoint: remove the folder "
                                    f"{run_dir} and start it again (the same sweep, or a2pr.py without --resume)"))
         check_resume_flags(args, saved, given, 0, "the run's")
@@ -2502,12 +2599,12 @@ def run_settings(args: Args, given: set[str] | None) -> tuple[Args, dict[str, st
             source.update({k: "config" for k in load_config(args.config) if k not in given})
         return args, source, None
     ckpt = load_checkpoint(Path(args.resume))
-    if (Path(args.resume) / "best_policy.pt").exists():  # read at the first better evaluation: refused now, if at all
-        load_checkpoint(Path(args.resume), "best_policy.pt")
+    if (Path(args.resume) / RUN_FILES["best_policy"]).exists():  # read at its first better evaluation: refused now
+        load_checkpoint(Path(args.resume), RUN_FILES["best_policy"])
     saved = args_from_checkpoint(ckpt)
     check_resume_flags(args, saved, given, ckpt["step"])  # a flag that contradicts the checkpoint is an error
-    if ckpt.get("device", "cpu") != ("cuda" if args.cuda else "cpu"):
-        print(f"note: the checkpoint was written on {ckpt.get('device', 'cpu')}; continuing on the other device with "
+    if ckpt["device"] != ("cuda" if args.cuda else "cpu"):
+        print(f"note: the checkpoint was written on {ckpt['device']}; continuing on the other device with "
               "fresh random streams, so the run will not be bit-identical to an uninterrupted one", file=sys.stderr)
     args = dataclasses.replace(saved, resume=args.resume, **follow)
     args, source = resolve_args(args)
@@ -2539,33 +2636,6 @@ def check_resume_flags(args: Args, saved: Args, given: set[str], step: int, whos
                         f"(only {may} may change), or start a new run with it")
 
 
-def auto_preset(env: str) -> str:
-    return env if env in D4RL_PRESETS else "pendulum-cpu" if env.startswith("pendulum-") else "spec"
-
-
-def resolve_args(args: Args) -> tuple[Args, dict[str, str]]:
-    """Fill the preset-controlled fields left as None: explicit value > preset > spec default."""
-    preset = auto_preset(args.env) if args.preset == "auto" else args.preset
-    if preset not in PRESETS:
-        close = difflib.get_close_matches(str(preset), PRESETS, n=3)
-        raise A2PRError(f"unknown preset '{preset}'; known: auto, {', '.join(PRESETS)}"
-                        + (f" (did you mean {', '.join(close)}?)" if close else ""))
-    out, source = dataclasses.replace(args, preset=preset), {}
-    for name, default in SPEC_DEFAULTS.items():
-        if getattr(args, name) is not None:
-            source[name] = "flag"
-        elif name in PRESETS[preset]:
-            setattr(out, name, PRESETS[preset][name])
-            source[name] = f"preset {preset}"
-        else:
-            setattr(out, name, default)
-            source[name] = "spec default"
-    if out.save_freq is None:
-        out.save_freq = out.eval_freq
-    validate_args(out)
-    return out, source
-
-
 # What a setting must be: the rule's words (they end the one-line error) and its test; then which fields follow
 # which rule. check_fields serves validate_args here and the companion a2pr_sweep.py for its own flags.
 RULES = {
@@ -2577,6 +2647,8 @@ RULES = {
     "in [0, 1)": lambda v: 0.0 <= v < 1.0,
     "in (0, 1]": lambda v: 0.0 < v <= 1.0,
 }
+
+
 CHECKS = {
     "a positive integer": ["total_steps", "batch_size", "num_seeds", "policy_freq", "actor_hidden", "actor_layers",
                            "critic_hidden", "critic_layers", "value_hidden", "value_layers", "vae_hidden",

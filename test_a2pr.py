@@ -1583,7 +1583,7 @@ def test_eval_env_dims_match_d4rl(family):
 
 
 def test_d4rl_ant_env_is_ant_v4_with_zero_contact_forces():
-    a2pr.register_a2pr_envs()
+    a2pr.make_env("Ant-v4").close()  # make_env registers a2pr's own envs
     assert gym.make("Ant-v4").observation_space.shape == (27,)
     assert gym.make("Ant-v4", use_contact_forces=True).observation_space.shape == (111,)
     ours, ref = gym.make(a2pr.ANT_D4RL_ENV_ID), gym.make("Ant-v4")
