@@ -34,27 +34,29 @@ behaviour term also moves p through the VAE; the VAE learns at Adam's default 1e
 released code divides by max_action, which is wrong for asymmetric bounds).
 
 Reading map (line: what). Everything above main() is A2PR; below it, appendices a reader may skip:
-    113  Args:             Args and the published per-task presets (D4RL_PRESETS)
-    236  EnsembleLinear:   networks: Actor, TwinCritic, ValueNet, VAE, in the (K, B, .) ensemble layout
-    352  td_target:        losses, one pure function per spec step
-    393  select_bc_target: advantage selection and the adaptive gate (spec 4)
-    438  critic_step:      spec 1: critics, TD3 target with policy smoothing
-    451  q1_data_and_y2:   spec 2: y2 from the just-updated online critics
-    459  value_step:       spec 2: V towards min(y, y2)
-    467  vae_step:         spec 3: advantage-weighted VAE
-    493  actor_step:       spec 4: actor, then the soft target updates
-    521  update_core:      spec 1-4 in order, on a batch with its noise
-    537  update:           one gradient step: a batch per seed, its noise, update_core
-    568  Dataset:          the data as the networks see it: normalisation, action scaling, device batches
-    649  Policy:           the deployed policy: normalise -> actor -> env action bounds
-    698  evaluate:         deterministic evaluation, D4RL normalised score
-    839  train:            train(args) -> summary: setup, then the loop
-    900  main:             the command line's entry point
-    919  Appendix A:       data sources: built-in, D4RL, HDF5, downloads, Minari, mixes
-   1641  Appendix B:       speed paths: torch.compile, CUDA graphs, --benchmark update
-   1822  Appendix C:       run files: folders, locks, checkpoints, config.json, CSV, plot, trackers, export
-   2331  Appendix D:       the theory on finite MDPs
-   2394  Appendix E:       the command line: parser, --config, presets, validation
+     119  Args:             Args, the published per-task presets (D4RL_PRESETS) and resolve_args
+     265  EnsembleLinear:   networks: Actor, TwinCritic, ValueNet, VAE, in the (K, B, .) ensemble layout
+     381  td_target:        losses, one pure function per spec step
+     422  select_bc_target: advantage selection and the adaptive gate (spec 4)
+     446  Dataset:          the data as the networks see it: normalisation, action scaling, device batches
+     554  critic_step:      spec 1: critics, TD3 target with policy smoothing
+     568  q1_data_and_y2:   spec 2: y2 from the just-updated online critics
+     577  value_step:       spec 2: V towards min(y, y2)
+     585  vae_step:         spec 3: advantage-weighted VAE
+     594  actor_objective:  spec 4: the actor loss; actor_step: its Adam step, then the soft target updates
+     639  update_core:      spec 1-4 in order, on a batch with its noise
+     656  update:           one gradient step: a batch per seed, its noise, update_core
+     686  Policy:           the deployed policy: normalise -> actor -> env action bounds
+     729  evaluate:         deterministic evaluation, D4RL normalised score
+     861  Run:              one run as train() carries it: data, learner, progress, evaluation envs, its folder
+     907  evaluate_due:     evaluation during training; each seed's best policy kept
+     945  train:            train(args) -> summary: setup, the loop, the finish
+     999  main:             the command line's entry point
+    1018  Appendix A:       data sources: built-in, D4RL, HDF5, downloads, Minari, mixes
+    1726  Appendix B:       speed paths: memory check, torch.compile, CUDA graphs, --benchmark update
+    1891  Appendix C:       run files: the folder and its file names, the checkpoint format, config.json, CSV, export
+    2423  Appendix D:       the theory on finite MDPs
+    2486  Appendix E:       the command line: parser, --config, --resume, validation
 """
 
 from __future__ import annotations
@@ -850,29 +852,9 @@ def make_device(args: Args) -> torch.device:
     return torch.device("cuda" if args.cuda else "cpu")
 
 
-def _lower_memory(args: Args) -> str:
-    return (f"lower --batch-size (now {args.batch_size}) or --num-seeds (now {args.num_seeds}), or the network "
-            "sizes (--actor-hidden, --critic-hidden, --value-hidden, --vae-hidden)")
-
-
-@contextlib.contextmanager
-def out_of_memory_as_error(args: Args):
-    """Data, networks or a batch too big for the device: one line naming what to lower, not a traceback."""
-    try:
-        yield
-    except RuntimeError as e:  # torch.OutOfMemoryError is one; the CPU allocator raises a plain RuntimeError
-        if not (isinstance(e, torch.OutOfMemoryError) or re.search(r"not enough memory|can't allocate memory|"
-                                                                    r"out of memory", str(e), re.IGNORECASE)):
-            raise
-        raise A2PRError(f"out of memory on the {'GPU' if args.cuda else 'CPU'} ({str(e).splitlines()[0][:160]}); "
-                        + _lower_memory(args)) from None
-
-
 def speed_path(args: Args) -> typing.Callable:
     """The `core` that update() calls: update_core itself, torch.compile of it, or its CUDA graphs."""
-    if args.cuda_graphs:
-        return CudaGraphs(update_core)
-    return torch.compile(update_core) if args.compile else update_core
+    return CudaGraphs(update_core) if args.cuda_graphs else torch.compile(update_core) if args.compile else update_core
 
 
 @dataclass
@@ -945,31 +927,6 @@ def evaluate_due(run: Run, stop=None) -> None:
         run.folder.write_csv(p.history)
 
 
-def finish(run: Run, elapsed: float, stopped_by: str | None = None) -> dict:
-    """The run's summary: written to summary.json beside the learning curve, said in a line, and returned (with the
-    signal that stopped it, if one did: main() exits 128 + its number)."""
-    args, p, ds, finite = run.args, run.progress, run.ds, lambda x: float(x) if np.isfinite(x) else None
-    seeds, interrupted = agent_seeds(args), p.step < args.total_steps
-    evals = [r for r in p.history if "eval/normalized_score_mean" in r]
-    final = ([evals[-1].get(f"eval/normalized_score_seed{s}", evals[-1]["eval/normalized_score_mean"]) for s in seeds]
-             if evals else [float("nan")] * len(seeds))
-    summary = run.folder.write_summary(run, dict(
-        env=args.env, seeds=seeds, steps=p.step, interrupted=interrupted, signal=stopped_by if interrupted else None,
-        final_score=float(np.mean(final)), final_score_std=float(np.std(final)), best_score=finite(p.best.mean()),
-        final_scores=[float(x) for x in final], best_scores=[finite(b) for b in p.best],
-        dataset_score=ds.average_score))
-    if interrupted:
-        print(f"interrupted{f' by {stopped_by}' if stopped_by else ''} at step {p.step:,}; checkpoint saved. "
-              f"Continue with: {resume_command(run.folder.dir)}", file=sys.stderr)  # shown even with --quiet
-    else:
-        run.log(f"done: final score {summary['final_score']:.1f} +- {summary['final_score_std']:.1f}, best "
-                f"{float(p.best.mean()):.1f}, dataset average {ds.average_score:.1f} ({fmt_time(elapsed)}); "
-                f"results in {run.folder.dir}")
-    if ds.notice:
-        run.log(f"NOTICE: {ds.notice}")
-    return summary
-
-
 def fmt_time(s: float) -> str:
     s = int(max(s, 0))
     return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
@@ -979,10 +936,10 @@ def progress_line(step: int, args: Args, row: dict, progress: Progress) -> str:
     left = (args.total_steps - step) / max(row["charts/SPS"], 1e-9)
     score = "     –" if math.isnan(progress.last_score) else f"{progress.last_score:6.1f}"  # – until evaluated
     best = "     –" if not np.isfinite(progress.best).all() else f"{float(progress.best.mean()):6.1f}"
-    return (f"step {step:>9,}/{args.total_steps:,} | {row['charts/SPS']:7.1f} steps/s | score {score} (best "
-            f"{best}) | critic "
-            f"{row.get('losses/critic', float('nan')):.3g} gate {row.get('charts/gate_fraction', float('nan')):.2f} "
-            f"vae-target {row.get('charts/vae_target_fraction', float('nan')):.2f} | left {fmt_time(left)}")
+    nan = float("nan")
+    return (f"step {step:>9,}/{args.total_steps:,} | {row['charts/SPS']:7.1f} steps/s | score {score} (best {best}) | "
+            f"critic {row.get('losses/critic', nan):.3g} gate {row.get('charts/gate_fraction', nan):.2f} vae-target "
+            f"{row.get('charts/vae_target_fraction', nan):.2f} | left {fmt_time(left)}")
 
 
 def train(args: Args, given: set[str] | None = None) -> dict:
@@ -1030,7 +987,7 @@ def train(args: Args, given: set[str] | None = None) -> dict:
                     run.folder.save_checkpoint(run)
                 if stop.set:
                     break
-        return finish(run, time.time() - t_start, stop.signal)  # summary.json, the learning curve, the last line
+        return run.folder.finish(run, time.time() - t_start, stop.signal)  # summary.json, the curve, the last line
     except KeyboardInterrupt:  # a second signal, or one during an evaluation: the last checkpoint stands
         print(run.folder.interrupted_at_once(p), file=sys.stderr)
         raise
@@ -1769,6 +1726,24 @@ def check_data(ds: Dataset, args: Args, ckpt: dict | None) -> None:
 # Appendix B. Speed paths: what fits on the device; update() runs update_core eagerly, through torch.compile, or
 # replayed as CUDA graphs (speed_path picks which); --benchmark update times them side by side.
 # ================================================================================================================
+def _lower_memory(args: Args) -> str:
+    return (f"lower --batch-size (now {args.batch_size}) or --num-seeds (now {args.num_seeds}), or the network "
+            "sizes (--actor-hidden, --critic-hidden, --value-hidden, --vae-hidden)")
+
+
+@contextlib.contextmanager
+def out_of_memory_as_error(args: Args):
+    """Data, networks or a batch too big for the device: one line naming what to lower, not a traceback."""
+    try:
+        yield
+    except RuntimeError as e:  # torch.OutOfMemoryError is one; the CPU allocator raises a plain RuntimeError
+        if not (isinstance(e, torch.OutOfMemoryError) or re.search(r"not enough memory|can't allocate memory|"
+                                                                    r"out of memory", str(e), re.IGNORECASE)):
+            raise
+        raise A2PRError(f"out of memory on the {'GPU' if args.cuda else 'CPU'} ({str(e).splitlines()[0][:160]}); "
+                        + _lower_memory(args)) from None
+
+
 def check_memory(args: Args, obs_dim: int, act_dim: int, device: torch.device) -> None:
     """Before any allocation: networks, Adam's state and one batch that exceed the device's memory stop with one
     line (on a CPU the kernel would otherwise kill the process without a message once the pages are touched)."""
@@ -2200,6 +2175,30 @@ class RunFolder:
                     action_low=torch.as_tensor(run.ds.action_low), action_high=torch.as_tensor(run.ds.action_high),
                     args=dataclasses.asdict(run.args), env=env_label(run.ds.env_id))
         save_state(path, kept)
+
+    def finish(self, run, elapsed: float, stopped_by: str | None = None) -> dict:
+        """The run's summary: written to summary.json beside the learning curve, said in a line, and returned (with the
+        signal that stopped it, if one did: main() exits 128 + its number)."""
+        args, p, ds, finite = run.args, run.progress, run.ds, lambda x: float(x) if np.isfinite(x) else None
+        seeds, interrupted = agent_seeds(args), p.step < args.total_steps
+        evals = [r for r in p.history if "eval/normalized_score_mean" in r]
+        final = ([evals[-1].get(f"eval/normalized_score_seed{s}", evals[-1]["eval/normalized_score_mean"]) for s in seeds]
+                 if evals else [float("nan")] * len(seeds))
+        summary = self.write_summary(run, dict(
+            env=args.env, seeds=seeds, steps=p.step, interrupted=interrupted, signal=stopped_by if interrupted else None,
+            final_score=float(np.mean(final)), final_score_std=float(np.std(final)), best_score=finite(p.best.mean()),
+            final_scores=[float(x) for x in final], best_scores=[finite(b) for b in p.best],
+            dataset_score=ds.average_score))
+        if interrupted:
+            print(f"interrupted{f' by {stopped_by}' if stopped_by else ''} at step {p.step:,}; checkpoint saved. "
+                  f"Continue with: {resume_command(self.dir)}", file=sys.stderr)  # shown even with --quiet
+        else:
+            run.log(f"done: final score {summary['final_score']:.1f} +- {summary['final_score_std']:.1f}, best "
+                    f"{float(p.best.mean()):.1f}, dataset average {ds.average_score:.1f} ({fmt_time(elapsed)}); "
+                    f"results in {self.dir}")
+        if ds.notice:
+            run.log(f"NOTICE: {ds.notice}")
+        return summary
 
     def write_summary(self, run, summary: dict) -> dict:
         """summary.json (the scores, the versions, the run's files) and the learning curve; returns the summary."""

@@ -196,7 +196,8 @@ def check_selection(case, bc_target: str, gate_mode: str) -> None:
     """select_bc_target against the spec's rule, written out element by element."""
     adv_vae, adv_data = case["q_vae"] - case["v"], case["q_data"] - case["v"]
     target, gate, use_vae = a2pr.select_bc_target(adv_vae, adv_data, case["vae_action"], case["data_action"],
-                                                  case["bc_weight"], case["eps"], bc_target, gate_mode)
+                                                  case["bc_weight"], case["eps"], bc_target=bc_target,
+                                                  gate=gate_mode)
     k, b = adv_vae.shape
     assert target.shape == case["vae_action"].shape and gate.shape == use_vae.shape == (k, b)
     for i in range(k):
@@ -647,7 +648,7 @@ def test_networks_and_losses_have_spec_shapes_and_finite_per_seed_values(k, b, o
               a2pr.vae_loss(recon, a, mean, log_std, w), *a2pr.actor_loss(q1, pi, a, w, 2.5)]
     for loss in losses:
         assert loss.shape == (k,) and loss.dtype == torch.float32 and torch.isfinite(loss).all()
-    obj, parts = a2pr.actor_objective(agent, s, a, q1.detach(), agent.value(s).detach(), z_noise, args)
+    obj, parts = a2pr.actor_objective(agent, (s, a), q1.detach(), agent.value(s).detach(), z_noise, args)
     assert obj.shape == (k,) and torch.isfinite(obj).all()
     assert parts["target"].shape == (k, b, act_dim) and parts["gate"].shape == (k, b)
     assert parts["use_vae"].dtype == torch.bool
@@ -682,10 +683,10 @@ def test_smoothing_noise_is_clipped_before_it_reaches_the_target():
     constant_net(agent.actor_target.net, 0.0)  # tanh(0) = 0
     s, a, r, s2, d = random_batch(1, 4, 2, 1)
     big = torch.tensor([100.0, -100.0, 3.0, -3.0]).reshape(1, 4, 1)  # sigma * N = +-20 and +-0.6, both past c
-    _, a2, _ = a2pr.critic_step(agent, opt, s, a, r, s2, d, big, args)
+    _, a2, _ = a2pr.critic_step(agent, opt, (s, a, r, s2, d), big, args)
     torch.testing.assert_close(a2, torch.tensor([0.5, -0.5, 0.5, -0.5]).reshape(1, 4, 1), rtol=0, atol=0)
     small = torch.full((1, 4, 1), 1.0)  # sigma * N = 0.2, inside the clip: passed through
-    _, a2, _ = a2pr.critic_step(agent, opt, s, a, r, s2, d, small, args)
+    _, a2, _ = a2pr.critic_step(agent, opt, (s, a, r, s2, d), small, args)
     torch.testing.assert_close(a2, torch.full((1, 4, 1), 0.2))
 
 
@@ -727,7 +728,7 @@ def test_y2_comes_from_the_just_updated_online_critics_and_the_same_next_action(
         literal = a2pr.td_target(*seen["after"](s2, seen["a2"]), r, d, args.discount)
         stale = a2pr.td_target(*seen["before"](s2, seen["a2"]), r, d, args.discount)
         target = a2pr.td_target(*agent.critic_target(s2, seen["a2"]), r, d, args.discount)
-        q1_joint, y2_joint = a2pr.q1_data_and_y2(seen["after"], s, a, r, s2, seen["a2"], d, args.discount)
+        q1_joint, y2_joint = a2pr.q1_data_and_y2(seen["after"], batch, seen["a2"], args.discount)
     torch.testing.assert_close(seen["y2"], literal, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(y2_joint, literal, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(q1_joint, seen["after"].q1(s, a), rtol=1e-6, atol=1e-6)
@@ -787,7 +788,7 @@ def test_actor_objective_hand_computed():
     act = torch.tensor([[[0.0], [1.0], [-1.0]]])
     v = torch.tensor([[1.0, 1.0, 3.0]])
     q1_data = torch.tensor([[1.5, 2.5, 1.0]])
-    loss, parts = a2pr.actor_objective(agent, torch.zeros(1, 3, 2), act, q1_data, v, noise(1, 3, 2), args)
+    loss, parts = a2pr.actor_objective(agent, (torch.zeros(1, 3, 2), act), q1_data, v, noise(1, 3, 2), args)
     # A_vae = Q1(s, p_hat) - v = [1, 1, -1];  A_data = q1_data - v = [0.5, 1.5, -2]
     # target: [p_hat (1 >= 0.5), a = 1.0 (1 < 1.5), p_hat (-1 >= -2)] = [-0.5, 1.0, -0.5]
     # gate: [on (A_vae 1 >= 0), on, off (-1 < 0 and -2 <= 0)] * bc_weight = [2, 2, 0]
@@ -820,11 +821,12 @@ def test_each_step_moves_only_its_own_network(step, moves):
     before = {n: snapshot(getattr(agent, n)) for n in NETS}
     k, b = s.shape[:2]
     if step == "critic":
-        a2pr.critic_step(agent, opt, s, a, r, s2, d, noise(k, b, a.shape[-1]), args)
+        a2pr.critic_step(agent, opt, (s, a, r, s2, d), noise(k, b, a.shape[-1]), args)
     elif step == "value":
         a2pr.value_step(agent, opt, s, r, r + 1.0)
     else:
-        a2pr.vae_step(agent, opt, s, a, q1_data, v, noise(k, b, agent.vae.latent_dim), args)
+        a2pr.vae_step(agent, opt, (s, a), a2pr.vae_sample_weight(q1_data, v, args.vae_weight),
+                      noise(k, b, agent.vae.latent_dim))
     for n in NETS:
         after = snapshot(getattr(agent, n))
         same = all(torch.equal(before[n][p], after[p]) for p in after)
@@ -834,13 +836,13 @@ def test_each_step_moves_only_its_own_network(step, moves):
 def test_actor_loss_reaches_critic_and_vae_but_actor_step_moves_only_actor_and_targets():
     args, agent, opt, (s, a, _, _, _), q1_data, v = _step_fixture()
     latent = noise(*s.shape[:2], agent.vae.latent_dim)
-    loss, _ = a2pr.actor_objective(agent, s, a, q1_data, v, latent, args)
+    loss, _ = a2pr.actor_objective(agent, (s, a), q1_data, v, latent, args)
     reached = torch.autograd.grad(loss.sum(), list(agent.critic.parameters()) + list(agent.vae.parameters()),
                                   allow_unused=True)
     assert any(g is not None and g.abs().sum() > 0 for g in reached)  # so the step below must filter them out
 
     before = {n: snapshot(getattr(agent, n)) for n in NETS}
-    a2pr.actor_step(agent, opt, s, a, q1_data, v, latent, args)
+    a2pr.actor_step(agent, opt, *a2pr.actor_objective(agent, (s, a), q1_data, v, latent, args), args.tau)
     after = {n: snapshot(getattr(agent, n)) for n in NETS}
     for n in ("critic", "value", "vae"):
         assert all(torch.equal(before[n][p], after[n][p]) for p in after[n]), n
@@ -867,7 +869,7 @@ def test_soft_update_moves_targets_by_tau():
 def test_policy_action_reconstruction_passes_gradient_into_the_actor():
     args = tiny(resolve=True, num_seeds=1, bc_target="vae", gate="always")  # every sample is pulled towards p_hat
     _, agent, _, (s, a, _, _, _), q1_data, v = _step_fixture(k=1)
-    loss, parts = a2pr.actor_objective(agent, s, a, q1_data, v, noise(1, s.shape[1], agent.vae.latent_dim), args)
+    loss, parts = a2pr.actor_objective(agent, (s, a), q1_data, v, noise(1, s.shape[1], agent.vae.latent_dim), args)
     pi, p_hat, gate = parts["pi"], parts["p_hat"], parts["gate"]
     dphat_dpi = torch.autograd.grad(p_hat.sum(), pi, retain_graph=True)[0]
     assert dphat_dpi.abs().max() > 0
@@ -2298,7 +2300,7 @@ def run_updates(args, data, steps, device="cpu"):
     """`steps` updates as the train loop makes them: update() with the core that speed_path picks for args."""
     agent, opt, gens = a2pr.build_learner(args, data.obs.shape[1], data.act.shape[1], device)
     core = a2pr.speed_path(args)
-    return agent, [a2pr.update(agent, opt, data, step, args, gens, core) for step in range(1, steps + 1)]
+    return agent, [a2pr.update(agent, opt, data, step, args, gens, core=core) for step in range(1, steps + 1)]
 
 
 def test_the_train_loop_runs_update_once_per_step(tmp_path, monkeypatch):
@@ -2307,9 +2309,9 @@ def test_the_train_loop_runs_update_once_per_step(tmp_path, monkeypatch):
     eager core when no speed flag is given."""
     calls, real = [], a2pr.update
 
-    def counting(agent, opt, data, step, args, gens, core=a2pr.update_core):
+    def counting(agent, opt, data, step, args, gens, *, core=a2pr.update_core):
         calls.append((step, core))
-        return real(agent, opt, data, step, args, gens, core)
+        return real(agent, opt, data, step, args, gens, core=core)
 
     monkeypatch.setattr(a2pr, "update", counting)
     assert a2pr.main([*TINY_CLI, "--total-steps", "30", "--save-dir", str(tmp_path), "--run-name", "r",
@@ -2420,7 +2422,7 @@ def test_cuda_graph_orchestration_replays_each_step_on_its_own_batch(monkeypatch
     assert all(g["capturable"] for o in opt.all().values() for g in o.param_groups)
     core = a2pr.speed_path(args)
     assert isinstance(core, a2pr.CudaGraphs)
-    m_graph = [a2pr.update(agent, opt, data, step, args, gens, core) for step in range(1, steps + 1)]
+    m_graph = [a2pr.update(agent, opt, data, step, args, gens, core=core) for step in range(1, steps + 1)]
     assert (sim.captures, sim.replays) == (2, steps - a2pr.CudaGraphs.WARMUP)
     for step, (me, mg) in enumerate(zip(m_eager, m_graph), 1):
         assert me.keys() == mg.keys(), step
@@ -2487,7 +2489,7 @@ def test_randomness_drawn_inside_update_core_is_caught_before_cuda_graphs_captur
     args = tiny(resolve=True)
     agent, opt, gens = a2pr.build_learner(args, 3, 1, "cpu")
     data = a2pr.synthetic_data(3, 1, 500)
-    assert a2pr.update(agent, opt, data, 1, args, gens, a2pr.CudaGraphs(a2pr.update_core))["critic"].isfinite().all()
+    assert a2pr.update(agent, opt, data, 1, args, gens, core=a2pr.CudaGraphs(a2pr.update_core))["critic"].isfinite().all()
 
     def noisy_core(*a):
         out = a2pr.update_core(*a)
@@ -2495,7 +2497,7 @@ def test_randomness_drawn_inside_update_core_is_caught_before_cuda_graphs_captur
         return out
 
     with pytest.raises(A2PRError, match="update_core drew random numbers from torch's global generator"):
-        a2pr.update(agent, opt, data, 2, args, gens, a2pr.CudaGraphs(noisy_core))
+        a2pr.update(agent, opt, data, 2, args, gens, core=a2pr.CudaGraphs(noisy_core))
 
 
 # ================================================================================================================
@@ -2604,13 +2606,13 @@ def sigterm_guard():
 
 def test_train_returns_interrupted_with_the_signal_and_main_exits_128_plus_it(tmp_path, monkeypatch, capsys,
                                                                              sigterm_guard):
-    real = a2pr.evaluation
+    real = a2pr.evaluate
 
     def evaluation_then_sigterm(*a, **k):
         os.kill(os.getpid(), signal.SIGTERM)  # handled by train: it finishes the update, saves and stops
         return real(*a, **k)
 
-    monkeypatch.setattr(a2pr, "evaluation", evaluation_then_sigterm)
+    monkeypatch.setattr(a2pr, "evaluate", evaluation_then_sigterm)
     s = a2pr.train(quick(tmp_path, total_steps=100, eval_freq=10))
     assert s["interrupted"] and s["signal"] == "SIGTERM" and s["steps"] == 10
     assert checkpoint(tmp_path / "run")["step"] == 10
@@ -2620,14 +2622,14 @@ def test_train_returns_interrupted_with_the_signal_and_main_exits_128_plus_it(tm
 
 def test_a_second_sigterm_interrupts_at_once_exits_143_and_names_the_checkpoint(tmp_path, monkeypatch, capsys,
                                                                                 sigterm_guard):
-    real = a2pr.evaluation
+    real = a2pr.evaluate
 
     def two_sigterms(*a, **k):
         os.kill(os.getpid(), signal.SIGTERM)  # the first asks for a checkpoint after this step
         os.kill(os.getpid(), signal.SIGTERM)  # the second stops at once, inside the evaluation
         return real(*a, **k)
 
-    monkeypatch.setattr(a2pr, "evaluation", two_sigterms)
+    monkeypatch.setattr(a2pr, "evaluate", two_sigterms)
     flags = [*TINY_CLI, "--total-steps", "40", "--save-freq", "10", "--save-dir", str(tmp_path), "--run-name", "cut"]
     assert a2pr.main([*flags, "--quiet"]) == 143  # not 130: it was SIGTERM, as the scheduler that sent it expects
     err = capsys.readouterr().err
@@ -2719,7 +2721,7 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_and_the_previous_checkpoint
     real, calls = Path.write_bytes, {"n": 0}
 
     def write_bytes(self, data):
-        calls["n"] += 1
+        calls["n"] += "checkpoint.pt" in self.name  # best_policy.pt is written the same way: it fits
         if calls["n"] >= 2:  # the first checkpoint fits, the second does not
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(self, data)
@@ -3059,7 +3061,7 @@ def test_train_from_python_runs_on_its_threads_and_leaves_torchs_as_it_found_the
 
 def test_sigterm_during_an_evaluation_stops_it_and_the_resumed_run_redoes_it_first(tmp_path, monkeypatch,
                                                                                    sigterm_guard):
-    real, sent = a2pr.evaluation, []
+    real, sent = a2pr.evaluate, []
 
     def sigterm_then_evaluation(*a, **k):
         if not sent:  # the first evaluation only
@@ -3067,7 +3069,7 @@ def test_sigterm_during_an_evaluation_stops_it_and_the_resumed_run_redoes_it_fir
             os.kill(os.getpid(), signal.SIGTERM)  # arrives while the evaluation runs
         return real(*a, **k)
 
-    monkeypatch.setattr(a2pr, "evaluation", sigterm_then_evaluation)
+    monkeypatch.setattr(a2pr, "evaluate", sigterm_then_evaluation)
     s = a2pr.train(quick(tmp_path, run_name="cut", total_steps=40, eval_freq=20))
     assert s["interrupted"] and s["signal"] == "SIGTERM" and s["steps"] == 20
     ck = checkpoint(tmp_path / "cut")
@@ -3311,7 +3313,7 @@ def test_resume_of_a_run_killed_before_its_first_checkpoint_refuses_a_contradict
     run = tmp_path / "run"
     args, source = a2pr.resolve_args(quick(tmp_path))
     run.mkdir()
-    a2pr.write_config(run / "config.json", args, source, "0" * 64)  # what a run killed before step 1 leaves
+    a2pr.RunFolder(run, None, made=False).write_config(args, source, "0" * 64)  # what a run killed before step 1 leaves
     with pytest.raises(A2PRError, match=r"--alpha 5.0 contradicts the run's 2.5"):
         a2pr.train(a2pr.Args(resume=str(run), alpha=5.0, quiet=True))
     a2pr.train(a2pr.Args(resume=str(run)))
@@ -3454,13 +3456,13 @@ def test_best_policy_keeps_each_seeds_best_evaluation_with_its_weights(tmp_path,
     planned = iter([np.array([1.0, 4.0]), np.array([5.0, 2.0]), np.array([3.0, 6.0]), np.array([2.0, 1.0])])
     actors = {}
 
-    def evaluation(policy, ds, args, envs, stop=None):
+    def evaluate(policy, env_id, episodes, seed, obs_noise=0.0, *, envs=None, stop=None):
         scores = next(planned)
         actors[len(actors) + 1] = {k: v.clone() for k, v in policy.actor.state_dict().items()}
-        return {"eval/return_mean": 0.0, "eval/normalized_score_mean": float(scores.mean()),
-                "eval/normalized_score_std": float(scores.std())}, scores
+        return np.repeat(scores[:, None], episodes, axis=1)  # returns that are the planned scores, as scored below
 
-    monkeypatch.setattr(a2pr, "evaluation", evaluation)
+    monkeypatch.setattr(a2pr, "evaluate", evaluate)
+    monkeypatch.setattr(a2pr, "normalized_score", lambda ret, lo, hi: np.asarray(ret, dtype=np.float64))
     s = a2pr.train(tiny(tmp_path, num_seeds=2, eval_freq=50))
     best = torch.load(tmp_path / "run" / "best_policy.pt", weights_only=True)  # tensors and plain types only
     assert best["scores"].tolist() == [5.0, 6.0] and best["steps"].tolist() == [100, 150]
@@ -3546,14 +3548,14 @@ def keep_checkpoint_at(monkeypatch, step: int, copy_to: Path) -> None:
     """Copy the checkpoint written at `step` aside: putting it back later is a run killed after that step."""
     import shutil
 
-    save = a2pr.save_checkpoint
+    save = a2pr.RunFolder.save_checkpoint
 
-    def saving(path, args, agent, opt, gens, device, progress, *rest):
-        save(path, args, agent, opt, gens, device, progress, *rest)
-        if progress.step == step:
-            shutil.copy(path, copy_to)
+    def saving(folder, run):
+        save(folder, run)
+        if run.progress.step == step:
+            shutil.copy(folder.paths["checkpoint"], copy_to)
 
-    monkeypatch.setattr(a2pr, "save_checkpoint", saving)
+    monkeypatch.setattr(a2pr.RunFolder, "save_checkpoint", saving)
 
 
 def test_tensorboard_resume_after_a_kill_logs_every_step_once(tmp_path, monkeypatch):

@@ -307,7 +307,7 @@ def test_td3_is_offline_td3_and_the_situations_suite_runs_the_four_learners_side
     # with bc_weight 0 the gate is 0 in every state: the actor loss is TD3's -lambda Q alone
     adv = torch.tensor([[1.0, -1.0, 0.0]])
     _, gate, _ = a2pr.select_bc_target(adv, adv, torch.zeros(1, 3, 1), torch.ones(1, 3, 1), td3.bc_weight, td3.eps_a,
-                                       td3.bc_target, td3.gate)
+                                       bc_target=td3.bc_target, gate=td3.gate)
     assert gate.abs().max() == 0
     assert "td3 (--bc-target data --gate always --bc-weight 0.0)" in a2pr_sweep.variants_line(["td3"])
 
