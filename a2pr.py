@@ -110,93 +110,93 @@ class A2PRError(Exception):
     """A problem the user can fix; the command line prints it as one line, without a traceback."""
 
 
-def _arg(default, help: str, **meta):
-    """A dataclass field whose metadata is its --help line (CleanRL keeps help in docstrings; we need no tyro)."""
+def arg(default, help: str, **meta):
+    """A dataclass field whose metadata is its --help line (add_fields makes the flag; a2pr_sweep.py uses it too)."""
     return field(default=default, metadata={"help": help, **meta})
 
 
 @dataclass
 class Args:
     # --- experiment ---
-    env: str = _arg("pendulum-mostly-random-v0", "dataset: built-in pendulum-*, D4RL name, Minari id or .hdf5 file")
-    seed: int = _arg(0, "seed of the agent (weights, batches, noise); the dataset has its own --dataset-seed")
-    num_seeds: int = _arg(1, "train K independent agents (seeds seed..seed+K-1) as one batched computation")
-    cuda: bool = _arg(False, "train on the GPU; stops at once if none is visible")
-    compile: bool = _arg(False, "run the update through torch.compile (opt-in; compiling takes a minute or more)")
-    cuda_graphs: bool = _arg(False, "with --cuda: replay the whole update as CUDA graphs (fastest on a GPU)")
-    threads: int | None = _arg(None, "torch's CPU threads (default: torch's choice); the last bits of results depend "
+    env: str = arg("pendulum-mostly-random-v0", "dataset: built-in pendulum-*, D4RL name, Minari id or .hdf5 file")
+    seed: int = arg(0, "seed of the agent (weights, batches, noise); the dataset has its own --dataset-seed")
+    num_seeds: int = arg(1, "train K independent agents (seeds seed..seed+K-1) as one batched computation")
+    cuda: bool = arg(False, "train on the GPU; stops at once if none is visible")
+    compile: bool = arg(False, "run the update through torch.compile (opt-in; compiling takes a minute or more)")
+    cuda_graphs: bool = arg(False, "with --cuda: replay the whole update as CUDA graphs (fastest on a GPU)")
+    threads: int | None = arg(None, "torch's CPU threads (default: torch's choice); the last bits of results depend "
                                "on it, so it is recorded")
-    preset: str = _arg("auto", "hyperparameter preset: auto (by --env), spec, pendulum-cpu or a D4RL dataset name")
-    total_steps: int | None = _arg(None, "gradient steps (spec: 1,000,000)")
+    preset: str = arg("auto", "hyperparameter preset: auto (by --env), spec, pendulum-cpu or a D4RL dataset name")
+    total_steps: int | None = arg(None, "gradient steps (spec: 1,000,000)")
     # --- data ---
-    mix: str | None = _arg(None, "NAME:FRACTION: mix whole trajectories of NAME into --env, e.g. hopper-expert-v2:0.01",
+    mix: str | None = arg(None, "NAME:FRACTION: mix whole trajectories of NAME into --env, e.g. hopper-expert-v2:0.01",
                            metavar="NAME:FRAC")
-    dataset_seed: int = _arg(0, "seed of built-in datasets and of --mix sampling (same data for every agent seed)")
-    eval_env: str | None = _arg(None, "gymnasium id to evaluate in, for a local .hdf5 file (default: from the file)",
+    dataset_seed: int = arg(0, "seed of built-in datasets and of --mix sampling (same data for every agent seed)")
+    eval_env: str | None = arg(None, "gymnasium id to evaluate in, for a local .hdf5 file (default: from the file)",
                                 metavar="ID")
-    ref_scores: str | None = _arg(None, "MIN,MAX reference returns for the normalised score, if the data has none")
-    download_timeout: float = _arg(10.0, "seconds to wait for a connection or for the next block of a download")
-    data_dir: str | None = _arg(None, "where built-in datasets are cached (default $A2PR_DATA_DIR or ~/.cache/a2pr)",
+    ref_scores: str | None = arg(None, "MIN,MAX reference returns for the normalised score, if the data has none")
+    download_timeout: float = arg(10.0, "seconds to wait for a connection or for the next block of a download")
+    data_dir: str | None = arg(None, "where built-in datasets are cached (default $A2PR_DATA_DIR or ~/.cache/a2pr)",
                                 metavar="DIR")
-    normalize_states: bool = _arg(True, "normalise states with the dataset's mean and std + 1e-3 (spec)",
+    normalize_states: bool = arg(True, "normalise states with the dataset's mean and std + 1e-3 (spec)",
                                   negatable=True)
-    reward_scale: float = _arg(1.0, "r' = reward_scale * r + reward_shift (off by default; for sparse tasks)")
-    reward_shift: float = _arg(0.0, "see --reward-scale")
+    reward_scale: float = arg(1.0, "r' = reward_scale * r + reward_shift (off by default; for sparse tasks)")
+    reward_shift: float = arg(0.0, "see --reward-scale")
     # --- algorithm ---
-    batch_size: int | None = _arg(None, "transitions per gradient step (spec: 256)")
-    discount: float | None = _arg(None, "gamma, the discount (spec 1,2; default 0.99, some presets 0.995)")
-    tau: float = _arg(0.005, "tau, soft target-update rate (spec 4)")
-    alpha: float | None = _arg(None, "alpha: actor loss weighs Q by lambda = alpha / mean|Q| (spec 4; default 2.5)")
-    bc_weight: float | None = _arg(None, "weight of the behaviour constraint when the gate is on (spec 4; default 1.0)",
+    batch_size: int | None = arg(None, "transitions per gradient step (spec: 256)")
+    discount: float | None = arg(None, "gamma, the discount (spec 1,2; default 0.99, some presets 0.995)")
+    tau: float = arg(0.005, "tau, soft target-update rate (spec 4)")
+    alpha: float | None = arg(None, "alpha: actor loss weighs Q by lambda = alpha / mean|Q| (spec 4; default 2.5)")
+    bc_weight: float | None = arg(None, "weight of the behaviour constraint when the gate is on (spec 4; default 1.0)",
                                    aliases=("--mask",))
-    vae_weight: float | None = _arg(None, "weight of VAE reconstruction where Q(s,a) > V(s) (spec 3; default 1.0)")
-    eps_a: float = _arg(0.0, "epsilon_A, advantage threshold of the adaptive gate (spec 4)")
-    policy_freq: int = _arg(2, "actor and target update every this many steps (spec 4)")
-    policy_noise: float = _arg(0.2, "sigma of the target-policy smoothing noise, times max action (spec 1)")
-    noise_clip: float = _arg(0.5, "clip of the smoothing noise, times max action (spec 1)")
-    actor_lr: float = _arg(3e-4, "Adam learning rate of the actor")
-    critic_lr: float = _arg(3e-4, "Adam learning rate of the twin critics")
-    value_lr: float = _arg(3e-4, "Adam learning rate of V")
-    vae_lr: float = _arg(1e-3, "Adam learning rate of the VAE (the released code uses Adam's default 1e-3)")
-    actor_hidden: int | None = _arg(None, "actor hidden width (spec: 256)")
-    actor_layers: int = _arg(3, "actor hidden layers")
-    critic_hidden: int | None = _arg(None, "hidden width of each critic (spec: 256)")
-    critic_layers: int = _arg(4, "hidden layers of each critic")
-    value_hidden: int | None = _arg(None, "V hidden width (spec: 256)")
-    value_layers: int = _arg(4, "V hidden layers")
-    vae_hidden: int | None = _arg(None, "VAE encoder and decoder hidden width (spec: 750)")
-    vae_layers: int = _arg(2, "hidden layers of the VAE encoder and of its decoder")
-    bc_target: str = _arg("select", "ablation: select (A2PR), data (dataset action, TD3+BC-like), vae (VAE always)",
+    vae_weight: float | None = arg(None, "weight of VAE reconstruction where Q(s,a) > V(s) (spec 3; default 1.0)")
+    eps_a: float = arg(0.0, "epsilon_A, advantage threshold of the adaptive gate (spec 4)")
+    policy_freq: int = arg(2, "actor and target update every this many steps (spec 4)")
+    policy_noise: float = arg(0.2, "sigma of the target-policy smoothing noise, times max action (spec 1)")
+    noise_clip: float = arg(0.5, "clip of the smoothing noise, times max action (spec 1)")
+    actor_lr: float = arg(3e-4, "Adam learning rate of the actor")
+    critic_lr: float = arg(3e-4, "Adam learning rate of the twin critics")
+    value_lr: float = arg(3e-4, "Adam learning rate of V")
+    vae_lr: float = arg(1e-3, "Adam learning rate of the VAE (the released code uses Adam's default 1e-3)")
+    actor_hidden: int | None = arg(None, "actor hidden width (spec: 256)")
+    actor_layers: int = arg(3, "actor hidden layers")
+    critic_hidden: int | None = arg(None, "hidden width of each critic (spec: 256)")
+    critic_layers: int = arg(4, "hidden layers of each critic")
+    value_hidden: int | None = arg(None, "V hidden width (spec: 256)")
+    value_layers: int = arg(4, "V hidden layers")
+    vae_hidden: int | None = arg(None, "VAE encoder and decoder hidden width (spec: 750)")
+    vae_layers: int = arg(2, "hidden layers of the VAE encoder and of its decoder")
+    bc_target: str = arg("select", "ablation: select (A2PR), data (dataset action, TD3+BC-like), vae (VAE always)",
                           choices=("select", "data", "vae"))
-    gate: str = _arg("adaptive", "ablation: adaptive (A2PR) or always (constraint in every state)",
+    gate: str = arg("adaptive", "ablation: adaptive (A2PR) or always (constraint in every state)",
                      choices=("adaptive", "always"))
     # --- evaluation ---
-    eval_freq: int | None = _arg(None, "evaluate every this many steps (spec: 5,000)")
-    eval_episodes: int = _arg(10, "deterministic episodes per evaluation")
-    eval_obs_noise: float = _arg(0.0, "std of Gaussian noise added to evaluation observations (robustness test)")
+    eval_freq: int | None = arg(None, "evaluate every this many steps (spec: 5,000)")
+    eval_episodes: int = arg(10, "deterministic episodes per evaluation")
+    eval_obs_noise: float = arg(0.0, "std of Gaussian noise added to evaluation observations (robustness test)")
     # --- logging and checkpoints ---
-    save_dir: str = _arg("runs", "parent folder of run folders")
-    run_name: str | None = _arg(None, "run folder name (default: ENV__seedS__TIME)")
-    log_freq: int | None = _arg(None, "fetch metrics, print progress and write the CSV every this many steps")
-    save_freq: int | None = _arg(None, "write a checkpoint every this many steps (default: --eval-freq)")
-    resume: str | None = _arg(None, "continue the run in this folder from its checkpoint", metavar="DIR")
-    tensorboard: bool = _arg(False, "also log to TensorBoard (needs the tensorboard package)")
-    wandb: bool = _arg(False, "also log to Weights & Biases (needs the wandb package)")
-    wandb_project: str = _arg("a2pr", "wandb project name")
-    quiet: bool = _arg(False, "print only the final summary")
-    config: str | None = _arg(None, "run with the settings of a run's config.json; flags given here win",
+    save_dir: str = arg("runs", "parent folder of run folders")
+    run_name: str | None = arg(None, "run folder name (default: ENV__seedS__TIME)")
+    log_freq: int | None = arg(None, "fetch metrics, print progress and write the CSV every this many steps")
+    save_freq: int | None = arg(None, "write a checkpoint every this many steps (default: --eval-freq)")
+    resume: str | None = arg(None, "continue the run in this folder from its checkpoint", metavar="DIR")
+    tensorboard: bool = arg(False, "also log to TensorBoard (needs the tensorboard package)")
+    wandb: bool = arg(False, "also log to Weights & Biases (needs the wandb package)")
+    wandb_project: str = arg("a2pr", "wandb project name")
+    quiet: bool = arg(False, "print only the final summary")
+    config: str | None = arg(None, "run with the settings of a run's config.json; flags given here win",
                               metavar="FILE")
-    export: str | None = _arg(None, "write the run's policy as one torch.export program (RUN_DIR/policy.pt2): raw "
+    export: str | None = arg(None, "write the run's policy as one torch.export program (RUN_DIR/policy.pt2): raw "
                               "observations -> env actions, loadable with torch alone", metavar="RUN_DIR")
-    best: bool = _arg(False, "with --export: the policy of the best evaluation (each seed's own) -> policy_best.pt2")
+    best: bool = arg(False, "with --export: the policy of the best evaluation (each seed's own) -> policy_best.pt2")
     # --- benchmarks (no dataset, no env) ---
-    benchmark: str | None = _arg(None, "time the real update on synthetic data (update); prints one JSON line",
+    benchmark: str | None = arg(None, "time the real update on synthetic data (update); prints one JSON line",
                                  choices=("update",), metavar="WHAT")
-    bench_steps: int = _arg(200, "timed updates of --benchmark update, after 20 warm-up updates")
-    bench_modes: str | None = _arg(None, "--benchmark update: time these update paths side by side, e.g. "
+    bench_steps: int = arg(200, "timed updates of --benchmark update, after 20 warm-up updates")
+    bench_modes: str | None = arg(None, "--benchmark update: time these update paths side by side, e.g. "
                                    "eager,compile,graphs (default: the path the flags select)", metavar="MODES")
-    bench_repeats: int = _arg(1, "--benchmark update: timed rounds per path, interleaved; the median is reported")
-    bench_dims: str = _arg("11,3", "OBS,ACT dims of the synthetic data of --benchmark update (hopper: 11,3)",
+    bench_repeats: int = arg(1, "--benchmark update: timed rounds per path, interleaved; the median is reported")
+    bench_dims: str = arg("11,3", "OBS,ACT dims of the synthetic data of --benchmark update (hopper: 11,3)",
                            metavar="OBS,ACT")
 
 
@@ -2062,7 +2062,8 @@ def lock_with_pid(path: Path, busy: str):
 
 
 def lock_run_dir(run_dir: Path, resuming: bool = False):
-    return lock_with_pid(run_dir / OTHER_RUN_FILES["lock"], f"{run_dir} is in use by another a2pr.py process{{pid}}; wait for it to "
+    return lock_with_pid(run_dir / OTHER_RUN_FILES["lock"], f"{run_dir} is in use by another a2pr.py process{{pid}}; "
+                         "wait for it to "
                          "end" + (", then resume it again" if resuming else " or choose another --run-name"))
 
 
@@ -2182,10 +2183,12 @@ class RunFolder:
         args, p, ds, finite = run.args, run.progress, run.ds, lambda x: float(x) if np.isfinite(x) else None
         seeds, interrupted = agent_seeds(args), p.step < args.total_steps
         evals = [r for r in p.history if "eval/normalized_score_mean" in r]
-        final = ([evals[-1].get(f"eval/normalized_score_seed{s}", evals[-1]["eval/normalized_score_mean"]) for s in seeds]
-                 if evals else [float("nan")] * len(seeds))
+        last = evals[-1] if evals else {}  # a seed's own column with K seeds, the mean with one, NaN before any
+        final = [last.get(f"eval/normalized_score_seed{s}", last.get("eval/normalized_score_mean", math.nan))
+                 for s in seeds]
         summary = self.write_summary(run, dict(
-            env=args.env, seeds=seeds, steps=p.step, interrupted=interrupted, signal=stopped_by if interrupted else None,
+            env=args.env, seeds=seeds, steps=p.step, interrupted=interrupted,
+            signal=stopped_by if interrupted else None,
             final_score=float(np.mean(final)), final_score_std=float(np.std(final)), best_score=finite(p.best.mean()),
             final_scores=[float(x) for x in final], best_scores=[finite(b) for b in p.best],
             dataset_score=ds.average_score))
@@ -2267,7 +2270,7 @@ def claim_run_dir(args: Args) -> RunFolder:
             raise A2PRError(f"--run-name {args.run_name}: {run_dir} is a file, not a folder; choose another name")
         lock = lock_run_dir(run_dir)
         if not made and not not_started(run_dir, args):
-            (run_dir / OTHER_RUN_FILES["lock"]).unlink(missing_ok=True)  # it was free, so this process made it: leave no trace
+            (run_dir / OTHER_RUN_FILES["lock"]).unlink(missing_ok=True)  # it was free: this process made it
             lock.close()
             raise A2PRError(f"{run_dir} already holds a run's files; continue that run with {resume_command(run_dir)}"
                             f", or choose another --run-name")
@@ -2282,13 +2285,13 @@ def not_started(run_dir: Path, args: Args) -> bool:
     names = {p.name for p in run_dir.iterdir()} - {OTHER_RUN_FILES["lock"]}
     if not names:
         return True
-    if names & {RUN_FILES["checkpoint"], RUN_FILES["summary"]} or not (config := run_dir / RUN_FILES["config"]).is_file():
+    config = run_dir / RUN_FILES["config"]
+    if names & {RUN_FILES["checkpoint"], RUN_FILES["summary"]} or not config.is_file():
         return False
     with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
         saved = json.loads(config.read_text())["settings"]
-        skip = {*NOT_FROM_CONFIG, *RESUME_MAY_CHANGE}
-        return {k: v for k, v in saved.items() if k not in skip} == \
-            {k: v for k, v in dataclasses.asdict(args).items() if k not in skip}
+        return {k: v for k, v in saved.items() if k not in SAME_RESULTS} == \
+            {k: v for k, v in dataclasses.asdict(args).items() if k not in SAME_RESULTS}
     return False
 
 
@@ -2499,21 +2502,34 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser(prog: str = "a2pr.py", description: str | None = None) -> argparse.ArgumentParser:
-    """One flag per Args field, its help from the field; defaults are SUPPRESS, so a parse holds the flags given."""
-    p = _Parser(prog=prog, description=description or __doc__.split("\n\n")[0], argument_default=argparse.SUPPRESS,
+    """One flag per Args field (add_fields); a parse holds the flags given, and nothing else."""
+    p = _Parser(prog=prog, description=description or __doc__.split("\n\n")[0],
                 formatter_class=lambda prog: argparse.HelpFormatter(prog, max_help_position=30, width=120))
-    p.flags = []
-    for f in dataclasses.fields(Args):
-        flags, typ = ["--" + f.name.replace("_", "-"), *f.metadata.get("aliases", ())], FIELD_TYPES[f.name]
-        hide = f.default is None or typ is bool or str(f.default) in f.metadata["help"]
-        kw = dict(dest=f.name, help=f.metadata["help"] + ("" if hide else f" (default {f.default})"))
+    p.flags = add_fields(p, Args)  # choices are checked by validate_args, in one line for Python and the shell alike
+    return p
+
+
+def add_fields(p, cls, choices: bool = False) -> list[str]:
+    """One argument per field of the dataclass cls that has a help line (_arg): --name, or NAME where its metadata
+    says positional; type, metavar, aliases and (with `choices`) choices from the field, default SUPPRESS. The one
+    dataclass-to-argparse builder: Args here, the sweep's own settings in a2pr_sweep.py. Returns the flags."""
+    flags, hints = [], typing.get_type_hints(cls)
+    for f in (f for f in dataclasses.fields(cls) if "help" in f.metadata):
+        typ = next(t for t in typing.get_args(hints[f.name]) or (hints[f.name],) if t is not type(None))
+        hide = f.default in (None, dataclasses.MISSING) or typ is bool or str(f.default) in f.metadata["help"]
+        kw = dict(help=f.metadata["help"] + ("" if hide else f" (default {f.default})"))
         if typ is bool:
             kw["action"] = argparse.BooleanOptionalAction if f.metadata.get("negatable") else "store_true"
         else:
-            kw.update(type=typ, metavar=f.metadata.get("metavar", f.name.split("_")[-1].upper()))
-        p.add_argument(*flags, **kw)
-        p.flags += flags
-    return p
+            kw.update(type=typ, metavar=f.metadata.get("metavar", f.name.split("_")[-1].upper()),
+                      choices=f.metadata.get("choices") if choices else None)
+        if f.metadata.get("positional"):
+            p.add_argument(f.name, **kw)
+        else:
+            names = ["--" + f.name.replace("_", "-"), *f.metadata.get("aliases", ())]
+            p.add_argument(*names, dest=f.name, default=argparse.SUPPRESS, **kw)
+            flags += names
+    return flags
 
 
 def parse_args(argv=None) -> tuple[Args, set[str]]:
@@ -2531,11 +2547,19 @@ FIELD_TYPES = {k: next(t for t in typing.get_args(h) or (h,) if t is not type(No
 
 
 FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Args)}
-# Where files go and what the program does come from the command line only, never from a shared config.json.
-
-
-NOT_FROM_CONFIG = ("config", "resume", "run_name", "export", "best", "save_dir", "data_dir", "cuda", "compile",
-                   "cuda_graphs", "benchmark", "bench_steps", "bench_modes", "bench_repeats", "bench_dims")
+# Settings that do not change what a run learns, in one place, by kind: "length" (the run's total steps), "machine"
+# (the device, the speed path, where data is cached), "process" (how this process talks and waits), "folder" (where
+# the run's files go), "records" (what is logged, how often) and "command" (what the program does). --resume lets
+# length, machine and process follow the command line; a shared config.json never sets machine, folder or command;
+# a sweep (a2pr_sweep.py) and a restarted run take a folder's run as the same whatever any of them is.
+SAME_RESULTS = dict(total_steps="length", cuda="machine", compile="machine", cuda_graphs="machine", quiet="process",
+                    data_dir="machine", download_timeout="process", save_dir="folder", run_name="folder",
+                    log_freq="records", save_freq="records", tensorboard="records", wandb="records",
+                    wandb_project="records", **dict.fromkeys(("resume", "config", "export", "best", "benchmark",
+                                                              "bench_steps", "bench_modes", "bench_repeats",
+                                                              "bench_dims"), "command"))
+RESUME_MAY_CHANGE = ("resume", *(k for k, kind in SAME_RESULTS.items() if kind in ("length", "machine", "process")))
+NOT_FROM_CONFIG = tuple(k for k, kind in SAME_RESULTS.items() if kind in ("machine", "folder", "command"))
 
 
 TYPE_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
@@ -2563,12 +2587,6 @@ def load_config(path: str, where: str | None = None, fix: str = "") -> dict:
     except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:  # Recursion: nested past Python's limit
         raise A2PRError(f"{where}: not a run's config.json ({type(e).__name__}: {e}){fix}") from None
     return {k: v for k, v in checked_settings(settings, where).items() if k not in NOT_FROM_CONFIG}
-
-
-# On --resume the checkpoint's settings win; these follow the command line: the run's length, how the update
-# executes (device, --compile, --cuda-graphs) and where the data is found, none of which changes what is learned.
-RESUME_MAY_CHANGE = ("resume", "total_steps", "cuda", "compile", "cuda_graphs", "quiet", "data_dir",
-                     "download_timeout")
 
 
 def run_settings(args: Args, given: set[str] | None) -> tuple[Args, dict[str, str], dict | None]:
@@ -2697,6 +2715,15 @@ def validate_args(args: Args) -> None:
                 f.default is None):
             raise A2PRError(f"--{f.name.replace('_', '-')} must be one of {', '.join(f.metadata['choices'])}, "
                             f"got {v!r}")
+
+
+
+# The names of this file that its companion a2pr_sweep.py uses: a declared interface (test_a2pr_sweep.py checks that
+# the companion uses no other), kept stable when the rest changes.
+COMPANION_NAMES = ("A2PRError", "Args", "arg", "add_fields", "build_parser", "load_config", "resolve_args",
+                   "check_fields", "LARGEST", "SAME_RESULTS", "RESUME_MAY_CHANGE", "train", "load_dataset", "data_dir",
+                   "evaluate", "normalized_score", "RUN_FILES", "load_checkpoint", "load_run", "atomic_write",
+                   "write_csv", "lock_with_pid", "library_versions", "fmt_time")
 
 
 if __name__ == "__main__":

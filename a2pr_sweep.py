@@ -24,7 +24,6 @@ Ray task (run_sweep_task) · the driver (sweep) · results (collect_sweep, sweep
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import json
@@ -38,7 +37,6 @@ import socket
 import sys
 import threading
 import time
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -90,37 +88,32 @@ NOT_TRAINING = {"export": "python a2pr.py --export RUN_DIR", "best": "python a2p
 RESUME_FOLLOWS = tuple(k for k in a2pr.RESUME_MAY_CHANGE if k not in ("resume", "quiet"))
 
 
-def _flag(help: str, default=dataclasses.MISSING, **meta):
-    """A SweepArgs field whose metadata is its --help line, as a2pr's Args fields."""
-    return field(default=default, metadata={"help": help, **meta})
-
-
 @dataclass
 class SweepArgs:
     """The sweep's own settings (its flags), the training settings every run starts from (a2pr's Args) and which of
     those the user gave (None: the fields of `train` that differ from a2pr.Args())."""
-    suite: str = _flag("paper (the paper's 9 D4RL sets), mixes (random data + 1 or 5 percent expert/medium), builtin "
-                       "(Pendulum: random, medium, expert, mostly-random), situations (Pendulum data from narrow and "
-                       "good to wide and bad) or "
-                       "envs (--envs)", choices=("paper", "mixes", "builtin", "situations", "envs"),
-                       metavar="SUITE", positional=True)
-    envs: str | None = _flag("with the suite envs: these datasets, comma-separated; ENV+NAME:FRAC for a --mix", None,
-                             metavar="A,B")
-    seeds: int = _flag("seeds per dataset and variant, --seed onwards (default 5); all in one Ray task unless "
-                       "--num-seeds N splits them into tasks of N", 5)
-    variants: str = _flag("side by side, among a2pr, td3bc (--bc-target data --gate always), no-gate (--gate always), "
-                          "vae-only (--bc-target vae), td3 (--bc-weight 0: offline TD3, no constraint) (default a2pr)",
-                          "a2pr", metavar="V,...")
-    sweep_dir: str | None = _flag("folder of its run folders and results (default sweeps/SUITE)", None, metavar="DIR")
-    task_cpus: float = _flag("CPU cores per Ray task; each task runs torch on that many threads (default 1)", 1.0)
-    task_gpus: float | None = _flag("GPUs per Ray task, e.g. 0.25 packs four tasks on one GPU (default: 1 with "
-                                    "--cuda, else 0)", None)
-    task_retries: int = _flag("times Ray reruns a task whose worker died; the rerun resumes the checkpoint (default 3)",
-                              3)
-    ray_address: str | None = _flag("Ray cluster to run on, e.g. auto or HOST:6379 (default $RAY_ADDRESS, else a "
-                                    "local Ray on this machine)", None, metavar="ADDR")
-    noise_levels: str | None = _flag("also evaluate every final policy under Gaussian observation noise of these "
-                                     "stds, e.g. 0,0.01,0.05,0.1", None, metavar="S,...")
+    suite: str = a2pr.arg(dataclasses.MISSING, "paper (the paper's 9 D4RL sets), mixes (random data + 1 or 5 percent "
+                          "expert/medium), builtin (Pendulum: random, medium, expert, mostly-random), situations "
+                          "(Pendulum data from narrow and good to wide and bad) or envs (--envs)",
+                          choices=("paper", "mixes", "builtin", "situations", "envs"), metavar="SUITE", positional=True)
+    envs: str | None = a2pr.arg(None, "with the suite envs: these datasets, comma-separated; ENV+NAME:FRAC for a --mix",
+                                metavar="A,B")
+    seeds: int = a2pr.arg(5, "seeds per dataset and variant, --seed onwards (default 5); all in one Ray task unless "
+                          "--num-seeds N splits them into tasks of N")
+    variants: str = a2pr.arg("a2pr", "side by side, among a2pr, td3bc (--bc-target data --gate always), no-gate "
+                             "(--gate always), vae-only (--bc-target vae), td3 (--bc-weight 0: offline TD3, no "
+                             "constraint) (default a2pr)", metavar="V,...")
+    sweep_dir: str | None = a2pr.arg(None, "folder of its run folders and results (default sweeps/SUITE)",
+                                     metavar="DIR")
+    task_cpus: float = a2pr.arg(1.0, "CPU cores per Ray task; each task runs torch on that many threads")
+    task_gpus: float | None = a2pr.arg(None, "GPUs per Ray task, e.g. 0.25 packs four tasks on one GPU (default: 1 "
+                                       "with --cuda, else 0)")
+    task_retries: int = a2pr.arg(3, "times Ray reruns a task whose worker died; the rerun resumes the checkpoint "
+                                 "(default 3)")
+    ray_address: str | None = a2pr.arg(None, "Ray cluster to run on, e.g. auto or HOST:6379 (default $RAY_ADDRESS, "
+                                       "else a local Ray on this machine)", metavar="ADDR")
+    noise_levels: str | None = a2pr.arg(None, "also evaluate every final policy under Gaussian observation noise of "
+                                        "these stds, e.g. 0,0.01,0.05,0.1", metavar="S,...")
     train: a2pr.Args = field(default_factory=a2pr.Args)
     given: frozenset[str] | None = None
 
@@ -278,25 +271,20 @@ def plan_sweep(sw: SweepArgs) -> list[dict]:
     return runs
 
 
-# Settings that may differ between a run folder and a later sweep command without changing the run's results.
-_SWEEP_FREE = {"resume", "quiet", "total_steps", "cuda", "compile", "cuda_graphs", "save_dir", "run_name",
-               "data_dir", "download_timeout", "log_freq", "save_freq", "tensorboard", "wandb", "wandb_project"}
-
-
 def sweep_run_state(run: dict, total_steps: int, levels: list[float]) -> str:
     """done (finished, every noise level evaluated) | noise (finished, noise levels missing) | resume (a checkpoint,
     no finished summary) | new."""
     run_dir = Path(run["run_dir"])
-    summary = _read_json(run_dir / "summary.json")
+    summary = _read_json(run_dir / a2pr.RUN_FILES["summary"])
     if not summary.get("interrupted", True) and summary.get("steps", 0) >= total_steps:
         have = _read_json(run_dir / "noise.json").get("scores", {})
         return "done" if all(repr(x) in have for x in levels) else "noise"
-    return "resume" if (run_dir / "checkpoint.pt").exists() else "new"
+    return "resume" if (run_dir / a2pr.RUN_FILES["checkpoint"]).exists() else "new"
 
 
 # What to do about a run folder's file that is not what a2pr and the sweep wrote there (truncated, garbage, foreign).
-_FILE_FIX = {"summary.json": "remove the folder {run_dir}; the same command then trains that run again",
-             "metrics.csv": "remove the folder {run_dir}; the same command then trains that run again",
+_FILE_FIX = {a2pr.RUN_FILES["summary"]: "remove the folder {run_dir}; the same command then trains that run again",
+             a2pr.RUN_FILES["csv"]: "remove the folder {run_dir}; the same command then trains that run again",
              "sweep.json": "remove that file (it holds only the run's wall time and host), then run the same command "
                            "again",
              "noise.json": "remove that file; the same command then evaluates the noise levels again"}
@@ -320,7 +308,7 @@ def _list_of(check):
 
 # The fields of a run folder's JSON files that the sweep reads, each with the check its value must pass.
 _JSON_FIELDS = {
-    "summary.json": dict(interrupted=lambda x: isinstance(x, bool), steps=_is_int, seeds=_list_of(_is_int),
+    a2pr.RUN_FILES["summary"]: dict(interrupted=lambda x: isinstance(x, bool), steps=_is_int, seeds=_list_of(_is_int),
                          final_scores=_list_of(_is_number), best_scores=_list_of(lambda x: x is None or _is_number(x))),
     "sweep.json": dict(wall_s=_is_number, host=lambda x: isinstance(x, str), attempts=_is_int,
                        resumed_at=_list_of(_is_int)),
@@ -347,7 +335,7 @@ def _read_json(path: Path) -> dict:
     for k, ok in fields.items():
         if k in out and not ok(out[k]):
             raise _bad_file(path, f"its {k} is {str(out[k])[:40]!r}")
-    if path.name == "summary.json" and out.get("interrupted") is False:
+    if path.name == a2pr.RUN_FILES["summary"] and out.get("interrupted") is False:
         missing = [k for k in fields if k not in out]
         if missing:
             raise _bad_file(path, f"a finished run's summary without {', '.join(missing)}")
@@ -360,11 +348,11 @@ def check_run_folder(run: dict, resolved: a2pr.Args) -> None:
     """A folder left by an earlier sweep must hold the run this command asks for, else its scores would be mixed
     into the table silently."""
     run_dir = Path(run["run_dir"])
-    if not (run_dir / "checkpoint.pt").exists():
+    if not (run_dir / a2pr.RUN_FILES["checkpoint"]).exists():
         return
     saved = a2pr.load_checkpoint(run_dir)["args"]
     diff = [k for k, v in dataclasses.asdict(resolved).items()
-            if k not in _SWEEP_FREE and k in saved and saved[k] != v]
+            if k not in a2pr.SAME_RESULTS and k in saved and saved[k] != v]
     if diff:
         what = ", ".join(f"{k}={saved[k]!r} there, {getattr(resolved, k)!r} now" for k in diff[:3])
         raise a2pr.A2PRError(f"{run_dir} was trained with other settings ({what}); give another --sweep-dir or "
@@ -619,7 +607,7 @@ def _run_on_ray(ray, sw: SweepArgs, todo: list[dict], resolved: dict, levels: li
 # --- results -----------------------------------------------------------------------------------------------------
 def _metrics(run_dir: Path) -> list[dict]:
     """metrics.csv's rows ([] where there is none); a file that is not a2pr's CSV is one line saying so."""
-    path = run_dir / "metrics.csv"
+    path = run_dir / a2pr.RUN_FILES["csv"]
     if not path.exists():
         return []
     try:
@@ -649,7 +637,7 @@ def _eval_curves(run_dir: Path, seeds: list[int]) -> tuple[np.ndarray, np.ndarra
     try:
         scores = np.array([[float(r[c]) for r in rows] for c in cols]).reshape(len(seeds), len(rows))
     except (KeyError, ValueError):
-        raise _bad_file(run_dir / "metrics.csv", f"no evaluation score for each of the seeds {seeds}") from None
+        raise _bad_file(run_dir / a2pr.RUN_FILES["csv"], f"no evaluation score for each of the seeds {seeds}") from None
     return np.array([int(r["step"]) for r in rows]), scores
 
 
@@ -664,7 +652,7 @@ def check_run_files(run: dict) -> None:
     elsewhere stops the sweep with one line before it writes anything. metrics.csv only once the run has finished:
     until then its last line may be a2pr's to complete, and a2pr reads it itself when the run resumes."""
     run_dir = Path(run["run_dir"])
-    summary = _read_json(run_dir / "summary.json")
+    summary = _read_json(run_dir / a2pr.RUN_FILES["summary"])
     _read_json(run_dir / "sweep.json")
     _read_json(run_dir / "noise.json")
     if summary.get("interrupted") is False:
@@ -676,7 +664,7 @@ def collect_sweep(runs: list[dict], levels: list[float]) -> list[dict]:
     rows = []
     for run in runs:
         d = Path(run["run_dir"])
-        s = _read_json(d / "summary.json")
+        s = _read_json(d / a2pr.RUN_FILES["summary"])
         if not s or s.get("interrupted", True):
             continue
         info, noise = _read_json(d / "sweep.json"), _read_json(d / "noise.json").get("scores", {})
@@ -1027,18 +1015,7 @@ def build_parser():
     p = a2pr.build_parser(prog="a2pr_sweep.py", description=__doc__.split("\n\n")[0])
     group = p.add_argument_group("sweep", "a2pr_sweep.py's own arguments; every other flag is a2pr.py's and is given "
                                           "to every run of the sweep")
-    hints = typing.get_type_hints(SweepArgs)
-    for f in dataclasses.fields(SweepArgs):
-        if "help" not in f.metadata:
-            continue
-        typ = next((t for t in typing.get_args(hints[f.name]) if t is not type(None)), hints[f.name])
-        kw = dict(type=typ, help=f.metadata["help"], metavar=f.metadata.get("metavar", f.name.split("_")[-1].upper()))
-        if "choices" in f.metadata:
-            kw["choices"] = f.metadata["choices"]
-        if f.metadata.get("positional"):
-            group.add_argument(f.name, **kw)
-        else:  # absent from the parse unless given, as a2pr's flags: SweepArgs holds the defaults
-            group.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=argparse.SUPPRESS, **kw)
+    a2pr.add_fields(group, SweepArgs, choices=True)  # absent from a parse unless given: SweepArgs holds the defaults
     return p
 
 

@@ -1,9 +1,34 @@
 """Shared by test_a2pr.py and test_a2pr_sweep.py: every test runs offline (loopback only) and writes nothing outside
-its own temporary folders."""
+its own temporary folders; the helpers both files use (run folders' checkpoints, state comparisons)."""
 
+import os
 import socket
+import tempfile
+from pathlib import Path
 
 import pytest
+
+# Set before a2pr is imported: matplotlib's cache and a2pr's dataset cache go to a temporary folder, never the home.
+_TMP = Path(tempfile.mkdtemp(prefix="a2pr-tests-"))
+os.environ.setdefault("MPLCONFIGDIR", str(_TMP / "mpl"))
+os.environ["A2PR_DATA_DIR"] = str(_TMP / "data")
+
+import torch  # noqa: E402
+
+import a2pr  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+
+
+def checkpoint(run_dir) -> dict:
+    """A run folder's checkpoint as it is on disk (plain data, weights_only)."""
+    return torch.load(Path(run_dir) / a2pr.RUN_FILES["checkpoint"], map_location="cpu", weights_only=True)
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
 
 LOOPBACK = ("127.0.0.1", "localhost")
 
@@ -39,5 +64,4 @@ def private_home(tmp_path_factory):
     home = tmp_path_factory.mktemp("home")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HOME", str(home))
-        mp.setenv("MPLCONFIGDIR", str(home / "mpl"))
         yield

@@ -31,7 +31,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import types
@@ -47,10 +46,6 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-# Tests never write into the user's home: matplotlib's cache and a2pr's dataset cache go to a temporary folder.
-_TMP = Path(tempfile.mkdtemp(prefix="a2pr-tests-"))
-os.environ.setdefault("MPLCONFIGDIR", str(_TMP / "mpl"))
-os.environ["A2PR_DATA_DIR"] = str(_TMP / "data")
 
 # Hypothesis profiles: "ci" (default) keeps the suite to a few minutes on 2 cores; "thorough" searches much harder.
 settings.register_profile("ci", max_examples=30, deadline=None)
@@ -58,6 +53,7 @@ settings.register_profile("thorough", max_examples=1000, deadline=None)
 settings.load_profile(os.environ.get("A2PR_HYPOTHESIS_PROFILE", "ci"))
 
 import a2pr  # noqa: E402
+from conftest import HERE, assert_same_state, checkpoint  # noqa: E402
 from a2pr import A2PRError, load_rows, rows_to_transitions, write_d4rl_hdf5  # noqa: E402
 
 
@@ -65,9 +61,6 @@ from a2pr import A2PRError, load_rows, rows_to_transitions, write_d4rl_hdf5  # n
 # Shared helpers: the one Args factory for tiny runs, runs, checkpoints, batches, one update (the isolation
 # fixtures, loopback only and nothing written outside tmp_path, are in conftest.py)
 # ================================================================================================================
-HERE = Path(__file__).resolve().parent
-
-
 def tiny(tmp_path=None, resolve: bool = False, **kw) -> a2pr.Args:
     """The one Args factory of the tests: a run small enough for a test (narrow networks, 200 steps, one evaluation
     episode, NOOP_LOG) that writes into tmp_path when given; resolve=True fills the preset fields as train() does."""
@@ -87,19 +80,9 @@ def run_cli(*argv, timeout=120, **popen):
                           timeout=timeout, env=env, cwd=popen.get("cwd", HERE))
 
 
-def checkpoint(run_dir) -> dict:
-    return torch.load(Path(run_dir) / "checkpoint.pt", map_location="cpu", weights_only=True)
-
-
 def comparable(history: list[dict]) -> list[dict]:
     """A run's metrics without the wall-clock columns, which legitimately differ between runs."""
     return [{k: v for k, v in r.items() if k not in ("time_s", "charts/SPS")} for r in history]
-
-
-def assert_same_state(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
 
 
 CPU = torch.device("cpu")
@@ -3718,3 +3701,35 @@ def test_committed_notebook_carries_its_outputs_and_pictures():
     pictures = [o for o in outputs if "image/png" in o.get("data", {})]
     assert len(pictures) >= 6  # one figure (several panels) per section
     assert "FAST=False" in "".join(str(o.get("text", "")) for o in outputs), "outputs must be from full settings"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Contracts of the body: Args as it is, one checkpoint format
+# ----------------------------------------------------------------------------------------------------------------
+def test_args_as_they_are_build_an_agent_and_train(tmp_path):
+    """Args() needs nothing called first: Agent fills the preset's sizes itself (pendulum-cpu's 64-wide networks for
+    the default dataset), and train() takes Args() with only its length and folder changed."""
+    agent = a2pr.Agent([0], 3, 1, a2pr.Args())
+    assert agent.actor.net[0].weight.shape == (1, 3, 64) and agent.vae.encoder[0].weight.shape == (1, 4, 128)
+    s = a2pr.train(dataclasses.replace(a2pr.Args(), total_steps=20, eval_freq=20, eval_episodes=1, quiet=True,
+                                       save_dir=str(tmp_path), run_name="run"))
+    assert s["steps"] == 20 and checkpoint(tmp_path / "run")["format"] == a2pr.CHECKPOINT_FORMAT
+
+
+def test_checkpoint_format_old_files_load_newer_ones_are_refused_in_one_line(tmp_path):
+    """The checkpoint holds CHECKPOINT_KEYS and its format number. A file written before the number was stored
+    (format 1's keys, no number) resumes; a file of another format is one line naming it; a key that save_state
+    writes without declaring it is a programming error, caught at the first save."""
+    a2pr.train(quick(tmp_path))
+    path = tmp_path / "run" / "checkpoint.pt"
+    ck = checkpoint(tmp_path / "run")
+    assert set(ck) == {"format", *a2pr.CHECKPOINT_KEYS["checkpoint.pt"]}
+    torch.save({k: v for k, v in ck.items() if k != "format"}, path)  # as main wrote it before 2026-12-07
+    assert a2pr.train(a2pr.Args(resume=str(tmp_path / "run"), total_steps=30, quiet=True))["steps"] == 30
+    torch.save(dict(checkpoint(tmp_path / "run"), format=2), path)
+    with pytest.raises(A2PRError, match=r"checkpoint.pt: written in a2pr checkpoint format 2; this a2pr.py reads "
+                                        r"format 1: use the a2pr.py that wrote it") as e:
+        a2pr.train(a2pr.Args(resume=str(tmp_path / "run"), total_steps=40, quiet=True))
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match=r"keys \['extra'\] differ from CHECKPOINT_KEYS"):
+        a2pr.save_state(path, dict(ck, extra=1))

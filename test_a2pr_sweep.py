@@ -15,7 +15,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -24,36 +23,20 @@ import numpy as np
 import pytest
 import torch
 
-# Tests never write into the user's home: matplotlib's cache and a2pr's dataset cache go to a temporary folder.
-_TMP = Path(tempfile.mkdtemp(prefix="a2pr-sweep-tests-"))
-os.environ.setdefault("MPLCONFIGDIR", str(_TMP / "mpl"))
-os.environ["A2PR_DATA_DIR"] = str(_TMP / "data")
 
 import a2pr  # noqa: E402
+from conftest import HERE, assert_same_state, checkpoint  # noqa: E402
 import a2pr_sweep  # noqa: E402
 
 
 # ================================================================================================================
 # Shared helpers (the isolation fixtures, loopback only and nothing outside tmp_path, are in conftest.py)
 # ================================================================================================================
-HERE = Path(__file__).resolve().parent
-
-
 def run_sweep_cli(*argv, timeout=120, cwd=HERE):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("RAY_ADDRESS", None)
     return subprocess.run([sys.executable, str(HERE / "a2pr_sweep.py"), *argv], capture_output=True, text=True,
                           timeout=timeout, env=env, cwd=cwd)
-
-
-def checkpoint(run_dir) -> dict:
-    return torch.load(Path(run_dir) / "checkpoint.pt", map_location="cpu", weights_only=True)
-
-
-def assert_same_state(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
 
 
 SWEEP_TINY = ["--total-steps", "40", "--eval-freq", "20", "--eval-episodes", "1", "--batch-size", "16",
@@ -788,3 +771,15 @@ def test_ctrl_c_while_torch_loads_is_one_line_and_exit_130(tmp_path):
 def test_a_ray_address_that_is_not_host_and_port_is_one_line_before_ray_starts(address):
     with pytest.raises(a2pr.A2PRError, match=r"--ray-address must be auto or HOST:PORT with a port from 1 to 65535"):
         a2pr_sweep.check_ray_address(address)
+
+
+def test_the_sweep_uses_only_the_a2pr_names_that_a2pr_declares_for_it():
+    """a2pr.COMPANION_NAMES is the interface between the two files: every a2pr.NAME in a2pr_sweep.py is one of them,
+    and each of them exists, so a change to a2pr.py that breaks the companion is seen here, not in a sweep."""
+    import ast
+
+    tree = ast.parse((HERE / "a2pr_sweep.py").read_text())
+    used = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name)
+            and n.value.id == "a2pr"} - {"__file__"}
+    assert used <= set(a2pr.COMPANION_NAMES), sorted(used - set(a2pr.COMPANION_NAMES))
+    assert all(hasattr(a2pr, name) for name in a2pr.COMPANION_NAMES)
