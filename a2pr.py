@@ -55,8 +55,8 @@ Reading map (line: what). Everything above main() is A2PR; below it, appendices 
     1018  Appendix A:       data sources: built-in, D4RL, HDF5, downloads, Minari, mixes
     1726  Appendix B:       speed paths: memory check, torch.compile, CUDA graphs, --benchmark update
     1891  Appendix C:       run files: the folder and its file names, the checkpoint format, config.json, CSV, export
-    2423  Appendix D:       the theory on finite MDPs
-    2486  Appendix E:       the command line: parser, --config, --resume, validation
+    2426  Appendix D:       the theory on finite MDPs
+    2489  Appendix E:       the command line: parser, --config, --resume, validation
 """
 
 from __future__ import annotations
