@@ -424,9 +424,9 @@ def ray_address(sw: SweepArgs) -> str | None:
 
 def check_ray_address(address: str | None) -> None:
     """A HOST:PORT (or ray://HOST:PORT) where nothing listens, or where something other than Ray listens, is one
-    line within RAY_CONNECT_TIMEOUT_S: ray.init would retry it for ever, printing a GCS error every few seconds.
-    Ray's GCS (and its client server) speak gRPC, so a server there must answer HTTP/2's opening (RFC 9113 3.4: the
-    client preface, then an empty SETTINGS frame) with a SETTINGS frame of its own; `auto` is ray.init's to judge."""
+    line within RAY_CONNECT_TIMEOUT_S: ray.init would retry it for ever, printing a GCS error every few seconds. Ray's
+    GCS (and its client server) is a gRPC server, so grpcio's channel_ready_future (grpcio comes with Ray) says whether
+    one answers there; a TCP connection first names a refused port at once. `auto` is ray.init's to judge."""
     if not address or address == "auto":
         return
     host, colon, port = address.split("://", 1)[-1].rpartition(":")
@@ -435,13 +435,18 @@ def check_ray_address(address: str | None) -> None:
     if not host or not port.isdigit() or not 0 < int(port) < 65536:  # a port past 65535 would wrap round
         raise a2pr.A2PRError(f"--ray-address must be auto or HOST:PORT with a port from 1 to 65535 (what ray start "
                              f"--head printed, e.g. 127.0.0.1:6379), got {address!r}")
+    import grpc
+
     try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=RAY_CONNECT_TIMEOUT_S) as s:
-            s.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0]))
-            head = b""
-            while len(head) < 9 and (chunk := s.recv(9 - len(head))):
-                head += chunk
-        why = None if len(head) == 9 and head[3] == 4 else "something answers there, but not as Ray does"
+        socket.create_connection((host.strip("[]"), int(port)), timeout=RAY_CONNECT_TIMEOUT_S).close()
+        channel = grpc.insecure_channel(f"{host}:{port}")
+        try:
+            grpc.channel_ready_future(channel).result(timeout=RAY_CONNECT_TIMEOUT_S)
+            why = None
+        except grpc.FutureTimeoutError:
+            why = f"nothing there answers as Ray does within {RAY_CONNECT_TIMEOUT_S} s"
+        finally:
+            channel.close()
     except OSError as e:
         why = (f"no answer within {RAY_CONNECT_TIMEOUT_S} s" if isinstance(e, TimeoutError)
                else e.strerror or str(e) or type(e).__name__)

@@ -730,8 +730,8 @@ def test_ray_address_where_nothing_listens_fails_in_bounded_time_with_one_line(t
 @pytest.mark.parametrize("listener", ["silent", "http/1.1"])
 def test_ray_address_where_something_else_listens_fails_in_bounded_time(monkeypatch, listener):
     """A port that accepts connections but is not Ray (a silent one, or a web server such as Ray's own dashboard
-    port) makes ray.init retry for ever, inside Ray's C++ client where no Python signal reaches: the driver's HTTP/2
-    check says so within RAY_CONNECT_TIMEOUT_S instead."""
+    port) makes ray.init retry for ever, inside Ray's C++ client where no Python signal reaches: the driver's gRPC
+    readiness check says so within RAY_CONNECT_TIMEOUT_S instead."""
     monkeypatch.setattr(a2pr_sweep, "RAY_CONNECT_TIMEOUT_S", 1)
     if listener == "silent":
         srv = socket.socket()
@@ -742,7 +742,7 @@ def test_ray_address_where_something_else_listens_fails_in_bounded_time(monkeypa
         import http.server
 
         quiet = type("Quiet", (http.server.BaseHTTPRequestHandler,), dict(log_message=lambda *a: None))
-        web = http.server.ThreadingHTTPServer(("127.0.0.1", 0), quiet)  # answers HTTP/2's opening with a 400
+        web = http.server.ThreadingHTTPServer(("127.0.0.1", 0), quiet)  # a web server: it speaks HTTP/1.1, not gRPC
         threading.Thread(target=web.serve_forever, daemon=True).start()
         port, close = web.server_address[1], lambda: (web.shutdown(), web.server_close())
     t0 = time.monotonic()
@@ -752,7 +752,7 @@ def test_ray_address_where_something_else_listens_fails_in_bounded_time(monkeypa
     finally:
         close()
     assert time.monotonic() - t0 < 5
-    why = "no answer within 1 s" if listener == "silent" else "something answers there, but not as Ray does"
+    why = "nothing there answers as Ray does within 1 s"  # a silent port and a web server alike
     assert str(e.value) == (f"no Ray cluster at 127.0.0.1:{port} ({why}); start one there (ray start --head --port "
                             f"{port}) or give --ray-address the address that ray start printed")
 
