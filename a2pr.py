@@ -35,28 +35,28 @@ released code divides by max_action, which is wrong for asymmetric bounds).
 
 Reading map (line: what). Everything above main() is A2PR; below it, appendices a reader may skip:
      119  Args:             Args, the published per-task presets (D4RL_PRESETS) and resolve_args
-     265  EnsembleLinear:   networks: Actor, TwinCritic, ValueNet, VAE, in the (K, B, .) ensemble layout
-     381  td_target:        losses, one pure function per spec step
-     422  select_bc_target: advantage selection and the adaptive gate (spec 4)
-     446  Dataset:          the data as the networks see it: normalisation, action scaling, device batches
-     554  critic_step:      spec 1: critics, TD3 target with policy smoothing
-     568  q1_data_and_y2:   spec 2: y2 from the just-updated online critics
-     577  value_step:       spec 2: V towards min(y, y2)
-     585  vae_step:         spec 3: advantage-weighted VAE
-     594  actor_objective:  spec 4: the actor loss; actor_step: its Adam step, then the soft target updates
-     639  update_core:      spec 1-4 in order, on a batch with its noise
-     656  update:           one gradient step: a batch per seed, its noise, update_core
-     686  Policy:           the deployed policy: normalise -> actor -> env action bounds
-     729  evaluate:         deterministic evaluation, D4RL normalised score
-     861  Run:              one run as train() carries it: data, learner, progress, evaluation envs, its folder
-     907  evaluate_due:     evaluation during training; each seed's best policy kept
-     945  train:            train(args) -> summary: setup, the loop, the finish
-     999  main:             the command line's entry point
-    1018  Appendix A:       data sources: built-in, D4RL, HDF5, downloads, Minari, mixes
-    1726  Appendix B:       speed paths: memory check, torch.compile, CUDA graphs, --benchmark update
-    1891  Appendix C:       run files: the folder and its file names, the checkpoint format, config.json, CSV, export
-    2426  Appendix D:       the theory on finite MDPs
-    2489  Appendix E:       the command line: parser, --config, --resume, validation
+     263  EnsembleLinear:   networks: Actor, TwinCritic, ValueNet, VAE, in the (K, B, .) ensemble layout
+     379  td_target:        losses, one pure function per spec step
+     420  select_bc_target: advantage selection and the adaptive gate (spec 4)
+     444  Dataset:          the data as the networks see it: normalisation, action scaling, device batches
+     552  critic_step:      spec 1: critics, TD3 target with policy smoothing
+     566  q1_data_and_y2:   spec 2: y2 from the just-updated online critics
+     575  value_step:       spec 2: V towards min(y, y2)
+     583  vae_step:         spec 3: advantage-weighted VAE
+     592  actor_objective:  spec 4: the actor loss; actor_step: its Adam step, then the soft target updates
+     637  update_core:      spec 1-4 in order, on a batch with its noise
+     654  update:           one gradient step: a batch per seed, its noise, update_core
+     684  Policy:           the deployed policy: normalise -> actor -> env action bounds
+     727  evaluate:         deterministic evaluation, D4RL normalised score
+     859  Run:              one run as train() carries it: data, learner, progress, evaluation envs, its folder
+     905  evaluate_due:     evaluation during training; each seed's best policy kept
+     943  train:            train(args) -> summary: setup, the loop, the finish
+     997  main:             the command line's entry point
+    1016  Appendix A:       data sources: built-in, D4RL, HDF5, downloads, Minari, mixes
+    1713  Appendix B:       speed paths: memory check, torch.compile, CUDA graphs, --benchmark update
+    1878  Appendix C:       run files: the folder and its file names, the checkpoint format, config.json, CSV, export
+    2408  Appendix D:       the theory on finite MDPs
+    2471  Appendix E:       the command line: parser, --config, --resume, validation
 """
 
 from __future__ import annotations
@@ -205,7 +205,6 @@ SPEC_DEFAULTS = dict(total_steps=1_000_000, batch_size=256, discount=0.99, alpha
                      vae_weight=1.0, actor_hidden=256, critic_hidden=256, value_hidden=256, vae_hidden=750,
                      eval_freq=5000, log_freq=1000)
 
-
 # Published per-task settings of the released code: (alpha, vae_weight, bc_weight, discount). Spec table.
 D4RL_PRESETS = {
     "hopper-random-v2": (2.5, 1.5, 1.5, 0.995),
@@ -219,7 +218,6 @@ D4RL_PRESETS = {
     "walker2d-medium-replay-v2": (2.5, 1.5, 1.2, 0.995),
     "walker2d-medium-expert-v2": (2.5, 1.0, 0.8, 0.99),
 }
-
 
 PRESETS: dict[str, dict] = {
     "spec": {},
@@ -1033,9 +1031,7 @@ BUILTIN_DATASETS = {
     "pendulum-medium-damped-v0": "the expert's torque half of the time, the damping controller's otherwise (per step)",
 }
 
-
 BUILTIN_EPISODES = 200          # 200 episodes x 200 steps = 40,000 rows per built-in dataset
-
 
 BUILTIN_VERSION = 1             # bump when generation changes, so stale caches are never read
 
@@ -1089,10 +1085,7 @@ def make_builtin_dataset(name: str, seed: int) -> tuple[dict[str, np.ndarray], d
         rows = _rollout_pendulum(kind, BUILTIN_EPISODES, rng)
     # Reference returns as D4RL defines them: a random policy and the expert, averaged over 100 episodes each.
     ref_rng = np.random.default_rng([seed, BUILTIN_VERSION, 1])
-    ref = {}
-    for policy in ("random", "expert"):
-        r = _rollout_pendulum(policy, 100, ref_rng)
-        ref[policy] = float(episode_returns(r).mean())
+    ref = {p: float(episode_returns(_rollout_pendulum(p, 100, ref_rng)).mean()) for p in ("random", "expert")}
     attrs = dict(env_id="Pendulum-v1", ref_min_score=ref["random"], ref_max_score=ref["expert"],
                  generator=f"a2pr built-in v{BUILTIN_VERSION}, seed {seed}", description=BUILTIN_DATASETS[name])
     return rows, attrs
@@ -1113,7 +1106,6 @@ def write_d4rl_hdf5(path: Path, rows: dict[str, np.ndarray], attrs: dict) -> Non
 
 
 D4RL_KEYS = ("observations", "actions", "rewards", "terminals", "timeouts")
-
 
 CACHE_REMEDY = "it is a2pr's cached copy: delete it and let it be made again"
 
@@ -1157,9 +1149,6 @@ def qlearning_transitions(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 # --- D4RL registry (MuJoCo locomotion v2), as in D4RL's d4rl/infos.py: <env>_<kind with '_' for '-'>-v2.hdf5 files
 D4RL_BASE_URL = "http://rail.eecs.berkeley.edu/datasets/offline_rl/gym_mujoco_v2"
 
-
-
-
 D4RL_FAMILIES = {  # family: (evaluation env id, obs dim, act dim, ref_min_score (random policy), ref_max_score)
     "hopper": ("Hopper-v4", 11, 3, -20.272305, 3234.3),
     "halfcheetah": ("HalfCheetah-v4", 17, 6, -280.178953, 12135.0),
@@ -1167,10 +1156,8 @@ D4RL_FAMILIES = {  # family: (evaluation env id, obs dim, act dim, ref_min_score
     "ant": (ANT_D4RL_ENV_ID, 111, 8, -325.6, 3879.7),
 }
 
-
 D4RL_DATASETS = {f"{fam}-{kind}-v2": (fam, f"{fam}_{kind.replace('-', '_')}-v2.hdf5") for fam in D4RL_FAMILIES
                  for kind in ("random", "medium", "medium-replay", "medium-expert", "expert", "full-replay")}
-
 
 MINARI_MUJOCO_NOTICE = "Minari's mujoco/* datasets are not the D4RL data; do not compare these scores with D4RL tables"
 
@@ -2186,12 +2173,15 @@ class RunFolder:
         last = evals[-1] if evals else {}  # a seed's own column with K seeds, the mean with one, NaN before any
         final = [last.get(f"eval/normalized_score_seed{s}", last.get("eval/normalized_score_mean", math.nan))
                  for s in seeds]
-        summary = self.write_summary(run, dict(
-            env=args.env, seeds=seeds, steps=p.step, interrupted=interrupted,
-            signal=stopped_by if interrupted else None,
-            final_score=float(np.mean(final)), final_score_std=float(np.std(final)), best_score=finite(p.best.mean()),
-            final_scores=[float(x) for x in final], best_scores=[finite(b) for b in p.best],
-            dataset_score=ds.average_score))
+        summary = dict(env=args.env, seeds=seeds, steps=p.step, interrupted=interrupted,
+                       signal=stopped_by if interrupted else None, final_score=float(np.mean(final)),
+                       final_score_std=float(np.std(final)), best_score=finite(p.best.mean()),
+                       final_scores=[float(x) for x in final], best_scores=[finite(b) for b in p.best],
+                       dataset_score=ds.average_score, versions=run_versions(args),
+                       **{k: str(v) for k, v in self.paths.items()})
+        atomic_write(self.paths["summary"], lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
+        if evals:
+            plot_curves(self.paths["png"], p.history, ds.average_score, f"A2PR on {ds.name}")
         if interrupted:
             print(f"interrupted{f' by {stopped_by}' if stopped_by else ''} at step {p.step:,}; checkpoint saved. "
                   f"Continue with: {resume_command(self.dir)}", file=sys.stderr)  # shown even with --quiet
@@ -2201,14 +2191,6 @@ class RunFolder:
                     f"results in {self.dir}")
         if ds.notice:
             run.log(f"NOTICE: {ds.notice}")
-        return summary
-
-    def write_summary(self, run, summary: dict) -> dict:
-        """summary.json (the scores, the versions, the run's files) and the learning curve; returns the summary."""
-        summary.update(versions=run_versions(run.args), **{k: str(v) for k, v in self.paths.items()})
-        atomic_write(self.paths["summary"], lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
-        if any("eval/normalized_score_mean" in r for r in run.progress.history):
-            plot_curves(self.paths["png"], run.progress.history, run.ds.average_score, f"A2PR on {run.ds.name}")
         return summary
 
     def interrupted_at_once(self, progress) -> str:
@@ -2545,7 +2527,6 @@ def parse_args(argv=None) -> tuple[Args, set[str]]:
 FIELD_TYPES = {k: next(t for t in typing.get_args(h) or (h,) if t is not type(None))
                for k, h in typing.get_type_hints(Args).items()}
 
-
 FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Args)}
 # Settings that do not change what a run learns, in one place, by kind: "length" (the run's total steps), "machine"
 # (the device, the speed path, where data is cached), "process" (how this process talks and waits), "folder" (where
@@ -2560,7 +2541,6 @@ SAME_RESULTS = dict(total_steps="length", cuda="machine", compile="machine", cud
                                                               "bench_dims"), "command"))
 RESUME_MAY_CHANGE = ("resume", *(k for k, kind in SAME_RESULTS.items() if kind in ("length", "machine", "process")))
 NOT_FROM_CONFIG = tuple(k for k, kind in SAME_RESULTS.items() if kind in ("machine", "folder", "command"))
-
 
 TYPE_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
 
@@ -2665,7 +2645,6 @@ RULES = {
     "in (0, 1]": lambda v: 0.0 < v <= 1.0,
 }
 
-
 CHECKS = {
     "a positive integer": ["total_steps", "batch_size", "num_seeds", "policy_freq", "actor_hidden", "actor_layers",
                            "critic_hidden", "critic_layers", "value_hidden", "value_layers", "vae_hidden",
@@ -2678,7 +2657,6 @@ CHECKS = {
     "in [0, 1)": ["discount"],
     "in (0, 1]": ["tau"],
 }
-
 
 # Upper bounds of what torch, the OS and the sockets accept (counts are int32 in places; socket timeouts overflow
 # past about 10^9 s): a larger value is refused here, naming its flag, not deep inside a library.
