@@ -732,6 +732,7 @@ def test_ray_address_where_something_else_listens_fails_in_bounded_time(monkeypa
     """A port that accepts connections but is not Ray (a silent one, or a web server such as Ray's own dashboard
     port) makes ray.init retry for ever, inside Ray's C++ client where no Python signal reaches: the driver's gRPC
     readiness check says so within RAY_CONNECT_TIMEOUT_S instead."""
+    pytest.importorskip("grpc")  # requirements-sweep.txt
     monkeypatch.setattr(a2pr_sweep, "RAY_CONNECT_TIMEOUT_S", 1)
     if listener == "silent":
         srv = socket.socket()
