@@ -53,10 +53,10 @@ Reading map (line: what). Everything above main() is A2PR; below it, appendices 
      943  train:            train(args) -> summary: setup, the loop, the finish
      997  main:             the command line's entry point
     1016  Appendix A:       data sources: built-in, D4RL, HDF5, downloads, Minari, mixes
-    1713  Appendix B:       speed paths: memory check, torch.compile, CUDA graphs, --benchmark update
-    1878  Appendix C:       run files: the folder and its file names, the checkpoint format, config.json, CSV, export
-    2408  Appendix D:       the theory on finite MDPs
-    2471  Appendix E:       the command line: parser, --config, --resume, validation
+    1710  Appendix B:       speed paths: memory check, torch.compile, CUDA graphs, --benchmark update
+    1875  Appendix C:       run files: the folder and its file names, the checkpoint format, config.json, CSV, export
+    2404  Appendix D:       the theory on finite MDPs
+    2467  Appendix E:       the command line: parser, --config, --resume, validation
 """
 
 from __future__ import annotations
@@ -125,21 +125,21 @@ class Args:
     compile: bool = arg(False, "run the update through torch.compile (opt-in; compiling takes a minute or more)")
     cuda_graphs: bool = arg(False, "with --cuda: replay the whole update as CUDA graphs (fastest on a GPU)")
     threads: int | None = arg(None, "torch's CPU threads (default: torch's choice); the last bits of results depend "
-                               "on it, so it is recorded")
+                              "on it, so it is recorded")
     preset: str = arg("auto", "hyperparameter preset: auto (by --env), spec, pendulum-cpu or a D4RL dataset name")
     total_steps: int | None = arg(None, "gradient steps (spec: 1,000,000)")
     # --- data ---
     mix: str | None = arg(None, "NAME:FRACTION: mix whole trajectories of NAME into --env, e.g. hopper-expert-v2:0.01",
-                           metavar="NAME:FRAC")
+                          metavar="NAME:FRAC")
     dataset_seed: int = arg(0, "seed of built-in datasets and of --mix sampling (same data for every agent seed)")
     eval_env: str | None = arg(None, "gymnasium id to evaluate in, for a local .hdf5 file (default: from the file)",
-                                metavar="ID")
+                               metavar="ID")
     ref_scores: str | None = arg(None, "MIN,MAX reference returns for the normalised score, if the data has none")
     download_timeout: float = arg(10.0, "seconds to wait for a connection or for the next block of a download")
     data_dir: str | None = arg(None, "where built-in datasets are cached (default $A2PR_DATA_DIR or ~/.cache/a2pr)",
-                                metavar="DIR")
+                               metavar="DIR")
     normalize_states: bool = arg(True, "normalise states with the dataset's mean and std + 1e-3 (spec)",
-                                  negatable=True)
+                                 negatable=True)
     reward_scale: float = arg(1.0, "r' = reward_scale * r + reward_shift (off by default; for sparse tasks)")
     reward_shift: float = arg(0.0, "see --reward-scale")
     # --- algorithm ---
@@ -148,7 +148,7 @@ class Args:
     tau: float = arg(0.005, "tau, soft target-update rate (spec 4)")
     alpha: float | None = arg(None, "alpha: actor loss weighs Q by lambda = alpha / mean|Q| (spec 4; default 2.5)")
     bc_weight: float | None = arg(None, "weight of the behaviour constraint when the gate is on (spec 4; default 1.0)",
-                                   aliases=("--mask",))
+                                  aliases=("--mask",))
     vae_weight: float | None = arg(None, "weight of VAE reconstruction where Q(s,a) > V(s) (spec 3; default 1.0)")
     eps_a: float = arg(0.0, "epsilon_A, advantage threshold of the adaptive gate (spec 4)")
     policy_freq: int = arg(2, "actor and target update every this many steps (spec 4)")
@@ -167,9 +167,9 @@ class Args:
     vae_hidden: int | None = arg(None, "VAE encoder and decoder hidden width (spec: 750)")
     vae_layers: int = arg(2, "hidden layers of the VAE encoder and of its decoder")
     bc_target: str = arg("select", "ablation: select (A2PR), data (dataset action, TD3+BC-like), vae (VAE always)",
-                          choices=("select", "data", "vae"))
+                         choices=("select", "data", "vae"))
     gate: str = arg("adaptive", "ablation: adaptive (A2PR) or always (constraint in every state)",
-                     choices=("adaptive", "always"))
+                    choices=("adaptive", "always"))
     # --- evaluation ---
     eval_freq: int | None = arg(None, "evaluate every this many steps (spec: 5,000)")
     eval_episodes: int = arg(10, "deterministic episodes per evaluation")
@@ -185,19 +185,19 @@ class Args:
     wandb_project: str = arg("a2pr", "wandb project name")
     quiet: bool = arg(False, "print only the final summary")
     config: str | None = arg(None, "run with the settings of a run's config.json; flags given here win",
-                              metavar="FILE")
+                             metavar="FILE")
     export: str | None = arg(None, "write the run's policy as one torch.export program (RUN_DIR/policy.pt2): raw "
-                              "observations -> env actions, loadable with torch alone", metavar="RUN_DIR")
+                             "observations -> env actions, loadable with torch alone", metavar="RUN_DIR")
     best: bool = arg(False, "with --export: the policy of the best evaluation (each seed's own) -> policy_best.pt2")
     # --- benchmarks (no dataset, no env) ---
     benchmark: str | None = arg(None, "time the real update on synthetic data (update); prints one JSON line",
-                                 choices=("update",), metavar="WHAT")
+                                choices=("update",), metavar="WHAT")
     bench_steps: int = arg(200, "timed updates of --benchmark update, after 20 warm-up updates")
     bench_modes: str | None = arg(None, "--benchmark update: time these update paths side by side, e.g. "
-                                   "eager,compile,graphs (default: the path the flags select)", metavar="MODES")
+                                  "eager,compile,graphs (default: the path the flags select)", metavar="MODES")
     bench_repeats: int = arg(1, "--benchmark update: timed rounds per path, interleaved; the median is reported")
     bench_dims: str = arg("11,3", "OBS,ACT dims of the synthetic data of --benchmark update (hopper: 11,3)",
-                           metavar="OBS,ACT")
+                          metavar="OBS,ACT")
 
 
 # Spec defaults for the fields that presets may change (None above means "preset, else this").
@@ -1148,17 +1148,14 @@ def qlearning_transitions(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 # --- D4RL registry (MuJoCo locomotion v2), as in D4RL's d4rl/infos.py: <env>_<kind with '_' for '-'>-v2.hdf5 files
 D4RL_BASE_URL = "http://rail.eecs.berkeley.edu/datasets/offline_rl/gym_mujoco_v2"
-
 D4RL_FAMILIES = {  # family: (evaluation env id, obs dim, act dim, ref_min_score (random policy), ref_max_score)
     "hopper": ("Hopper-v4", 11, 3, -20.272305, 3234.3),
     "halfcheetah": ("HalfCheetah-v4", 17, 6, -280.178953, 12135.0),
     "walker2d": ("Walker2d-v4", 17, 6, 1.629008, 4592.3),
     "ant": (ANT_D4RL_ENV_ID, 111, 8, -325.6, 3879.7),
 }
-
 D4RL_DATASETS = {f"{fam}-{kind}-v2": (fam, f"{fam}_{kind.replace('-', '_')}-v2.hdf5") for fam in D4RL_FAMILIES
                  for kind in ("random", "medium", "medium-replay", "medium-expert", "expert", "full-replay")}
-
 MINARI_MUJOCO_NOTICE = "Minari's mujoco/* datasets are not the D4RL data; do not compare these scores with D4RL tables"
 
 
@@ -2049,9 +2046,9 @@ def lock_with_pid(path: Path, busy: str):
 
 
 def lock_run_dir(run_dir: Path, resuming: bool = False):
-    return lock_with_pid(run_dir / OTHER_RUN_FILES["lock"], f"{run_dir} is in use by another a2pr.py process{{pid}}; "
-                         "wait for it to "
-                         "end" + (", then resume it again" if resuming else " or choose another --run-name"))
+    busy = f"{run_dir} is in use by another a2pr.py process{{pid}}; wait for it to end"
+    return lock_with_pid(run_dir / OTHER_RUN_FILES["lock"],
+                         busy + (", then resume it again" if resuming else " or choose another --run-name"))
 
 
 # The run folder's files, in one place: what a run writes (summary.json lists their paths), then the files kept
@@ -2220,8 +2217,7 @@ class RunFolder:
         return sinks
 
     def release(self) -> None:
-        lock = self.dir / OTHER_RUN_FILES["lock"]
-        lock.unlink(missing_ok=True)  # before unlocking: a waiting writer then locks a new file
+        (self.dir / OTHER_RUN_FILES["lock"]).unlink(missing_ok=True)  # before unlocking: a waiter locks a new file
         if self.made and {p.name for p in self.dir.iterdir()} <= {RUN_FILES["config"]}:
             self.paths["config"].unlink(missing_ok=True)
             self.dir.rmdir()
@@ -2357,7 +2353,7 @@ def export_policy(run_dir: str | Path, best: bool = False, seed_index: int = 0) 
     return out
 
 
-def load_checkpoint(run_dir: Path, name: str = "checkpoint.pt", flag: str = "--resume") -> dict:
+def load_checkpoint(run_dir: Path, name: str = RUN_FILES["checkpoint"], flag: str = "--resume") -> dict:
     """A run folder's checkpoint.pt (or best_policy.pt), loaded with weights_only=True: a shared file's pickle may
     carry code, so only tensors and plain data are let through, and anything else is refused in one line."""
     path = run_dir / name
@@ -2491,13 +2487,19 @@ def build_parser(prog: str = "a2pr.py", description: str | None = None) -> argpa
     return p
 
 
+def field_types(cls) -> dict[str, type]:
+    """Each field's type (int, float, str or bool; None is allowed where the default is None)."""
+    return {k: next(t for t in typing.get_args(h) or (h,) if t is not type(None))
+            for k, h in typing.get_type_hints(cls).items()}
+
+
 def add_fields(p, cls, choices: bool = False) -> list[str]:
-    """One argument per field of the dataclass cls that has a help line (_arg): --name, or NAME where its metadata
+    """One argument per field of the dataclass cls that has a help line (arg): --name, or NAME where its metadata
     says positional; type, metavar, aliases and (with `choices`) choices from the field, default SUPPRESS. The one
     dataclass-to-argparse builder: Args here, the sweep's own settings in a2pr_sweep.py. Returns the flags."""
-    flags, hints = [], typing.get_type_hints(cls)
+    flags, types = [], field_types(cls)
     for f in (f for f in dataclasses.fields(cls) if "help" in f.metadata):
-        typ = next(t for t in typing.get_args(hints[f.name]) or (hints[f.name],) if t is not type(None))
+        typ = types[f.name]
         hide = f.default in (None, dataclasses.MISSING) or typ is bool or str(f.default) in f.metadata["help"]
         kw = dict(help=f.metadata["help"] + ("" if hide else f" (default {f.default})"))
         if typ is bool:
@@ -2522,12 +2524,9 @@ def parse_args(argv=None) -> tuple[Args, set[str]]:
     return Args(**values), set(given)
 
 
-# Each field's type (int, float, str or bool; None is allowed where the default is None), for the parser and for
-# the settings read from files.
-FIELD_TYPES = {k: next(t for t in typing.get_args(h) or (h,) if t is not type(None))
-               for k, h in typing.get_type_hints(Args).items()}
+# Args' fields, for the settings read from files (config.json, a checkpoint).
+FIELD_TYPES, FIELD_DEFAULTS = field_types(Args), {f.name: f.default for f in dataclasses.fields(Args)}
 
-FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Args)}
 # Settings that do not change what a run learns, in one place, by kind: "length" (the run's total steps), "machine"
 # (the device, the speed path, where data is cached), "process" (how this process talks and waits), "folder" (where
 # the run's files go), "records" (what is logged, how often) and "command" (what the program does). --resume lets
@@ -2644,7 +2643,6 @@ RULES = {
     "in [0, 1)": lambda v: 0.0 <= v < 1.0,
     "in (0, 1]": lambda v: 0.0 < v <= 1.0,
 }
-
 CHECKS = {
     "a positive integer": ["total_steps", "batch_size", "num_seeds", "policy_freq", "actor_hidden", "actor_layers",
                            "critic_hidden", "critic_layers", "value_hidden", "value_layers", "vae_hidden",
@@ -2693,7 +2691,6 @@ def validate_args(args: Args) -> None:
                 f.default is None):
             raise A2PRError(f"--{f.name.replace('_', '-')} must be one of {', '.join(f.metadata['choices'])}, "
                             f"got {v!r}")
-
 
 
 # The names of this file that its companion a2pr_sweep.py uses: a declared interface (test_a2pr_sweep.py checks that

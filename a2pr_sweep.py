@@ -425,7 +425,7 @@ def ray_address(sw: SweepArgs) -> str | None:
 def check_ray_address(address: str | None) -> None:
     """A HOST:PORT (or ray://HOST:PORT) where nothing listens, or where something other than Ray listens, is one
     line within RAY_CONNECT_TIMEOUT_S: ray.init would retry it for ever, printing a GCS error every few seconds. Ray's
-    GCS (and its client server) is a gRPC server, so grpcio's channel_ready_future (grpcio comes with Ray) says whether
+    GCS (and its client server) is a gRPC server, so grpcio's channel_ready_future (requirements-sweep.txt) says whether
     one answers there; a TCP connection first names a refused port at once. `auto` is ray.init's to judge."""
     if not address or address == "auto":
         return
