@@ -35,28 +35,28 @@ released code divides by max_action, which is wrong for asymmetric bounds).
 
 Reading map (line: what). Everything above main() is A2PR; below it, appendices a reader may skip:
      119  Args:             Args, the published per-task presets (D4RL_PRESETS) and resolve_args
-     263  EnsembleLinear:   networks: Actor, TwinCritic, ValueNet, VAE, in the (K, B, .) ensemble layout
-     379  td_target:        losses, one pure function per spec step
-     420  select_bc_target: advantage selection and the adaptive gate (spec 4)
-     444  Dataset:          the data as the networks see it: normalisation, action scaling, device batches
-     552  critic_step:      spec 1: critics, TD3 target with policy smoothing
-     566  q1_data_and_y2:   spec 2: y2 from the just-updated online critics
-     575  value_step:       spec 2: V towards min(y, y2)
-     583  vae_step:         spec 3: advantage-weighted VAE
-     592  actor_objective:  spec 4: the actor loss; actor_step: its Adam step, then the soft target updates
-     637  update_core:      spec 1-4 in order, on a batch with its noise
-     654  update:           one gradient step: a batch per seed, its noise, update_core
-     684  Policy:           the deployed policy: normalise -> actor -> env action bounds
-     727  evaluate:         deterministic evaluation, D4RL normalised score
-     859  Run:              one run as train() carries it: data, learner, progress, evaluation envs, its folder
-     905  evaluate_due:     evaluation during training; each seed's best policy kept
-     943  train:            train(args) -> summary: setup, the loop, the finish
-     997  main:             the command line's entry point
-    1016  Appendix A:       data sources: built-in, D4RL, HDF5, downloads, Minari, mixes
-    1710  Appendix B:       speed paths: memory check, torch.compile, CUDA graphs, --benchmark update
-    1875  Appendix C:       run files: the folder and its file names, the checkpoint format, config.json, CSV, export
-    2404  Appendix D:       the theory on finite MDPs
-    2467  Appendix E:       the command line: parser, --config, --resume, validation
+     251  EnsembleLinear:   networks: Actor, TwinCritic, ValueNet, VAE, in the (K, B, .) ensemble layout
+     367  td_target:        losses, one pure function per spec step
+     408  select_bc_target: advantage selection and the adaptive gate (spec 4)
+     432  Dataset:          the data as the networks see it: normalisation, action scaling, device batches
+     540  critic_step:      spec 1: critics, TD3 target with policy smoothing
+     554  q1_data_and_y2:   spec 2: y2 from the just-updated online critics
+     563  value_step:       spec 2: V towards min(y, y2)
+     571  vae_step:         spec 3: advantage-weighted VAE
+     580  actor_objective:  spec 4: the actor loss; actor_step: its Adam step, then the soft target updates
+     625  update_core:      spec 1-4 in order, on a batch with its noise
+     642  update:           one gradient step: a batch per seed, its noise, update_core
+     672  Policy:           the deployed policy: normalise -> actor -> env action bounds
+     715  evaluate:         deterministic evaluation, D4RL normalised score
+     847  Run:              one run as train() carries it: data, learner, progress, evaluation envs, its folder
+     893  evaluate_due:     evaluation during training; each seed's best policy kept
+     931  train:            train(args) -> summary: setup, the loop, the finish
+     985  main:             the command line's entry point
+    1004  Appendix A:       data sources: built-in, D4RL, HDF5, downloads, Minari, mixes
+    1663  Appendix B:       speed paths: memory check, torch.compile, CUDA graphs, --benchmark update
+    1828  Appendix C:       run files: the folder and its file names, the checkpoint format, config.json, CSV, export
+    2351  Appendix D:       the theory on finite MDPs
+    2414  Appendix E:       the command line: parser, --config, --resume, validation
 """
 
 from __future__ import annotations
@@ -124,22 +124,17 @@ class Args:
     cuda: bool = arg(False, "train on the GPU; stops at once if none is visible")
     compile: bool = arg(False, "run the update through torch.compile (opt-in; compiling takes a minute or more)")
     cuda_graphs: bool = arg(False, "with --cuda: replay the whole update as CUDA graphs (fastest on a GPU)")
-    threads: int | None = arg(None, "torch's CPU threads (default: torch's choice); the last bits of results depend "
-                              "on it, so it is recorded")
+    threads: int | None = arg(None, "torch's CPU threads (default: torch's); results depend on it in the last bits")
     preset: str = arg("auto", "hyperparameter preset: auto (by --env), spec, pendulum-cpu or a D4RL dataset name")
     total_steps: int | None = arg(None, "gradient steps (spec: 1,000,000)")
     # --- data ---
-    mix: str | None = arg(None, "NAME:FRACTION: mix whole trajectories of NAME into --env, e.g. hopper-expert-v2:0.01",
-                          metavar="NAME:FRAC")
+    mix: str | None = arg(None, "mix trajectories of NAME into --env, e.g. hopper-expert-v2:0.01", metavar="NAME:F")
     dataset_seed: int = arg(0, "seed of built-in datasets and of --mix sampling (same data for every agent seed)")
-    eval_env: str | None = arg(None, "gymnasium id to evaluate in, for a local .hdf5 file (default: from the file)",
-                               metavar="ID")
+    eval_env: str | None = arg(None, "gymnasium id to evaluate a local .hdf5 file in (default: from the file)")
     ref_scores: str | None = arg(None, "MIN,MAX reference returns for the normalised score, if the data has none")
     download_timeout: float = arg(10.0, "seconds to wait for a connection or for the next block of a download")
-    data_dir: str | None = arg(None, "where built-in datasets are cached (default $A2PR_DATA_DIR or ~/.cache/a2pr)",
-                               metavar="DIR")
-    normalize_states: bool = arg(True, "normalise states with the dataset's mean and std + 1e-3 (spec)",
-                                 negatable=True)
+    data_dir: str | None = arg(None, "cache of built-in datasets (default $A2PR_DATA_DIR or ~/.cache/a2pr)")
+    normalize_states: bool = arg(True, "normalise states by the data's mean and std + 1e-3 (spec)", negatable=True)
     reward_scale: float = arg(1.0, "r' = reward_scale * r + reward_shift (off by default; for sparse tasks)")
     reward_shift: float = arg(0.0, "see --reward-scale")
     # --- algorithm ---
@@ -147,8 +142,7 @@ class Args:
     discount: float | None = arg(None, "gamma, the discount (spec 1,2; default 0.99, some presets 0.995)")
     tau: float = arg(0.005, "tau, soft target-update rate (spec 4)")
     alpha: float | None = arg(None, "alpha: actor loss weighs Q by lambda = alpha / mean|Q| (spec 4; default 2.5)")
-    bc_weight: float | None = arg(None, "weight of the behaviour constraint when the gate is on (spec 4; default 1.0)",
-                                  aliases=("--mask",))
+    bc_weight: float | None = arg(None, "weight of the behaviour constraint (spec 4; default 1)", aliases=("--mask",))
     vae_weight: float | None = arg(None, "weight of VAE reconstruction where Q(s,a) > V(s) (spec 3; default 1.0)")
     eps_a: float = arg(0.0, "epsilon_A, advantage threshold of the adaptive gate (spec 4)")
     policy_freq: int = arg(2, "actor and target update every this many steps (spec 4)")
@@ -166,10 +160,8 @@ class Args:
     value_layers: int = arg(4, "V hidden layers")
     vae_hidden: int | None = arg(None, "VAE encoder and decoder hidden width (spec: 750)")
     vae_layers: int = arg(2, "hidden layers of the VAE encoder and of its decoder")
-    bc_target: str = arg("select", "ablation: select (A2PR), data (dataset action, TD3+BC-like), vae (VAE always)",
-                         choices=("select", "data", "vae"))
-    gate: str = arg("adaptive", "ablation: adaptive (A2PR) or always (constraint in every state)",
-                    choices=("adaptive", "always"))
+    bc_target: str = arg("select", "select (A2PR), data (TD3+BC-like), vae (always)", choices=("select", "data", "vae"))
+    gate: str = arg("adaptive", "adaptive (A2PR) or always (constraint in every state)", choices=("adaptive", "always"))
     # --- evaluation ---
     eval_freq: int | None = arg(None, "evaluate every this many steps (spec: 5,000)")
     eval_episodes: int = arg(10, "deterministic episodes per evaluation")
@@ -184,20 +176,16 @@ class Args:
     wandb: bool = arg(False, "also log to Weights & Biases (needs the wandb package)")
     wandb_project: str = arg("a2pr", "wandb project name")
     quiet: bool = arg(False, "print only the final summary")
-    config: str | None = arg(None, "run with the settings of a run's config.json; flags given here win",
-                             metavar="FILE")
-    export: str | None = arg(None, "write the run's policy as one torch.export program (RUN_DIR/policy.pt2): raw "
-                             "observations -> env actions, loadable with torch alone", metavar="RUN_DIR")
+    config: str | None = arg(None, "run with the settings of a run's config.json; flags given here win", metavar="FILE")
+    export: str | None = arg(None, "write RUN_DIR/policy.pt2, the policy as a torch.export program (torch alone runs "
+                             "it): raw observations -> env actions", metavar="RUN_DIR")
     best: bool = arg(False, "with --export: the policy of the best evaluation (each seed's own) -> policy_best.pt2")
     # --- benchmarks (no dataset, no env) ---
-    benchmark: str | None = arg(None, "time the real update on synthetic data (update); prints one JSON line",
-                                choices=("update",), metavar="WHAT")
+    benchmark: str | None = arg(None, "update: time the update on synthetic data, one JSON line", choices=("update",))
     bench_steps: int = arg(200, "timed updates of --benchmark update, after 20 warm-up updates")
-    bench_modes: str | None = arg(None, "--benchmark update: time these update paths side by side, e.g. "
-                                  "eager,compile,graphs (default: the path the flags select)", metavar="MODES")
-    bench_repeats: int = arg(1, "--benchmark update: timed rounds per path, interleaved; the median is reported")
-    bench_dims: str = arg("11,3", "OBS,ACT dims of the synthetic data of --benchmark update (hopper: 11,3)",
-                          metavar="OBS,ACT")
+    bench_modes: str | None = arg(None, "paths to time side by side, e.g. eager,compile,graphs (default: the flags')")
+    bench_repeats: int = arg(1, "timed rounds per path, interleaved; the median is reported")
+    bench_dims: str = arg("11,3", "OBS,ACT dims of the synthetic data (hopper: 11,3)", metavar="OBS,ACT")
 
 
 # Spec defaults for the fields that presets may change (None above means "preset, else this").
@@ -1032,7 +1020,6 @@ BUILTIN_DATASETS = {
 }
 
 BUILTIN_EPISODES = 200          # 200 episodes x 200 steps = 40,000 rows per built-in dataset
-
 BUILTIN_VERSION = 1             # bump when generation changes, so stale caches are never read
 
 
@@ -1106,7 +1093,7 @@ def write_d4rl_hdf5(path: Path, rows: dict[str, np.ndarray], attrs: dict) -> Non
 
 
 D4RL_KEYS = ("observations", "actions", "rewards", "terminals", "timeouts")
-
+OFFLINE_HINT = f"or use a built-in dataset that works offline: {', '.join(BUILTIN_DATASETS)}"
 CACHE_REMEDY = "it is a2pr's cached copy: delete it and let it be made again"
 
 
@@ -1134,16 +1121,6 @@ def read_d4rl_hdf5(path: Path, cached: bool = False) -> tuple[dict[str, np.ndarr
     rows.update({k: rows[k].reshape(len(rows[k]), -1)[:, 0] if rows[k].ndim == 2 and rows[k].shape[1] == 1 else
                  rows[k] for k in ("rewards", "terminals", "timeouts")})  # (N, 1) columns, as some writers store
     return validate_rows(rows, str(path)), attrs  # shapes, empty, NaN/inf: the checks every source gets
-
-
-def qlearning_transitions(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """D4RL's qlearning_dataset convention: next state = next row; rows cut by a time-out are dropped, not
-    marked terminal (their next state is unknown), and so is the file's last row."""
-    keep = ~rows["timeouts"][:-1]
-    idx = np.flatnonzero(keep)
-    return dict(observations=rows["observations"][idx], actions=rows["actions"][idx],
-                rewards=rows["rewards"][idx], next_observations=rows["observations"][idx + 1],
-                terminals=rows["terminals"][idx].astype(np.float32))
 
 
 # --- D4RL registry (MuJoCo locomotion v2), as in D4RL's d4rl/infos.py: <env>_<kind with '_' for '-'>-v2.hdf5 files
@@ -1177,8 +1154,7 @@ def env_spaces(env_id, where: str):
     try:
         env = make_env(env_id)
     except Exception as e:
-        raise A2PRError(f"{where}: cannot make the evaluation env '{env_label(env_id)}' ({type(e).__name__}: {e})") \
-            from None
+        raise A2PRError(f"{where}: cannot make the evaluation env '{env_label(env_id)}' ({type(e).__name__}: {e})")
     obs_space, act_space = env.observation_space, env.action_space
     env.close()
     if not isinstance(act_space, gym.spaces.Box) or not isinstance(obs_space, gym.spaces.Box):
@@ -1197,12 +1173,16 @@ def check_dims(rows: dict, want: tuple[int, int], where: str, against: str) -> N
 # --- Rows -> transitions, rows validation, episodes
 def rows_to_transitions(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Transitions from rows. Rows that carry next_observations (Minari: N+1 observations per N steps) keep every
-    step, including the last step of a time-limited episode (its next state is known, terminal = 0). Rows without
-    it follow D4RL's qlearning_dataset convention (next state = next row, time-out rows dropped)."""
-    if "next_observations" not in rows:
-        return qlearning_transitions(rows)
-    return dict(observations=rows["observations"], actions=rows["actions"], rewards=rows["rewards"],
-                next_observations=rows["next_observations"], terminals=rows["terminals"].astype(np.float32))
+    step, the last step of a time-limited episode included (its next state is known, terminal = 0). Rows without it
+    follow D4RL's qlearning_dataset: next state = next row; a row cut by a time-out is dropped, not marked terminal
+    (its next state is unknown), and so is the file's last row."""
+    if "next_observations" in rows:
+        idx, nxt = slice(None), rows["next_observations"]
+    else:
+        idx = np.flatnonzero(~rows["timeouts"][:-1])
+        nxt = rows["observations"][idx + 1]
+    return dict(observations=rows["observations"][idx], actions=rows["actions"][idx], rewards=rows["rewards"][idx],
+                next_observations=nxt, terminals=rows["terminals"][idx].astype(np.float32))
 
 
 def validate_rows(rows: dict[str, np.ndarray], where: str) -> dict[str, np.ndarray]:
@@ -1309,10 +1289,6 @@ def d4rl_url(filename: str) -> str:
     return f"{os.environ.get('A2PR_D4RL_MIRROR', D4RL_BASE_URL).rstrip('/')}/{filename}"
 
 
-def _offline_hint() -> str:
-    return f"or use a built-in dataset that works offline: {', '.join(BUILTIN_DATASETS)}"
-
-
 def load_d4rl(name: str, args: Args, log=print) -> tuple[dict, dict]:
     family, filename = D4RL_DATASETS[name]
     env_id, _, _, ref_min, ref_max = D4RL_FAMILIES[family]
@@ -1327,15 +1303,9 @@ def load_d4rl(name: str, args: Args, log=print) -> tuple[dict, dict]:
         rows, how = read_checked(path), "cached"
     else:
         log(f"downloading {name} from {d4rl_url(filename)} -> {path}")
-        rows, how = download_file(d4rl_url(filename), path, read_checked, args.download_timeout, _offline_hint()), \
+        rows, how = download_file(d4rl_url(filename), path, read_checked, args.download_timeout, OFFLINE_HINT), \
             "downloaded"
     return rows, dict(env_id=env_id, ref_min_score=ref_min, ref_max_score=ref_max, source=f"D4RL {name}, {how}, {path}")
-
-
-def _d4rl_family_of(text: str) -> str | None:
-    """'hopper_medium-v2.hdf5' -> hopper; 'antmaze_...' -> None (ant must be followed by _ or -)."""
-    m = re.match(r"(halfcheetah|hopper|walker2d|ant)[_-]", text.lower())
-    return m.group(1) if m else None
 
 
 def ref_scores(args: Args, attrs: dict, where: str, fallback=None) -> tuple[float, float]:
@@ -1364,7 +1334,7 @@ def load_local_file(path_text: str, args: Args, log=print) -> tuple[dict, dict]:
     if not path.is_file():
         raise A2PRError(f"{path}: {'a folder, not an HDF5 file' if path.is_dir() else 'file not found'}")
     rows, fattrs = read_d4rl_hdf5(path)
-    family = _d4rl_family_of(path.name)
+    family = (m := re.match(r"(halfcheetah|hopper|walker2d|ant)[_-]", path.name.lower())) and m[1]  # not antmaze
     if args.eval_env:
         env_id, how = args.eval_env, "--eval-env"
     elif fattrs.get("env_id"):
@@ -1414,12 +1384,10 @@ def flatten_observations(obs, space, where: str) -> np.ndarray:
     import gymnasium as gym
 
     if isinstance(space, gym.spaces.Box):
-        a = np.asarray(obs, dtype=np.float32)
-        return a.reshape(len(a), -1)
-    if isinstance(space, gym.spaces.Dict):
-        return np.concatenate([flatten_observations(obs[k], s, where) for k, s in space.spaces.items()], axis=1)
-    if isinstance(space, gym.spaces.Tuple):
-        return np.concatenate([flatten_observations(o, s, where) for o, s in zip(obs, space.spaces)], axis=1)
+        return np.asarray(obs, dtype=np.float32).reshape(len(obs), -1)
+    if isinstance(space, (gym.spaces.Dict, gym.spaces.Tuple)):  # a Dict's arrays by key, a Tuple's by position
+        keys = space.spaces.keys() if isinstance(space, gym.spaces.Dict) else range(len(space.spaces))
+        return np.concatenate([flatten_observations(obs[k], space[k], where) for k in keys], axis=1)
     raise A2PRError(f"{where}: unsupported observation space {type(space).__name__} (a2pr needs Box, or a Dict/"
                     f"Tuple of Boxes, which it flattens)")
 
@@ -1440,12 +1408,9 @@ def minari_episodes_to_rows(episodes, observation_space, where: str) -> dict[str
         term = np.asarray(ep.terminations, dtype=bool).reshape(n)
         trunc = np.asarray(ep.truncations, dtype=bool).reshape(n).copy()
         trunc[-1] |= not term[-1]
-        parts["observations"].append(obs[:-1])
-        parts["next_observations"].append(obs[1:])
-        parts["actions"].append(np.asarray(ep.actions, dtype=np.float32).reshape(n, -1))
-        parts["rewards"].append(np.asarray(ep.rewards, dtype=np.float32).reshape(n))
-        parts["terminals"].append(term)
-        parts["timeouts"].append(trunc & ~term)
+        for k, v in zip(parts, (obs[:-1], obs[1:], np.asarray(ep.actions, dtype=np.float32).reshape(n, -1),
+                                np.asarray(ep.rewards, dtype=np.float32).reshape(n), term, trunc & ~term)):
+            parts[k].append(v)
     if not parts["rewards"]:
         raise A2PRError(f"{where}: the dataset is empty (no episode with at least one step)")
     return validate_rows({k: np.concatenate(v) for k, v in parts.items()}, where)
@@ -1464,8 +1429,7 @@ def minari_eval_spec(ds, dataset_id: str):
             package = missing[1].replace("_", "-")
             raise A2PRError(f"Minari dataset {dataset_id} needs the {package} package for its environment: "
                             f"pip install {package}") from None
-        raise A2PRError(f"cannot make the evaluation env of Minari dataset {dataset_id} ({type(e).__name__}: {e})") \
-            from None
+        raise A2PRError(f"cannot make the evaluation env of Minari dataset {dataset_id} ({type(e).__name__}: {e})")
     if not isinstance(env.observation_space, gym.spaces.Box):
         env = gym.wrappers.FlattenObservation(env)
     spec = env.spec
@@ -1529,11 +1493,10 @@ def load_minari(dataset_id: str, args: Args, log=print) -> tuple[dict, dict]:
         except Exception as e:
             raise A2PRError(f"cannot download {where} ({type(e).__name__}: {e}); check the id (minari list remote) "
                             f"and your connection, or put it under {minari_local_path(dataset_id)} "
-                            f"(MINARI_DATASETS_PATH), {_offline_hint()}") from None
+                            f"(MINARI_DATASETS_PATH), {OFFLINE_HINT}") from None
     except Exception as e:  # unsupported version, corrupt metadata
         raise A2PRError(f"cannot load {where} from {minari_local_path(dataset_id)} ({type(e).__name__}: {e}); if "
                         "that folder is damaged, delete it, and it is downloaded again") from None
-    meta = ds.storage.metadata
     import gymnasium as gym
 
     if not isinstance(ds.action_space, gym.spaces.Box):
@@ -1545,14 +1508,11 @@ def load_minari(dataset_id: str, args: Args, log=print) -> tuple[dict, dict]:
     except Exception as e:  # a truncated or corrupt data file
         raise A2PRError(f"{where}: cannot read its data at {ds.storage.data_path} ({type(e).__name__}: {e}); "
                         f"delete that folder and download it again") from None
-    spec = minari_eval_spec(ds, dataset_id)
-    ref = ref_scores(args, meta, where)
+    spec, ref = minari_eval_spec(ds, dataset_id), ref_scores(args, ds.storage.metadata, where)
     check_dims(rows, [sp.shape[0] for sp in env_spaces(spec, where)], where, f"its evaluation env {spec.id}")
-    attrs = dict(env_id=spec, ref_min_score=ref[0], ref_max_score=ref[1],
-                 source=f"Minari {dataset_id} ({len(rows['rewards']):,} steps), {ds.storage.data_path}")
-    if dataset_id.startswith("mujoco/"):
-        attrs["notice"] = MINARI_MUJOCO_NOTICE
-    return rows, attrs
+    return rows, dict(env_id=spec, ref_min_score=ref[0], ref_max_score=ref[1],
+                      source=f"Minari {dataset_id} ({len(rows['rewards']):,} steps), {ds.storage.data_path}",
+                      **({"notice": MINARI_MUJOCO_NOTICE} if dataset_id.startswith("mujoco/") else {}))
 
 
 # --- Mixes
@@ -1612,15 +1572,10 @@ def source_kind(name: str) -> str:
     with contextlib.suppress(OSError):  # a name past the file system's limits (ENAMETOOLONG) is no local dataset
         if ("/" in name and MINARI_ID.match(name)) or (minari_local_path(name) / "data").is_dir():
             return "minari"
-    raise unknown_name_error(name)
-
-
-def unknown_name_error(name: str) -> A2PRError:
-    known = list(BUILTIN_DATASETS) + list(D4RL_DATASETS)
-    close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
-    return A2PRError(f"unknown dataset '{name}'" + (f"; closest: {', '.join(close)}" if close else "")
-                     + "; --env takes a D4RL name (hopper-medium-v2), a Minari id (mujoco/hopper/medium-v0), "
-                     f"a .hdf5 file, or a built-in dataset (offline): {', '.join(BUILTIN_DATASETS)}")
+    close = difflib.get_close_matches(name, list(BUILTIN_DATASETS) + list(D4RL_DATASETS), n=3, cutoff=0.5)
+    raise A2PRError(f"unknown dataset '{name}'" + (f"; closest: {', '.join(close)}" if close else "")
+                    + "; --env takes a D4RL name (hopper-medium-v2), a Minari id (mujoco/hopper/medium-v0), "
+                    f"a .hdf5 file, or a built-in dataset (offline): {', '.join(BUILTIN_DATASETS)}")
 
 
 LOADERS = dict(builtin=load_builtin, d4rl=load_d4rl, file=load_local_file, minari=load_minari)
@@ -1652,13 +1607,11 @@ def load_rows(env_name: str, args: Args, log=print) -> tuple[dict[str, np.ndarra
             good, gattrs = load_one(good_name, args, log)
         except A2PRError as e:
             raise A2PRError(f"--mix {mix}: {e}") from None
-        if env_label(gattrs["env_id"]) != env_label(attrs["env_id"]) or \
-                good["observations"].shape[1] != rows["observations"].shape[1] or \
-                good["actions"].shape[1] != rows["actions"].shape[1]:
-            raise A2PRError(f"--mix: {good_name} is for {env_label(gattrs['env_id'])} "
-                            f"(obs {good['observations'].shape[1]}, act {good['actions'].shape[1]}) but {env_name} "
-                            f"is for {env_label(attrs['env_id'])} (obs {rows['observations'].shape[1]}, act "
-                            f"{rows['actions'].shape[1]}); mix two datasets of the same env")
+        env = [f"{env_label(a['env_id'])} (obs {r['observations'].shape[1]}, act {r['actions'].shape[1]})"
+               for r, a in ((good, gattrs), (rows, attrs))]
+        if env[0] != env[1]:
+            raise A2PRError(f"--mix: {good_name} is for {env[0]} but {env_name} is for {env[1]}; mix two datasets of "
+                            "the same env")
         seed = args.dataset_seed
         rows, info = mix_rows(rows, good, fraction, seed)
         attrs = dict(attrs, mix=info, source=(
@@ -2033,13 +1986,11 @@ def lock_file(path: Path, busy: str):
 
 def lock_with_pid(path: Path, busy: str):
     """lock_file, then this process's pid into the file, for the message the next writer gets ({pid} in busy)."""
-    try:
+    holder = ""
+    with contextlib.suppress(OSError):
         holder = "" if path.is_symlink() else path.read_text().strip()  # a planted link's target is never read
-    except OSError:
-        holder = ""
     f = lock_file(path, busy.replace("{pid}", f" (pid {holder})" if holder.isdigit() else ""))
-    f.seek(0)
-    f.truncate()
+    f.truncate(0)  # freshly opened: at offset 0
     f.write(str(os.getpid()).encode())
     f.flush()
     return f
@@ -2057,10 +2008,6 @@ RUN_FILES = dict(csv="metrics.csv", png="learning_curve.png", checkpoint="checkp
                  config="config.json", best_policy="best_policy.pt")
 OTHER_RUN_FILES = dict(lock=".lock", wandb="wandb.json", tensorboard="tensorboard", export="policy.pt2",
                        export_best="policy_best.pt2")
-
-
-def run_paths(run_dir: Path) -> dict[str, Path]:
-    return dict(run_dir=run_dir, **{k: run_dir / v for k, v in RUN_FILES.items()})
 
 
 # What checkpoint.pt and best_policy.pt hold, in one place: each key with its type on disk, plain data only, so that
@@ -2111,7 +2058,7 @@ class RunFolder:
 
     @property
     def paths(self) -> dict[str, Path]:
-        return run_paths(self.dir)
+        return dict(run_dir=self.dir, **{k: self.dir / v for k, v in RUN_FILES.items()})
 
     def write_config(self, args: Args, source: dict[str, str], data_sha256: str) -> None:
         """config.json: every setting with where it came from, and the versions; `--config path` runs it again."""

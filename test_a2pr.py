@@ -905,7 +905,7 @@ def test_qlearning_transitions_follow_d4rl_convention():
     obs = np.arange(6, dtype=np.float32)[:, None]
     rows = dict(observations=obs, actions=obs, rewards=obs[:, 0],
                 terminals=np.array([0, 1, 0, 0, 0, 0], bool), timeouts=np.array([0, 0, 0, 1, 0, 0], bool))
-    tr = a2pr.qlearning_transitions(rows)
+    tr = a2pr.rows_to_transitions(rows)
     # row 3 is cut by a time-out (dropped), row 5 is the file's last (dropped); row 1 is a true terminal
     np.testing.assert_array_equal(tr["observations"][:, 0], [0, 1, 2, 4])
     np.testing.assert_array_equal(tr["next_observations"][:, 0], [1, 2, 3, 5])
@@ -982,7 +982,7 @@ def test_transitions_and_sampled_batches_never_cross_episode_boundaries(case, se
     starts = np.cumsum([0] + lengths[:-1])
     np.testing.assert_array_equal(a2pr.episode_bounds(rows), np.stack([starts, starts + lengths], 1))
 
-    tr = a2pr.qlearning_transitions(rows)
+    tr = a2pr.rows_to_transitions(rows)
     kept = tr["rewards"].astype(int)  # row index of every transition
     # every row becomes a transition except time-out rows (next state unknown) and the file's last row
     np.testing.assert_array_equal(kept, [i for i in range(n - 1) if not rows["timeouts"][i]])
