@@ -53,10 +53,10 @@ Reading map (line: what). Everything above main() is A2PR; below it, appendices 
      931  train:            train(args) -> summary: setup, the loop, the finish
      985  main:             the command line's entry point
     1004  Appendix A:       data sources: built-in, D4RL, HDF5, downloads, Minari, mixes
-    1663  Appendix B:       speed paths: memory check, torch.compile, CUDA graphs, --benchmark update
-    1828  Appendix C:       run files: the folder and its file names, the checkpoint format, config.json, CSV, export
-    2351  Appendix D:       the theory on finite MDPs
-    2414  Appendix E:       the command line: parser, --config, --resume, validation
+    1662  Appendix B:       speed paths: memory check, torch.compile, CUDA graphs, --benchmark update
+    1827  Appendix C:       run files: the folder and its file names, the checkpoint format, config.json, CSV, export
+    2344  Appendix D:       the theory on finite MDPs
+    2407  Appendix E:       the command line: parser, --config, --resume, validation
 """
 
 from __future__ import annotations
@@ -1086,8 +1086,7 @@ def write_d4rl_hdf5(path: Path, rows: dict[str, np.ndarray], attrs: dict) -> Non
         with h5py.File(tmp, "w") as f:
             for k, v in rows.items():
                 f.create_dataset(k, data=v)
-            for k, v in attrs.items():
-                f.attrs[k] = v
+            f.attrs.update(attrs)
 
     atomic_write(Path(path), write)
 
@@ -1299,12 +1298,12 @@ def load_d4rl(name: str, args: Args, log=print) -> tuple[dict, dict]:
         check_dims(rows, D4RL_FAMILIES[family][1:3], str(p), f"{name} ({env_id})")
         return rows
 
-    if path.exists():
-        rows, how = read_checked(path), "cached"
+    how = "cached" if path.exists() else "downloaded"
+    if how == "cached":
+        rows = read_checked(path)
     else:
         log(f"downloading {name} from {d4rl_url(filename)} -> {path}")
-        rows, how = download_file(d4rl_url(filename), path, read_checked, args.download_timeout, OFFLINE_HINT), \
-            "downloaded"
+        rows = download_file(d4rl_url(filename), path, read_checked, args.download_timeout, OFFLINE_HINT)
     return rows, dict(env_id=env_id, ref_min_score=ref_min, ref_max_score=ref_max, source=f"D4RL {name}, {how}, {path}")
 
 
@@ -2013,6 +2012,7 @@ OTHER_RUN_FILES = dict(lock=".lock", wandb="wandb.json", tensorboard="tensorboar
 # What checkpoint.pt and best_policy.pt hold, in one place: each key with its type on disk, plain data only, so that
 # they load with weights_only=True. save_state writes exactly these keys and the format number; load_checkpoint checks
 # a file against them. Change a key and bump CHECKPOINT_FORMAT: a file of another format is refused in one line.
+POLICY_KEYS = ("obs_mean", "obs_std", "action_low", "action_high")  # what Policy needs beside the actor
 CHECKPOINT_FORMAT = 1  # files written before the number was stored hold format 1's keys, and are read as format 1
 _T = torch.Tensor
 CHECKPOINT_KEYS = {
@@ -2072,16 +2072,15 @@ class RunFolder:
 
     def save_checkpoint(self, run) -> None:
         """Everything the run needs to continue exactly (CHECKPOINT_KEYS); a Minari EnvSpec as JSON text."""
-        p, ds, data, path = run.progress, run.ds, run.data, self.paths["checkpoint"]
+        p, ds, path = run.progress, run.ds, self.paths["checkpoint"]
         state = dict(args=dataclasses.asdict(run.args), agent=run.agent.state_dict(),
                      optimizers={k: o.state_dict() for k, o in run.opt.all().items()},
-                     rng=[g.get_state() for g in run.gens], device=data.obs.device.type, step=p.step,
+                     rng=[g.get_state() for g in run.gens], device=run.data.obs.device.type, step=p.step,
                      best=p.best.tolist(), history=p.history, eval_due=p.eval_due, metric_sums=run.window.sums.cpu(),
-                     metric_counts=run.window.counts, data_sha256=ds.fingerprint,
-                     obs_mean=torch.as_tensor(data.obs_mean), obs_std=torch.as_tensor(data.obs_std),
+                     metric_counts=run.window.counts, data_sha256=ds.fingerprint, dataset=ds.name,
                      env_id=env_label(ds.env_id), env_spec=None if isinstance(ds.env_id, str) else ds.env_id.to_json(),
-                     dataset=ds.name, action_low=torch.as_tensor(ds.action_low),
-                     action_high=torch.as_tensor(ds.action_high), ref_scores=(ds.ref_min_score, ds.ref_max_score))
+                     ref_scores=(ds.ref_min_score, ds.ref_max_score),
+                     **{k: getattr(run.policy, k).cpu() for k in POLICY_KEYS})  # its normalisation and bounds
         try:
             save_state(path, state)
         except A2PRError as e:
@@ -2103,10 +2102,8 @@ class RunFolder:
             kept["actor"][k][idx] = v.detach().cpu()[idx]
         kept["scores"][idx] = torch.as_tensor(scores[better], dtype=torch.float64)
         kept["steps"][idx] = run.progress.step
-        kept.update(obs_mean=torch.as_tensor(run.data.obs_mean), obs_std=torch.as_tensor(run.data.obs_std),
-                    action_low=torch.as_tensor(run.ds.action_low), action_high=torch.as_tensor(run.ds.action_high),
-                    args=dataclasses.asdict(run.args), env=env_label(run.ds.env_id))
-        save_state(path, kept)
+        save_state(path, dict(kept, args=dataclasses.asdict(run.args), env=env_label(run.ds.env_id),
+                              **{k: getattr(run.policy, k).cpu() for k in POLICY_KEYS}))
 
     def finish(self, run, elapsed: float, stopped_by: str | None = None) -> dict:
         """The run's summary: written to summary.json beside the learning curve, said in a line, and returned (with the
@@ -2193,15 +2190,14 @@ def claim_run_dir(args: Args) -> RunFolder:
             raise A2PRError(f"cannot make the run folder {run_dir} ({e.strerror or e}); {hint}") from None
         if not run_dir.is_dir():
             raise A2PRError(f"--run-name {args.run_name}: {run_dir} is a file, not a folder; choose another name")
-        lock = lock_run_dir(run_dir)
+        folder = RunFolder(run_dir, lock_run_dir(run_dir), made)
         if not made and not not_started(run_dir, args):
-            (run_dir / OTHER_RUN_FILES["lock"]).unlink(missing_ok=True)  # it was free: this process made it
-            lock.close()
+            folder.release()  # the lock was free: this process made the .lock, and removes it
             raise A2PRError(f"{run_dir} already holds a run's files; continue that run with {resume_command(run_dir)}"
                             f", or choose another --run-name")
         if i > 1:
             print(f"note: {Path(args.save_dir) / base} exists; this run writes to {run_dir}", file=sys.stderr)
-        return RunFolder(run_dir, lock, made)
+        return folder
 
 
 def not_started(run_dir: Path, args: Args) -> bool:
@@ -2264,9 +2260,9 @@ def load_run(run_dir: str | Path, device="cpu") -> dict:
     ckpt = load_checkpoint(Path(run_dir), flag="load_run")
     args = args_from_checkpoint(ckpt)
     agent, opt, gens = build_learner(args, len(ckpt["obs_mean"]), len(ckpt["action_low"]), device, ckpt)
-    policy = Policy(agent.actor, *(ckpt[k] for k in ("obs_mean", "obs_std", "action_low", "action_high"))).to(device)
-    keys = ("step", "obs_mean", "obs_std", "action_low", "action_high", "env_id", "history", "ref_scores")
-    return dict(args=args, agent=agent, opt=opt, gens=gens, policy=policy, **{k: ckpt.get(k) for k in keys})
+    policy = Policy(agent.actor, *(ckpt[k] for k in POLICY_KEYS)).to(device)
+    keys = ("step", *POLICY_KEYS, "env_id", "history", "ref_scores")
+    return dict(args=args, agent=agent, opt=opt, gens=gens, policy=policy, **{k: ckpt[k] for k in keys})
 
 
 def load_policy(run_dir: str | Path, device="cpu", seed_index: int = 0):
@@ -2279,20 +2275,17 @@ def load_policy(run_dir: str | Path, device="cpu", seed_index: int = 0):
 def export_policy(run_dir: str | Path, best: bool = False, seed_index: int = 0) -> Path:
     """RUN_DIR/policy.pt2 (the checkpoint's actor) or policy_best.pt2 (best_policy.pt's): a torch.export program
     of OneSeed(Policy), raw observations (batch, obs_dim) -> env actions, any batch size; torch alone runs it."""
-    run_dir = Path(run_dir)
-    name = RUN_FILES["best_policy" if best else "checkpoint"]
+    run_dir, name = Path(run_dir), RUN_FILES["best_policy" if best else "checkpoint"]
     state = load_checkpoint(run_dir, name, "--export")
-    args = args_from_checkpoint(state)
-    actor_state = state["actor"] if best else {k[6:]: v for k, v in state["agent"].items() if k.startswith("actor.")}
-    obs_dim, act_dim = len(state["obs_mean"]), len(state["action_low"])
-    actor = Actor(args.num_seeds, obs_dim, act_dim, args.actor_hidden, args.actor_layers).requires_grad_(False)
+    args, obs_dim = args_from_checkpoint(state), len(state["obs_mean"])
+    actor = Actor(args.num_seeds, obs_dim, len(state["action_low"]), args.actor_hidden, args.actor_layers)
     try:
-        actor.load_state_dict(actor_state)
+        actor.requires_grad_(False).load_state_dict(state["actor"] if best else {
+            k.removeprefix("actor."): v for k, v in state["agent"].items() if k.startswith("actor.")})
     except (RuntimeError, TypeError) as e:
-        raise A2PRError(f"{run_dir / name}: its actor weights do not "
-                        f"fit its settings ({' '.join(str(e).split())[:200]}); export another run") from None
-    module = OneSeed(Policy(actor, *(state[k] for k in ("obs_mean", "obs_std", "action_low", "action_high"))),
-                     seed_index).eval()
+        raise A2PRError(f"{run_dir / name}: its actor weights do not fit its settings "
+                        f"({' '.join(str(e).split())[:200]}); export another run") from None
+    module = OneSeed(Policy(actor, *(state[k] for k in POLICY_KEYS)), seed_index).eval()
     program = torch.export.export(module, (torch.zeros(2, obs_dim),), dynamic_shapes=({0: torch.export.Dim("batch")},))
     out, buf = run_dir / OTHER_RUN_FILES["export_best" if best else "export"], io.BytesIO()
     torch.export.save(program, buf)  # in memory first: torch's own file writer aborts the process on a full disk
@@ -2327,7 +2320,7 @@ def load_checkpoint(run_dir: Path, name: str = RUN_FILES["checkpoint"], flag: st
     wrong = sorted(k for k, t in keys.items() if not isinstance(ckpt, dict) or not isinstance(ckpt.get(k), t))
     if wrong:
         raise A2PRError(f"{path}: not an a2pr {name} (missing or wrong: {', '.join(wrong)}); give a run's own file")
-    for k in ("obs_mean", "obs_std", "action_low", "action_high"):  # tensors on disk, numpy arrays in memory
+    for k in POLICY_KEYS:  # tensors on disk, numpy arrays in memory
         ckpt[k] = ckpt[k].numpy()
     if ckpt.get("env_spec"):  # a Minari dataset's eval env: an EnvSpec, stored as JSON text
         from gymnasium.envs.registration import EnvSpec
