@@ -39,24 +39,24 @@ Reading map (line: what). Everything above main() is A2PR; below it, appendices 
      367  td_target:        losses, one pure function per spec step
      408  select_bc_target: advantage selection and the adaptive gate (spec 4)
      432  Dataset:          the data as the networks see it: normalisation, action scaling, device batches
-     540  critic_step:      spec 1: critics, TD3 target with policy smoothing
-     554  q1_data_and_y2:   spec 2: y2 from the just-updated online critics
-     563  value_step:       spec 2: V towards min(y, y2)
-     571  vae_step:         spec 3: advantage-weighted VAE
-     580  actor_objective:  spec 4: the actor loss; actor_step: its Adam step, then the soft target updates
-     625  update_core:      spec 1-4 in order, on a batch with its noise
-     642  update:           one gradient step: a batch per seed, its noise, update_core
-     672  Policy:           the deployed policy: normalise -> actor -> env action bounds
-     715  evaluate:         deterministic evaluation, D4RL normalised score
-     847  Run:              one run as train() carries it: data, learner, progress, evaluation envs, its folder
-     893  evaluate_due:     evaluation during training; each seed's best policy kept
-     931  train:            train(args) -> summary: setup, the loop, the finish
-     985  main:             the command line's entry point
-    1004  Appendix A:       data sources: built-in, D4RL, HDF5, downloads, Minari, mixes
-    1662  Appendix B:       speed paths: memory check, torch.compile, CUDA graphs, --benchmark update
-    1827  Appendix C:       run files: the folder and its file names, the checkpoint format, config.json, CSV, export
-    2344  Appendix D:       the theory on finite MDPs
-    2407  Appendix E:       the command line: parser, --config, --resume, validation
+     538  critic_step:      spec 1: critics, TD3 target with policy smoothing
+     552  q1_data_and_y2:   spec 2: y2 from the just-updated online critics
+     561  value_step:       spec 2: V towards min(y, y2)
+     569  vae_step:         spec 3: advantage-weighted VAE
+     578  actor_objective:  spec 4: the actor loss; actor_step: its Adam step, then the soft target updates
+     623  update_core:      spec 1-4 in order, on a batch with its noise
+     640  update:           one gradient step: a batch per seed, its noise, update_core
+     670  Policy:           the deployed policy: normalise -> actor -> env action bounds
+     713  evaluate:         deterministic evaluation, D4RL normalised score
+     841  Run:              one run as train() carries it: data, learner, progress, evaluation envs, its folder
+     887  evaluate_due:     evaluation during training; each seed's best policy kept
+     925  train:            train(args) -> summary: setup, the loop, the finish
+     979  main:             the command line's entry point
+     998  Appendix A:       data sources: built-in, D4RL, HDF5, downloads, Minari, mixes
+    1652  Appendix B:       speed paths: memory check, torch.compile, CUDA graphs, --benchmark update
+    1814  Appendix C:       run files: the folder and its file names, the checkpoint format, config.json, CSV, export
+    2330  Appendix D:       the theory on finite MDPs
+    2393  Appendix E:       the command line: parser, --config, --resume, validation
 """
 
 from __future__ import annotations
@@ -458,8 +458,7 @@ def to_unit_actions(a: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndar
 
 
 def to_env_actions(a, low, high):
-    """[-1, 1] -> env bounds, for numpy arrays and tensors alike; clipped because float32 rounding can put a
-    saturated action one ulp outside."""
+    """[-1, 1] -> env bounds, numpy or torch; clipped, as float32 rounding can put a saturated action 1 ulp out."""
     return (low + 0.5 * (a + 1.0) * (high - low)).clip(low, high)
 
 
@@ -496,8 +495,7 @@ def prepare_data(ds: Dataset, args: Args, device: torch.device, stats=None) -> D
 
 def sample_batch(data: DeviceData, batch_size: int, gens: list[torch.Generator]):
     """One batch per agent seed, each from that seed's own generator: tensors of shape (K, B, ...)."""
-    idx = torch.stack([torch.randint(len(data.obs), (batch_size,), generator=g, device=data.obs.device)
-                       for g in gens])
+    idx = torch.stack([torch.randint(len(data.obs), (batch_size,), generator=g, device=data.obs.device) for g in gens])
     return data.obs[idx], data.act[idx], data.rew[idx], data.next_obs[idx], data.done[idx]
 
 
@@ -719,8 +717,7 @@ def evaluate(policy: Policy, env_id, episodes: int, seed: int, obs_noise: float 
     evaluations are comparable across steps and agents and reproducible on resume. `envs` (make_eval_envs) are
     reused if given, else made and closed here. A `stop` flag that is set (StopFlag) ends it early: None."""
     k, device = policy.actor.net[0].weight.shape[0], policy.obs_mean.device
-    own = envs is None
-    envs = make_eval_envs(env_id, k, episodes) if own else envs
+    own, envs = envs is None, make_eval_envs(env_id, k, episodes) if envs is None else envs
     if (len(envs), len(envs[0])) != (k, episodes):
         raise ValueError(f"evaluate: envs must be {k} agents x {episodes} episodes, got {len(envs)} x {len(envs[0])}")
     try:
@@ -786,10 +783,8 @@ class MetricWindow:
     between rows; it also remembers the first step at which a loss was not finite."""
 
     def __init__(self, k: int, device, step: int, ckpt: dict | None = None):
-        self.sums = torch.zeros(len(METRICS), k, device=device)
+        self.sums = ckpt["metric_sums"].to(device, copy=True) if ckpt else torch.zeros(len(METRICS), k, device=device)
         self.counts = dict(ckpt["metric_counts"]) if ckpt else {"critic": 0, "actor": 0}
-        if ckpt:
-            self.sums.copy_(ckpt["metric_sums"])
         self.first_bad = torch.full((len(METRICS),), -1, dtype=torch.long, device=device)
         self.step_t = torch.tensor(step, device=device)
         self.steps, self.t0 = 0, time.time()
@@ -801,8 +796,7 @@ class MetricWindow:
         vals = torch.stack([m[k] if k in m else torch.zeros_like(m["critic"]) for k in METRICS])
         self.sums += vals
         self.step_t += 1
-        self.first_bad = torch.where(~torch.isfinite(vals.sum(-1)) & (self.first_bad < 0), self.step_t,
-                                     self.first_bad)
+        self.first_bad = torch.where(~torch.isfinite(vals.sum(-1)) & (self.first_bad < 0), self.step_t, self.first_bad)
         self.counts["critic"] += 1
         self.counts["actor"] += "actor" in m
         self.steps += 1
@@ -1103,8 +1097,7 @@ def read_d4rl_hdf5(path: Path, cached: bool = False) -> tuple[dict[str, np.ndarr
 
     try:
         with h5py.File(path, "r", locking=False) as f:  # a2pr's own lock guards a download being validated
-            missing = [k for k in D4RL_KEYS if k not in f]
-            if missing:
+            if missing := [k for k in D4RL_KEYS if k not in f]:
                 raise A2PRError(f"{path}: not a D4RL dataset file, missing keys {missing}")
             rows = {k: f[k][()] for k in D4RL_KEYS}
             attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
@@ -1226,7 +1219,7 @@ def _close_episodes(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 # --- Download: streamed into DEST.part, which its writer locks, validated, then renamed to DEST.
-def download_file(url: str, dest: Path, validate, timeout: float = 10.0, offline_hint: str = ""):
+def download_file(url: str, dest: Path, validate, timeout: float = 10.0):
     """Download url to dest and return validate(part)'s result. dest appears only once complete and valid, so it is
     never half-written; DEST.part is locked while written (a killed download's part is simply rewritten next time)
     and removed on any failure, Ctrl-C included. Connecting and every read give up after `timeout` s."""
@@ -1235,7 +1228,7 @@ def download_file(url: str, dest: Path, validate, timeout: float = 10.0, offline
 
     def fail(reason: str) -> A2PRError:
         return A2PRError(f"cannot download {url} ({reason}); put the file there by hand (e.g. wget -O {dest} {url}) "
-                         "and run again" + (f", {offline_hint}" if offline_hint else ""))
+                         f"and run again, {OFFLINE_HINT}")
 
     dest.parent.mkdir(parents=True, exist_ok=True)
     f = lock_file(part, f"another a2pr.py process is downloading {dest}; wait for it to finish")  # never a link
@@ -1298,12 +1291,11 @@ def load_d4rl(name: str, args: Args, log=print) -> tuple[dict, dict]:
         check_dims(rows, D4RL_FAMILIES[family][1:3], str(p), f"{name} ({env_id})")
         return rows
 
-    how = "cached" if path.exists() else "downloaded"
-    if how == "cached":
-        rows = read_checked(path)
+    if path.exists():
+        rows, how = read_checked(path), "cached"
     else:
         log(f"downloading {name} from {d4rl_url(filename)} -> {path}")
-        rows = download_file(d4rl_url(filename), path, read_checked, args.download_timeout, OFFLINE_HINT)
+        rows, how = download_file(d4rl_url(filename), path, read_checked, args.download_timeout), "downloaded"
     return rows, dict(env_id=env_id, ref_min_score=ref_min, ref_max_score=ref_max, source=f"D4RL {name}, {how}, {path}")
 
 
@@ -1553,10 +1545,9 @@ def mix_rows(base: dict, good: dict, fraction: float, seed: int) -> tuple[dict, 
     rng = np.random.default_rng([seed, 2024])
     idx_base, k_base = sample_episodes(base, total - n_good, rng)
     idx_good, k_good = sample_episodes(good, n_good, rng)
-    rows = {k: np.concatenate([base[k][idx_base], good[k][idx_good]]) for k in base}
-    info = dict(total_target=total, good_target=n_good, good_rows=len(idx_good), base_rows=len(idx_base),
-                good_episodes=k_good, base_episodes=k_base)
-    return rows, info
+    return {k: np.concatenate([base[k][idx_base], good[k][idx_good]]) for k in base}, dict(
+        total_target=total, good_target=n_good, good_rows=len(idx_good), base_rows=len(idx_base),
+        good_episodes=k_good, base_episodes=k_base)
 
 
 # --- One entry point for every source
@@ -1623,18 +1614,18 @@ def load_rows(env_name: str, args: Args, log=print) -> tuple[dict[str, np.ndarra
 def load_dataset(args: Args, log=print) -> Dataset:
     """--env (and --mix) -> transitions and what evaluation needs: the single path for every source."""
     rows, attrs = load_rows(args.env, args, log)
-    env_id = attrs["env_id"]
-    _, space = env_spaces(env_id, args.env)
+    _, space = env_spaces(attrs["env_id"], args.env)
     tr = rows_to_transitions(rows)
     if len(tr["rewards"]) == 0:
         why = "it has a single row" if len(rows["rewards"]) == 1 else "every row but the last is a time-out"
         raise A2PRError(f"{args.env}: no usable transitions: {why}, and a row without a next row (the file's last "
                         "row, or a time-out) has no next state; give a dataset with whole episodes")
     fingerprint = hashlib.sha256(b"".join(np.ascontiguousarray(a).tobytes() for a in tr.values())).hexdigest()
-    return Dataset(name=args.env + (f" + {args.mix}" if args.mix else ""), env_id=env_id, **tr, fingerprint=fingerprint,
+    return Dataset(name=args.env + (f" + {args.mix}" if args.mix else ""), env_id=attrs["env_id"], **tr,
+                   fingerprint=fingerprint, episode_returns=episode_returns(rows), source=attrs["source"],
                    ref_min_score=float(attrs["ref_min_score"]), ref_max_score=float(attrs["ref_max_score"]),
-                   episode_returns=episode_returns(rows), action_low=space.low.astype(np.float32),
-                   action_high=space.high.astype(np.float32), source=attrs["source"], notice=attrs.get("notice", ""))
+                   action_low=space.low.astype(np.float32), action_high=space.high.astype(np.float32),
+                   notice=attrs.get("notice", ""))
 
 
 def check_data(ds: Dataset, args: Args, ckpt: dict | None) -> None:
@@ -1645,8 +1636,7 @@ def check_data(ds: Dataset, args: Args, ckpt: dict | None) -> None:
                         "changed); " + (f"{cache} is a2pr's cached copy: delete it, and it is made again as it was"
                                         if cache else "put the original data back, or start a new run on this data"))
     n, warn = len(ds.rewards), functools.partial(print, file=sys.stderr)
-    outside = int(((ds.actions < ds.action_low) | (ds.actions > ds.action_high)).any(1).sum())
-    if outside:
+    if outside := int(((ds.actions < ds.action_low) | (ds.actions > ds.action_high)).any(1).sum()):
         warn(f"warning: {outside:,} of {n:,} dataset actions ({100 * outside / n:.1f}%) lie outside the eval env's "
              f"action bounds [{ds.action_low.tolist()}, {ds.action_high.tolist()}]; they are clipped to the bounds "
              "for training")
@@ -1689,7 +1679,6 @@ def check_memory(args: Args, obs_dim: int, act_dim: int, device: torch.device) -
         total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     else:
         return
-
     with torch.device("meta"):  # the networks as Agent builds them, one seed's worth, without allocating memory
         nets = (Actor(1, obs_dim, act_dim, args.actor_hidden, args.actor_layers),
                 TwinCritic(1, obs_dim, act_dim, args.critic_hidden, args.critic_layers),
@@ -1738,10 +1727,8 @@ class CudaGraphs:
         if actor_turn not in self.graphs:
             self.graphs[actor_turn] = self._capture(agent, opt, batch, noise, actor_turn, args)
         graph, static_batch, static_noise, out = self.graphs[actor_turn]
-        for dst, src in zip(static_batch, batch):
+        for dst, src in [*zip(static_batch, batch), *((static_noise[k], noise[k]) for k in static_noise)]:
             dst.copy_(src)
-        for k in static_noise:
-            static_noise[k].copy_(noise[k])
         graph.replay()
         return {k: v.clone() for k, v in out.items()}  # the graph's outputs are overwritten by the next replay
 
@@ -1996,9 +1983,9 @@ def lock_with_pid(path: Path, busy: str):
 
 
 def lock_run_dir(run_dir: Path, resuming: bool = False):
-    busy = f"{run_dir} is in use by another a2pr.py process{{pid}}; wait for it to end"
+    then = ", then resume it again" if resuming else " or choose another --run-name"
     return lock_with_pid(run_dir / OTHER_RUN_FILES["lock"],
-                         busy + (", then resume it again" if resuming else " or choose another --run-name"))
+                         f"{run_dir} is in use by another a2pr.py process{{pid}}; wait for it to end{then}")
 
 
 # The run folder's files, in one place: what a run writes (summary.json lists their paths), then the files kept
@@ -2317,8 +2304,7 @@ def load_checkpoint(run_dir: Path, name: str = RUN_FILES["checkpoint"], flag: st
         raise A2PRError(f"{path}: written in a2pr checkpoint format {ckpt['format']!r}; this a2pr.py reads format "
                         f"{CHECKPOINT_FORMAT}: use the a2pr.py that wrote it (its config.json names its a2pr_sha256)")
     keys = CHECKPOINT_KEYS[name]  # what the format holds: each key, and its type
-    wrong = sorted(k for k, t in keys.items() if not isinstance(ckpt, dict) or not isinstance(ckpt.get(k), t))
-    if wrong:
+    if wrong := sorted(k for k, t in keys.items() if not isinstance(ckpt, dict) or not isinstance(ckpt.get(k), t)):
         raise A2PRError(f"{path}: not an a2pr {name} (missing or wrong: {', '.join(wrong)}); give a run's own file")
     for k in POLICY_KEYS:  # tensors on disk, numpy arrays in memory
         ckpt[k] = ckpt[k].numpy()
@@ -2457,11 +2443,9 @@ def add_fields(p, cls, choices: bool = False) -> list[str]:
 
 
 def parse_args(argv=None) -> tuple[Args, set[str]]:
-    """(Args, the names of the flags given), from one parse of argv; with --config FILE, the settings not given on
-    the command line come from FILE."""
+    """(Args, the names of the flags given) from one parse of argv; --config FILE supplies the settings not given."""
     given = vars(build_parser().parse_args(argv))
-    values = {**(load_config(given["config"]) if "config" in given else {}), **given}
-    return Args(**values), set(given)
+    return Args(**{**(load_config(given["config"]) if "config" in given else {}), **given}), set(given)
 
 
 # Args' fields, for the settings read from files (config.json, a checkpoint).

@@ -1386,7 +1386,7 @@ def test_the_body_tells_the_whole_run_within_its_budget():
     """STYLE.md's budget for what a teacher hands out: main() at or before line 1,000, train() at most 60 lines, no
     function above main() with more than 6 positional parameters, at most 8 of the names train() uses defined below
     main() (the data sources, the memory checks, the run folder, the settings), and a whole file that only shrinks
-    (2,645 lines when this was written; the goal is 2,400)."""
+    (2,629 lines when this was written; the goal is 2,400)."""
     import ast
 
     source = (HERE / "a2pr.py").read_text()
@@ -1401,7 +1401,7 @@ def test_the_body_tells_the_whole_run_within_its_budget():
     used = {n.id for n in ast.walk(top["train"]) if isinstance(n, ast.Name)} & top.keys()
     below = sorted(name for name in used if top[name].lineno > main_line)
     assert len(below) <= 8, below
-    assert len(source.splitlines()) <= 2645, "a2pr.py only shrinks: find the lines elsewhere"
+    assert len(source.splitlines()) <= 2629, "a2pr.py only shrinks: find the lines elsewhere"
 
 
 def requirements(name: str = "requirements.txt") -> dict:
