@@ -49,8 +49,8 @@ Reading map (line: what). Everything above main() is A2PR; below it, appendices 
      670  Policy:           the deployed policy: normalise -> actor -> env action bounds
      713  evaluate:         deterministic evaluation, D4RL normalised score
      841  Run:              one run as train() carries it: data, learner, progress, evaluation envs, its folder
-     887  evaluate_due:     evaluation during training; each seed's best policy kept
-     925  train:            train(args) -> summary: setup, the loop, the finish
+     886  evaluate_due:     evaluation during training; each seed's best policy kept
+     924  train:            train(args) -> summary: setup, the loop, the finish
      979  main:             the command line's entry point
      998  Appendix A:       data sources: built-in, D4RL, HDF5, downloads, Minari, mixes
     1652  Appendix B:       speed paths: memory check, torch.compile, CUDA graphs, --benchmark update
@@ -849,8 +849,8 @@ class Run:
     policy: Policy               # normalise -> agent.actor -> env bounds: what is evaluated is what is shipped
     progress: Progress
     window: MetricWindow
-    envs: list[list]             # the evaluation envs, made once; each evaluation reseeds them
     log: typing.Callable = print
+    envs: list[list] = field(default_factory=list)  # the evaluation envs, made once; each evaluation reseeds them
     folder: RunFolder | None = None  # its files (Appendix C), claimed once every check has passed
     writers: list = field(default_factory=list)  # TensorBoard / wandb: (log(row), close()) pairs
 
@@ -863,8 +863,7 @@ class Run:
         policy = Policy(agent.actor, data.obs_mean, data.obs_std, ds.action_low, ds.action_high).to(device)
         progress = Progress.start(len(gens), ckpt)
         return cls(args, ds, data, agent, opt, gens, policy, progress,
-                   MetricWindow(len(gens), device, progress.step, ckpt),
-                   make_eval_envs(ds.env_id, len(gens), args.eval_episodes), log)
+                   MetricWindow(len(gens), device, progress.step, ckpt), log)
 
     def header(self, source: dict[str, str], device) -> str:
         """The lines a run starts with: its data, evaluation env, device and seeds, each setting with its source."""
@@ -933,7 +932,7 @@ def train(args: Args, given: set[str] | None = None) -> dict:
     check_data(ds, args, ckpt)
     check_memory(args, ds.observations.shape[1], ds.actions.shape[1], device)  # Appendix B: before any allocation
     with out_of_memory_as_error(args):
-        run = Run.start(args, ds, device, ckpt, log)  # the data on the device, the learner, the evaluation envs
+        run = Run.start(args, ds, device, ckpt, log)  # the data on the device, the learner, its policy
     core = speed_path(args)  # update_core, or the same function compiled / replayed as CUDA graphs
     log(run.header(source, device))  # the data, the device, every setting and its source
     run.folder = claim_run_dir(args)  # Appendix C: a fresh folder (or the resumed one), locked while written
@@ -943,6 +942,7 @@ def train(args: Args, given: set[str] | None = None) -> dict:
         torch.set_num_threads(args.threads or threads)  # threads change the last bits of sums: same threads, same run
         run.writers = run.folder.open_trackers(args, p.step)  # first: a bad wandb.json stops before any write
         run.folder.write_config(args, source, ds.fingerprint)  # every setting, its source, the versions
+        run.envs = make_eval_envs(ds.env_id, len(run.gens), args.eval_episodes)  # made once; run.close() closes them
         # The loop: an update per step; a CSV row every log_freq steps, with the evaluation every eval_freq steps;
         # a checkpoint every save_freq steps, at the end, and after Ctrl-C or SIGTERM.
         with StopFlag() as stop, out_of_memory_as_error(args):

@@ -2511,14 +2511,23 @@ def test_randomness_drawn_inside_update_core_is_caught_before_cuda_graphs_captur
 # ----------------------------------------------------------------------------------------------------------------
 # 5.1 Lost or clobbered work
 # ----------------------------------------------------------------------------------------------------------------
-def test_an_explicit_run_name_that_holds_a_run_stops_and_leaves_it_untouched(tmp_path):
+def test_an_explicit_run_name_that_holds_a_run_stops_and_leaves_it_untouched(tmp_path, monkeypatch):
     a2pr.train(quick(tmp_path))
     before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()}
+    made, closed, make_env = [], [], a2pr.make_env
+
+    def counted(env_id):  # every env the refused run makes, and every one it closes
+        made.append(env := make_env(env_id))
+        env.close = lambda close=env.close: (closed.append(env), close())
+        return env
+
+    monkeypatch.setattr(a2pr, "make_env", counted)
     with pytest.raises(A2PRError, match=r"already holds a run's files; continue that run with python \S*a2pr.py "
                                         r"--resume .*run, or choose another --run-name") as e:
         a2pr.train(quick(tmp_path, seed=1))
     assert "\n" not in str(e.value)
     assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()} == before
+    assert made and len(closed) == len(made)  # no evaluation env is left open
 
 
 def test_default_names_started_in_the_same_second_get_free_suffixes(tmp_path, monkeypatch, capsys):
