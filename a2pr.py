@@ -53,8 +53,8 @@ Reading map (line: what). Everything above main() is A2PR; below it, appendices 
      924  train:            train(args) -> summary: setup, the loop, the finish
      979  main:             the command line's entry point
      998  Appendix A:       data sources: built-in, D4RL, HDF5, downloads, Minari, mixes
-    1652  Appendix B:       speed paths: memory check, torch.compile, CUDA graphs, --benchmark update
-    1814  Appendix C:       run files: the folder and its file names, the checkpoint format, config.json, CSV, export
+    1654  Appendix B:       speed paths: memory check, torch.compile, CUDA graphs, --benchmark update
+    1816  Appendix C:       run files: the folder and its file names, the checkpoint format, config.json, CSV, export
     2330  Appendix D:       the theory on finite MDPs
     2393  Appendix E:       the command line: parser, --config, --resume, validation
 """
@@ -1146,7 +1146,8 @@ def env_spaces(env_id, where: str):
     try:
         env = make_env(env_id)
     except Exception as e:
-        raise A2PRError(f"{where}: cannot make the evaluation env '{env_label(env_id)}' ({type(e).__name__}: {e})")
+        raise A2PRError(f"{where}: cannot make the evaluation env '{env_label(env_id)}' ({type(e).__name__}: {e})") \
+            from None
     obs_space, act_space = env.observation_space, env.action_space
     env.close()
     if not isinstance(act_space, gym.spaces.Box) or not isinstance(obs_space, gym.spaces.Box):
@@ -1420,7 +1421,8 @@ def minari_eval_spec(ds, dataset_id: str):
             package = missing[1].replace("_", "-")
             raise A2PRError(f"Minari dataset {dataset_id} needs the {package} package for its environment: "
                             f"pip install {package}") from None
-        raise A2PRError(f"cannot make the evaluation env of Minari dataset {dataset_id} ({type(e).__name__}: {e})")
+        raise A2PRError(f"cannot make the evaluation env of Minari dataset {dataset_id} ({type(e).__name__}: {e})") \
+            from None
     if not isinstance(env.observation_space, gym.spaces.Box):
         env = gym.wrappers.FlattenObservation(env)
     spec = env.spec
@@ -2060,13 +2062,12 @@ class RunFolder:
     def save_checkpoint(self, run) -> None:
         """Everything the run needs to continue exactly (CHECKPOINT_KEYS); a Minari EnvSpec as JSON text."""
         p, ds, path = run.progress, run.ds, self.paths["checkpoint"]
-        state = dict(args=dataclasses.asdict(run.args), agent=run.agent.state_dict(),
-                     optimizers={k: o.state_dict() for k, o in run.opt.all().items()},
-                     rng=[g.get_state() for g in run.gens], device=run.data.obs.device.type, step=p.step,
-                     best=p.best.tolist(), history=p.history, eval_due=p.eval_due, metric_sums=run.window.sums.cpu(),
-                     metric_counts=run.window.counts, data_sha256=ds.fingerprint, dataset=ds.name,
+        state = dict(args=dataclasses.asdict(run.args), agent=run.agent.state_dict(), step=p.step, dataset=ds.name,
+                     optimizers={k: o.state_dict() for k, o in run.opt.all().items()}, history=p.history,
+                     rng=[g.get_state() for g in run.gens], device=run.data.obs.device.type, eval_due=p.eval_due,
+                     best=p.best.tolist(), metric_sums=run.window.sums.cpu(), metric_counts=run.window.counts,
+                     data_sha256=ds.fingerprint, ref_scores=(ds.ref_min_score, ds.ref_max_score),
                      env_id=env_label(ds.env_id), env_spec=None if isinstance(ds.env_id, str) else ds.env_id.to_json(),
-                     ref_scores=(ds.ref_min_score, ds.ref_max_score),
                      **{k: getattr(run.policy, k).cpu() for k in POLICY_KEYS})  # its normalisation and bounds
         try:
             save_state(path, state)
@@ -2296,9 +2297,8 @@ def load_checkpoint(run_dir: Path, name: str = RUN_FILES["checkpoint"], flag: st
                             "run code when loaded; use only files from runs you trust") from None
         with open(path, "rb") as f:  # torch.save writes a zip archive: one that cannot be read is damaged
             zipped = f.read(4) == b"PK\x03\x04"
-        why = ("it is damaged or cut short (its archive cannot be read): copy it again, or resume another run"
-               if zipped else
-               f"it is not a file that a2pr's torch.save wrote ({type(e).__name__}); give a run's own {name}")
+        why = ("it is damaged or cut short (its archive cannot be read): copy it again, or resume another run" if zipped
+               else f"it is not a file that a2pr's torch.save wrote ({type(e).__name__}); give a run's own {name}")
         raise A2PRError(f"{path}: cannot be loaded: {why}") from None
     if isinstance(ckpt, dict) and ckpt.get("format", 1) != CHECKPOINT_FORMAT:
         raise A2PRError(f"{path}: written in a2pr checkpoint format {ckpt['format']!r}; this a2pr.py reads format "
