@@ -1,7 +1,9 @@
 """Shared by test_a2pr.py and test_a2pr_sweep.py: every test runs offline (loopback only) and writes nothing outside
 its own temporary folders; the helpers both files use (run folders' checkpoints, state comparisons)."""
 
+import atexit
 import os
+import shutil
 import socket
 import tempfile
 from pathlib import Path
@@ -10,6 +12,7 @@ import pytest
 
 # Set before a2pr is imported: matplotlib's cache and a2pr's dataset cache go to a temporary folder, never the home.
 _TMP = Path(tempfile.mkdtemp(prefix="a2pr-tests-"))
+atexit.register(shutil.rmtree, _TMP, ignore_errors=True)  # the session's caches go with it, not left in /tmp
 os.environ.setdefault("MPLCONFIGDIR", str(_TMP / "mpl"))
 os.environ["A2PR_DATA_DIR"] = str(_TMP / "data")
 
